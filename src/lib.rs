@@ -1,1 +1,21 @@
+//! kvferry moves paged LLM KV-cache blocks: between memory tiers of one node (device HBM, pinned
+//! host DRAM, NVMe) and between nodes (prefill pool to decode pool), and plugs into vLLM as its KV
+//! connector.
+//!
+//! This facade re-exports the layers:
+//! - [`kvcore`]: the data model and sans-IO wire codecs (geometry, layouts, block hashes,
+//!   regions, transfer plans).
+//! - [`kvtier`]: tiers, block store, copy engines.
+//! - [`kvnet`]: agents and transports.
 
+pub use kvcore;
+pub use kvnet;
+pub use kvtier;
+
+/// The types most users need.
+pub mod prelude {
+    pub use kvcore::{
+        tp_reads, BlockHash, CacheLayout, Descriptor, Dtype, Geometry, HeadSlice, MemKind,
+        PlanBuilder, PrefixHasher, Region, RegionId, RegionTable, StrideOrder, TransferPlan,
+    };
+}

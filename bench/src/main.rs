@@ -1,1 +1,37 @@
-fn main() {}
+//! kvferry-bench: measures kvferry's paths next to the physical limit measured in the same run.
+
+mod limits;
+mod plan_cmd;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "kvferry-bench", version, about)]
+struct Cli {
+    /// One JSON object per row instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Plan building for a long-context transfer, and codec throughput.
+    Plan(plan_cmd::PlanArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rows = match &cli.cmd {
+        Cmd::Plan(a) => plan_cmd::run(a),
+    };
+    match rows {
+        Ok(rows) => report::print(&rows, cli.json),
+        Err(e) => {
+            eprintln!("kvferry-bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}

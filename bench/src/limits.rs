@@ -1,0 +1,19 @@
+//! Physical limits measured in the same run as the figures they are compared with.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+/// One-thread memcpy bandwidth in GB/s (best of `reps`) over buffers of `bytes`, touched first so
+/// page faults stay out of the figure.
+pub fn memcpy_gbps(bytes: usize, reps: usize) -> f64 {
+    let src = vec![0x5au8; bytes];
+    let mut dst = vec![0xa5u8; bytes];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    bytes as f64 / best / 1e9
+}
