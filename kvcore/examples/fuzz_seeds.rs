@@ -105,6 +105,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write("abort", "seed", &abort.encode_body())?;
     write("geometry", "mha", &encode_geometry(&g))?;
     write("geometry", "mla", &encode_geometry(&mla))?;
+    let header = kvcore::slot::SlotHeader::new(
+        kvcore::BlockHash::from_u64(7),
+        g.fingerprint(),
+        b"payload",
+        3,
+    );
+    write("slot", "seed", &header.encode())?;
     println!("seeds written under {dir}");
     Ok(())
 }

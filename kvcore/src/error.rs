@@ -180,3 +180,27 @@ impl From<HashError> for WireError {
         }
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SlotError {
+    #[error("slot is empty (never written)")]
+    Empty,
+    #[error("slot header is {len} bytes, too short")]
+    Short { len: usize },
+    #[error("slot header has a bad magic")]
+    Magic,
+    #[error("slot format version {got} is not supported")]
+    Version { got: u16 },
+    #[error("slot header checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
+    HeaderChecksum { stored: u64, computed: u64 },
+    #[error("slot header is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("slot holds block {found}, expected {expected}")]
+    WrongBlock { expected: String, found: String },
+    #[error("slot was written under geometry {found:#018x}, expected {expected:#018x}")]
+    Geometry { expected: u64, found: u64 },
+    #[error("slot payload length mismatch: expected {expected}, header says {found}")]
+    Length { expected: u64, found: u64 },
+    #[error("slot payload checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
+    PayloadChecksum { stored: u64, computed: u64 },
+}

@@ -8,6 +8,7 @@
 //! - [`region`]: registered memory and bounds-checked [`Descriptor`]s.
 //! - [`plan`]: [`TransferPlan`]s, the fewest contiguous copies between two layouts.
 //! - [`tp`]: head mapping between tensor-parallel sizes.
+//! - [`slot`]: the header of an on-disk block slot.
 //! - [`wire`]: versioned, checksummed frames for everything agents say to each other.
 
 pub mod error;
@@ -16,11 +17,14 @@ pub mod hash;
 pub mod layout;
 pub mod plan;
 pub mod region;
+pub mod slot;
 mod strided;
 pub mod tp;
 pub mod wire;
 
-pub use error::{GeometryError, HashError, LayoutError, PlanError, RegionError, WireError};
+pub use error::{
+    GeometryError, HashError, LayoutError, PlanError, RegionError, SlotError, WireError,
+};
 pub use geometry::{Dtype, Geometry, HeadShape};
 pub use hash::{BlockHash, PrefixHasher};
 pub use layout::{CacheLayout, LayerPlacement, StrideOrder};

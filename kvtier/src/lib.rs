@@ -1,4 +1,23 @@
-//! kvtier: the tiered block store (pinned DRAM pool, NVMe through io_uring, block index, copy
-//! engines). Built on `kvcore`; never depends on `kvnet`.
+//! kvtier: the tiered block store. Blocks leave the engine's KV cache (G1) for a pinned DRAM
+//! pool (G2) and spill from there to NVMe (G3) through io_uring, and come back on demand.
+//! Built on `kvcore`; never depends on `kvnet`.
 
+pub mod copy;
+pub mod engine;
+pub mod error;
+pub mod index;
+pub mod memory;
+pub mod nvme;
+pub mod pool;
+
+pub use copy::{CopyCallback, CopyEngine, HostCopy};
+pub use engine::{
+    BlockResult, G1Id, Lookup, RequestId, RequestKind, TierCompletion, TierConfig, TierCounters,
+    TierEngine, TierEvent, TierStats,
+};
+pub use error::{CopyError, TierError};
+pub use index::{Admission, BlockIndex, EvictionPolicy, Lru, Tier};
 pub use kvcore;
+pub use memory::{plan_pairs, CopyPair, MemoryRegistry};
+pub use nvme::{IoDone, IoMode, IoOp, IoRequest, NvmeConfig, NvmeStore};
+pub use pool::PinnedPool;

@@ -1,0 +1,1149 @@
+//! The tier engine: offload (G1→G2), spill (G2→G3) under pressure, lookup, and onboard
+//! (G3→G2→G1), with bounded queues and polled completions that carry a result per block.
+//!
+//! One driver thread owns every state change; copy engines and the NVMe store report back to it
+//! through a channel. Callers talk to it with requests and read completions, events and counters.
+//! Correctness rules: a block is visible to `lookup` only once its bytes are complete in a tier;
+//! a block read from G3 reaches G1 only after its header and checksum verify; a slot with an
+//! operation in flight is never evicted or reused.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use kvcore::slot::{SlotHeader, SLOT_HEADER_LEN};
+use kvcore::{
+    BlockHash, CacheLayout, Geometry, LayerPlacement, MemKind, PlanBuilder, Region, RegionId,
+};
+use parking_lot::{Condvar, Mutex};
+
+use crate::copy::{CopyEngine, HostCopy};
+use crate::error::{CopyError, TierError};
+use crate::index::{Admission, BlockIndex, Tier};
+use crate::memory::{plan_pairs, MemoryRegistry};
+use crate::nvme::{IoDone, IoOp, IoRequest, NvmeConfig, NvmeStore, HEADER_PAGE};
+use crate::pool::{round_up, PinnedPool, ALIGN};
+
+#[derive(Clone, Debug)]
+pub struct TierConfig {
+    pub geometry: Geometry,
+    /// G2 capacity in blocks.
+    pub dram_slots: u32,
+    /// G3, if any.
+    pub nvme: Option<NvmeConfig>,
+    pub copy_threads: usize,
+    /// Which blocks leaving G2 are written to G3.
+    pub admission: Admission,
+    /// Offload/onboard requests in flight before new ones get `TierError::Busy`.
+    pub max_requests: usize,
+    /// Spilling starts when fewer G2 slots than this are free.
+    pub spill_free_slots: u32,
+    /// Read and checksum every payload when recovering G3 (otherwise each is verified when read).
+    pub verify_on_recover: bool,
+}
+
+impl TierConfig {
+    pub fn new(geometry: Geometry, dram_slots: u32) -> TierConfig {
+        TierConfig {
+            geometry,
+            dram_slots,
+            nvme: None,
+            copy_threads: 2,
+            admission: Admission::Always,
+            max_requests: 1024,
+            spill_free_slots: (dram_slots / 8).max(1),
+            verify_on_recover: false,
+        }
+    }
+}
+
+pub type RequestId = u64;
+
+/// A registered G1 cache (the engine's own KV memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct G1Id(u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Offload,
+    Onboard,
+}
+
+#[derive(Debug)]
+pub struct BlockResult {
+    pub hash: BlockHash,
+    pub result: Result<(), TierError>,
+}
+
+#[derive(Debug)]
+pub struct TierCompletion {
+    pub id: RequestId,
+    pub kind: RequestKind,
+    pub blocks: Vec<BlockResult>,
+}
+
+impl TierCompletion {
+    pub fn all_ok(&self) -> bool {
+        self.blocks.iter().all(|b| b.result.is_ok())
+    }
+}
+
+/// Answer to `lookup`: how many leading blocks are cached, and where each of them is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub hits: usize,
+    pub tiers: Vec<Tier>,
+}
+
+/// For cache-aware routers: a block became available in, or left, a tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TierEvent {
+    Stored { hash: BlockHash, tier: Tier },
+    Removed { hash: BlockHash, tier: Tier },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierCounters {
+    /// Onboards served from this tier.
+    pub hits: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub evictions: u64,
+    pub errors: u64,
+    /// Blocks resident now.
+    pub blocks: u64,
+    pub capacity: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TierStats {
+    pub dram: TierCounters,
+    pub nvme: TierCounters,
+    /// Onboard requests for blocks found in no tier.
+    pub misses: u64,
+    pub io_backend: String,
+    pub direct_io: bool,
+    pub pool_locked: bool,
+    /// G3 slots recovered at start, and dropped (torn, stale, corrupt).
+    pub recovered: u64,
+    pub dropped: u64,
+}
+
+enum Event {
+    Offload {
+        id: RequestId,
+        g1: G1Id,
+        blocks: Vec<(BlockHash, u32)>,
+    },
+    Onboard {
+        id: RequestId,
+        g1: G1Id,
+        blocks: Vec<(BlockHash, u32)>,
+    },
+    Copied {
+        op: u64,
+        result: Result<u64, CopyError>,
+    },
+    Flush {
+        reply: Sender<Result<usize, TierError>>,
+    },
+    Shutdown,
+}
+
+enum Op {
+    Offload {
+        req: RequestId,
+        hash: BlockHash,
+        slot: u32,
+    },
+    Spill {
+        hash: BlockHash,
+        g2: u32,
+        g3: u64,
+    },
+    Read {
+        hash: BlockHash,
+        g2: u32,
+        g3: u64,
+    },
+    Onboard {
+        req: RequestId,
+        hash: BlockHash,
+    },
+}
+
+/// A block waiting for a free G2 slot.
+enum Waiting {
+    Offload {
+        req: RequestId,
+        g1: G1Id,
+        hash: BlockHash,
+        block: u32,
+    },
+    Read {
+        hash: BlockHash,
+    },
+}
+
+/// A flush waiting for its spills: who to answer, which ops are left, how many it started.
+type FlushWait = (Sender<Result<usize, TierError>>, HashSet<u64>, usize);
+
+struct Req {
+    kind: RequestKind,
+    pending: usize,
+    results: Vec<BlockResult>,
+}
+
+struct State {
+    index: BlockIndex,
+    g1: Vec<(RegionId, CacheLayout)>,
+    requests: HashMap<RequestId, Req>,
+    ops: HashMap<u64, Op>,
+    next_op: u64,
+    waiting: VecDeque<Waiting>,
+    /// Onboards waiting for a G3 read of their block already in flight.
+    loading: HashMap<BlockHash, Vec<(RequestId, G1Id, u32)>>,
+    g3_free: Vec<u64>,
+    seq: u64,
+    spills: usize,
+    flushes: Vec<FlushWait>,
+    events: Vec<TierEvent>,
+    stats: TierStats,
+    shutting_down: bool,
+}
+
+struct Inner {
+    // Field order is drop order: the store's I/O threads and the copy workers finish before the
+    // pool's memory goes away.
+    store: Option<NvmeStore>,
+    copy: HostCopy,
+    pool: PinnedPool,
+    pool_region: RegionId,
+    pool_layout: CacheLayout,
+    geometry: Geometry,
+    fingerprint: u64,
+    cfg: TierConfig,
+    state: Mutex<State>,
+    done: Mutex<VecDeque<TierCompletion>>,
+    done_cv: Condvar,
+    tx: Sender<Event>,
+    next_req: AtomicU64,
+}
+
+pub struct TierEngine {
+    inner: Arc<Inner>,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl TierEngine {
+    /// Builds the pool, opens (and recovers) the NVMe store if configured, starts the driver.
+    pub fn new(cfg: TierConfig) -> Result<TierEngine, TierError> {
+        let geometry = cfg
+            .geometry
+            .validated()
+            .map_err(kvcore::LayoutError::from)?;
+        if cfg.dram_slots == 0 {
+            return Err(TierError::Config("dram_slots must be positive".into()));
+        }
+        let payload = geometry.block_bytes();
+        let slot_bytes = HEADER_PAGE + round_up(payload, ALIGN as u64);
+        let pool = PinnedPool::new(slot_bytes, cfg.dram_slots)?;
+        let memory = MemoryRegistry::new();
+        // SAFETY: the pool lives in `Inner` and is dropped after the copy engine and the store,
+        // so no copy or I/O outlives it.
+        let pool_region = unsafe { memory.register(pool.region()) }?;
+        // Each slot: a header page, then the block in kvferry's block-packed order.
+        let cell = geometry.cell_bytes();
+        let pool_layout = CacheLayout::from_strides(
+            geometry,
+            cfg.dram_slots,
+            LayerPlacement::Strided {
+                first: HEADER_PAGE,
+                stride: geometry.layer_block_bytes(),
+            },
+            slot_bytes,
+            u64::from(geometry.block_tokens) * cell,
+            cell,
+        )?;
+        let (io_tx, io_rx) = unbounded::<IoDone>();
+        let store = match &cfg.nvme {
+            Some(n) => Some(NvmeStore::open(n, slot_bytes, Some(&pool), io_tx)?),
+            None => None,
+        };
+        let copy = HostCopy::new(memory, cfg.copy_threads);
+        let (tx, rx) = unbounded();
+        let mut stats = TierStats {
+            pool_locked: pool.is_locked(),
+            ..TierStats::default()
+        };
+        stats.dram.capacity = u64::from(cfg.dram_slots);
+        if let Some(s) = &store {
+            stats.io_backend = s.backend().to_string();
+            stats.direct_io = s.is_direct();
+            stats.nvme.capacity = s.slots();
+        }
+        let mut state = State {
+            index: BlockIndex::default(),
+            g1: Vec::new(),
+            requests: HashMap::new(),
+            ops: HashMap::new(),
+            next_op: 0,
+            waiting: VecDeque::new(),
+            loading: HashMap::new(),
+            g3_free: Vec::new(),
+            seq: 1,
+            spills: 0,
+            flushes: Vec::new(),
+            events: Vec::new(),
+            stats,
+            shutting_down: false,
+        };
+        let fingerprint = geometry.fingerprint();
+        if let Some(s) = &store {
+            recover(s, &mut state, fingerprint, payload, cfg.verify_on_recover)?;
+        }
+        let inner = Arc::new(Inner {
+            store,
+            copy,
+            pool,
+            pool_region,
+            pool_layout,
+            geometry,
+            fingerprint,
+            cfg,
+            state: Mutex::new(state),
+            done: Mutex::new(VecDeque::new()),
+            done_cv: Condvar::new(),
+            tx,
+            next_req: AtomicU64::new(1),
+        });
+        let d = inner.clone();
+        let driver = std::thread::Builder::new()
+            .name("kvferry-tier".into())
+            .spawn(move || drive(&d, rx, io_rx))
+            .map_err(|e| TierError::Config(format!("cannot start the tier driver: {e}")))?;
+        Ok(TierEngine {
+            inner,
+            driver: Some(driver),
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.inner.geometry
+    }
+
+    /// Registers the engine's KV cache (G1) so blocks can be copied out of and into it.
+    ///
+    /// # Safety
+    /// `base..base + layout.span_bytes()` must be valid host memory until the tier engine is
+    /// dropped; the caller must not write a block while an offload of it runs, nor touch a block
+    /// while an onboard into it runs (both end at their completion).
+    pub unsafe fn register_g1(
+        &self,
+        layout: CacheLayout,
+        base: *mut u8,
+    ) -> Result<G1Id, TierError> {
+        layout
+            .geometry()
+            .check_same(&self.inner.geometry)
+            .map_err(kvcore::LayoutError::from)?;
+        let region = Region {
+            kind: MemKind::Host,
+            base: base as u64,
+            len: layout.span_bytes(),
+        };
+        // SAFETY: forwarded from this function's contract.
+        let id = unsafe { self.inner.copy.memory().register(region) }?;
+        let mut st = self.inner.state.lock();
+        st.g1.push((id, layout));
+        Ok(G1Id(st.g1.len() as u32 - 1))
+    }
+
+    fn start(
+        &self,
+        kind: RequestKind,
+        g1: G1Id,
+        blocks: &[(BlockHash, u32)],
+    ) -> Result<RequestId, TierError> {
+        {
+            let st = self.inner.state.lock();
+            let (_, layout) = st
+                .g1
+                .get(g1.0 as usize)
+                .ok_or_else(|| TierError::Config(format!("G1 cache {} is not registered", g1.0)))?;
+            if let Some(&(_, b)) = blocks.iter().find(|(_, b)| *b >= layout.num_blocks()) {
+                return Err(kvcore::PlanError::BlockOutOfRange {
+                    side: "G1",
+                    id: b,
+                    num_blocks: layout.num_blocks(),
+                }
+                .into());
+            }
+            if st.shutting_down {
+                return Err(TierError::Shutdown);
+            }
+            if st.requests.len() >= self.inner.cfg.max_requests {
+                return Err(TierError::Busy(st.requests.len()));
+            }
+        }
+        let id = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
+        let blocks = blocks.to_vec();
+        let ev = match kind {
+            RequestKind::Offload => Event::Offload { id, g1, blocks },
+            RequestKind::Onboard => Event::Onboard { id, g1, blocks },
+        };
+        // Registered before the driver sees the event, so `Busy` accounting is exact.
+        self.inner.state.lock().requests.insert(
+            id,
+            Req {
+                kind,
+                pending: usize::MAX,
+                results: Vec::new(),
+            },
+        );
+        self.inner.tx.send(ev).map_err(|_| TierError::Shutdown)?;
+        Ok(id)
+    }
+
+    /// Copies blocks `(hash, G1 block id)` from G1 into G2. Blocks already cached complete at
+    /// once; G2 spills to G3 as it fills.
+    pub fn offload(&self, g1: G1Id, blocks: &[(BlockHash, u32)]) -> Result<RequestId, TierError> {
+        self.start(RequestKind::Offload, g1, blocks)
+    }
+
+    /// Copies cached blocks into G1 blocks, reading G3 through G2 where needed. Each block's
+    /// result says whether its bytes landed, verified; any error means: recompute it.
+    pub fn onboard(&self, g1: G1Id, blocks: &[(BlockHash, u32)]) -> Result<RequestId, TierError> {
+        self.start(RequestKind::Onboard, g1, blocks)
+    }
+
+    /// How many leading blocks of `hashes` are cached, and in which tier.
+    pub fn lookup(&self, hashes: &[BlockHash]) -> Lookup {
+        let st = self.inner.state.lock();
+        let tiers: Vec<Tier> = hashes.iter().map_while(|h| st.index.tier_of(h)).collect();
+        Lookup {
+            hits: tiers.len(),
+            tiers,
+        }
+    }
+
+    /// Completed requests, oldest first.
+    pub fn poll(&self) -> Vec<TierCompletion> {
+        self.inner.done.lock().drain(..).collect()
+    }
+
+    /// Waits for one request; other completions stay queued for `poll`.
+    pub fn wait(&self, id: RequestId, timeout: Duration) -> Option<TierCompletion> {
+        let deadline = Instant::now() + timeout;
+        let mut done = self.inner.done.lock();
+        loop {
+            if let Some(pos) = done.iter().position(|c| c.id == id) {
+                return done.remove(pos);
+            }
+            if self
+                .inner
+                .done_cv
+                .wait_until(&mut done, deadline)
+                .timed_out()
+            {
+                return done
+                    .iter()
+                    .position(|c| c.id == id)
+                    .and_then(|p| done.remove(p));
+            }
+        }
+    }
+
+    /// Writes every G2 block not yet on G3 to G3 (admission bypassed) and waits; returns how many
+    /// were written.
+    pub fn flush(&self, timeout: Duration) -> Result<usize, TierError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.inner
+            .tx
+            .send(Event::Flush { reply: tx })
+            .map_err(|_| TierError::Shutdown)?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| TierError::Config(format!("flush did not finish within {timeout:?}")))?
+    }
+
+    /// Stored/removed events since the last call.
+    pub fn events(&self) -> Vec<TierEvent> {
+        std::mem::take(&mut self.inner.state.lock().events)
+    }
+
+    pub fn stats(&self) -> TierStats {
+        let st = self.inner.state.lock();
+        let mut s = st.stats.clone();
+        s.dram.blocks = st.index.g2_len() as u64;
+        s.nvme.blocks = st.index.g3_len() as u64;
+        s
+    }
+
+    /// Index invariants, for tests.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        let st = self.inner.state.lock();
+        st.index.check_consistent()?;
+        let used = st.index.g2_len()
+            + st.ops
+                .values()
+                .filter(|o| matches!(o, Op::Offload { .. } | Op::Read { .. }))
+                .count();
+        let free = self.inner.pool.free_slots() as usize;
+        if st.ops.is_empty() && used + free != self.inner.pool.slots() as usize {
+            return Err(format!(
+                "G2 accounting: {used} used + {free} free != {} slots",
+                self.inner.pool.slots()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TierEngine {
+    fn drop(&mut self) {
+        let _ = self.inner.tx.send(Event::Shutdown);
+        if let Some(d) = self.driver.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+fn recover(
+    store: &NvmeStore,
+    st: &mut State,
+    fingerprint: u64,
+    payload: u64,
+    verify: bool,
+) -> Result<(), TierError> {
+    let mut best: HashMap<BlockHash, (u64, SlotHeader)> = HashMap::new();
+    let mut free = Vec::new();
+    let scratch = if verify {
+        Some(PinnedPool::new(store.slot_bytes(), 1)?)
+    } else {
+        None
+    };
+    for (slot, header) in store.scan()? {
+        let h = match header {
+            Ok(h) if h.geometry == fingerprint && h.payload_len == payload => h,
+            Ok(_) => {
+                st.stats.dropped += 1;
+                free.push(slot);
+                continue;
+            }
+            Err(kvcore::SlotError::Empty) => {
+                free.push(slot);
+                continue;
+            }
+            Err(e) => {
+                log::warn!("kvferry: dropping G3 slot {slot}: {e}");
+                st.stats.dropped += 1;
+                free.push(slot);
+                continue;
+            }
+        };
+        if let Some(s) = &scratch {
+            store.read_slot(slot, s)?;
+            // SAFETY: the scratch pool is private to this function.
+            let bytes = unsafe { s.slot(0) };
+            let body = &bytes[HEADER_PAGE as usize..(HEADER_PAGE + payload) as usize];
+            if let Err(e) = h.verify(&h.hash, fingerprint, body) {
+                log::warn!("kvferry: dropping G3 slot {slot}: {e}");
+                st.stats.dropped += 1;
+                free.push(slot);
+                continue;
+            }
+        }
+        // Two slots claiming one block: the later write wins, the other is stale.
+        let stale = match best.get(&h.hash) {
+            Some((_, older)) if older.seq >= h.seq => slot,
+            _ => match best.insert(h.hash, (slot, h)) {
+                Some((other, _)) => other,
+                None => continue,
+            },
+        };
+        st.stats.dropped += 1;
+        free.push(stale);
+    }
+    let mut found: Vec<(u64, SlotHeader)> = best.into_values().collect();
+    found.sort_by_key(|(_, h)| h.seq);
+    for (slot, h) in found {
+        st.seq = st.seq.max(h.seq + 1);
+        st.index.pin_new(h.hash);
+        st.index.set_g3(&h.hash, Some(slot));
+        st.index.unpin(&h.hash);
+        st.stats.recovered += 1;
+    }
+    free.reverse();
+    st.g3_free = free;
+    Ok(())
+}
+
+fn drive(inner: &Inner, rx: Receiver<Event>, io_rx: Receiver<IoDone>) {
+    let mut shutdown_at: Option<Instant> = None;
+    loop {
+        let ev = select! {
+            recv(rx) -> e => e.ok(),
+            recv(io_rx) -> d => {
+                if let Ok(d) = d {
+                    let mut st = inner.state.lock();
+                    on_io(inner, &mut st, d);
+                    after_change(inner, &mut st);
+                }
+                continue;
+            },
+            default(Duration::from_millis(100)) => None,
+        };
+        let mut st = inner.state.lock();
+        match ev {
+            Some(Event::Offload { id, g1, blocks }) => {
+                start_offload(inner, &mut st, id, g1, blocks)
+            }
+            Some(Event::Onboard { id, g1, blocks }) => {
+                start_onboard(inner, &mut st, id, g1, blocks)
+            }
+            Some(Event::Copied { op, result }) => on_copied(inner, &mut st, op, result),
+            Some(Event::Flush { reply }) => start_flush(inner, &mut st, reply),
+            Some(Event::Shutdown) => {
+                st.shutting_down = true;
+                shutdown_at.get_or_insert_with(Instant::now);
+            }
+            None => {}
+        }
+        after_change(inner, &mut st);
+        if let Some(t) = shutdown_at {
+            // Let in-flight copies and I/O finish: they point into memory about to be freed.
+            if st.ops.is_empty() || t.elapsed() > Duration::from_secs(30) {
+                return;
+            }
+        }
+    }
+}
+
+fn new_op(st: &mut State, op: Op) -> u64 {
+    st.next_op += 1;
+    st.ops.insert(st.next_op, op);
+    st.next_op
+}
+
+fn finish_block(
+    inner: &Inner,
+    st: &mut State,
+    req: RequestId,
+    hash: BlockHash,
+    result: Result<(), TierError>,
+) {
+    let Some(r) = st.requests.get_mut(&req) else {
+        return;
+    };
+    r.results.push(BlockResult { hash, result });
+    r.pending = r.pending.saturating_sub(1);
+    if r.pending == 0 {
+        complete(inner, st, req);
+    }
+}
+
+fn complete(inner: &Inner, st: &mut State, req: RequestId) {
+    if let Some(r) = st.requests.remove(&req) {
+        inner.done.lock().push_back(TierCompletion {
+            id: req,
+            kind: r.kind,
+            blocks: r.results,
+        });
+        inner.done_cv.notify_all();
+    }
+}
+
+fn begin(inner: &Inner, st: &mut State, id: RequestId, n: usize) -> bool {
+    match st.requests.get_mut(&id) {
+        Some(r) => {
+            r.pending = n;
+            if n == 0 {
+                complete(inner, st, id);
+                return false;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+fn start_offload(
+    inner: &Inner,
+    st: &mut State,
+    id: RequestId,
+    g1: G1Id,
+    blocks: Vec<(BlockHash, u32)>,
+) {
+    if !begin(inner, st, id, blocks.len()) {
+        return;
+    }
+    for (hash, block) in blocks {
+        if st.index.get(&hash).is_some() {
+            // Already cached, or being cached by an earlier offload.
+            st.index.touch(&hash);
+            finish_block(inner, st, id, hash, Ok(()));
+            continue;
+        }
+        st.index.pin_new(hash);
+        st.waiting.push_back(Waiting::Offload {
+            req: id,
+            g1,
+            hash,
+            block,
+        });
+    }
+}
+
+fn start_onboard(
+    inner: &Inner,
+    st: &mut State,
+    id: RequestId,
+    g1: G1Id,
+    blocks: Vec<(BlockHash, u32)>,
+) {
+    if !begin(inner, st, id, blocks.len()) {
+        return;
+    }
+    for (hash, block) in blocks {
+        if let Some(waiters) = st.loading.get_mut(&hash) {
+            waiters.push((id, g1, block));
+            continue;
+        }
+        let entry = st.index.get(&hash).copied();
+        match entry {
+            Some(e) if e.g2.is_some() => {
+                st.stats.dram.hits += 1;
+                st.index.pin(&hash);
+                st.index.touch(&hash);
+                copy_to_g1(inner, st, id, hash, g1, block);
+            }
+            Some(e) if e.g3.is_some() && inner.store.is_some() => {
+                st.stats.nvme.hits += 1;
+                st.index.pin(&hash);
+                st.loading.insert(hash, vec![(id, g1, block)]);
+                st.waiting.push_back(Waiting::Read { hash });
+            }
+            _ => {
+                st.stats.misses += 1;
+                finish_block(inner, st, id, hash, Err(TierError::Miss(hash.to_string())));
+            }
+        }
+    }
+}
+
+fn submit_copy(inner: &Inner, op: u64, pairs: &[crate::memory::CopyPair]) -> Result<(), CopyError> {
+    let tx = inner.tx.clone();
+    inner.copy.submit(
+        pairs,
+        Box::new(move |result| {
+            let _ = tx.send(Event::Copied { op, result });
+        }),
+    )
+}
+
+fn plan(
+    inner: &Inner,
+    st: &State,
+    g1: G1Id,
+    block: u32,
+    slot: u32,
+    to_g1: bool,
+) -> Result<Vec<crate::memory::CopyPair>, TierError> {
+    let (g1_region, g1_layout) = st
+        .g1
+        .get(g1.0 as usize)
+        .ok_or_else(|| TierError::Config(format!("G1 cache {} is not registered", g1.0)))?;
+    Ok(if to_g1 {
+        let p = PlanBuilder::new(&inner.pool_layout, g1_layout)?.build(&[slot], &[block])?;
+        plan_pairs(&p, inner.pool_region, *g1_region)
+    } else {
+        let p = PlanBuilder::new(g1_layout, &inner.pool_layout)?.build(&[block], &[slot])?;
+        plan_pairs(&p, *g1_region, inner.pool_region)
+    })
+}
+
+fn copy_to_g1(
+    inner: &Inner,
+    st: &mut State,
+    req: RequestId,
+    hash: BlockHash,
+    g1: G1Id,
+    block: u32,
+) {
+    let slot = st.index.get(&hash).and_then(|e| e.g2);
+    let result = slot
+        .ok_or_else(|| TierError::Miss(hash.to_string()))
+        .and_then(|slot| plan(inner, st, g1, block, slot, true))
+        .and_then(|pairs| {
+            let op = new_op(st, Op::Onboard { req, hash });
+            submit_copy(inner, op, &pairs).map_err(|e| {
+                st.ops.remove(&op);
+                TierError::from(e)
+            })
+        });
+    if let Err(e) = result {
+        st.stats.dram.errors += 1;
+        st.index.unpin(&hash);
+        finish_block(inner, st, req, hash, Err(e));
+    }
+}
+
+/// A free G2 slot, evicting if needed. `None` means: wait (a spill is on its way) or nothing
+/// can be evicted now.
+fn g2_slot(inner: &Inner, st: &mut State) -> Option<u32> {
+    loop {
+        if let Some(s) = inner.pool.alloc() {
+            return Some(s);
+        }
+        let victim = st.index.g2_victim()?;
+        if !evict_g2(inner, st, victim, false) {
+            return None;
+        }
+    }
+}
+
+/// Makes room in G2 by letting `victim` go: dropped if G3 has it or will not take it, else
+/// spilled (asynchronously; returns false because no slot is free yet).
+fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool) -> bool {
+    let Some(e) = st.index.get(&victim).copied() else {
+        return false;
+    };
+    let Some(slot) = e.g2 else { return false };
+    let admitted = force_spill
+        || match inner.cfg.admission {
+            Admission::Always => true,
+            Admission::MinHits(n) => e.hits >= n,
+        };
+    if e.g3.is_none() && admitted && inner.store.is_some() {
+        if let Some(g3) = g3_slot(st) {
+            spill(inner, st, victim, slot, g3);
+            return false;
+        }
+    }
+    st.index.set_g2(&victim, None);
+    inner.pool.free(slot);
+    st.stats.dram.evictions += 1;
+    st.events.push(TierEvent::Removed {
+        hash: victim,
+        tier: Tier::Dram,
+    });
+    true
+}
+
+fn g3_slot(st: &mut State) -> Option<u64> {
+    if let Some(s) = st.g3_free.pop() {
+        return Some(s);
+    }
+    let victim = st.index.g3_victim()?;
+    let slot = st.index.get(&victim).and_then(|e| e.g3)?;
+    st.index.set_g3(&victim, None);
+    st.stats.nvme.evictions += 1;
+    st.events.push(TierEvent::Removed {
+        hash: victim,
+        tier: Tier::Nvme,
+    });
+    Some(slot)
+}
+
+fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64) {
+    let Some(store) = &inner.store else { return };
+    let payload = inner.geometry.block_bytes() as usize;
+    st.seq += 1;
+    // SAFETY: the block is resident and unreferenced (an eviction victim); pinning it below keeps
+    // every other operation off this slot until the write completes.
+    let bytes = unsafe { inner.pool.slot_mut(g2) };
+    let header = SlotHeader::new(
+        hash,
+        inner.fingerprint,
+        &bytes[HEADER_PAGE as usize..HEADER_PAGE as usize + payload],
+        st.seq,
+    );
+    bytes[..SLOT_HEADER_LEN].copy_from_slice(&header.encode());
+    st.index.pin(&hash);
+    st.spills += 1;
+    let op = new_op(st, Op::Spill { hash, g2, g3 });
+    let req = IoRequest {
+        op: IoOp::Write,
+        slot: g3,
+        buf: inner.pool.slot_ptr(g2) as u64,
+        tag: op,
+    };
+    // SAFETY: the slot is pool memory, aligned, pinned in the index until the IoDone arrives.
+    if let Err(e) = unsafe { store.submit(req) } {
+        on_io(
+            inner,
+            st,
+            IoDone {
+                tag: op,
+                op: IoOp::Write,
+                slot: g3,
+                result: Err(e),
+            },
+        );
+    }
+}
+
+fn start_flush(inner: &Inner, st: &mut State, reply: Sender<Result<usize, TierError>>) {
+    if inner.store.is_none() {
+        let _ = reply.send(Err(TierError::Config("no NVMe tier is configured".into())));
+        return;
+    }
+    let before: HashSet<u64> = st.ops.keys().copied().collect();
+    let candidates = st.index.unspilled();
+    let mut n = 0;
+    for (v, g2) in candidates {
+        let Some(g3) = g3_slot(st) else { break };
+        spill(inner, st, v, g2, g3);
+        n += 1;
+    }
+    let mine: HashSet<u64> = st
+        .ops
+        .iter()
+        .filter(|(k, o)| !before.contains(k) && matches!(o, Op::Spill { .. }))
+        .map(|(k, _)| *k)
+        .collect();
+    if mine.is_empty() {
+        let _ = reply.send(Ok(n));
+    } else {
+        st.flushes.push((reply, mine, n));
+    }
+}
+
+fn on_copied(inner: &Inner, st: &mut State, op: u64, result: Result<u64, CopyError>) {
+    match st.ops.remove(&op) {
+        Some(Op::Offload { req, hash, slot }) => match result {
+            Ok(bytes) => {
+                st.index.set_g2(&hash, Some(slot));
+                st.index.unpin(&hash);
+                st.stats.dram.bytes_in += bytes;
+                st.events.push(TierEvent::Stored {
+                    hash,
+                    tier: Tier::Dram,
+                });
+                finish_block(inner, st, req, hash, Ok(()));
+            }
+            Err(e) => {
+                inner.pool.free(slot);
+                st.index.unpin(&hash);
+                st.stats.dram.errors += 1;
+                finish_block(inner, st, req, hash, Err(e.into()));
+            }
+        },
+        Some(Op::Onboard { req, hash }) => {
+            st.index.unpin(&hash);
+            match result {
+                Ok(bytes) => {
+                    st.stats.dram.bytes_out += bytes;
+                    if let Some(e) = st.index.entry_mut(&hash) {
+                        e.hits += 1;
+                    }
+                    finish_block(inner, st, req, hash, Ok(()));
+                }
+                Err(e) => {
+                    st.stats.dram.errors += 1;
+                    finish_block(inner, st, req, hash, Err(e.into()));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
+    match st.ops.remove(&d.tag) {
+        Some(Op::Spill { hash, g2, g3 }) => {
+            st.spills -= 1;
+            match d.result {
+                Ok(()) => {
+                    st.stats.nvme.bytes_in += inner.geometry.block_bytes();
+                    st.index.set_g3(&hash, Some(g3));
+                    st.events.push(TierEvent::Stored {
+                        hash,
+                        tier: Tier::Nvme,
+                    });
+                }
+                Err(e) => {
+                    // The slot may be bad (or the disk full): keep it out of use.
+                    log::warn!("kvferry: writing block {hash} to G3 slot {g3} failed: {e}");
+                    st.stats.nvme.errors += 1;
+                }
+            }
+            st.index.unpin(&hash);
+            // Spills run under pressure: the G2 copy goes now (it is on G3, or G3 failed).
+            if st
+                .index
+                .get(&hash)
+                .is_some_and(|e| e.refs == 0 && e.g2 == Some(g2))
+            {
+                st.index.set_g2(&hash, None);
+                inner.pool.free(g2);
+                st.stats.dram.evictions += 1;
+                st.events.push(TierEvent::Removed {
+                    hash,
+                    tier: Tier::Dram,
+                });
+            }
+            for (_, ops, _) in st.flushes.iter_mut() {
+                ops.remove(&d.tag);
+            }
+            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.flushes)
+                .into_iter()
+                .partition(|(_, ops, _)| ops.is_empty());
+            st.flushes = rest;
+            for (reply, _, n) in ready {
+                let _ = reply.send(Ok(n));
+            }
+        }
+        Some(Op::Read { hash, g2, g3 }) => {
+            let waiters = st.loading.remove(&hash).unwrap_or_default();
+            let verified = d.result.and_then(|()| {
+                // SAFETY: the read into this slot has completed and the slot is not yet visible
+                // to anyone else.
+                let bytes = unsafe { inner.pool.slot(g2) };
+                let payload = inner.geometry.block_bytes() as usize;
+                SlotHeader::decode(&bytes[..SLOT_HEADER_LEN])
+                    .and_then(|h| {
+                        h.verify(
+                            &hash,
+                            inner.fingerprint,
+                            &bytes[HEADER_PAGE as usize..HEADER_PAGE as usize + payload],
+                        )
+                    })
+                    .map_err(|source| TierError::Slot { slot: g3, source })
+            });
+            match verified {
+                Ok(()) => {
+                    st.stats.nvme.bytes_out += inner.geometry.block_bytes();
+                    st.index.set_g2(&hash, Some(g2));
+                    st.events.push(TierEvent::Stored {
+                        hash,
+                        tier: Tier::Dram,
+                    });
+                    // The read's pin becomes the first waiter's; the others take their own.
+                    for (i, (req, g1, block)) in waiters.into_iter().enumerate() {
+                        if i > 0 {
+                            st.index.pin(&hash);
+                        }
+                        copy_to_g1(inner, st, req, hash, g1, block);
+                    }
+                }
+                Err(e) => {
+                    log::warn!("kvferry: dropping block {hash} from G3 slot {g3}: {e}");
+                    st.stats.nvme.errors += 1;
+                    inner.pool.free(g2);
+                    st.index.set_g3(&hash, None);
+                    st.g3_free.push(g3);
+                    st.events.push(TierEvent::Removed {
+                        hash,
+                        tier: Tier::Nvme,
+                    });
+                    st.index.unpin(&hash);
+                    let msg = e.to_string();
+                    let mut first = Some(e);
+                    for (req, _, _) in waiters {
+                        let err = first
+                            .take()
+                            .unwrap_or_else(|| TierError::Miss(format!("{hash}: {msg}")));
+                        finish_block(inner, st, req, hash, Err(err));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Serves blocks waiting for G2 slots and keeps free slots ahead of demand.
+fn after_change(inner: &Inner, st: &mut State) {
+    while let Some(w) = st.waiting.pop_front() {
+        let Some(slot) = g2_slot(inner, st) else {
+            let in_flight = !st.ops.is_empty();
+            if in_flight {
+                st.waiting.push_front(w);
+                break;
+            }
+            // Nothing in flight will free a slot: fail instead of waiting forever.
+            let err = || TierError::Full {
+                tier: "DRAM",
+                slots: u64::from(inner.pool.slots()),
+            };
+            match w {
+                Waiting::Offload { req, hash, .. } => {
+                    st.index.unpin(&hash);
+                    finish_block(inner, st, req, hash, Err(err()));
+                }
+                Waiting::Read { hash } => {
+                    st.index.unpin(&hash);
+                    for (req, _, _) in st.loading.remove(&hash).unwrap_or_default() {
+                        finish_block(inner, st, req, hash, Err(err()));
+                    }
+                }
+            }
+            continue;
+        };
+        match w {
+            Waiting::Offload {
+                req,
+                g1,
+                hash,
+                block,
+            } => {
+                let result = plan(inner, st, g1, block, slot, false).and_then(|pairs| {
+                    let op = new_op(st, Op::Offload { req, hash, slot });
+                    submit_copy(inner, op, &pairs).map_err(|e| {
+                        st.ops.remove(&op);
+                        TierError::from(e)
+                    })
+                });
+                if let Err(e) = result {
+                    inner.pool.free(slot);
+                    st.index.unpin(&hash);
+                    st.stats.dram.errors += 1;
+                    finish_block(inner, st, req, hash, Err(e));
+                }
+            }
+            Waiting::Read { hash } => {
+                let Some(g3) = st.index.get(&hash).and_then(|e| e.g3) else {
+                    inner.pool.free(slot);
+                    st.index.unpin(&hash);
+                    for (req, _, _) in st.loading.remove(&hash).unwrap_or_default() {
+                        finish_block(inner, st, req, hash, Err(TierError::Miss(hash.to_string())));
+                    }
+                    continue;
+                };
+                let op = new_op(st, Op::Read { hash, g2: slot, g3 });
+                let req = IoRequest {
+                    op: IoOp::Read,
+                    slot: g3,
+                    buf: inner.pool.slot_ptr(slot) as u64,
+                    tag: op,
+                };
+                if let Some(store) = &inner.store {
+                    // SAFETY: the slot was just allocated and is only named by this op.
+                    if let Err(e) = unsafe { store.submit(req) } {
+                        on_io(
+                            inner,
+                            st,
+                            IoDone {
+                                tag: op,
+                                op: IoOp::Read,
+                                slot: g3,
+                                result: Err(e),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Keep some slots free so offloads rarely wait for a spill.
+    if st.waiting.is_empty() && inner.store.is_some() {
+        while inner.pool.free_slots() + (st.spills as u32) < inner.cfg.spill_free_slots {
+            let Some(v) = st.index.g2_victim() else { break };
+            evict_g2(inner, st, v, false);
+        }
+    }
+}
