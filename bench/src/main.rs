@@ -3,6 +3,7 @@
 mod limits;
 mod plan_cmd;
 mod report;
+mod tier_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -20,12 +21,15 @@ struct Cli {
 enum Cmd {
     /// Plan building for a long-context transfer, and codec throughput.
     Plan(plan_cmd::PlanArgs),
+    /// Tier bandwidth: G1(host)<->G2 against memcpy, G2<->G3 against fio.
+    Tier(tier_cmd::TierArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let rows = match &cli.cmd {
         Cmd::Plan(a) => plan_cmd::run(a),
+        Cmd::Tier(a) => tier_cmd::run(a),
     };
     match rows {
         Ok(rows) => report::print(&rows, cli.json),

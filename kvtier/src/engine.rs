@@ -22,7 +22,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::copy::{CopyEngine, HostCopy};
 use crate::error::{CopyError, TierError};
-use crate::index::{Admission, BlockIndex, Tier};
+use crate::index::{Admission, BlockIndex, Entry, Tier};
 use crate::memory::{plan_pairs, MemoryRegistry};
 use crate::nvme::{IoDone, IoOp, IoRequest, NvmeConfig, NvmeStore, HEADER_PAGE};
 use crate::pool::{round_up, PinnedPool, ALIGN};
@@ -153,25 +153,34 @@ enum Event {
     Shutdown,
 }
 
+/// One block of a batched copy between G1 and G2.
+struct Item {
+    req: RequestId,
+    hash: BlockHash,
+    block: u32,
+    slot: u32,
+}
+
 enum Op {
+    /// G1→G2 copies of blocks whose slots are reserved but not yet visible.
     Offload {
-        req: RequestId,
-        hash: BlockHash,
-        slot: u32,
+        items: Vec<Item>,
     },
+    /// G2→G3; `evict` frees the G2 copy once written (spills under pressure, not flushes).
     Spill {
         hash: BlockHash,
         g2: u32,
         g3: u64,
+        evict: bool,
     },
     Read {
         hash: BlockHash,
         g2: u32,
         g3: u64,
     },
+    /// G2→G1 copies of pinned blocks.
     Onboard {
-        req: RequestId,
-        hash: BlockHash,
+        items: Vec<Item>,
     },
 }
 
@@ -581,16 +590,20 @@ fn recover(
     Ok(())
 }
 
-fn drive(inner: &Inner, rx: Receiver<Event>, io_rx: Receiver<IoDone>) {
+fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
     let mut shutdown_at: Option<Instant> = None;
     loop {
         let ev = select! {
             recv(rx) -> e => e.ok(),
             recv(io_rx) -> d => {
-                if let Ok(d) = d {
-                    let mut st = inner.state.lock();
-                    on_io(inner, &mut st, d);
-                    after_change(inner, &mut st);
+                match d {
+                    Ok(d) => {
+                        let mut st = inner.state.lock();
+                        on_io(inner, &mut st, d);
+                        after_change(inner, &mut st);
+                    }
+                    // No store (or it is gone): a closed channel would wake us forever.
+                    Err(_) => io_rx = crossbeam_channel::never(),
                 }
                 continue;
             },
@@ -707,6 +720,7 @@ fn start_onboard(
     if !begin(inner, st, id, blocks.len()) {
         return;
     }
+    let mut ready = Vec::new();
     for (hash, block) in blocks {
         if let Some(waiters) = st.loading.get_mut(&hash) {
             waiters.push((id, g1, block));
@@ -714,11 +728,19 @@ fn start_onboard(
         }
         let entry = st.index.get(&hash).copied();
         match entry {
-            Some(e) if e.g2.is_some() => {
+            Some(Entry { g2: Some(slot), .. }) => {
                 st.stats.dram.hits += 1;
                 st.index.pin(&hash);
                 st.index.touch(&hash);
-                copy_to_g1(inner, st, id, hash, g1, block);
+                ready.push((
+                    g1,
+                    Item {
+                        req: id,
+                        hash,
+                        block,
+                        slot,
+                    },
+                ));
             }
             Some(e) if e.g3.is_some() && inner.store.is_some() => {
                 st.stats.nvme.hits += 1;
@@ -732,6 +754,7 @@ fn start_onboard(
             }
         }
     }
+    submit_grouped(inner, st, true, ready);
 }
 
 fn submit_copy(inner: &Inner, op: u64, pairs: &[crate::memory::CopyPair]) -> Result<(), CopyError> {
@@ -744,50 +767,66 @@ fn submit_copy(inner: &Inner, op: u64, pairs: &[crate::memory::CopyPair]) -> Res
     )
 }
 
-fn plan(
-    inner: &Inner,
-    st: &State,
-    g1: G1Id,
-    block: u32,
-    slot: u32,
-    to_g1: bool,
-) -> Result<Vec<crate::memory::CopyPair>, TierError> {
-    let (g1_region, g1_layout) = st
-        .g1
-        .get(g1.0 as usize)
-        .ok_or_else(|| TierError::Config(format!("G1 cache {} is not registered", g1.0)))?;
-    Ok(if to_g1 {
-        let p = PlanBuilder::new(&inner.pool_layout, g1_layout)?.build(&[slot], &[block])?;
-        plan_pairs(&p, inner.pool_region, *g1_region)
-    } else {
-        let p = PlanBuilder::new(g1_layout, &inner.pool_layout)?.build(&[block], &[slot])?;
-        plan_pairs(&p, *g1_region, inner.pool_region)
-    })
+/// Copies a batch of blocks between one G1 cache and G2 with one plan and one submission: the
+/// per-block cost is then a few copy descriptors, not a round trip through the driver.
+fn submit_batch(inner: &Inner, st: &mut State, to_g1: bool, g1: G1Id, items: Vec<Item>) {
+    if items.is_empty() {
+        return;
+    }
+    let pairs = (|| {
+        let (g1_region, g1_layout) = st
+            .g1
+            .get(g1.0 as usize)
+            .ok_or_else(|| TierError::Config(format!("G1 cache {} is not registered", g1.0)))?;
+        let blocks: Vec<u32> = items.iter().map(|i| i.block).collect();
+        let slots: Vec<u32> = items.iter().map(|i| i.slot).collect();
+        Ok::<_, TierError>(if to_g1 {
+            let p = PlanBuilder::new(&inner.pool_layout, g1_layout)?.build(&slots, &blocks)?;
+            plan_pairs(&p, inner.pool_region, *g1_region)
+        } else {
+            let p = PlanBuilder::new(g1_layout, &inner.pool_layout)?.build(&blocks, &slots)?;
+            plan_pairs(&p, *g1_region, inner.pool_region)
+        })
+    })();
+    let pairs = match pairs {
+        Ok(p) => p,
+        Err(e) => return fail_items(inner, st, to_g1, items, &e.to_string()),
+    };
+    let op = new_op(
+        st,
+        if to_g1 {
+            Op::Onboard { items }
+        } else {
+            Op::Offload { items }
+        },
+    );
+    if let Err(e) = submit_copy(inner, op, &pairs) {
+        if let Some(Op::Offload { items } | Op::Onboard { items }) = st.ops.remove(&op) {
+            fail_items(inner, st, to_g1, items, &e.to_string());
+        }
+    }
 }
 
-fn copy_to_g1(
-    inner: &Inner,
-    st: &mut State,
-    req: RequestId,
-    hash: BlockHash,
-    g1: G1Id,
-    block: u32,
-) {
-    let slot = st.index.get(&hash).and_then(|e| e.g2);
-    let result = slot
-        .ok_or_else(|| TierError::Miss(hash.to_string()))
-        .and_then(|slot| plan(inner, st, g1, block, slot, true))
-        .and_then(|pairs| {
-            let op = new_op(st, Op::Onboard { req, hash });
-            submit_copy(inner, op, &pairs).map_err(|e| {
-                st.ops.remove(&op);
-                TierError::from(e)
-            })
-        });
-    if let Err(e) = result {
+fn fail_items(inner: &Inner, st: &mut State, to_g1: bool, items: Vec<Item>, msg: &str) {
+    for it in items {
+        if !to_g1 {
+            inner.pool.free(it.slot);
+        }
+        st.index.unpin(&it.hash);
         st.stats.dram.errors += 1;
-        st.index.unpin(&hash);
-        finish_block(inner, st, req, hash, Err(e));
+        let err = TierError::Copy(CopyError::Failed(msg.to_string()));
+        finish_block(inner, st, it.req, it.hash, Err(err));
+    }
+}
+
+/// Groups items by G1 cache and submits one batch per cache.
+fn submit_grouped(inner: &Inner, st: &mut State, to_g1: bool, items: Vec<(G1Id, Item)>) {
+    let mut groups: HashMap<G1Id, Vec<Item>> = HashMap::new();
+    for (g1, it) in items {
+        groups.entry(g1).or_default().push(it);
+    }
+    for (g1, items) in groups {
+        submit_batch(inner, st, to_g1, g1, items);
     }
 }
 
@@ -819,7 +858,7 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool)
         };
     if e.g3.is_none() && admitted && inner.store.is_some() {
         if let Some(g3) = g3_slot(st) {
-            spill(inner, st, victim, slot, g3);
+            spill(inner, st, victim, slot, g3, true);
             return false;
         }
     }
@@ -848,7 +887,7 @@ fn g3_slot(st: &mut State) -> Option<u64> {
     Some(slot)
 }
 
-fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64) {
+fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict: bool) {
     let Some(store) = &inner.store else { return };
     let payload = inner.geometry.block_bytes() as usize;
     st.seq += 1;
@@ -864,7 +903,15 @@ fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64) {
     bytes[..SLOT_HEADER_LEN].copy_from_slice(&header.encode());
     st.index.pin(&hash);
     st.spills += 1;
-    let op = new_op(st, Op::Spill { hash, g2, g3 });
+    let op = new_op(
+        st,
+        Op::Spill {
+            hash,
+            g2,
+            g3,
+            evict,
+        },
+    );
     let req = IoRequest {
         op: IoOp::Write,
         slot: g3,
@@ -896,7 +943,7 @@ fn start_flush(inner: &Inner, st: &mut State, reply: Sender<Result<usize, TierEr
     let mut n = 0;
     for (v, g2) in candidates {
         let Some(g3) = g3_slot(st) else { break };
-        spill(inner, st, v, g2, g3);
+        spill(inner, st, v, g2, g3, false);
         n += 1;
     }
     let mine: HashSet<u64> = st
@@ -914,47 +961,46 @@ fn start_flush(inner: &Inner, st: &mut State, reply: Sender<Result<usize, TierEr
 
 fn on_copied(inner: &Inner, st: &mut State, op: u64, result: Result<u64, CopyError>) {
     match st.ops.remove(&op) {
-        Some(Op::Offload { req, hash, slot }) => match result {
+        Some(Op::Offload { items }) => match result {
             Ok(bytes) => {
-                st.index.set_g2(&hash, Some(slot));
-                st.index.unpin(&hash);
                 st.stats.dram.bytes_in += bytes;
-                st.events.push(TierEvent::Stored {
-                    hash,
-                    tier: Tier::Dram,
-                });
-                finish_block(inner, st, req, hash, Ok(()));
+                for it in items {
+                    st.index.set_g2(&it.hash, Some(it.slot));
+                    st.index.unpin(&it.hash);
+                    st.events.push(TierEvent::Stored {
+                        hash: it.hash,
+                        tier: Tier::Dram,
+                    });
+                    finish_block(inner, st, it.req, it.hash, Ok(()));
+                }
             }
-            Err(e) => {
-                inner.pool.free(slot);
-                st.index.unpin(&hash);
-                st.stats.dram.errors += 1;
-                finish_block(inner, st, req, hash, Err(e.into()));
-            }
+            Err(e) => fail_items(inner, st, false, items, &e.to_string()),
         },
-        Some(Op::Onboard { req, hash }) => {
-            st.index.unpin(&hash);
-            match result {
-                Ok(bytes) => {
-                    st.stats.dram.bytes_out += bytes;
-                    if let Some(e) = st.index.entry_mut(&hash) {
+        Some(Op::Onboard { items }) => match result {
+            Ok(bytes) => {
+                st.stats.dram.bytes_out += bytes;
+                for it in items {
+                    st.index.unpin(&it.hash);
+                    if let Some(e) = st.index.entry_mut(&it.hash) {
                         e.hits += 1;
                     }
-                    finish_block(inner, st, req, hash, Ok(()));
-                }
-                Err(e) => {
-                    st.stats.dram.errors += 1;
-                    finish_block(inner, st, req, hash, Err(e.into()));
+                    finish_block(inner, st, it.req, it.hash, Ok(()));
                 }
             }
-        }
+            Err(e) => fail_items(inner, st, true, items, &e.to_string()),
+        },
         _ => {}
     }
 }
 
 fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
     match st.ops.remove(&d.tag) {
-        Some(Op::Spill { hash, g2, g3 }) => {
+        Some(Op::Spill {
+            hash,
+            g2,
+            g3,
+            evict,
+        }) => {
             st.spills -= 1;
             match d.result {
                 Ok(()) => {
@@ -973,10 +1019,11 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
             }
             st.index.unpin(&hash);
             // Spills run under pressure: the G2 copy goes now (it is on G3, or G3 failed).
-            if st
-                .index
-                .get(&hash)
-                .is_some_and(|e| e.refs == 0 && e.g2 == Some(g2))
+            if evict
+                && st
+                    .index
+                    .get(&hash)
+                    .is_some_and(|e| e.refs == 0 && e.g2 == Some(g2))
             {
                 st.index.set_g2(&hash, None);
                 inner.pool.free(g2);
@@ -1023,12 +1070,22 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
                         tier: Tier::Dram,
                     });
                     // The read's pin becomes the first waiter's; the others take their own.
+                    let mut items = Vec::with_capacity(waiters.len());
                     for (i, (req, g1, block)) in waiters.into_iter().enumerate() {
                         if i > 0 {
                             st.index.pin(&hash);
                         }
-                        copy_to_g1(inner, st, req, hash, g1, block);
+                        items.push((
+                            g1,
+                            Item {
+                                req,
+                                hash,
+                                block,
+                                slot: g2,
+                            },
+                        ));
                     }
+                    submit_grouped(inner, st, true, items);
                 }
                 Err(e) => {
                     log::warn!("kvferry: dropping block {hash} from G3 slot {g3}: {e}");
@@ -1058,9 +1115,10 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
 
 /// Serves blocks waiting for G2 slots and keeps free slots ahead of demand.
 fn after_change(inner: &Inner, st: &mut State) {
+    let mut offloads = Vec::new();
     while let Some(w) = st.waiting.pop_front() {
         let Some(slot) = g2_slot(inner, st) else {
-            let in_flight = !st.ops.is_empty();
+            let in_flight = !st.ops.is_empty() || !offloads.is_empty();
             if in_flight {
                 st.waiting.push_front(w);
                 break;
@@ -1090,21 +1148,15 @@ fn after_change(inner: &Inner, st: &mut State) {
                 g1,
                 hash,
                 block,
-            } => {
-                let result = plan(inner, st, g1, block, slot, false).and_then(|pairs| {
-                    let op = new_op(st, Op::Offload { req, hash, slot });
-                    submit_copy(inner, op, &pairs).map_err(|e| {
-                        st.ops.remove(&op);
-                        TierError::from(e)
-                    })
-                });
-                if let Err(e) = result {
-                    inner.pool.free(slot);
-                    st.index.unpin(&hash);
-                    st.stats.dram.errors += 1;
-                    finish_block(inner, st, req, hash, Err(e));
-                }
-            }
+            } => offloads.push((
+                g1,
+                Item {
+                    req,
+                    hash,
+                    block,
+                    slot,
+                },
+            )),
             Waiting::Read { hash } => {
                 let Some(g3) = st.index.get(&hash).and_then(|e| e.g3) else {
                     inner.pool.free(slot);
@@ -1139,6 +1191,7 @@ fn after_change(inner: &Inner, st: &mut State) {
             }
         }
     }
+    submit_grouped(inner, st, false, offloads);
     // Keep some slots free so offloads rarely wait for a spill.
     if st.waiting.is_empty() && inner.store.is_some() {
         while inner.pool.free_slots() + (st.spills as u32) < inner.cfg.spill_free_slots {

@@ -40,7 +40,10 @@ fn small_fs(mib: u64) -> Option<SmallFs> {
     if run("mkfs.ext4", &["-q", "-F", img_s]) && run("mount", &["-o", "loop", img_s, m]) {
         return Some(SmallFs { _tmp: tmp, mnt });
     }
-    if run("mount", &["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs", m]) {
+    if run(
+        "mount",
+        &["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs", m],
+    ) {
         return Some(SmallFs { _tmp: tmp, mnt });
     }
     eprintln!("SKIP: cannot mount a small file system here (needs root and mount); disk-full test not run");
@@ -48,7 +51,11 @@ fn small_fs(mib: u64) -> Option<SmallFs> {
 }
 
 fn free(p: &Path) -> u64 {
-    let out = Command::new("df").args(["-B1", "--output=avail"]).arg(p).output().expect("df runs");
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(p)
+        .output()
+        .expect("df runs");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .nth(1)
@@ -68,8 +75,15 @@ fn a_store_larger_than_the_disk_is_refused_up_front() {
         TierError::NoSpace { need, have, .. } => assert!(need > have, "{err}"),
         other => panic!("expected NoSpace, got {other}"),
     }
-    let left: Vec<_> = std::fs::read_dir(&fs.mnt).expect("dir").filter_map(Result::ok).filter(|e| e.file_name() != "lost+found").collect();
-    assert!(left.is_empty(), "no half-made store files are left behind: {left:?}");
+    let left: Vec<_> = std::fs::read_dir(&fs.mnt)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() != "lost+found")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "no half-made store files are left behind: {left:?}"
+    );
 }
 
 #[test]
@@ -94,18 +108,29 @@ fn writes_into_a_full_disk_fail_cleanly_and_nothing_wrong_is_served() {
         let blocks: Vec<_> = (0..total).map(|i| (hash(u64::from(i)), i % 64)).collect();
         for chunk in blocks.chunks(16) {
             let c = wait(&t, t.offload(s, chunk).expect("queued"));
-            assert!(c.all_ok(), "offload into DRAM succeeds even when G3 is full: {c:?}");
+            assert!(
+                c.all_ok(),
+                "offload into DRAM succeeds even when G3 is full: {c:?}"
+            );
         }
         let _ = t.flush(WAIT);
         let st = t.stats();
-        assert!(st.nvme.errors > 0, "{io:?}: the disk filled up, writes must have failed: {st:?}");
-        t.check_consistent().expect("consistent after failed writes");
+        assert!(
+            st.nvme.errors > 0,
+            "{io:?}: the disk filled up, writes must have failed: {st:?}"
+        );
+        t.check_consistent()
+            .expect("consistent after failed writes");
         // Whatever the index still claims must come back exact; the rest is a miss.
         let mut dst = G1::new(g, 64, 22);
         let d = dst.register(&t);
         let mut served = 0;
         for chunk in blocks.chunks(64) {
-            let targets: Vec<_> = chunk.iter().enumerate().map(|(k, b)| (b.0, k as u32)).collect();
+            let targets: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .map(|(k, b)| (b.0, k as u32))
+                .collect();
             let c = wait(&t, t.onboard(d, &targets).expect("queued"));
             for b in &c.blocks {
                 let i = blocks.iter().position(|x| x.0 == b.hash).expect("known");
@@ -115,7 +140,10 @@ fn writes_into_a_full_disk_fail_cleanly_and_nothing_wrong_is_served() {
                         served += 1;
                         assert_eq!(src.block(blocks[i].1), dst.block(pos), "{io:?} block {i}");
                     }
-                    Err(e) => assert!(matches!(e, TierError::Miss(_) | TierError::Slot { .. }), "{e}"),
+                    Err(e) => assert!(
+                        matches!(e, TierError::Miss(_) | TierError::Slot { .. }),
+                        "{e}"
+                    ),
                 }
             }
         }
