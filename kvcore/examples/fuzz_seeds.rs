@@ -104,6 +104,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write("completion", "seed", &completion.encode_body())?;
     write("abort", "seed", &abort.encode_body())?;
     write("geometry", "mha", &encode_geometry(&g))?;
+    let nonce = [5u8; 32];
+    write(
+        "challenge",
+        "seed",
+        &Message::Challenge(kvcore::wire::Challenge { nonce }).encode_body(),
+    )?;
+    let hello = kvcore::wire::Hello {
+        name: "decode-1".into(),
+        protocol_version: PROTOCOL_VERSION,
+        proof: kvcore::wire::Hello::proof(b"secret", &nonce, "decode-1"),
+    };
+    write("hello", "seed", &Message::Hello(hello).encode_body())?;
     write("geometry", "mla", &encode_geometry(&mla))?;
     let header = kvcore::slot::SlotHeader::new(
         kvcore::BlockHash::from_u64(7),

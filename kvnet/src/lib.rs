@@ -1,4 +1,34 @@
-//! kvnet: agents and transports (UCX, TCP) with NIXL-shaped metadata and notifications. Built on
-//! `kvcore`; never depends on `kvtier`.
+//! kvnet: agents and transports. A decode node pulls a request's KV blocks out of a prefill
+//! node's registered memory (or a prefill node pushes them), with a notification when done.
+//! Built on `kvcore`; never depends on `kvtier`.
+//!
+//! ## NIXL's shapes, kvferry's bytes
+//!
+//! The agent follows NIXL's model: named agents; registered memory exported as regions of
+//! `(address, length, device)` with a memory kind (host/pinned host ≈ NIXL DRAM, device ≈ VRAM,
+//! file ≈ FILE); metadata carrying one connection blob per transport (NIXL's per-backend
+//! connection info) and per-region remote keys; READ/WRITE of descriptor lists; notifications as
+//! `(agent, bytes)`.
+//!
+//! Where the bytes differ, and why:
+//! - Metadata, transfer notices and notifications are kvcore frames (magic, version, length,
+//!   xxh3 checksum), not NIXL's `nixlSerDes` strings: every field is typed and capped, and a
+//!   corrupted frame is detected rather than half-parsed. Byte-level NIXL interop is a separate
+//!   codec (NIXL's serializer), added for agents that must talk to stock NIXL.
+//! - Regions carry ids; descriptors name `(region id, offset, len)` rather than raw addresses,
+//!   so a peer can only name memory inside what was exported to it, and stale ids after
+//!   deregistration fail the bounds check.
+//! - Metadata may carry KV cache layouts (geometry, strides, TP rank) so the reading side plans
+//!   its copies without another round trip; NIXL leaves that to the engine.
+//! - The side channel authenticates with a challenge and a SHA-256 proof of a shared token;
+//!   NIXL's socket side channel has no authentication.
 
+pub mod agent;
+pub mod error;
+mod framing;
+mod mem;
+mod tcp;
+
+pub use agent::{Agent, AgentConfig, TransferDone, TransferId, Transport};
+pub use error::NetError;
 pub use kvcore;

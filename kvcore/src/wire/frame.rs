@@ -4,7 +4,8 @@
 //! offset  size  field
 //!      0     4  magic "KVFR"
 //!      4     2  wire version (u16 LE), currently 1
-//!      6     1  kind (1 metadata, 2 transfer notice, 3 notification, 4 completion, 5 abort)
+//!      6     1  kind (1 metadata, 2 transfer notice, 3 notification, 4 completion, 5 abort,
+//!                    6 challenge, 7 hello)
 //!      7     1  flags, reserved, must be 0
 //!      8     4  payload length (u32 LE), capped by the decoder's limit
 //!     12     n  payload
@@ -35,15 +36,19 @@ pub enum Kind {
     Notification = 3,
     Completion = 4,
     Abort = 5,
+    Challenge = 6,
+    Hello = 7,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Metadata,
         Kind::Transfer,
         Kind::Notification,
         Kind::Completion,
         Kind::Abort,
+        Kind::Challenge,
+        Kind::Hello,
     ];
 
     pub fn from_u8(v: u8) -> Result<Kind, WireError> {

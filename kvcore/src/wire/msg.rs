@@ -105,6 +105,36 @@ pub struct Abort {
     pub reason: String,
 }
 
+/// The first frame a listening agent sends on every connection: a fresh nonce to prove the
+/// shared token against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: [u8; 32],
+}
+
+/// The connecting agent's answer: who it is, which protocol it speaks, and, when a token is
+/// configured, `SHA-256("kvferry-auth-v1" ‖ token ‖ nonce ‖ name)` (else empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub name: String,
+    pub protocol_version: u16,
+    pub proof: Vec<u8>,
+}
+
+impl Hello {
+    /// The proof a holder of `token` gives for `nonce` under `name`.
+    pub fn proof(token: &[u8], nonce: &[u8; 32], name: &str) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"kvferry-auth-v1");
+        h.update((token.len() as u64).to_le_bytes());
+        h.update(token);
+        h.update(nonce);
+        h.update(name.as_bytes());
+        h.finalize().to_vec()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Metadata(AgentMetadata),
@@ -112,6 +142,8 @@ pub enum Message {
     Notification(Notification),
     Completion(Completion),
     Abort(Abort),
+    Challenge(Challenge),
+    Hello(Hello),
 }
 
 impl Message {
@@ -122,6 +154,8 @@ impl Message {
             Message::Notification(_) => Kind::Notification,
             Message::Completion(_) => Kind::Completion,
             Message::Abort(_) => Kind::Abort,
+            Message::Challenge(_) => Kind::Challenge,
+            Message::Hello(_) => Kind::Hello,
         }
     }
 
@@ -139,6 +173,8 @@ impl Message {
             Message::Notification(m) => m.write(&mut w),
             Message::Completion(m) => m.write(&mut w),
             Message::Abort(m) => m.write(&mut w),
+            Message::Challenge(m) => m.write(&mut w),
+            Message::Hello(m) => m.write(&mut w),
         }
         w.buf
     }
@@ -162,6 +198,8 @@ impl Message {
             Kind::Notification => Message::Notification(Notification::read(&mut r)?),
             Kind::Completion => Message::Completion(Completion::read(&mut r)?),
             Kind::Abort => Message::Abort(Abort::read(&mut r)?),
+            Kind::Challenge => Message::Challenge(Challenge::read(&mut r)?),
+            Kind::Hello => Message::Hello(Hello::read(&mut r)?),
         };
         r.finish()?;
         Ok(m)
@@ -177,7 +215,7 @@ macro_rules! into_message {
         }
     )*};
 }
-into_message!(Notification, Completion, Abort);
+into_message!(Notification, Completion, Abort, Challenge, Hello);
 
 impl From<AgentMetadata> for Message {
     fn from(m: AgentMetadata) -> Message {
@@ -604,6 +642,45 @@ impl Abort {
         Ok(Abort {
             transfer_id: r.u64("transfer_id")?,
             reason: r.string("reason", MAX_TEXT_LEN)?,
+        })
+    }
+}
+
+impl Challenge {
+    fn write(&self, w: &mut Writer) {
+        w.buf.extend_from_slice(&self.nonce);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Challenge, WireError> {
+        let mut nonce = [0u8; 32];
+        for b in nonce.iter_mut() {
+            *b = r.u8("nonce")?;
+        }
+        Ok(Challenge { nonce })
+    }
+}
+
+impl Hello {
+    fn write(&self, w: &mut Writer) {
+        w.str(&self.name);
+        w.u16(self.protocol_version);
+        w.bytes(&self.proof);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Hello, WireError> {
+        let name = nonempty_name("name", r.string("name", MAX_NAME_LEN)?)?;
+        let protocol_version = r.u16("protocol_version")?;
+        let proof = r.bytes("proof", 64)?.to_vec();
+        if !(proof.is_empty() || proof.len() == 32) {
+            return Err(WireError::Invalid {
+                field: "proof",
+                reason: format!("{} bytes; expected 0 or 32", proof.len()),
+            });
+        }
+        Ok(Hello {
+            name,
+            protocol_version,
+            proof,
         })
     }
 }

@@ -1,0 +1,447 @@
+//! The agent, in NIXL's shape: register memory, publish metadata, load a peer's, post READ and
+//! WRITE transfers of descriptor lists with an optional notification, poll completions and
+//! notifications. A transfer completes whole or fails with an error; never a partial success.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvcore::wire::{
+    AgentMetadata, Endpoint, ExportedCache, ExportedRegion, Message, Notification, Op,
+    PROTOCOL_VERSION,
+};
+use kvcore::{Descriptor, Region, RegionId, RegionTable, Resolved};
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::error::NetError;
+use crate::mem::UseCounts;
+use crate::tcp;
+
+/// Which transport carries transfers to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    Ucx,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ucx => "ucx",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub name: String,
+    /// Where the side channel (and the TCP transport) listens. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Peers must prove this shared token; none means no authentication.
+    pub token: Option<String>,
+    /// Bound on every network step (connect, handshake, each frame and each bulk transfer).
+    pub timeout: Duration,
+    /// TCP connections per peer a transfer is spread over.
+    pub connections_per_peer: usize,
+    /// Transports in order of preference; the first both sides offer is used.
+    pub transports: Vec<Transport>,
+}
+
+impl AgentConfig {
+    pub fn new(name: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            name: name.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: None,
+            timeout: Duration::from_secs(10),
+            connections_per_peer: 4,
+            transports: vec![Transport::Ucx, Transport::Tcp],
+        }
+    }
+}
+
+pub type TransferId = u64;
+
+#[derive(Debug)]
+pub struct TransferDone {
+    pub id: TransferId,
+    /// Bytes moved, or why the transfer failed.
+    pub result: Result<u64, NetError>,
+}
+
+/// A peer whose metadata was loaded.
+pub(crate) struct Peer {
+    pub metadata: AgentMetadata,
+    pub regions: RegionTable,
+    pub tcp_addr: Option<SocketAddr>,
+    pub conns: Arc<tcp::ConnPool>,
+}
+
+pub(crate) struct Shared {
+    pub name: String,
+    pub token: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub conns_per_peer: usize,
+    pub regions: RwLock<RegionTable>,
+    pub caches: RwLock<Vec<ExportedCache>>,
+    pub uses: Arc<UseCounts>,
+    pub peers: RwLock<HashMap<String, Arc<Peer>>>,
+    pub done: Mutex<VecDeque<TransferDone>>,
+    pub done_cv: Condvar,
+    pub notifications: Mutex<VecDeque<Notification>>,
+    pub notif_cv: Condvar,
+    pub listen: SocketAddr,
+}
+
+impl Shared {
+    pub fn metadata(&self) -> AgentMetadata {
+        let regions = self.regions.read();
+        AgentMetadata {
+            name: self.name.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            endpoints: vec![Endpoint {
+                transport: Transport::Tcp.name().into(),
+                address: self.listen.to_string().into_bytes(),
+            }],
+            regions: regions
+                .iter()
+                .map(|(id, r)| ExportedRegion {
+                    id,
+                    region: *r,
+                    keys: vec![],
+                })
+                .collect(),
+            caches: self.caches.read().clone(),
+        }
+    }
+
+    /// Loads (or refreshes) a peer from its metadata; returns its name.
+    pub fn load(&self, md: AgentMetadata) -> Result<String, NetError> {
+        if md.protocol_version != PROTOCOL_VERSION {
+            return Err(NetError::Version {
+                peer: md.name,
+                ours: PROTOCOL_VERSION,
+                theirs: md.protocol_version,
+            });
+        }
+        let mut regions = RegionTable::new();
+        for r in &md.regions {
+            regions.insert_with_id(r.id, r.region)?;
+        }
+        let tcp_addr = md
+            .endpoints
+            .iter()
+            .find(|e| e.transport == Transport::Tcp.name())
+            .and_then(|e| std::str::from_utf8(&e.address).ok()?.parse().ok());
+        let name = md.name.clone();
+        let mut peers = self.peers.write();
+        let conns = match peers.get(&name) {
+            // Keep warm connections when a peer re-sends unchanged addresses.
+            Some(p) if p.tcp_addr == tcp_addr => p.conns.clone(),
+            _ => Arc::new(tcp::ConnPool::default()),
+        };
+        peers.insert(
+            name.clone(),
+            Arc::new(Peer {
+                metadata: md,
+                regions,
+                tcp_addr,
+                conns,
+            }),
+        );
+        Ok(name)
+    }
+
+    pub fn finish(&self, id: TransferId, result: Result<u64, NetError>) {
+        self.done.lock().push_back(TransferDone { id, result });
+        self.done_cv.notify_all();
+    }
+
+    pub fn deliver(&self, n: Notification) {
+        self.notifications.lock().push_back(n);
+        self.notif_cv.notify_all();
+    }
+}
+
+pub struct Agent {
+    shared: Arc<Shared>,
+    rt: Option<tokio::runtime::Runtime>,
+    next_id: AtomicU64,
+}
+
+impl Agent {
+    /// Starts the agent: binds the listener and serves peers on it.
+    pub fn new(cfg: AgentConfig) -> Result<Agent, NetError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kvferry-net")
+            .enable_all()
+            .build()
+            .map_err(|e| crate::framing::io("start runtime", &cfg.name, e))?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(cfg.listen))
+            .map_err(|e| crate::framing::io("listen", &cfg.listen.to_string(), e))?;
+        let listen = listener
+            .local_addr()
+            .map_err(|e| crate::framing::io("listen", &cfg.name, e))?;
+        let shared = Arc::new(Shared {
+            name: cfg.name,
+            token: cfg.token.map(String::into_bytes),
+            timeout: cfg.timeout,
+            conns_per_peer: cfg.connections_per_peer.max(1),
+            regions: RwLock::new(RegionTable::new()),
+            caches: RwLock::new(Vec::new()),
+            uses: Arc::new(UseCounts::default()),
+            peers: RwLock::new(HashMap::new()),
+            done: Mutex::new(VecDeque::new()),
+            done_cv: Condvar::new(),
+            notifications: Mutex::new(VecDeque::new()),
+            notif_cv: Condvar::new(),
+            listen,
+        });
+        rt.spawn(tcp::serve(shared.clone(), listener));
+        Ok(Agent {
+            shared,
+            rt: Some(rt),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Address of the side channel (and TCP transport).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
+    /// Registers and exports memory. Peers that load our metadata may read and write it.
+    ///
+    /// # Safety
+    /// For host kinds `region.base` is an address in this process: the memory must stay valid
+    /// until `deregister` returns Ok (or the agent is dropped), and while a transfer runs nothing
+    /// else may write what it reads or touch what it writes.
+    pub unsafe fn register(&self, region: Region) -> Result<RegionId, NetError> {
+        Ok(self.shared.regions.write().insert(region)?)
+    }
+
+    /// Stops exporting a region; waits (up to the timeout) for transfers using it. After an
+    /// error the region is no longer reachable, but its memory must be kept until the agent
+    /// drops.
+    pub fn deregister(&self, id: RegionId) -> Result<Region, NetError> {
+        let r = self.shared.regions.write().remove(id)?;
+        self.shared.caches.write().retain(|c| c.region != id);
+        if !self.shared.uses.wait_idle(id, self.shared.timeout) {
+            return Err(NetError::Busy(id.0));
+        }
+        Ok(r)
+    }
+
+    /// Publishes a KV cache layout living in a registered region (geometry checks at handshake).
+    pub fn export_cache(&self, cache: ExportedCache) -> Result<(), NetError> {
+        let regions = self.shared.regions.read();
+        let r = regions
+            .get(cache.region)
+            .ok_or(kvcore::RegionError::UnknownRegion(cache.region.0))?;
+        if cache.layout.span_bytes() > r.len {
+            return Err(NetError::Descriptors(format!(
+                "cache layout spans {} bytes, region {} has {}",
+                cache.layout.span_bytes(),
+                cache.region,
+                r.len
+            )));
+        }
+        self.shared.caches.write().push(cache);
+        Ok(())
+    }
+
+    /// Our metadata as a kvcore wire frame.
+    pub fn local_metadata(&self) -> Vec<u8> {
+        Message::Metadata(self.shared.metadata()).encode()
+    }
+
+    /// Loads a peer's metadata frame (from any channel); returns the peer's name.
+    pub fn load_remote(&self, frame: &[u8]) -> Result<String, NetError> {
+        match Message::decode(frame)? {
+            Message::Metadata(md) => self.shared.load(md),
+            _ => Err(NetError::Unexpected {
+                peer: "metadata frame".into(),
+                expected: "agent metadata",
+            }),
+        }
+    }
+
+    /// The side-channel handshake: connects to a peer's listener, authenticates, exchanges
+    /// metadata both ways (so the peer can notify us), loads the peer's. Returns its name.
+    pub fn connect(&self, addr: SocketAddr) -> Result<String, NetError> {
+        let shared = self.shared.clone();
+        self.runtime()?.block_on(async move {
+            let (conn, md) = tcp::dial(&shared, addr).await?;
+            let name = shared.load(md)?;
+            if let Some(p) = shared.peers.read().get(&name) {
+                p.conns.put(conn);
+            }
+            Ok(name)
+        })
+    }
+
+    /// The metadata of a loaded peer.
+    pub fn peer_metadata(&self, peer: &str) -> Option<AgentMetadata> {
+        self.shared
+            .peers
+            .read()
+            .get(peer)
+            .map(|p| p.metadata.clone())
+    }
+
+    pub fn forget_peer(&self, peer: &str) {
+        self.shared.peers.write().remove(peer);
+    }
+
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime, NetError> {
+        self.rt.as_ref().ok_or(NetError::Shutdown)
+    }
+
+    /// Reads `remote` (in `peer`'s exported memory) into `local`, pairwise; then, if given,
+    /// delivers `notification` to the peer.
+    pub fn read(
+        &self,
+        local: &[Descriptor],
+        peer: &str,
+        remote: &[Descriptor],
+        notification: Option<Vec<u8>>,
+    ) -> Result<TransferId, NetError> {
+        self.post(Op::Read, local, peer, remote, notification)
+    }
+
+    /// Writes `local` into `remote` (in `peer`'s exported memory), pairwise; then, if given,
+    /// delivers `notification` to the peer.
+    pub fn write(
+        &self,
+        local: &[Descriptor],
+        peer: &str,
+        remote: &[Descriptor],
+        notification: Option<Vec<u8>>,
+    ) -> Result<TransferId, NetError> {
+        self.post(Op::Write, local, peer, remote, notification)
+    }
+
+    fn post(
+        &self,
+        op: Op,
+        local: &[Descriptor],
+        peer: &str,
+        remote: &[Descriptor],
+        notification: Option<Vec<u8>>,
+    ) -> Result<TransferId, NetError> {
+        if local.len() != remote.len() {
+            return Err(NetError::Descriptors(format!(
+                "{} local descriptors, {} remote",
+                local.len(),
+                remote.len()
+            )));
+        }
+        let p = self
+            .shared
+            .peers
+            .read()
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        // Both lists are checked here, before anything moves; the peer checks its side again.
+        let resolved: Vec<Resolved> = self.shared.regions.read().resolve_all(local)?;
+        p.regions.resolve_all(remote)?;
+        if let Some(i) = local.iter().zip(remote).position(|(l, r)| l.len != r.len) {
+            return Err(NetError::Descriptors(format!(
+                "pair {i}: local {} bytes, remote {} bytes",
+                local[i].len, remote[i].len
+            )));
+        }
+        let held = self.shared.uses.hold(local.iter().map(|d| d.region));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        let remote = remote.to_vec();
+        self.runtime()?.spawn(async move {
+            let result = tcp::transfer(&shared, &p, id, op, resolved, remote, notification).await;
+            drop(held);
+            shared.finish(id, result);
+        });
+        Ok(id)
+    }
+
+    /// Completed transfers, oldest first.
+    pub fn poll(&self) -> Vec<TransferDone> {
+        self.shared.done.lock().drain(..).collect()
+    }
+
+    /// Waits for one transfer; others stay queued for `poll`.
+    pub fn wait(&self, id: TransferId, timeout: Duration) -> Option<TransferDone> {
+        let deadline = Instant::now() + timeout;
+        let mut done = self.shared.done.lock();
+        loop {
+            if let Some(pos) = done.iter().position(|d| d.id == id) {
+                return done.remove(pos);
+            }
+            if self
+                .shared
+                .done_cv
+                .wait_until(&mut done, deadline)
+                .timed_out()
+            {
+                return done
+                    .iter()
+                    .position(|d| d.id == id)
+                    .and_then(|p| done.remove(p));
+            }
+        }
+    }
+
+    /// Sends opaque bytes to a peer.
+    pub fn notify(&self, peer: &str, payload: Vec<u8>) -> Result<(), NetError> {
+        let p = self
+            .shared
+            .peers
+            .read()
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        let shared = self.shared.clone();
+        self.runtime()?
+            .block_on(async move { tcp::notify(&shared, &p, payload).await })
+    }
+
+    /// Notifications received since the last call, as `(sender, bytes)`.
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.shared.notifications.lock().drain(..).collect()
+    }
+
+    /// Waits until at least one notification is queued (or the timeout passes), then drains.
+    pub fn wait_notifications(&self, timeout: Duration) -> Vec<Notification> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.shared.notifications.lock();
+        while q.is_empty() {
+            if self
+                .shared
+                .notif_cv
+                .wait_until(&mut q, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        q.drain(..).collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Cancels every task at its next await: after this, nothing touches registered memory.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}

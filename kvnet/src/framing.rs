@@ -1,0 +1,45 @@
+//! Reading and writing kvcore frames on an async stream: the 12-byte header is judged before the
+//! payload is read, so a hostile length never makes us buffer more than the cap.
+
+use kvcore::wire::{Header, Message, HEADER_LEN, TRAILER_LEN};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::NetError;
+
+/// Control frames are small; bulk data travels outside frames.
+pub(crate) const MAX_CONTROL_PAYLOAD: u32 = 16 << 20;
+
+pub(crate) async fn read_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    peer: &str,
+) -> Result<Message, NetError> {
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head)
+        .await
+        .map_err(|e| io("read frame", peer, e))?;
+    let h = Header::parse(&head, MAX_CONTROL_PAYLOAD)?;
+    let mut frame = vec![0u8; h.frame_len()];
+    frame[..HEADER_LEN].copy_from_slice(&head);
+    s.read_exact(&mut frame[HEADER_LEN..HEADER_LEN + h.payload_len as usize + TRAILER_LEN])
+        .await
+        .map_err(|e| io("read frame", peer, e))?;
+    Ok(Message::decode_with_limit(&frame, MAX_CONTROL_PAYLOAD)?)
+}
+
+pub(crate) async fn write_message<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    peer: &str,
+    m: &Message,
+) -> Result<(), NetError> {
+    s.write_all(&m.encode())
+        .await
+        .map_err(|e| io("write frame", peer, e))
+}
+
+pub(crate) fn io(op: &'static str, peer: &str, source: std::io::Error) -> NetError {
+    NetError::Io {
+        op,
+        peer: peer.to_string(),
+        source,
+    }
+}

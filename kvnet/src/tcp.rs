@@ -1,0 +1,541 @@
+//! The TCP transport and side channel, on tokio. One listener per agent serves both: every
+//! connection opens with a challenge, the peer's hello (with a token proof when a token is set)
+//! and a metadata exchange, then carries transfer requests and notifications.
+//!
+//! Bulk bytes travel raw after a request frame: a READ is answered by a completion frame and,
+//! if it succeeded, the bytes of every descriptor in order; a WRITE request is followed by the
+//! bytes, and answered by a completion frame. The serving side resolves every descriptor against
+//! what it exported before touching memory, and sends straight from (or receives straight into)
+//! registered memory with vectored I/O.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvcore::wire::{
+    AgentMetadata, Challenge, Completion, Hello, Message, Notification, Op, Status, TransferNotice,
+    PROTOCOL_VERSION,
+};
+use kvcore::{Descriptor, Resolved};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+use crate::agent::{Peer, Shared};
+use crate::error::{code, NetError};
+use crate::framing::{io, read_message, write_message};
+use crate::mem;
+
+/// An authenticated connection to a peer.
+pub(crate) struct Conn {
+    stream: TcpStream,
+    peer: String,
+}
+
+/// Idle connections to one peer, reused across transfers.
+#[derive(Default)]
+pub(crate) struct ConnPool {
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl ConnPool {
+    pub fn put(&self, c: Conn) {
+        let mut idle = self.idle.lock();
+        if idle.len() < 64 {
+            idle.push(c);
+        }
+    }
+
+    fn take(&self) -> Option<Conn> {
+        self.idle.lock().pop()
+    }
+}
+
+async fn step<T, F: std::future::Future<Output = Result<T, NetError>>>(
+    limit: Duration,
+    op: &'static str,
+    peer: &str,
+    f: F,
+) -> Result<T, NetError> {
+    match timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(NetError::Timeout {
+            op,
+            peer: peer.to_string(),
+            secs: limit.as_secs_f64(),
+        }),
+    }
+}
+
+/// Connects and runs the client half of the handshake. Returns the connection and the peer's
+/// metadata.
+pub(crate) async fn dial(
+    shared: &Shared,
+    addr: SocketAddr,
+) -> Result<(Conn, AgentMetadata), NetError> {
+    let peer = addr.to_string();
+    let t = shared.timeout;
+    let mut stream = step(t, "connect", &peer, async {
+        TcpStream::connect(addr)
+            .await
+            .map_err(|e| io("connect", &peer, e))
+    })
+    .await?;
+    let _ = stream.set_nodelay(true);
+    step(t, "handshake", &peer, async {
+        let nonce = match read_message(&mut stream, &peer).await? {
+            Message::Challenge(c) => c.nonce,
+            _ => {
+                return Err(NetError::Unexpected {
+                    peer: peer.clone(),
+                    expected: "challenge",
+                })
+            }
+        };
+        let proof = shared
+            .token
+            .as_ref()
+            .map(|tok| Hello::proof(tok, &nonce, &shared.name))
+            .unwrap_or_default();
+        let hello = Message::Hello(Hello {
+            name: shared.name.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            proof,
+        });
+        write_message(&mut stream, &peer, &hello).await?;
+        let md = match read_message(&mut stream, &peer).await? {
+            Message::Metadata(md) => md,
+            Message::Completion(Completion {
+                status: Status::Failed { code, message },
+                ..
+            }) => {
+                return Err(NetError::Remote {
+                    peer: peer.clone(),
+                    code,
+                    message,
+                })
+            }
+            _ => {
+                return Err(NetError::Unexpected {
+                    peer: peer.clone(),
+                    expected: "metadata",
+                })
+            }
+        };
+        if md.protocol_version != PROTOCOL_VERSION {
+            return Err(NetError::Version {
+                peer: md.name,
+                ours: PROTOCOL_VERSION,
+                theirs: md.protocol_version,
+            });
+        }
+        write_message(&mut stream, &peer, &Message::Metadata(shared.metadata())).await?;
+        Ok((
+            Conn {
+                stream,
+                peer: md.name.clone(),
+            },
+            md,
+        ))
+    })
+    .await
+}
+
+async fn conn_for(shared: &Shared, p: &Peer) -> Result<Conn, NetError> {
+    if let Some(c) = p.conns.take() {
+        return Ok(c);
+    }
+    let addr = p.tcp_addr.ok_or_else(|| NetError::NoTransport {
+        peer: p.metadata.name.clone(),
+        offered: p
+            .metadata
+            .endpoints
+            .iter()
+            .map(|e| e.transport.clone())
+            .collect::<Vec<_>>()
+            .join(","),
+    })?;
+    let (c, md) = dial(shared, addr).await?;
+    if md.name != p.metadata.name {
+        return Err(NetError::Auth {
+            peer: p.metadata.name.clone(),
+            reason: format!("the agent at {addr} is now {}", md.name),
+        });
+    }
+    Ok(c)
+}
+
+/// Writes every slice, in order, with vectored writes.
+async fn write_all_vectored(
+    s: &mut TcpStream,
+    peer: &str,
+    parts: &[&[u8]],
+) -> Result<(), NetError> {
+    let mut bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut bufs;
+    while !rest.is_empty() {
+        // At most 1024 buffers per call (IOV_MAX).
+        let n = rest.len().min(1024);
+        let w = s
+            .write_vectored(&rest[..n])
+            .await
+            .map_err(|e| io("send", peer, e))?;
+        if w == 0 {
+            return Err(io("send", peer, std::io::ErrorKind::WriteZero.into()));
+        }
+        IoSlice::advance_slices(&mut rest, w);
+    }
+    Ok(())
+}
+
+/// Moves one transfer over up to `conns_per_peer` connections; Ok only if every part succeeded.
+pub(crate) async fn transfer(
+    shared: &Arc<Shared>,
+    p: &Arc<Peer>,
+    id: u64,
+    op: Op,
+    local: Vec<Resolved>,
+    remote: Vec<Descriptor>,
+    notification: Option<Vec<u8>>,
+) -> Result<u64, NetError> {
+    let total: u64 = local.iter().map(|r| r.len).sum();
+    let parts = shared.conns_per_peer.min(local.len()).max(1);
+    let share = total.div_ceil(parts as u64).max(1);
+    // Contiguous runs of pairs of roughly `share` bytes each.
+    let mut cuts = vec![0usize];
+    let mut acc = 0u64;
+    for (i, r) in local.iter().enumerate() {
+        acc += r.len;
+        if acc >= share * cuts.len() as u64 && i + 1 < local.len() {
+            cuts.push(i + 1);
+        }
+    }
+    cuts.push(local.len());
+    let mut tasks = Vec::new();
+    for w in cuts.windows(2) {
+        if w[0] == w[1] {
+            continue;
+        }
+        let (shared, p) = (shared.clone(), p.clone());
+        let l = local[w[0]..w[1]].to_vec();
+        let r = remote[w[0]..w[1]].to_vec();
+        tasks.push(tokio::spawn(async move {
+            part(&shared, &p, id, op, l, r).await
+        }));
+    }
+    let mut first_err = None;
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap_or_else(|e| Err(NetError::Unavailable(format!("transfer task failed: {e}"))));
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if let Some(payload) = notification {
+        notify(shared, p, payload).await?;
+    }
+    Ok(total)
+}
+
+async fn part(
+    shared: &Shared,
+    p: &Peer,
+    id: u64,
+    op: Op,
+    local: Vec<Resolved>,
+    remote: Vec<Descriptor>,
+) -> Result<(), NetError> {
+    let mut c = conn_for(shared, p).await?;
+    let peer = c.peer.clone();
+    let bytes: u64 = local.iter().map(|r| r.len).sum();
+    // Room for the data at ≥ 100 MB/s on top of the per-step timeout.
+    let limit = shared.timeout + Duration::from_secs_f64(bytes as f64 / 100e6);
+    let notice = Message::Transfer(TransferNotice {
+        transfer_id: id,
+        op,
+        initiator: shared.name.clone(),
+        descriptors: remote,
+        notification: None,
+    });
+    step(
+        limit,
+        if op == Op::Read { "read" } else { "write" },
+        &peer,
+        async {
+            write_message(&mut c.stream, &peer, &notice).await?;
+            if op == Op::Write {
+                // SAFETY: `local` was resolved against our table and its regions are held in use by
+                // the posting call for the whole transfer.
+                let slices: Vec<&[u8]> = local.iter().map(|r| unsafe { mem::bytes(r) }).collect();
+                write_all_vectored(&mut c.stream, &peer, &slices).await?;
+            }
+            match read_message(&mut c.stream, &peer).await? {
+                Message::Completion(Completion {
+                    status: Status::Ok,
+                    transfer_id,
+                }) if transfer_id == id => {}
+                Message::Completion(Completion {
+                    status: Status::Failed { code, message },
+                    ..
+                }) => {
+                    return Err(NetError::Remote {
+                        peer: peer.clone(),
+                        code,
+                        message,
+                    })
+                }
+                _ => {
+                    return Err(NetError::Unexpected {
+                        peer: peer.clone(),
+                        expected: "completion",
+                    })
+                }
+            }
+            if op == Op::Read {
+                for r in &local {
+                    // SAFETY: as above; nothing else touches memory a transfer writes.
+                    let dst = unsafe { mem::bytes_mut(r) };
+                    c.stream
+                        .read_exact(dst)
+                        .await
+                        .map_err(|e| io("receive", &peer, e))?;
+                }
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    p.conns.put(c);
+    Ok(())
+}
+
+pub(crate) async fn notify(shared: &Shared, p: &Peer, payload: Vec<u8>) -> Result<(), NetError> {
+    let mut c = conn_for(shared, p).await?;
+    let peer = c.peer.clone();
+    let m = Message::Notification(Notification {
+        from: shared.name.clone(),
+        payload,
+    });
+    step(
+        shared.timeout,
+        "notify",
+        &peer,
+        write_message(&mut c.stream, &peer, &m),
+    )
+    .await?;
+    p.conns.put(c);
+    Ok(())
+}
+
+/// Accepts connections until the runtime shuts down.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, addr)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(&shared, stream, addr).await {
+                log::debug!("kvferry: connection from {addr} ended: {e}");
+            }
+        });
+    }
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    if getrandom::fill(&mut n).is_err() {
+        // No OS randomness: fall back to the clock, which still never repeats a nonce.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        n[..16].copy_from_slice(&t.to_le_bytes());
+    }
+    n
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn refuse(stream: &mut TcpStream, peer: &str, code: u16, message: String) {
+    let m = Message::Completion(Completion {
+        transfer_id: 0,
+        status: Status::Failed { code, message },
+    });
+    let _ = write_message(stream, peer, &m).await;
+}
+
+async fn serve_conn(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    addr: SocketAddr,
+) -> Result<(), NetError> {
+    let _ = stream.set_nodelay(true);
+    let t = shared.timeout;
+    let who = addr.to_string();
+    let nonce = nonce();
+    let peer = step(t, "handshake", &who, async {
+        write_message(&mut stream, &who, &Message::Challenge(Challenge { nonce })).await?;
+        let hello = match read_message(&mut stream, &who).await? {
+            Message::Hello(h) => h,
+            _ => {
+                return Err(NetError::Unexpected {
+                    peer: who.clone(),
+                    expected: "hello",
+                })
+            }
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            let msg = format!(
+                "protocol version: ours is {PROTOCOL_VERSION}, theirs is {}",
+                hello.protocol_version
+            );
+            log::warn!("kvferry: refusing {} at {who}: {msg}", hello.name);
+            refuse(&mut stream, &who, code::BAD_REQUEST, msg).await;
+            return Err(NetError::Version {
+                peer: hello.name,
+                ours: PROTOCOL_VERSION,
+                theirs: hello.protocol_version,
+            });
+        }
+        if let Some(tok) = &shared.token {
+            let want = Hello::proof(tok, &nonce, &hello.name);
+            if !constant_time_eq(&want, &hello.proof) {
+                let reason = if hello.proof.is_empty() {
+                    "no token given"
+                } else {
+                    "wrong token"
+                };
+                log::warn!("kvferry: refusing {} at {who}: {reason}", hello.name);
+                refuse(
+                    &mut stream,
+                    &who,
+                    code::BAD_REQUEST,
+                    format!("authentication failed: {reason}"),
+                )
+                .await;
+                return Err(NetError::Auth {
+                    peer: hello.name,
+                    reason: reason.into(),
+                });
+            }
+        }
+        write_message(&mut stream, &who, &Message::Metadata(shared.metadata())).await?;
+        match read_message(&mut stream, &who).await? {
+            Message::Metadata(md) if md.name == hello.name => {
+                shared.load(md)?;
+            }
+            _ => {
+                return Err(NetError::Unexpected {
+                    peer: who.clone(),
+                    expected: "metadata",
+                })
+            }
+        }
+        Ok(hello.name)
+    })
+    .await?;
+    loop {
+        // Idle connections wait for the next request without a deadline; a dead peer shows as EOF.
+        let m = read_message(&mut stream, &peer).await?;
+        match m {
+            Message::Transfer(n) => serve_transfer(shared, &mut stream, &peer, n).await?,
+            Message::Notification(n) => shared.deliver(Notification {
+                from: peer.clone(),
+                payload: n.payload,
+            }),
+            Message::Abort(_) => {}
+            _ => {
+                return Err(NetError::Unexpected {
+                    peer,
+                    expected: "transfer or notification",
+                })
+            }
+        }
+    }
+}
+
+async fn serve_transfer(
+    shared: &Arc<Shared>,
+    stream: &mut TcpStream,
+    peer: &str,
+    n: TransferNotice,
+) -> Result<(), NetError> {
+    let total: u64 = n.descriptors.iter().map(|d| d.len).sum();
+    let limit = shared.timeout + Duration::from_secs_f64(total as f64 / 100e6);
+    let resolved = shared.regions.read().resolve_all(&n.descriptors);
+    let held = resolved
+        .as_ref()
+        .ok()
+        .map(|_| shared.uses.hold(n.descriptors.iter().map(|d| d.region)));
+    let id = n.transfer_id;
+    let ok = Message::Completion(Completion {
+        transfer_id: id,
+        status: Status::Ok,
+    });
+    step(limit, "serve transfer", peer, async {
+        match (n.op, resolved) {
+            (Op::Read, Ok(rs)) => {
+                write_message(stream, peer, &ok).await?;
+                // SAFETY: resolved against our exported regions, held in use until `held` drops.
+                let slices: Vec<&[u8]> = rs.iter().map(|r| unsafe { mem::bytes(r) }).collect();
+                write_all_vectored(stream, peer, &slices).await?;
+            }
+            (Op::Write, Ok(rs)) => {
+                for r in &rs {
+                    // SAFETY: as above; the registrant promised exclusive access during transfers.
+                    let dst = unsafe { mem::bytes_mut(r) };
+                    stream
+                        .read_exact(dst)
+                        .await
+                        .map_err(|e| io("receive", peer, e))?;
+                }
+                write_message(stream, peer, &ok).await?;
+            }
+            (op, Err(e)) => {
+                log::warn!("kvferry: refusing a transfer from {peer}: {e}");
+                if op == Op::Write {
+                    // Drain the bytes that follow so the connection stays usable.
+                    let mut left = total;
+                    let mut sink = vec![0u8; 64 << 10];
+                    while left > 0 {
+                        let k = left.min(sink.len() as u64) as usize;
+                        stream
+                            .read_exact(&mut sink[..k])
+                            .await
+                            .map_err(|e| io("receive", peer, e))?;
+                        left -= k as u64;
+                    }
+                }
+                let m = Message::Completion(Completion {
+                    transfer_id: id,
+                    status: Status::Failed {
+                        code: code::BAD_DESCRIPTOR,
+                        message: e.to_string(),
+                    },
+                });
+                write_message(stream, peer, &m).await?;
+                return Ok(());
+            }
+        }
+        if let Some(payload) = n.notification {
+            shared.deliver(Notification {
+                from: peer.to_string(),
+                payload,
+            });
+        }
+        Ok(())
+    })
+    .await?;
+    drop(held);
+    Ok(())
+}

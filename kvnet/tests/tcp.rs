@@ -1,0 +1,426 @@
+//! Two processes on loopback over the TCP transport: bit-exact reads and writes with
+//! notifications, and every fault of the list — a peer killed mid-transfer, malformed and
+//! truncated frames, descriptors outside exported memory, a stale region after deregistration,
+//! a wrong protocol version, a wrong or missing token — each an error in bounded time, while
+//! the agent keeps serving its other peers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvnet::kvcore::wire::{Hello, Kind, Message, Op, TransferNotice};
+use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
+use kvnet::{Agent, AgentConfig, NetError};
+
+fn pattern(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 56) as u8
+}
+
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+    addr: SocketAddr,
+    region: RegionId,
+    bytes: u64,
+}
+
+impl Peer {
+    fn start(name: &str, bytes: u64, seed: u64, token: Option<&str>) -> Peer {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry-peer"));
+        cmd.args([
+            "--name",
+            name,
+            "--bytes",
+            &bytes.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("peer starts");
+        let stdin = child.stdin.take().expect("piped");
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let line = Self::line(&mut out);
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w[0], "READY", "{line}");
+        Peer {
+            addr: w[1].parse().expect("address"),
+            region: RegionId(w[2].parse().expect("region")),
+            bytes: w[3].parse().expect("bytes"),
+            child,
+            stdin,
+            out,
+        }
+    }
+
+    fn line(out: &mut BufReader<ChildStdout>) -> String {
+        let mut s = String::new();
+        out.read_line(&mut s).expect("peer output");
+        s.trim().to_string()
+    }
+
+    fn command(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").expect("peer input");
+        self.stdin.flush().expect("flush");
+        Self::line(&mut self.out)
+    }
+
+    fn desc(&self, offset: u64, len: u64) -> Descriptor {
+        Descriptor {
+            region: self.region,
+            offset,
+            len,
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local agent with one registered buffer.
+struct Local {
+    agent: Agent,
+    region: RegionId,
+    buf: Vec<u8>,
+}
+
+impl Local {
+    fn new(name: &str, bytes: usize, token: Option<&str>) -> Local {
+        let mut cfg = AgentConfig::new(name);
+        cfg.token = token.map(str::to_string);
+        cfg.timeout = Duration::from_secs(5);
+        let agent = Agent::new(cfg).expect("agent");
+        let mut buf = vec![0u8; bytes];
+        // SAFETY: `buf` is only read by the test after transfers complete, and the struct drops
+        // the agent (field order) before the buffer.
+        let region = unsafe {
+            agent.register(Region {
+                kind: MemKind::Host,
+                base: buf.as_mut_ptr() as u64,
+                len: bytes as u64,
+            })
+        }
+        .expect("register");
+        Local { agent, region, buf }
+    }
+
+    fn desc(&self, offset: u64, len: u64) -> Descriptor {
+        Descriptor {
+            region: self.region,
+            offset,
+            len,
+        }
+    }
+
+    fn wait(&self, id: u64) -> Result<u64, NetError> {
+        self.agent
+            .wait(id, Duration::from_secs(60))
+            .expect("transfer finishes in bounded time")
+            .result
+    }
+}
+
+#[test]
+fn reads_and_writes_are_bit_exact_with_notifications() {
+    let mut p = Peer::start("prefill", 32 << 20, 7, None);
+    let mut l = Local::new("decode", 32 << 20, None);
+    let name = l.agent.connect(p.addr).expect("handshake");
+    assert_eq!(name, "prefill");
+    // Scattered 256 KiB blocks, in a shuffled order.
+    let bs = 256 << 10;
+    let order: Vec<u64> = (0..64).map(|i| (i * 37) % 128).collect();
+    let local: Vec<_> = (0..64).map(|i| l.desc(i * bs, bs)).collect();
+    let remote: Vec<_> = order.iter().map(|&b| p.desc(b * bs, bs)).collect();
+    let id = l
+        .agent
+        .read(&local, "prefill", &remote, Some(b"req-1 done".to_vec()))
+        .expect("posted");
+    assert_eq!(l.wait(id).expect("read"), 64 * bs);
+    for (i, &b) in order.iter().enumerate() {
+        let got = &l.buf[(i as u64 * bs) as usize..((i as u64 + 1) * bs) as usize];
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(k, &x)| x == pattern(7, b * bs + k as u64)),
+            "block {i}"
+        );
+    }
+    assert_eq!(Peer::line(&mut p.out), "NOTIF decode req-1 done");
+
+    // Push: write our bytes into the peer, then read them back.
+    for (i, x) in l.buf.iter_mut().enumerate() {
+        *x = (i % 251) as u8;
+    }
+    let id = l
+        .agent
+        .write(
+            &[l.desc(0, 1 << 20)],
+            "prefill",
+            &[p.desc(5 << 20, 1 << 20)],
+            None,
+        )
+        .expect("posted");
+    l.wait(id).expect("write");
+    let id = l
+        .agent
+        .read(
+            &[l.desc(8 << 20, 1 << 20)],
+            "prefill",
+            &[p.desc(5 << 20, 1 << 20)],
+            None,
+        )
+        .expect("posted");
+    l.wait(id).expect("read back");
+    assert_eq!(l.buf[..1 << 20], l.buf[8 << 20..9 << 20]);
+
+    // Notifications both ways, outside transfers.
+    let line = p.command(&format!("connect {}", l.agent.listen_addr()));
+    assert_eq!(line, "CONNECTED decode");
+    assert_eq!(p.command("notify decode hello back"), "NOTIFIED");
+    let n = l.agent.wait_notifications(Duration::from_secs(5));
+    assert_eq!(
+        (n[0].from.as_str(), n[0].payload.as_slice()),
+        ("prefill", &b"hello back"[..])
+    );
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_gives_errors_and_other_peers_still_work() {
+    let mut doomed = Peer::start("doomed", 128 << 20, 1, None);
+    let good = Peer::start("good", 8 << 20, 2, None);
+    let l = Local::new("decode", 128 << 20, None);
+    l.agent.connect(doomed.addr).expect("handshake");
+    l.agent.connect(good.addr).expect("handshake");
+    let big = [l.desc(0, 128 << 20)];
+    let remote = [doomed.desc(0, 128 << 20)];
+    let ids: Vec<_> = (0..8)
+        .map(|_| l.agent.read(&big, "doomed", &remote, None).expect("posted"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(30));
+    doomed.child.kill().expect("kill");
+    let t = Instant::now();
+    let results: Vec<_> = ids.iter().map(|&id| l.wait(id)).collect();
+    assert!(
+        results.iter().any(|r| r.is_err()),
+        "transfers in flight when the peer died must fail"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "errors arrive in bounded time"
+    );
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(r, NetError::Io { .. } | NetError::Timeout { .. }),
+            "{r}"
+        );
+    }
+    let id = l
+        .agent
+        .read(&[l.desc(0, 4096)], "doomed", &[remote[0]], None);
+    if let Ok(id) = id {
+        assert!(l.wait(id).is_err(), "a dead peer cannot serve");
+    }
+    let id = l
+        .agent
+        .read(
+            &[l.desc(0, 8 << 20)],
+            "good",
+            &[good.desc(0, 8 << 20)],
+            None,
+        )
+        .expect("posted");
+    l.wait(id).expect("the other peer still serves");
+}
+
+#[test]
+fn descriptors_outside_exports_and_stale_regions_are_refused() {
+    let mut p = Peer::start("prefill", 1 << 20, 3, None);
+    let l = Local::new("decode", 1 << 20, None);
+    l.agent.connect(p.addr).expect("handshake");
+    // Caught before anything is sent.
+    let err = l
+        .agent
+        .read(
+            &[l.desc(0, 4096)],
+            "prefill",
+            &[p.desc((1 << 20) - 100, 4096)],
+            None,
+        )
+        .expect_err("outside");
+    assert!(matches!(err, NetError::Region(_)), "{err}");
+    let err = l
+        .agent
+        .read(&[l.desc(0, 4096)], "prefill", &[p.desc(0, 4000)], None)
+        .expect_err("unequal pair");
+    assert!(matches!(err, NetError::Descriptors(_)), "{err}");
+    assert!(matches!(
+        l.agent.read(&[], "nobody", &[], None),
+        Err(NetError::UnknownPeer(_))
+    ));
+    // The peer deregisters; our copy of its metadata is stale; the peer itself refuses.
+    assert_eq!(p.command("dereg"), "DEREG");
+    let id = l
+        .agent
+        .read(&[l.desc(0, 4096)], "prefill", &[p.desc(0, 4096)], None)
+        .expect("posted on stale metadata");
+    let err = l.wait(id).expect_err("stale region");
+    assert!(
+        matches!(&err, NetError::Remote { message, .. } if message.contains("not registered")),
+        "{err}"
+    );
+    // Writes into it are refused too, and the connection stays usable.
+    let id = l
+        .agent
+        .write(&[l.desc(0, 4096)], "prefill", &[p.desc(0, 4096)], None)
+        .expect("posted");
+    assert!(matches!(l.wait(id), Err(NetError::Remote { .. })));
+    l.agent
+        .notify("prefill", b"still here".to_vec())
+        .expect("connection still works");
+    assert_eq!(Peer::line(&mut p.out), "NOTIF decode still here");
+}
+
+/// A raw client speaking kvcore frames by hand, to send what a well-behaved agent never would.
+fn raw_handshake(
+    addr: SocketAddr,
+    name: &str,
+    version: u16,
+    token: Option<&[u8]>,
+) -> (TcpStream, Message) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let challenge = read_frame(&mut s);
+    let Message::Challenge(c) = challenge else {
+        panic!("expected a challenge")
+    };
+    let proof = token
+        .map(|t| Hello::proof(t, &c.nonce, name))
+        .unwrap_or_default();
+    s.write_all(
+        &Message::Hello(Hello {
+            name: name.into(),
+            protocol_version: version,
+            proof,
+        })
+        .encode(),
+    )
+    .expect("send");
+    let reply = read_frame(&mut s);
+    (s, reply)
+}
+
+fn read_frame(s: &mut TcpStream) -> Message {
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("frame header");
+    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    let mut rest = vec![0u8; len + 8];
+    s.read_exact(&mut rest).expect("frame body");
+    Message::decode(&[&head[..], &rest].concat()).expect("valid frame")
+}
+
+#[test]
+fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
+    let p = Peer::start("prefill", 1 << 20, 4, Some("s3cret"));
+    // Garbage, then a truncated frame: the peer drops those connections.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &Message::Hello(Hello {
+            name: "x".into(),
+            protocol_version: 1,
+            proof: vec![],
+        })
+        .encode()[..9],
+    ] {
+        let mut s = TcpStream::connect(p.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let _ = read_frame(&mut s); // the challenge
+        s.write_all(junk).expect("send");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(
+            r.is_ok() && rest.is_empty() || r.is_err(),
+            "nothing is served to a bad frame"
+        );
+    }
+    // Wrong protocol version: refused with a message naming both versions.
+    let (_, reply) = raw_handshake(p.addr, "old", 99, Some(b"s3cret"));
+    match reply {
+        Message::Completion(c) => assert!(format!("{c:?}").contains("99"), "{c:?}"),
+        m => panic!("expected a refusal, got {:?}", m.kind()),
+    }
+    // Wrong token and no token: refused.
+    for tok in [Some(&b"guess"[..]), None] {
+        let (_, reply) = raw_handshake(p.addr, "intruder", 1, tok);
+        assert!(
+            matches!(reply, Message::Completion(_)),
+            "refused: {:?}",
+            reply.kind()
+        );
+    }
+    let wrong = Local::new("decode", 4096, Some("guess"));
+    let err = wrong.agent.connect(p.addr).expect_err("wrong token");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    // A correctly authenticated raw client forging a descriptor outside the export.
+    let (mut s, reply) = raw_handshake(p.addr, "forger", 1, Some(b"s3cret"));
+    assert_eq!(reply.kind(), Kind::Metadata);
+    let Message::Metadata(md) = reply else {
+        unreachable!()
+    };
+    let mut mine = md.clone();
+    mine.name = "forger".into();
+    mine.regions.clear();
+    mine.caches.clear();
+    mine.endpoints.clear();
+    s.write_all(&Message::Metadata(mine).encode())
+        .expect("send");
+    let forged = TransferNotice {
+        transfer_id: 1,
+        op: Op::Read,
+        initiator: "forger".into(),
+        descriptors: vec![Descriptor {
+            region: p.region,
+            offset: p.bytes - 10,
+            len: 4096,
+        }],
+        notification: None,
+    };
+    s.write_all(&Message::Transfer(forged).encode())
+        .expect("send");
+    match read_frame(&mut s) {
+        Message::Completion(c) => assert!(format!("{c:?}").contains("runs past"), "{c:?}"),
+        m => panic!("expected a refusal, got {:?}", m.kind()),
+    }
+    // And the right token still works.
+    let ok = Local::new("decode", 1 << 20, Some("s3cret"));
+    ok.agent.connect(p.addr).expect("authenticated");
+    let id = ok
+        .agent
+        .read(
+            &[ok.desc(0, 1 << 20)],
+            "prefill",
+            &[p.desc(0, 1 << 20)],
+            None,
+        )
+        .expect("posted");
+    ok.wait(id).expect("served");
+    assert!(ok
+        .buf
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern(4, i as u64)));
+}
