@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvcore::wire::{
     AgentMetadata, Endpoint, ExportedCache, ExportedRegion, Message, Notification, Op,
-    PROTOCOL_VERSION,
+    TransportKey, PROTOCOL_VERSION,
 };
 use kvcore::{Descriptor, Region, RegionId, RegionTable, Resolved};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -18,6 +18,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::error::NetError;
 use crate::mem::UseCounts;
 use crate::tcp;
+use crate::ucx::{RmaOp, Ucx};
 
 /// Which transport carries transfers to a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,6 +79,8 @@ pub(crate) struct Peer {
     pub regions: RegionTable,
     pub tcp_addr: Option<SocketAddr>,
     pub conns: Arc<tcp::ConnPool>,
+    pub ucx_address: Option<Arc<Vec<u8>>>,
+    pub ucx_keys: HashMap<RegionId, Arc<Vec<u8>>>,
 }
 
 pub(crate) struct Shared {
@@ -94,24 +97,42 @@ pub(crate) struct Shared {
     pub notifications: Mutex<VecDeque<Notification>>,
     pub notif_cv: Condvar,
     pub listen: SocketAddr,
+    pub ucx_address: RwLock<Option<Vec<u8>>>,
+    pub ucx_keys: RwLock<HashMap<RegionId, Vec<u8>>>,
 }
 
 impl Shared {
     pub fn metadata(&self) -> AgentMetadata {
         let regions = self.regions.read();
+        let keys = self.ucx_keys.read();
+        let mut endpoints = vec![Endpoint {
+            transport: Transport::Tcp.name().into(),
+            address: self.listen.to_string().into_bytes(),
+        }];
+        if let Some(a) = self.ucx_address.read().as_ref() {
+            endpoints.push(Endpoint {
+                transport: Transport::Ucx.name().into(),
+                address: a.clone(),
+            });
+        }
         AgentMetadata {
             name: self.name.clone(),
             protocol_version: PROTOCOL_VERSION,
-            endpoints: vec![Endpoint {
-                transport: Transport::Tcp.name().into(),
-                address: self.listen.to_string().into_bytes(),
-            }],
+            endpoints,
             regions: regions
                 .iter()
                 .map(|(id, r)| ExportedRegion {
                     id,
                     region: *r,
-                    keys: vec![],
+                    keys: keys
+                        .get(&id)
+                        .map(|k| {
+                            vec![TransportKey {
+                                transport: Transport::Ucx.name().into(),
+                                key: k.clone(),
+                            }]
+                        })
+                        .unwrap_or_default(),
                 })
                 .collect(),
             caches: self.caches.read().clone(),
@@ -136,6 +157,22 @@ impl Shared {
             .iter()
             .find(|e| e.transport == Transport::Tcp.name())
             .and_then(|e| std::str::from_utf8(&e.address).ok()?.parse().ok());
+        let ucx_address = md
+            .endpoints
+            .iter()
+            .find(|e| e.transport == Transport::Ucx.name())
+            .map(|e| Arc::new(e.address.clone()));
+        let ucx_keys = md
+            .regions
+            .iter()
+            .filter_map(|r| {
+                let k = r
+                    .keys
+                    .iter()
+                    .find(|k| k.transport == Transport::Ucx.name())?;
+                Some((r.id, Arc::new(k.key.clone())))
+            })
+            .collect();
         let name = md.name.clone();
         let mut peers = self.peers.write();
         let conns = match peers.get(&name) {
@@ -150,6 +187,8 @@ impl Shared {
                 regions,
                 tcp_addr,
                 conns,
+                ucx_address,
+                ucx_keys,
             }),
         );
         Ok(name)
@@ -169,6 +208,8 @@ impl Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     rt: Option<tokio::runtime::Runtime>,
+    ucx: Option<Ucx>,
+    prefer_ucx: bool,
     next_id: AtomicU64,
 }
 
@@ -201,11 +242,35 @@ impl Agent {
             notifications: Mutex::new(VecDeque::new()),
             notif_cv: Condvar::new(),
             listen,
+            ucx_address: RwLock::new(None),
+            ucx_keys: RwLock::new(HashMap::new()),
         });
         rt.spawn(tcp::serve(shared.clone(), listener));
+        let pos = |t| cfg.transports.iter().position(|x| *x == t);
+        let ucx = match pos(Transport::Ucx) {
+            Some(_) => match Ucx::start(shared.clone()) {
+                Ok(u) => {
+                    log::info!("kvferry: UCX transport up ({})", u.library());
+                    *shared.ucx_address.write() = Some(u.address().to_vec());
+                    Some(u)
+                }
+                Err(e) => {
+                    log::warn!("kvferry: UCX unavailable ({e}); the TCP transport serves");
+                    None
+                }
+            },
+            None => None,
+        };
+        let prefer_ucx = match (pos(Transport::Ucx), pos(Transport::Tcp)) {
+            (Some(u), Some(t)) => u < t,
+            (Some(_), None) => true,
+            _ => false,
+        };
         Ok(Agent {
             shared,
             rt: Some(rt),
+            ucx,
+            prefer_ucx,
             next_id: AtomicU64::new(1),
         })
     }
@@ -226,7 +291,47 @@ impl Agent {
     /// until `deregister` returns Ok (or the agent is dropped), and while a transfer runs nothing
     /// else may write what it reads or touch what it writes.
     pub unsafe fn register(&self, region: Region) -> Result<RegionId, NetError> {
-        Ok(self.shared.regions.write().insert(region)?)
+        let id = self.shared.regions.write().insert(region)?;
+        if let Some(u) = &self.ucx {
+            match u.map(id, region.base, region.len) {
+                Ok(key) => {
+                    self.shared.ucx_keys.write().insert(id, key);
+                }
+                Err(e) => {
+                    self.shared.regions.write().remove(id)?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// The transports this agent runs ("tcp" always; "ucx" when libucp loaded), and the UCX
+    /// library in use.
+    pub fn transports(&self) -> Vec<Transport> {
+        let mut t = vec![Transport::Tcp];
+        if self.ucx.is_some() {
+            t.push(Transport::Ucx);
+        }
+        t
+    }
+
+    pub fn ucx_library(&self) -> Option<&str> {
+        self.ucx.as_ref().map(Ucx::library)
+    }
+
+    /// The transport transfers to `peer` would use now.
+    pub fn transport_for(&self, peer: &str) -> Option<Transport> {
+        let p = self.shared.peers.read().get(peer).cloned()?;
+        Some(if self.use_ucx(&p) {
+            Transport::Ucx
+        } else {
+            Transport::Tcp
+        })
+    }
+
+    fn use_ucx(&self, p: &Peer) -> bool {
+        (self.prefer_ucx || p.tcp_addr.is_none()) && self.ucx.is_some() && p.ucx_address.is_some()
     }
 
     /// Stops exporting a region; waits (up to the timeout) for transfers using it. After an
@@ -237,6 +342,10 @@ impl Agent {
         self.shared.caches.write().retain(|c| c.region != id);
         if !self.shared.uses.wait_idle(id, self.shared.timeout) {
             return Err(NetError::Busy(id.0));
+        }
+        if let Some(u) = &self.ucx {
+            u.unmap(id);
+            self.shared.ucx_keys.write().remove(&id);
         }
         Ok(r)
     }
@@ -300,6 +409,9 @@ impl Agent {
 
     pub fn forget_peer(&self, peer: &str) {
         self.shared.peers.write().remove(peer);
+        if let Some(u) = &self.ucx {
+            u.forget(peer);
+        }
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, NetError> {
@@ -364,6 +476,51 @@ impl Agent {
         let held = self.shared.uses.hold(local.iter().map(|d| d.region));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
+        if let (true, Some(u), Some(addr)) = (self.use_ucx(&p), &self.ucx, &p.ucx_address) {
+            let mut ops = Vec::with_capacity(local.len());
+            for (l, r) in resolved.iter().zip(remote) {
+                let key =
+                    p.ucx_keys
+                        .get(&r.region)
+                        .cloned()
+                        .ok_or_else(|| NetError::NoTransport {
+                            peer: peer.to_string(),
+                            offered: format!("no UCX key for region {}", r.region),
+                        })?;
+                // Resolved above, so the region exists and base + offset is in range.
+                let base = p.regions.get(r.region).map_or(0, |g| g.base);
+                ops.push(RmaOp {
+                    local: l.addr,
+                    remote: base + r.offset,
+                    len: l.len,
+                    key,
+                });
+            }
+            let bytes: u64 = ops.iter().map(|o| o.len).sum();
+            let deadline = Instant::now()
+                + self.shared.timeout
+                + Duration::from_secs_f64(bytes as f64 / 100e6);
+            let frame = notification.map(|payload| {
+                Message::Notification(Notification {
+                    from: self.shared.name.clone(),
+                    payload,
+                })
+                .encode()
+            });
+            u.transfer(
+                op,
+                peer.to_string(),
+                addr.clone(),
+                ops,
+                frame,
+                deadline,
+                Box::new(move |result| {
+                    drop(held);
+                    shared.finish(id, result);
+                }),
+            );
+            return Ok(id);
+        }
         let remote = remote.to_vec();
         self.runtime()?.spawn(async move {
             let result = tcp::transfer(&shared, &p, id, op, resolved, remote, notification).await;
@@ -409,6 +566,32 @@ impl Agent {
             .get(peer)
             .cloned()
             .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        if let (true, Some(u), Some(addr)) = (self.use_ucx(&p), &self.ucx, &p.ucx_address) {
+            let frame = Message::Notification(Notification {
+                from: self.shared.name.clone(),
+                payload,
+            })
+            .encode();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let limit = self.shared.timeout;
+            u.notify(
+                peer.to_string(),
+                addr.clone(),
+                frame,
+                Instant::now() + limit,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            return rx
+                .recv_timeout(limit + Duration::from_secs(3))
+                .map_err(|_| NetError::Timeout {
+                    op: "notify",
+                    peer: peer.to_string(),
+                    secs: limit.as_secs_f64(),
+                })?
+                .map(|_| ());
+        }
         let shared = self.shared.clone();
         self.runtime()?
             .block_on(async move { tcp::notify(&shared, &p, payload).await })
@@ -443,5 +626,7 @@ impl Drop for Agent {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+        // Cancels UCX operations in flight and frees the worker.
+        self.ucx = None;
     }
 }

@@ -32,3 +32,4 @@ mod tcp;
 pub use agent::{Agent, AgentConfig, TransferDone, TransferId, Transport};
 pub use error::NetError;
 pub use kvcore;
+pub(crate) mod ucx;

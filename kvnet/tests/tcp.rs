@@ -101,6 +101,7 @@ impl Local {
         let mut cfg = AgentConfig::new(name);
         cfg.token = token.map(str::to_string);
         cfg.timeout = Duration::from_secs(5);
+        cfg.transports = vec![kvnet::Transport::Tcp];
         let agent = Agent::new(cfg).expect("agent");
         let mut buf = vec![0u8; bytes];
         // SAFETY: `buf` is only read by the test after transfers complete, and the struct drops

@@ -2,7 +2,7 @@
 //! closes. Handy to test a node's network path, and the far side of kvnet's two-process tests.
 //!
 //! ```text
-//! kvferry-peer --name NAME [--bytes N] [--seed S] [--listen ADDR] [--token T]
+//! kvferry-peer --name NAME [--bytes N] [--seed S] [--listen ADDR] [--token T] [--transports ucx,tcp]
 //! stdout:  READY <listen addr> <region id> <bytes>
 //!          NOTIF <from> <payload as text>       (for every notification received)
 //! stdin:   dereg | connect <addr> | notify <peer> <text> | quit
@@ -12,7 +12,7 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use kvnet::kvcore::{MemKind, Region, RegionId};
-use kvnet::{Agent, AgentConfig};
+use kvnet::{Agent, AgentConfig, Transport};
 
 /// The byte at offset `i` of a buffer made with `seed`: both sides of a test compute it.
 fn pattern(seed: u64, i: u64) -> u8 {
@@ -33,6 +33,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut seed = 1u64;
     let mut cfg_listen = None;
     let mut token = None;
+    let mut transports = vec![Transport::Ucx, Transport::Tcp];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -42,6 +43,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--seed" => seed = val()?.parse()?,
             "--listen" => cfg_listen = Some(val()?.parse()?),
             "--token" => token = Some(val()?),
+            "--transports" => {
+                transports = val()?
+                    .split(',')
+                    .map(|t| match t {
+                        "tcp" => Ok(Transport::Tcp),
+                        "ucx" => Ok(Transport::Ucx),
+                        o => Err(format!("unknown transport {o}")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -50,6 +61,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         cfg.listen = l;
     }
     cfg.token = token;
+    cfg.transports = transports;
     let agent = Agent::new(cfg)?;
     let mut buf: Vec<u8> = (0..bytes).map(|i| pattern(seed, i)).collect();
     // SAFETY: `buf` lives until the end of this function, after `agent` is dropped, and this

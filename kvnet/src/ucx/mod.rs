@@ -1,0 +1,852 @@
+//! The UCX transport: one UCP context and worker per agent, owned by a dedicated thread that
+//! also drives progress. Exported regions are `ucp_mem_map`ped and their packed rkeys published
+//! in the metadata; transfers are lists of `ucp_get_nbx`/`ucp_put_nbx` operations (all
+//! outstanding at once) tracked to completion, then a flush, then — if asked — a notification as
+//! an eager active message. Endpoints use error mode PEER, so a dead peer fails the operations
+//! instead of hanging them; a transfer past its deadline force-closes its endpoint for the same
+//! effect. UCX's environment (`UCX_TLS`, `UCX_NET_DEVICES`, ...) applies as usual.
+//!
+//! libucp is loaded at run time: from `KVFERRY_UCX_LIB` (the library or its folder; e.g. the
+//! `libucx-cu12` wheel's `libucx/lib`), else the system's `libucp.so.0`.
+
+#[allow(clippy::all, clippy::pedantic)]
+mod sys;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvcore::wire::{Message, Op};
+use kvcore::RegionId;
+
+use crate::agent::Shared;
+use crate::error::NetError;
+use sys::*;
+
+/// Active-message id of notifications (NIXL uses 0 too).
+const AM_NOTIFY: u32 = 0;
+
+/// One RMA operation: local address, remote address, length, and which remote region's key.
+pub(crate) struct RmaOp {
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+    pub key: Arc<Vec<u8>>,
+}
+
+pub(crate) type Done = Box<dyn FnOnce(Result<u64, NetError>) + Send>;
+
+enum Cmd {
+    Map {
+        id: RegionId,
+        base: u64,
+        len: u64,
+        reply: Sender<Result<Vec<u8>, NetError>>,
+    },
+    Unmap {
+        id: RegionId,
+    },
+    Transfer {
+        op: Op,
+        peer: String,
+        address: Arc<Vec<u8>>,
+        ops: Vec<RmaOp>,
+        notification: Option<Vec<u8>>,
+        deadline: Instant,
+        done: Done,
+    },
+    Notify {
+        peer: String,
+        address: Arc<Vec<u8>>,
+        frame: Vec<u8>,
+        deadline: Instant,
+        done: Done,
+    },
+    Forget {
+        peer: String,
+    },
+}
+
+pub(crate) struct Ucx {
+    tx: Sender<Cmd>,
+    address: Vec<u8>,
+    library: String,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
+    // SAFETY: ucs_status_string returns a static C string for any status value.
+    unsafe {
+        let p = lib.ucs_status_string(s);
+        if p.is_null() {
+            return format!("UCS status {s}");
+        }
+        std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+fn zeroed<T: Copy>() -> T {
+    // SAFETY: only used for bindgen's plain C parameter structs, for which all-zero bytes are
+    // the documented "no fields set" value (null pointers, zero masks, `None` callbacks).
+    unsafe { std::mem::zeroed() }
+}
+
+/// `UCS_PTR_IS_ERR` / `UCS_PTR_STATUS`: small negative values encode an error status.
+fn ptr_status(p: ucs_status_ptr_t) -> Option<ucs_status_t> {
+    let v = p as isize;
+    (-100..0).contains(&v).then_some(v as ucs_status_t)
+}
+
+fn load() -> Result<(UcpLib, String), NetError> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(v) = std::env::var_os("KVFERRY_UCX_LIB") {
+        let p = PathBuf::from(v);
+        if p.is_dir() {
+            candidates.push(p.join("libucp.so"));
+            candidates.push(p.join("libucp.so.0"));
+        } else {
+            candidates.push(p);
+        }
+    }
+    candidates.push("libucp.so.0".into());
+    candidates.push("libucp.so".into());
+    let mut errors = Vec::new();
+    for c in candidates {
+        // SAFETY: loading libucp runs its initialisers, which only set up UCX's own state.
+        match unsafe { UcpLib::new(&c) } {
+            Ok(lib) => {
+                let missing: Vec<&str> = [
+                    ("ucp_init_version", lib.ucp_init_version.is_ok()),
+                    ("ucp_worker_create", lib.ucp_worker_create.is_ok()),
+                    ("ucp_get_nbx", lib.ucp_get_nbx.is_ok()),
+                    ("ucp_put_nbx", lib.ucp_put_nbx.is_ok()),
+                    ("ucp_am_send_nbx", lib.ucp_am_send_nbx.is_ok()),
+                    (
+                        "ucp_worker_set_am_recv_handler",
+                        lib.ucp_worker_set_am_recv_handler.is_ok(),
+                    ),
+                    ("ucp_ep_flush_nbx", lib.ucp_ep_flush_nbx.is_ok()),
+                    ("ucp_ep_close_nbx", lib.ucp_ep_close_nbx.is_ok()),
+                    ("ucp_mem_map", lib.ucp_mem_map.is_ok()),
+                    ("ucp_rkey_pack", lib.ucp_rkey_pack.is_ok()),
+                    ("ucp_ep_rkey_unpack", lib.ucp_ep_rkey_unpack.is_ok()),
+                    ("ucs_status_string", lib.ucs_status_string.is_ok()),
+                    ("ucp_config_read", lib.ucp_config_read.is_ok()),
+                    ("ucp_get_version", lib.ucp_get_version.is_ok()),
+                ]
+                .into_iter()
+                .filter(|(_, ok)| !ok)
+                .map(|(n, _)| n)
+                .collect();
+                if missing.is_empty() {
+                    return Ok((lib, c.display().to_string()));
+                }
+                errors.push(format!("{}: missing {}", c.display(), missing.join(", ")));
+            }
+            Err(e) => errors.push(format!("{}: {e}", c.display())),
+        }
+    }
+    Err(NetError::Unavailable(format!(
+        "no usable libucp found (set KVFERRY_UCX_LIB): {}",
+        errors.join("; ")
+    )))
+}
+
+impl Ucx {
+    /// Loads libucp, creates the context and worker on a new thread, returns once they work.
+    pub fn start(shared: Arc<Shared>) -> Result<Ucx, NetError> {
+        let (tx, rx) = channel();
+        let (ready_tx, ready_rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("kvferry-ucx".into())
+            .spawn(move || match Worker::new(shared) {
+                Ok((w, address, library)) => {
+                    let _ = ready_tx.send(Ok((address, library)));
+                    w.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| NetError::Unavailable(format!("cannot start the UCX thread: {e}")))?;
+        let (address, library) = ready_rx
+            .recv()
+            .map_err(|_| NetError::Unavailable("the UCX thread died while starting".into()))??;
+        Ok(Ucx {
+            tx,
+            address,
+            library,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn address(&self) -> &[u8] {
+        &self.address
+    }
+
+    /// Which libucp was loaded, and its version.
+    pub fn library(&self) -> &str {
+        &self.library
+    }
+
+    /// Maps a region for remote access; returns its packed rkey.
+    pub fn map(&self, id: RegionId, base: u64, len: u64) -> Result<Vec<u8>, NetError> {
+        let (reply, rx) = channel();
+        self.tx
+            .send(Cmd::Map {
+                id,
+                base,
+                len,
+                reply,
+            })
+            .map_err(|_| NetError::Shutdown)?;
+        rx.recv().map_err(|_| NetError::Shutdown)?
+    }
+
+    pub fn unmap(&self, id: RegionId) {
+        let _ = self.tx.send(Cmd::Unmap { id });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn transfer(
+        &self,
+        op: Op,
+        peer: String,
+        address: Arc<Vec<u8>>,
+        ops: Vec<RmaOp>,
+        notification: Option<Vec<u8>>,
+        deadline: Instant,
+        done: Done,
+    ) {
+        let cmd = Cmd::Transfer {
+            op,
+            peer,
+            address,
+            ops,
+            notification,
+            deadline,
+            done,
+        };
+        if let Err(std::sync::mpsc::SendError(Cmd::Transfer { done, .. })) = self.tx.send(cmd) {
+            done(Err(NetError::Shutdown));
+        }
+    }
+
+    pub fn notify(
+        &self,
+        peer: String,
+        address: Arc<Vec<u8>>,
+        frame: Vec<u8>,
+        deadline: Instant,
+        done: Done,
+    ) {
+        let cmd = Cmd::Notify {
+            peer,
+            address,
+            frame,
+            deadline,
+            done,
+        };
+        if let Err(std::sync::mpsc::SendError(Cmd::Notify { done, .. })) = self.tx.send(cmd) {
+            done(Err(NetError::Shutdown));
+        }
+    }
+
+    pub fn forget(&self, peer: &str) {
+        let _ = self.tx.send(Cmd::Forget {
+            peer: peer.to_string(),
+        });
+    }
+}
+
+impl Drop for Ucx {
+    fn drop(&mut self) {
+        // Closing the channel stops the thread, which cancels what is in flight and cleans up.
+        let (tx, _) = channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Endpoint {
+    ep: ucp_ep_h,
+    address: Arc<Vec<u8>>,
+    /// Set by UCX's error handler when the peer fails; boxed so its address is stable.
+    failed: Box<AtomicBool>,
+    rkeys: HashMap<Arc<Vec<u8>>, ucp_rkey_h>,
+}
+
+enum Stage {
+    Data,
+    Flush,
+    Notify,
+}
+
+struct Inflight {
+    peer: String,
+    reqs: Vec<*mut c_void>,
+    bytes: u64,
+    error: Option<String>,
+    stage: Stage,
+    notification: Option<Vec<u8>>,
+    deadline: Instant,
+    done: Option<Done>,
+    flush_after: bool,
+}
+
+struct Worker {
+    lib: UcpLib,
+    ctx: ucp_context_h,
+    worker: ucp_worker_h,
+    eps: HashMap<String, Endpoint>,
+    memh: HashMap<RegionId, ucp_mem_h>,
+    inflight: Vec<Inflight>,
+    /// Owned by the worker for the AM handler's lifetime.
+    sink: *mut Arc<Shared>,
+}
+
+unsafe extern "C" fn on_peer_error(arg: *mut c_void, _ep: ucp_ep_h, _status: ucs_status_t) {
+    if !arg.is_null() {
+        // SAFETY: `arg` is the endpoint's boxed flag, alive until the endpoint is destroyed.
+        unsafe { (*(arg as *const AtomicBool)).store(true, Ordering::Release) };
+    }
+}
+
+unsafe extern "C" fn on_notification(
+    arg: *mut c_void,
+    _header: *const c_void,
+    _header_len: usize,
+    data: *mut c_void,
+    len: usize,
+    param: *const ucp_am_recv_param_t,
+) -> ucs_status_t {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: UCX passes a valid parameter struct; with the DATA flag, `data..data+len` is the
+        // whole eager payload, valid during this call; `arg` is the worker's sink.
+        unsafe {
+            if arg.is_null()
+                || param.is_null()
+                || (*param).recv_attr & ucp_am_recv_attr_t_UCP_AM_RECV_ATTR_FLAG_DATA as u64 == 0
+            {
+                // Rendezvous payloads are never sent by kvferry for notifications: ignore.
+                return;
+            }
+            let bytes = std::slice::from_raw_parts(data as *const u8, len);
+            match Message::decode(bytes) {
+                Ok(Message::Notification(n)) => (*(arg as *const Arc<Shared>)).deliver(n),
+                Ok(_) => log::warn!("kvferry: UCX active message is not a notification"),
+                Err(e) => log::warn!("kvferry: dropping a malformed UCX notification: {e}"),
+            }
+        }
+    });
+    ucs_status_t_UCS_OK
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>) -> Result<(Worker, Vec<u8>, String), NetError> {
+        let (lib, path) = load()?;
+        let fail = |what: &str, s: ucs_status_t, lib: &UcpLib| {
+            NetError::Unavailable(format!("{what}: {}", status_str(lib, s)))
+        };
+        // SAFETY: plain UCP setup calls with valid out-pointers; every handle is checked.
+        unsafe {
+            let (mut maj, mut min, mut rel) = (0u32, 0u32, 0u32);
+            lib.ucp_get_version(&mut maj, &mut min, &mut rel);
+            let mut config: *mut ucp_config_t = ptr::null_mut();
+            let s = lib.ucp_config_read(ptr::null(), ptr::null(), &mut config);
+            if s != ucs_status_t_UCS_OK {
+                return Err(fail("ucp_config_read", s, &lib));
+            }
+            let mut params: ucp_params_t = zeroed();
+            params.field_mask = ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
+            params.features = (ucp_feature_UCP_FEATURE_RMA | ucp_feature_UCP_FEATURE_AM) as u64;
+            let mut ctx: ucp_context_h = ptr::null_mut();
+            let s = lib.ucp_init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &mut ctx);
+            lib.ucp_config_release(config);
+            if s != ucs_status_t_UCS_OK {
+                return Err(fail("ucp_init", s, &lib));
+            }
+            let mut wp: ucp_worker_params_t = zeroed();
+            wp.field_mask = ucp_worker_params_field_UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
+            wp.thread_mode = ucs_thread_mode_t_UCS_THREAD_MODE_SINGLE;
+            let mut worker: ucp_worker_h = ptr::null_mut();
+            let s = lib.ucp_worker_create(ctx, &wp, &mut worker);
+            if s != ucs_status_t_UCS_OK {
+                lib.ucp_cleanup(ctx);
+                return Err(fail("ucp_worker_create", s, &lib));
+            }
+            let sink = Box::into_raw(Box::new(shared));
+            let mut am: ucp_am_handler_param_t = zeroed();
+            am.field_mask = (ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ID
+                | ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_CB
+                | ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ARG)
+                as u64;
+            am.id = AM_NOTIFY;
+            am.cb = Some(on_notification);
+            am.arg = sink as *mut c_void;
+            let w = Worker {
+                lib,
+                ctx,
+                worker,
+                eps: HashMap::new(),
+                memh: HashMap::new(),
+                inflight: Vec::new(),
+                sink,
+            };
+            let s = w.lib.ucp_worker_set_am_recv_handler(worker, &am);
+            if s != ucs_status_t_UCS_OK {
+                return Err(fail("ucp_worker_set_am_recv_handler", s, &w.lib));
+            }
+            let mut addr: *mut ucp_address_t = ptr::null_mut();
+            let mut len = 0usize;
+            let s = w.lib.ucp_worker_get_address(worker, &mut addr, &mut len);
+            if s != ucs_status_t_UCS_OK {
+                return Err(fail("ucp_worker_get_address", s, &w.lib));
+            }
+            let address = std::slice::from_raw_parts(addr as *const u8, len).to_vec();
+            w.lib.ucp_worker_release_address(worker, addr);
+            Ok((w, address, format!("{path} (UCX {maj}.{min}.{rel})")))
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Cmd>) {
+        loop {
+            let busy = !self.inflight.is_empty();
+            let cmd = if busy {
+                match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                // Idle: wake for commands, and progress now and then for incoming notifications.
+                match rx.recv_timeout(Duration::from_micros(200)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if let Some(c) = cmd {
+                self.handle(c);
+            }
+            // SAFETY: the worker is ours and used only on this thread.
+            unsafe { while self.lib.ucp_worker_progress(self.worker) != 0 {} }
+            self.advance();
+        }
+        self.shutdown();
+    }
+
+    fn handle(&mut self, c: Cmd) {
+        match c {
+            Cmd::Map {
+                id,
+                base,
+                len,
+                reply,
+            } => {
+                let _ = reply.send(self.map(id, base, len));
+            }
+            Cmd::Unmap { id } => {
+                if let Some(m) = self.memh.remove(&id) {
+                    // SAFETY: the handle came from ucp_mem_map on this context.
+                    unsafe { self.lib.ucp_mem_unmap(self.ctx, m) };
+                }
+            }
+            Cmd::Transfer {
+                op,
+                peer,
+                address,
+                ops,
+                notification,
+                deadline,
+                done,
+            } => self.start(op, peer, address, ops, notification, deadline, done),
+            Cmd::Notify {
+                peer,
+                address,
+                frame,
+                deadline,
+                done,
+            } => self.start(
+                Op::Write,
+                peer,
+                address,
+                Vec::new(),
+                Some(frame),
+                deadline,
+                done,
+            ),
+            Cmd::Forget { peer } => self.close(&peer, false),
+        }
+    }
+
+    fn map(&mut self, id: RegionId, base: u64, len: u64) -> Result<Vec<u8>, NetError> {
+        // SAFETY: the agent registered `base..base+len` under its contract (valid until unmapped);
+        // the out-pointers are valid locals.
+        unsafe {
+            let mut p: ucp_mem_map_params_t = zeroed();
+            p.field_mask = (ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+                | ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH)
+                as u64;
+            p.address = base as *mut c_void;
+            p.length = len as usize;
+            let mut memh: ucp_mem_h = ptr::null_mut();
+            let s = self.lib.ucp_mem_map(self.ctx, &p, &mut memh);
+            if s != ucs_status_t_UCS_OK {
+                return Err(NetError::Unavailable(format!(
+                    "ucp_mem_map: {}",
+                    status_str(&self.lib, s)
+                )));
+            }
+            let mut buf: *mut c_void = ptr::null_mut();
+            let mut size = 0usize;
+            let s = self.lib.ucp_rkey_pack(self.ctx, memh, &mut buf, &mut size);
+            if s != ucs_status_t_UCS_OK {
+                self.lib.ucp_mem_unmap(self.ctx, memh);
+                return Err(NetError::Unavailable(format!(
+                    "ucp_rkey_pack: {}",
+                    status_str(&self.lib, s)
+                )));
+            }
+            let key = std::slice::from_raw_parts(buf as *const u8, size).to_vec();
+            self.lib.ucp_rkey_buffer_release(buf);
+            if let Some(old) = self.memh.insert(id, memh) {
+                self.lib.ucp_mem_unmap(self.ctx, old);
+            }
+            Ok(key)
+        }
+    }
+
+    fn rkey(lib: &UcpLib, e: &mut Endpoint, key: &Arc<Vec<u8>>) -> Result<ucp_rkey_h, String> {
+        if let Some(r) = e.rkeys.get(key) {
+            return Ok(*r);
+        }
+        let mut rk: ucp_rkey_h = ptr::null_mut();
+        // SAFETY: the key bytes came from the peer's metadata; UCX validates them while unpacking.
+        let s = unsafe { lib.ucp_ep_rkey_unpack(e.ep, key.as_ptr() as *const c_void, &mut rk) };
+        if s != ucs_status_t_UCS_OK {
+            return Err(format!("ucp_ep_rkey_unpack: {}", status_str(lib, s)));
+        }
+        e.rkeys.insert(key.clone(), rk);
+        Ok(rk)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        op: Op,
+        peer: String,
+        address: Arc<Vec<u8>>,
+        ops: Vec<RmaOp>,
+        notification: Option<Vec<u8>>,
+        deadline: Instant,
+        done: Done,
+    ) {
+        let mut t = Inflight {
+            peer: peer.clone(),
+            reqs: Vec::with_capacity(ops.len()),
+            bytes: ops.iter().map(|o| o.len).sum(),
+            error: None,
+            stage: Stage::Data,
+            flush_after: op == Op::Write || notification.is_some(),
+            notification,
+            deadline,
+            done: Some(done),
+        };
+        let lib = &self.lib;
+        let ep = match Self::endpoint_in(&mut self.eps, lib, self.worker, &peer, &address) {
+            Ok(e) => e,
+            Err(e) => {
+                t.error = Some(e);
+                self.inflight.push(t);
+                return;
+            }
+        };
+        let param: ucp_request_param_t = zeroed();
+        for o in ops {
+            let rk = match Self::rkey(lib, ep, &o.key) {
+                Ok(r) => r,
+                Err(e) => {
+                    t.error = Some(e);
+                    break;
+                }
+            };
+            // SAFETY: `o.local` lies in memory the agent holds in use for the whole transfer (the
+            // caller checked it against its region table); the remote range was bounds-checked
+            // against the peer's exported region; the request is polled to completion below.
+            let r = unsafe {
+                match op {
+                    Op::Read => lib.ucp_get_nbx(
+                        ep.ep,
+                        o.local as *mut c_void,
+                        o.len as usize,
+                        o.remote,
+                        rk,
+                        &param,
+                    ),
+                    Op::Write => lib.ucp_put_nbx(
+                        ep.ep,
+                        o.local as *const c_void,
+                        o.len as usize,
+                        o.remote,
+                        rk,
+                        &param,
+                    ),
+                }
+            };
+            if r.is_null() {
+                continue;
+            }
+            if let Some(s) = ptr_status(r) {
+                t.error = Some(format!(
+                    "{}: {}",
+                    if op == Op::Read {
+                        "ucp_get_nbx"
+                    } else {
+                        "ucp_put_nbx"
+                    },
+                    status_str(lib, s)
+                ));
+                break;
+            }
+            t.reqs.push(r);
+        }
+        self.inflight.push(t);
+    }
+
+    /// The endpoint to `peer`, created (or re-created when stale) from its worker address.
+    /// Takes the map, not `self`, so the library can be borrowed alongside.
+    fn endpoint_in<'a>(
+        eps: &'a mut HashMap<String, Endpoint>,
+        lib: &UcpLib,
+        worker: ucp_worker_h,
+        peer: &str,
+        address: &Arc<Vec<u8>>,
+    ) -> Result<&'a mut Endpoint, String> {
+        let stale = eps
+            .get(peer)
+            .is_some_and(|e| e.address != *address || e.failed.load(Ordering::Acquire));
+        if stale {
+            if let Some(e) = eps.remove(peer) {
+                Self::destroy(lib, worker, e, true);
+            }
+        }
+        if !eps.contains_key(peer) {
+            let failed = Box::new(AtomicBool::new(false));
+            // SAFETY: the address bytes are a worker address from the peer's (authenticated)
+            // metadata; the error-handler argument is the boxed flag kept with the endpoint.
+            let ep = unsafe {
+                let mut p: ucp_ep_params_t = zeroed();
+                p.field_mask = (ucp_ep_params_field_UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+                    | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+                    | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER)
+                    as u64;
+                p.address = address.as_ptr() as *const ucp_address_t;
+                p.err_mode = ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
+                p.err_handler.cb = Some(on_peer_error);
+                p.err_handler.arg = &*failed as *const AtomicBool as *mut c_void;
+                let mut ep: ucp_ep_h = ptr::null_mut();
+                let s = lib.ucp_ep_create(worker, &p, &mut ep);
+                if s != ucs_status_t_UCS_OK {
+                    return Err(format!("ucp_ep_create to {peer}: {}", status_str(lib, s)));
+                }
+                ep
+            };
+            eps.insert(
+                peer.to_string(),
+                Endpoint {
+                    ep,
+                    address: address.clone(),
+                    failed,
+                    rkeys: HashMap::new(),
+                },
+            );
+        }
+        eps.get_mut(peer)
+            .ok_or_else(|| "endpoint vanished".to_string())
+    }
+
+    /// Polls every transfer's requests and moves it through data → flush → notify → done.
+    fn advance(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.inflight.len() {
+            let lib = &self.lib;
+            let t = &mut self.inflight[i];
+            t.reqs.retain(|&r| {
+                // SAFETY: `r` is an outstanding request handle from an nbx call on our worker.
+                let s = unsafe { lib.ucp_request_check_status(r) };
+                if s == ucs_status_t_UCS_INPROGRESS {
+                    return true;
+                }
+                // SAFETY: completed, so ours to free.
+                unsafe { lib.ucp_request_free(r) };
+                if s != ucs_status_t_UCS_OK && t.error.is_none() {
+                    t.error = Some(status_str(lib, s));
+                }
+                false
+            });
+            if !t.reqs.is_empty() {
+                if now > t.deadline {
+                    // Cancel by force-closing the endpoint: UCX then fails the requests.
+                    let peer = t.peer.clone();
+                    if t.error.is_none() {
+                        t.error = Some("timed out".into());
+                    }
+                    self.close(&peer, true);
+                }
+                i += 1;
+                continue;
+            }
+            if t.error.is_none() {
+                let next = match t.stage {
+                    Stage::Data if t.flush_after => Some(Stage::Flush),
+                    Stage::Flush if t.notification.is_some() => Some(Stage::Notify),
+                    _ => None,
+                };
+                if let Some(stage) = next {
+                    let started = match stage {
+                        Stage::Flush => self.post_flush(i),
+                        _ => self.post_notify(i),
+                    };
+                    let t = &mut self.inflight[i];
+                    t.stage = stage;
+                    if let Err(e) = started {
+                        t.error = Some(e);
+                    } else {
+                        continue;
+                    }
+                }
+            }
+            let mut t = self.inflight.swap_remove(i);
+            let result = match t.error.take() {
+                None => Ok(t.bytes),
+                Some(e) if e == "timed out" => Err(NetError::Timeout {
+                    op: "UCX transfer",
+                    peer: t.peer.clone(),
+                    secs: 0.0,
+                }),
+                Some(e) => Err(NetError::Io {
+                    op: "UCX transfer",
+                    peer: t.peer.clone(),
+                    source: std::io::Error::other(e),
+                }),
+            };
+            if let Some(done) = t.done.take() {
+                done(result);
+            }
+        }
+    }
+
+    fn post_flush(&mut self, i: usize) -> Result<(), String> {
+        let peer = self.inflight[i].peer.clone();
+        let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
+        let param: ucp_request_param_t = zeroed();
+        // SAFETY: a live endpoint of our worker; the request is polled in `advance`.
+        let r = unsafe { self.lib.ucp_ep_flush_nbx(ep, &param) };
+        self.track(i, r, "ucp_ep_flush_nbx")
+    }
+
+    fn post_notify(&mut self, i: usize) -> Result<(), String> {
+        let peer = self.inflight[i].peer.clone();
+        let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
+        let frame = self.inflight[i].notification.take().unwrap_or_default();
+        let mut param: ucp_request_param_t = zeroed();
+        param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
+        param.flags = ucp_send_am_flags_UCP_AM_SEND_FLAG_EAGER;
+        // The payload must outlive the request: keep it with the transfer until completion.
+        let t = &mut self.inflight[i];
+        t.notification = Some(frame);
+        let data = t.notification.as_ref().map_or(ptr::null(), |f| f.as_ptr()) as *const c_void;
+        let len = t.notification.as_ref().map_or(0, Vec::len);
+        // SAFETY: `data..data+len` is owned by the in-flight entry until the request completes.
+        let r = unsafe {
+            self.lib
+                .ucp_am_send_nbx(ep, AM_NOTIFY, ptr::null(), 0, data, len, &param)
+        };
+        self.track(i, r, "ucp_am_send_nbx")
+    }
+
+    fn track(&mut self, i: usize, r: ucs_status_ptr_t, what: &str) -> Result<(), String> {
+        if r.is_null() {
+            return Ok(());
+        }
+        if let Some(s) = ptr_status(r) {
+            return Err(format!("{what}: {}", status_str(&self.lib, s)));
+        }
+        self.inflight[i].reqs.push(r);
+        Ok(())
+    }
+
+    fn close(&mut self, peer: &str, force: bool) {
+        if let Some(e) = self.eps.remove(peer) {
+            Self::destroy(&self.lib, self.worker, e, force);
+        }
+    }
+
+    fn destroy(lib: &UcpLib, worker: ucp_worker_h, e: Endpoint, force: bool) {
+        // SAFETY: the rkeys and endpoint belong to our worker; after a (forced) close request
+        // completes, UCX has failed every operation still on the endpoint.
+        unsafe {
+            for (_, rk) in e.rkeys {
+                lib.ucp_rkey_destroy(rk);
+            }
+            let mut param: ucp_request_param_t = zeroed();
+            if force {
+                param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
+                param.flags = ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
+            }
+            let r = lib.ucp_ep_close_nbx(e.ep, &param);
+            if !r.is_null() && ptr_status(r).is_none() {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while lib.ucp_request_check_status(r) == ucs_status_t_UCS_INPROGRESS
+                    && Instant::now() < deadline
+                {
+                    lib.ucp_worker_progress(worker);
+                }
+                if lib.ucp_request_check_status(r) != ucs_status_t_UCS_INPROGRESS {
+                    lib.ucp_request_free(r);
+                }
+            }
+        }
+        // The error flag may be written by UCX until the close completes; it lives until here.
+        drop(e.failed);
+    }
+
+    fn shutdown(mut self) {
+        let peers: Vec<String> = self.eps.keys().cloned().collect();
+        for p in peers {
+            self.close(&p, true);
+        }
+        // Let the cancelled requests complete, then report them.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.inflight.is_empty() && Instant::now() < deadline {
+            // SAFETY: our worker, on our thread.
+            unsafe { self.lib.ucp_worker_progress(self.worker) };
+            for t in &mut self.inflight {
+                if t.error.is_none() {
+                    t.error = Some("agent shut down".into());
+                }
+                t.flush_after = false;
+            }
+            self.advance();
+        }
+        // SAFETY: nothing references the memory handles, worker or context any more.
+        unsafe {
+            for (_, m) in self.memh.drain() {
+                self.lib.ucp_mem_unmap(self.ctx, m);
+            }
+            self.lib.ucp_worker_destroy(self.worker);
+            self.lib.ucp_cleanup(self.ctx);
+            drop(Box::from_raw(self.sink));
+        }
+    }
+}
