@@ -329,14 +329,16 @@ unsafe extern "C" fn on_notification(
     param: *const ucp_am_recv_param_t,
 ) -> ucs_status_t {
     let _ = std::panic::catch_unwind(|| {
-        // SAFETY: UCX passes a valid parameter struct; with the DATA flag, `data..data+len` is the
-        // whole eager payload, valid during this call; `arg` is the worker's sink.
+        // SAFETY: UCX passes a valid parameter struct; unless the RNDV flag is set, `data..+len`
+        // is the whole (eager) payload, valid during this call; `arg` is the worker's sink.
         unsafe {
+            let rndv = ucp_am_recv_attr_t_UCP_AM_RECV_ATTR_FLAG_RNDV as u64;
             if arg.is_null()
                 || param.is_null()
-                || (*param).recv_attr & ucp_am_recv_attr_t_UCP_AM_RECV_ATTR_FLAG_DATA as u64 == 0
+                || (*param).recv_attr & rndv != 0
+                || (data.is_null() && len > 0)
             {
-                // Rendezvous payloads are never sent by kvferry for notifications: ignore.
+                // kvferry sends notifications eagerly; a rendezvous descriptor is not data.
                 return;
             }
             let bytes = std::slice::from_raw_parts(data as *const u8, len);

@@ -1,0 +1,258 @@
+//! Two processes on loopback over UCX (shared memory / cma, and UCX's TCP transport), when a
+//! libucp can be loaded; the tests say so and skip otherwise.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
+use kvnet::{Agent, AgentConfig, NetError, Transport};
+
+fn pattern(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 56) as u8
+}
+
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+    addr: SocketAddr,
+    region: RegionId,
+}
+
+impl Peer {
+    fn start(name: &str, bytes: u64, seed: u64, tls: &str) -> Peer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry-peer"))
+            .args([
+                "--name",
+                name,
+                "--bytes",
+                &bytes.to_string(),
+                "--seed",
+                &seed.to_string(),
+                "--transports",
+                "ucx,tcp",
+            ])
+            .env("UCX_TLS", tls)
+            .env("UCX_NET_DEVICES", "lo")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("peer starts");
+        let stdin = child.stdin.take().expect("piped");
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("READY line");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w.first(), Some(&"READY"), "{line}");
+        Peer {
+            addr: w[1].parse().expect("addr"),
+            region: RegionId(w[2].parse().expect("id")),
+            child,
+            stdin,
+            out,
+        }
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.out.read_line(&mut s).expect("peer output");
+        s.trim().to_string()
+    }
+
+    fn desc(&self, offset: u64, len: u64) -> Descriptor {
+        Descriptor {
+            region: self.region,
+            offset,
+            len,
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn local(name: &str, bytes: usize) -> Option<(Agent, RegionId, Vec<u8>)> {
+    let mut cfg = AgentConfig::new(name);
+    cfg.transports = vec![Transport::Ucx];
+    cfg.timeout = Duration::from_secs(5);
+    let agent = Agent::new(cfg).expect("agent");
+    if agent.ucx_library().is_none() {
+        eprintln!(
+            "SKIP: no usable libucp on this machine (install libucx0 or set KVFERRY_UCX_LIB)"
+        );
+        return None;
+    }
+    let mut buf = vec![0u8; bytes];
+    // SAFETY: the buffer is returned alongside the agent; callers drop the agent first and read
+    // the buffer only after transfers complete.
+    let region = unsafe {
+        agent.register(Region {
+            kind: MemKind::Host,
+            base: buf.as_mut_ptr() as u64,
+            len: bytes as u64,
+        })
+    }
+    .expect("register");
+    Some((agent, region, buf))
+}
+
+/// UCX reads its settings from the environment when an agent starts: one test at a time.
+static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn round_trip(tls: &str) {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("UCX_TLS", tls);
+    std::env::set_var("UCX_NET_DEVICES", "lo");
+    let Some((agent, region, mut buf)) = local("decode", 16 << 20) else {
+        return;
+    };
+    let mut p = Peer::start("prefill", 16 << 20, 11, tls);
+    assert_eq!(agent.connect(p.addr).expect("handshake"), "prefill");
+    assert_eq!(agent.transport_for("prefill"), Some(Transport::Ucx));
+    let bs: u64 = 256 << 10;
+    let order: Vec<u64> = (0..32).map(|i| (i * 13) % 64).collect();
+    let l: Vec<_> = (0..32)
+        .map(|i| Descriptor {
+            region,
+            offset: i * bs,
+            len: bs,
+        })
+        .collect();
+    let r: Vec<_> = order.iter().map(|&b| p.desc(b * bs, bs)).collect();
+    let id = agent
+        .read(&l, "prefill", &r, Some(b"pulled".to_vec()))
+        .expect("posted");
+    let done = agent.wait(id, Duration::from_secs(30)).expect("completes");
+    assert_eq!(done.result.expect("read"), 32 * bs);
+    for (i, &b) in order.iter().enumerate() {
+        let got = &buf[(i as u64 * bs) as usize..((i as u64 + 1) * bs) as usize];
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(k, &x)| x == pattern(11, b * bs + k as u64)),
+            "{tls}: block {i}"
+        );
+    }
+    assert_eq!(p.line(), "NOTIF decode pulled");
+    // Push, then pull back.
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = (i % 253) as u8;
+    }
+    let id = agent
+        .write(
+            &[Descriptor {
+                region,
+                offset: 0,
+                len: 1 << 20,
+            }],
+            "prefill",
+            &[p.desc(4 << 20, 1 << 20)],
+            Some(b"pushed".to_vec()),
+        )
+        .expect("posted");
+    agent
+        .wait(id, Duration::from_secs(30))
+        .expect("completes")
+        .result
+        .expect("write");
+    assert_eq!(p.line(), "NOTIF decode pushed");
+    let id = agent
+        .read(
+            &[Descriptor {
+                region,
+                offset: 8 << 20,
+                len: 1 << 20,
+            }],
+            "prefill",
+            &[p.desc(4 << 20, 1 << 20)],
+            None,
+        )
+        .expect("posted");
+    agent
+        .wait(id, Duration::from_secs(30))
+        .expect("completes")
+        .result
+        .expect("read back");
+    assert_eq!(buf[..1 << 20], buf[8 << 20..9 << 20], "{tls}");
+    // The peer notifies us over UCX too.
+    writeln!(p.stdin, "connect {}", agent.listen_addr()).expect("cmd");
+    assert_eq!(p.line(), "CONNECTED decode");
+    writeln!(p.stdin, "notify decode over ucx").expect("cmd");
+    assert_eq!(p.line(), "NOTIFIED");
+    let n = agent.wait_notifications(Duration::from_secs(5));
+    assert_eq!(
+        n.first().map(|n| n.payload.as_slice()),
+        Some(&b"over ucx"[..])
+    );
+    drop(agent);
+    drop(buf);
+}
+
+#[test]
+fn shared_memory_round_trip_is_bit_exact() {
+    round_trip("sm,tcp,self");
+}
+
+#[test]
+fn ucx_tcp_round_trip_is_bit_exact() {
+    round_trip("tcp,self");
+}
+
+#[test]
+fn a_dead_ucx_peer_fails_transfers_in_bounded_time() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("UCX_TLS", "tcp,self");
+    std::env::set_var("UCX_NET_DEVICES", "lo");
+    let Some((agent, region, buf)) = local("decode", 64 << 20) else {
+        return;
+    };
+    let mut p = Peer::start("doomed", 64 << 20, 5, "tcp,self");
+    agent.connect(p.addr).expect("handshake");
+    let l = [Descriptor {
+        region,
+        offset: 0,
+        len: 64 << 20,
+    }];
+    let r = [p.desc(0, 64 << 20)];
+    let ids: Vec<_> = (0..6)
+        .map(|_| agent.read(&l, "doomed", &r, None).expect("posted"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    p.child.kill().expect("kill");
+    let t = Instant::now();
+    let results: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            agent
+                .wait(id, Duration::from_secs(60))
+                .expect("bounded")
+                .result
+        })
+        .collect();
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(
+        results.iter().any(|r| r.is_err()),
+        "transfers in flight at the kill fail"
+    );
+    let id = agent.read(&l, "doomed", &r, None).expect("posted");
+    let after = agent
+        .wait(id, Duration::from_secs(60))
+        .expect("bounded")
+        .result;
+    assert!(
+        matches!(
+            after,
+            Err(NetError::Io { .. }) | Err(NetError::Timeout { .. })
+        ),
+        "{after:?}"
+    );
+    drop(agent);
+    drop(buf);
+}
