@@ -347,6 +347,7 @@ impl Agent {
             u.unmap(id);
             self.shared.ucx_keys.write().remove(&id);
         }
+        self.publish();
         Ok(r)
     }
 
@@ -405,6 +406,22 @@ impl Agent {
             .read()
             .get(peer)
             .map(|p| p.metadata.clone())
+    }
+
+    /// Checks a loaded peer's exported KV caches against our geometry (all but the head count,
+    /// which differs between tensor-parallel sizes); the error names the field and both values.
+    pub fn check_peer_geometry(&self, peer: &str, ours: &kvcore::Geometry) -> Result<(), NetError> {
+        let p = self
+            .shared
+            .peers
+            .read()
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        for c in &p.metadata.caches {
+            ours.check_same_except_heads(c.layout.geometry())?;
+        }
+        Ok(())
     }
 
     pub fn forget_peer(&self, peer: &str) {
@@ -528,6 +545,25 @@ impl Agent {
             shared.finish(id, result);
         });
         Ok(id)
+    }
+
+    /// Sends our metadata to every loaded peer that can be reached over TCP. One-sided
+    /// transports (UCX RMA) never ask the target, so after a deregistration this is what makes
+    /// peers refuse the stale region; a transfer posted before the update lands may still run.
+    pub fn publish(&self) {
+        let peers: Vec<Arc<Peer>> = self.shared.peers.read().values().cloned().collect();
+        let Ok(rt) = self.runtime() else { return };
+        let shared = self.shared.clone();
+        rt.block_on(async move {
+            for p in peers {
+                if let Err(e) = tcp::publish(&shared, &p).await {
+                    log::warn!(
+                        "kvferry: cannot update {} about our exports: {e}",
+                        p.metadata.name
+                    );
+                }
+            }
+        });
     }
 
     /// Completed transfers, oldest first.

@@ -315,6 +315,22 @@ async fn part(
     Ok(())
 }
 
+/// Sends our current metadata to a peer, so it stops using regions we no longer export.
+pub(crate) async fn publish(shared: &Shared, p: &Peer) -> Result<(), NetError> {
+    let mut c = conn_for(shared, p).await?;
+    let peer = c.peer.clone();
+    let m = Message::Metadata(shared.metadata());
+    step(
+        shared.timeout,
+        "publish metadata",
+        &peer,
+        write_message(&mut c.stream, &peer, &m),
+    )
+    .await?;
+    p.conns.put(c);
+    Ok(())
+}
+
 pub(crate) async fn notify(shared: &Shared, p: &Peer, payload: Vec<u8>) -> Result<(), NetError> {
     let mut c = conn_for(shared, p).await?;
     let peer = c.peer.clone();
@@ -454,6 +470,10 @@ async fn serve_conn(
                 payload: n.payload,
             }),
             Message::Abort(_) => {}
+            // A peer re-publishes its metadata when its exports change (deregistration).
+            Message::Metadata(md) if md.name == peer => {
+                shared.load(md)?;
+            }
             _ => {
                 return Err(NetError::Unexpected {
                     peer,

@@ -270,8 +270,29 @@ fn descriptors_outside_exports_and_stale_regions_are_refused() {
         l.agent.read(&[], "nobody", &[], None),
         Err(NetError::UnknownPeer(_))
     ));
-    // The peer deregisters; our copy of its metadata is stale; the peer itself refuses.
+    // The peer deregisters and re-publishes its metadata: we then refuse the region ourselves.
+    let stale = l.agent.peer_metadata("prefill").expect("loaded");
     assert_eq!(p.command("dereg"), "DEREG");
+    let t = Instant::now();
+    while l
+        .agent
+        .peer_metadata("prefill")
+        .is_some_and(|m| !m.regions.is_empty())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the peer's update arrives"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = l
+        .agent
+        .read(&[l.desc(0, 4096)], "prefill", &[p.desc(0, 4096)], None);
+    assert!(matches!(err, Err(NetError::Region(_))), "{err:?}");
+    // A stale view (an update still in flight): the peer itself refuses reads and writes.
+    l.agent
+        .load_remote(&Message::Metadata(stale).encode())
+        .expect("old metadata loads");
     let id = l
         .agent
         .read(&[l.desc(0, 4096)], "prefill", &[p.desc(0, 4096)], None)
@@ -281,7 +302,6 @@ fn descriptors_outside_exports_and_stale_regions_are_refused() {
         matches!(&err, NetError::Remote { message, .. } if message.contains("not registered")),
         "{err}"
     );
-    // Writes into it are refused too, and the connection stays usable.
     let id = l
         .agent
         .write(&[l.desc(0, 4096)], "prefill", &[p.desc(0, 4096)], None)
