@@ -1,6 +1,7 @@
 //! kvferry-bench: measures kvferry's paths next to the physical limit measured in the same run.
 
 mod limits;
+mod net_cmd;
 mod plan_cmd;
 mod report;
 mod tier_cmd;
@@ -23,6 +24,8 @@ enum Cmd {
     Plan(plan_cmd::PlanArgs),
     /// Tier bandwidth: G1(host)<->G2 against memcpy, G2<->G3 against fio.
     Tier(tier_cmd::TierArgs),
+    /// Network bandwidth and latency between two agents on loopback, against ucx_perftest.
+    Net(net_cmd::NetArgs),
 }
 
 fn main() {
@@ -30,6 +33,7 @@ fn main() {
     let rows = match &cli.cmd {
         Cmd::Plan(a) => plan_cmd::run(a),
         Cmd::Tier(a) => tier_cmd::run(a),
+        Cmd::Net(a) => net_cmd::run(a),
     };
     match rows {
         Ok(rows) => report::print(&rows, cli.json),

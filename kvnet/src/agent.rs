@@ -49,6 +49,10 @@ pub struct AgentConfig {
     pub connections_per_peer: usize,
     /// Transports in order of preference; the first both sides offer is used.
     pub transports: Vec<Transport>,
+    /// UCX endpoints with error mode PEER: a dead peer fails transfers at once. Without it UCX
+    /// may use transports that cannot detect failures (shared memory in UCX < 1.16), which are
+    /// faster; a dead peer then surfaces at the transfer's deadline instead.
+    pub ucx_peer_errors: bool,
 }
 
 impl AgentConfig {
@@ -60,6 +64,7 @@ impl AgentConfig {
             timeout: Duration::from_secs(10),
             connections_per_peer: 4,
             transports: vec![Transport::Ucx, Transport::Tcp],
+            ucx_peer_errors: true,
         }
     }
 }
@@ -248,7 +253,7 @@ impl Agent {
         rt.spawn(tcp::serve(shared.clone(), listener));
         let pos = |t| cfg.transports.iter().position(|x| *x == t);
         let ucx = match pos(Transport::Ucx) {
-            Some(_) => match Ucx::start(shared.clone()) {
+            Some(_) => match Ucx::start(shared.clone(), cfg.ucx_peer_errors) {
                 Ok(u) => {
                     log::info!("kvferry: UCX transport up ({})", u.library());
                     *shared.ucx_address.write() = Some(u.address().to_vec());

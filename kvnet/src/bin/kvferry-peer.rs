@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! kvferry-peer --name NAME [--bytes N] [--seed S] [--listen ADDR] [--token T] [--transports ucx,tcp]
+//!              [--ucx-no-peer-errors]
 //! stdout:  READY <listen addr> <region id> <bytes>
 //!          NOTIF <from> <payload as text>       (for every notification received)
 //! stdin:   dereg | connect <addr> | notify <peer> <text> | quit
@@ -33,6 +34,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut seed = 1u64;
     let mut cfg_listen = None;
     let mut token = None;
+    let mut peer_errors = true;
     let mut transports = vec![Transport::Ucx, Transport::Tcp];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -43,6 +45,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--seed" => seed = val()?.parse()?,
             "--listen" => cfg_listen = Some(val()?.parse()?),
             "--token" => token = Some(val()?),
+            "--ucx-no-peer-errors" => peer_errors = false,
             "--transports" => {
                 transports = val()?
                     .split(',')
@@ -62,6 +65,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     cfg.token = token;
     cfg.transports = transports;
+    cfg.ucx_peer_errors = peer_errors;
     let agent = Agent::new(cfg)?;
     let mut buf: Vec<u8> = (0..bytes).map(|i| pattern(seed, i)).collect();
     // SAFETY: `buf` lives until the end of this function, after `agent` is dropped, and this

@@ -17,7 +17,7 @@ use std::ffi::c_void;
 use std::path::PathBuf;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -78,6 +78,10 @@ pub(crate) struct Ucx {
     address: Vec<u8>,
     library: String,
     thread: Option<JoinHandle<()>>,
+    lib: Arc<UcpLib>,
+    /// The worker handle, for `ucp_worker_signal` (thread-safe) from callers' threads.
+    worker: usize,
+    stop: Arc<AtomicBool>,
 }
 
 fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
@@ -160,22 +164,24 @@ fn load() -> Result<(UcpLib, String), NetError> {
 
 impl Ucx {
     /// Loads libucp, creates the context and worker on a new thread, returns once they work.
-    pub fn start(shared: Arc<Shared>) -> Result<Ucx, NetError> {
+    pub fn start(shared: Arc<Shared>, peer_errors: bool) -> Result<Ucx, NetError> {
         let (tx, rx) = channel();
         let (ready_tx, ready_rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_w = stop.clone();
         let thread = std::thread::Builder::new()
             .name("kvferry-ucx".into())
-            .spawn(move || match Worker::new(shared) {
+            .spawn(move || match Worker::new(shared, peer_errors) {
                 Ok((w, address, library)) => {
-                    let _ = ready_tx.send(Ok((address, library)));
-                    w.run(rx);
+                    let _ = ready_tx.send(Ok((address, library, w.lib.clone(), w.worker as usize)));
+                    w.run(rx, &stop_w);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                 }
             })
             .map_err(|e| NetError::Unavailable(format!("cannot start the UCX thread: {e}")))?;
-        let (address, library) = ready_rx
+        let (address, library, lib, worker) = ready_rx
             .recv()
             .map_err(|_| NetError::Unavailable("the UCX thread died while starting".into()))??;
         Ok(Ucx {
@@ -183,7 +189,19 @@ impl Ucx {
             address,
             library,
             thread: Some(thread),
+            lib,
+            worker,
+            stop,
         })
+    }
+
+    /// Sends a command and wakes the worker thread if it sleeps on the worker's event fd.
+    fn send(&self, c: Cmd) -> Result<(), std::sync::mpsc::SendError<Cmd>> {
+        self.tx.send(c)?;
+        // SAFETY: the worker lives until this Ucx drops (the thread destroys it only after
+        // `stop`, which is set in Drop after the last signal); ucp_worker_signal is thread-safe.
+        unsafe { self.lib.ucp_worker_signal(self.worker as ucp_worker_h) };
+        Ok(())
     }
 
     pub fn address(&self) -> &[u8] {
@@ -198,19 +216,18 @@ impl Ucx {
     /// Maps a region for remote access; returns its packed rkey.
     pub fn map(&self, id: RegionId, base: u64, len: u64) -> Result<Vec<u8>, NetError> {
         let (reply, rx) = channel();
-        self.tx
-            .send(Cmd::Map {
-                id,
-                base,
-                len,
-                reply,
-            })
-            .map_err(|_| NetError::Shutdown)?;
+        self.send(Cmd::Map {
+            id,
+            base,
+            len,
+            reply,
+        })
+        .map_err(|_| NetError::Shutdown)?;
         rx.recv().map_err(|_| NetError::Shutdown)?
     }
 
     pub fn unmap(&self, id: RegionId) {
-        let _ = self.tx.send(Cmd::Unmap { id });
+        let _ = self.send(Cmd::Unmap { id });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -233,7 +250,7 @@ impl Ucx {
             deadline,
             done,
         };
-        if let Err(std::sync::mpsc::SendError(Cmd::Transfer { done, .. })) = self.tx.send(cmd) {
+        if let Err(std::sync::mpsc::SendError(Cmd::Transfer { done, .. })) = self.send(cmd) {
             done(Err(NetError::Shutdown));
         }
     }
@@ -253,13 +270,13 @@ impl Ucx {
             deadline,
             done,
         };
-        if let Err(std::sync::mpsc::SendError(Cmd::Notify { done, .. })) = self.tx.send(cmd) {
+        if let Err(std::sync::mpsc::SendError(Cmd::Notify { done, .. })) = self.send(cmd) {
             done(Err(NetError::Shutdown));
         }
     }
 
     pub fn forget(&self, peer: &str) {
-        let _ = self.tx.send(Cmd::Forget {
+        let _ = self.send(Cmd::Forget {
             peer: peer.to_string(),
         });
     }
@@ -267,9 +284,11 @@ impl Ucx {
 
 impl Drop for Ucx {
     fn drop(&mut self) {
-        // Closing the channel stops the thread, which cancels what is in flight and cleans up.
-        let (tx, _) = channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        // Wake the thread (the worker is alive until it sees `stop`), then stop it: it cancels
+        // what is in flight and cleans up.
+        // SAFETY: as in `send`: `stop` is not yet set, so the worker still exists.
+        unsafe { self.lib.ucp_worker_signal(self.worker as ucp_worker_h) };
+        self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -303,7 +322,11 @@ struct Inflight {
 }
 
 struct Worker {
-    lib: UcpLib,
+    lib: Arc<UcpLib>,
+    /// Error mode PEER on endpoints (fast failure on a dead peer; excludes transports without
+    /// failure detection, such as shared memory in older UCX).
+    peer_errors: bool,
+    efd: i32,
     ctx: ucp_context_h,
     worker: ucp_worker_h,
     eps: HashMap<String, Endpoint>,
@@ -353,7 +376,7 @@ unsafe extern "C" fn on_notification(
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>) -> Result<(Worker, Vec<u8>, String), NetError> {
+    fn new(shared: Arc<Shared>, peer_errors: bool) -> Result<(Worker, Vec<u8>, String), NetError> {
         let (lib, path) = load()?;
         let fail = |what: &str, s: ucs_status_t, lib: &UcpLib| {
             NetError::Unavailable(format!("{what}: {}", status_str(lib, s)))
@@ -369,7 +392,9 @@ impl Worker {
             }
             let mut params: ucp_params_t = zeroed();
             params.field_mask = ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
-            params.features = (ucp_feature_UCP_FEATURE_RMA | ucp_feature_UCP_FEATURE_AM) as u64;
+            params.features = (ucp_feature_UCP_FEATURE_RMA
+                | ucp_feature_UCP_FEATURE_AM
+                | ucp_feature_UCP_FEATURE_WAKEUP) as u64;
             let mut ctx: ucp_context_h = ptr::null_mut();
             let s = lib.ucp_init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &mut ctx);
             lib.ucp_config_release(config);
@@ -394,8 +419,17 @@ impl Worker {
             am.id = AM_NOTIFY;
             am.cb = Some(on_notification);
             am.arg = sink as *mut c_void;
+            let mut efd = -1;
+            let s = lib.ucp_worker_get_efd(worker, &mut efd);
+            if s != ucs_status_t_UCS_OK {
+                lib.ucp_worker_destroy(worker);
+                lib.ucp_cleanup(ctx);
+                return Err(fail("ucp_worker_get_efd", s, &lib));
+            }
             let w = Worker {
-                lib,
+                lib: Arc::new(lib),
+                peer_errors,
+                efd,
                 ctx,
                 worker,
                 eps: HashMap::new(),
@@ -419,29 +453,37 @@ impl Worker {
         }
     }
 
-    fn run(mut self, rx: Receiver<Cmd>) {
-        loop {
-            let busy = !self.inflight.is_empty();
-            let cmd = if busy {
+    fn run(mut self, rx: Receiver<Cmd>, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            loop {
                 match rx.try_recv() {
-                    Ok(c) => Some(c),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                    Ok(c) => self.handle(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.shutdown();
+                        return;
+                    }
                 }
-            } else {
-                // Idle: wake for commands, and progress now and then for incoming notifications.
-                match rx.recv_timeout(Duration::from_micros(200)) {
-                    Ok(c) => Some(c),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            };
-            if let Some(c) = cmd {
-                self.handle(c);
             }
-            // SAFETY: the worker is ours and used only on this thread.
+            // SAFETY: the worker is ours and used only on this thread (signal aside).
             unsafe { while self.lib.ucp_worker_progress(self.worker) != 0 {} }
             self.advance();
+            if !self.inflight.is_empty() {
+                continue;
+            }
+            // Idle: sleep on the worker's event fd; network events and `ucp_worker_signal`
+            // (sent with every command) wake it. Arm fails with BUSY while events are pending.
+            // SAFETY: our worker; `efd` belongs to it.
+            unsafe {
+                if self.lib.ucp_worker_arm(self.worker) == ucs_status_t_UCS_OK {
+                    let mut fds = libc::pollfd {
+                        fd: self.efd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    libc::poll(&mut fds, 1, 100);
+                }
+            }
         }
         self.shutdown();
     }
@@ -564,7 +606,14 @@ impl Worker {
             done: Some(done),
         };
         let lib = &self.lib;
-        let ep = match Self::endpoint_in(&mut self.eps, lib, self.worker, &peer, &address) {
+        let ep = match Self::endpoint_in(
+            &mut self.eps,
+            lib,
+            self.worker,
+            self.peer_errors,
+            &peer,
+            &address,
+        ) {
             Ok(e) => e,
             Err(e) => {
                 t.error = Some(e);
@@ -630,6 +679,7 @@ impl Worker {
         eps: &'a mut HashMap<String, Endpoint>,
         lib: &UcpLib,
         worker: ucp_worker_h,
+        peer_errors: bool,
         peer: &str,
         address: &Arc<Vec<u8>>,
     ) -> Result<&'a mut Endpoint, String> {
@@ -652,7 +702,11 @@ impl Worker {
                     | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER)
                     as u64;
                 p.address = address.as_ptr() as *const ucp_address_t;
-                p.err_mode = ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
+                p.err_mode = if peer_errors {
+                    ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER
+                } else {
+                    ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_NONE
+                };
                 p.err_handler.cb = Some(on_peer_error);
                 p.err_handler.arg = &*failed as *const AtomicBool as *mut c_void;
                 let mut ep: ucp_ep_h = ptr::null_mut();

@@ -1,0 +1,323 @@
+//! `kvferry-bench net`: READ and WRITE bandwidth between two agents on loopback, per transport,
+//! block size and batch, and small-transfer latency; each next to `ucx_perftest` measured in the
+//! same run on the same UCX transport (the TCP backend is compared with UCX's own TCP transport).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use kvferry::kvcore::{Descriptor, MemKind, Region, RegionId};
+use kvferry::kvnet::{Agent, AgentConfig, Transport};
+
+use crate::report::{Row, Value};
+
+#[derive(Args, Debug)]
+pub struct NetArgs {
+    /// Transports to measure: tcp (kvferry's TCP backend), ucx (UCX with its environment).
+    #[arg(long, value_delimiter = ',', default_values_t = ["tcp".to_string(), "ucx".to_string()])]
+    transports: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values_t = [4u64, 64, 256, 2048, 4096])]
+    block_kib: Vec<u64>,
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 16, 256, 1024])]
+    batch: Vec<u32>,
+    /// Cap on the bytes one transfer moves (the batch shrinks to fit).
+    #[arg(long, default_value_t = 256)]
+    max_mib: u64,
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Skip the ucx_perftest limits.
+    #[arg(long)]
+    no_limit: bool,
+    /// UCX endpoints without error mode PEER (faster transports, slower failure detection).
+    #[arg(long)]
+    ucx_no_peer_errors: bool,
+}
+
+struct Pair {
+    init: Agent,
+    target: Agent,
+    local: RegionId,
+    remote: RegionId,
+    _bufs: (Vec<u8>, Vec<u8>),
+}
+
+fn pair(t: Transport, bytes: u64, peer_errors: bool) -> Result<Pair, String> {
+    let cfg = |name: &str| {
+        let mut c = AgentConfig::new(name);
+        c.transports = vec![t];
+        c.timeout = Duration::from_secs(30);
+        c.ucx_peer_errors = peer_errors;
+        c
+    };
+    let init = Agent::new(cfg("bench-initiator")).map_err(|e| e.to_string())?;
+    let target = Agent::new(cfg("bench-target")).map_err(|e| e.to_string())?;
+    if t == Transport::Ucx && init.ucx_library().is_none() {
+        return Err("UCX is not available here (install libucx0 or set KVFERRY_UCX_LIB)".into());
+    }
+    let mut a = vec![1u8; bytes as usize];
+    let mut b = vec![2u8; bytes as usize];
+    let reg = |agent: &Agent, buf: &mut Vec<u8>| {
+        // SAFETY: the buffers live in the returned Pair next to the agents, which are dropped
+        // first (field order), and are not touched while transfers run.
+        unsafe {
+            agent.register(Region {
+                kind: MemKind::Host,
+                base: buf.as_mut_ptr() as u64,
+                len: buf.len() as u64,
+            })
+        }
+        .map_err(|e| e.to_string())
+    };
+    let local = reg(&init, &mut a)?;
+    let remote = reg(&target, &mut b)?;
+    init.connect(target.listen_addr())
+        .map_err(|e| e.to_string())?;
+    Ok(Pair {
+        init,
+        target,
+        local,
+        remote,
+        _bufs: (a, b),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of one transfer of `batch` blocks of `block` bytes (scattered on the target).
+fn time_transfer(
+    p: &Pair,
+    read: bool,
+    block: u64,
+    batch: u32,
+    repeat: usize,
+) -> Result<f64, String> {
+    let n = u64::from(batch);
+    let local: Vec<Descriptor> = (0..n)
+        .map(|i| Descriptor {
+            region: p.local,
+            offset: i * block,
+            len: block,
+        })
+        .collect();
+    let remote: Vec<Descriptor> = (0..n)
+        .map(|i| Descriptor {
+            region: p.remote,
+            offset: ((i * 7) % n) * block,
+            len: block,
+        })
+        .collect();
+    let mut times = Vec::new();
+    for rep in 0..=repeat {
+        let t = Instant::now();
+        let id = if read {
+            p.init.read(&local, "bench-target", &remote, None)
+        } else {
+            p.init.write(&local, "bench-target", &remote, None)
+        }
+        .map_err(|e| e.to_string())?;
+        let done = p
+            .init
+            .wait(id, Duration::from_secs(120))
+            .ok_or("transfer timed out")?;
+        done.result.map_err(|e| e.to_string())?;
+        if rep > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let _ = &p.target;
+    Ok(median(times))
+}
+
+struct Perftest {
+    server: Child,
+}
+
+impl Drop for Perftest {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// `ucx_perftest` on loopback with the same UCX environment: overall bandwidth in GB/s and
+/// median latency in µs of `test` at message size `size`.
+fn perftest(
+    test: &str,
+    size: u64,
+    iters: u64,
+    tls: Option<&str>,
+    peer_errors: bool,
+) -> Result<(f64, f64), String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port()
+        .to_string();
+    let env = |c: &mut Command| {
+        if let Some(t) = tls {
+            c.env("UCX_TLS", t);
+        }
+        if std::env::var_os("UCX_NET_DEVICES").is_none() {
+            c.env("UCX_NET_DEVICES", "lo");
+        }
+    };
+    let mut server = Command::new("ucx_perftest");
+    server
+        .args(["-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // `-e`: endpoints with error handling, as kvferry's agents use by default.
+    if peer_errors {
+        server.arg("-e");
+    }
+    env(&mut server);
+    let _server = Perftest {
+        server: server.spawn().map_err(|e| format!("ucx_perftest: {e}"))?,
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = Command::new("ucx_perftest");
+    client.args([
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        test,
+        "-s",
+        &size.to_string(),
+        "-n",
+        &iters.to_string(),
+    ]);
+    if peer_errors {
+        client.arg("-e");
+    }
+    env(&mut client);
+    let out = client.output().map_err(|e| format!("ucx_perftest: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fin = text
+        .lines()
+        .find(|l| l.starts_with("Final:"))
+        .ok_or_else(|| {
+            format!(
+                "ucx_perftest printed no result: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let f: Vec<f64> = fin
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if f.len() < 6 {
+        return Err(format!("cannot read ucx_perftest's line: {fin}"));
+    }
+    // Columns: iterations, p50 latency, avg latency, overall latency (µs), avg BW, overall BW (MB/s,
+    // 2^20 bytes), message rates.
+    Ok((f[5] * 1048576.0 / 1e9, f[1]))
+}
+
+pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
+    let perftest_ok = !a.no_limit && Command::new("ucx_perftest").arg("-h").output().is_ok();
+    if !a.no_limit && !perftest_ok {
+        eprintln!("net: ucx_perftest is not installed (package ucx-utils): rows have no limit");
+    }
+    let mut rows = Vec::new();
+    for tname in &a.transports {
+        let t = match tname.as_str() {
+            "tcp" => Transport::Tcp,
+            "ucx" => Transport::Ucx,
+            o => return Err(format!("unknown transport {o}")),
+        };
+        let pe = !a.ucx_no_peer_errors;
+        // The TCP backend is compared with UCX's own TCP transport.
+        let tls = if t == Transport::Tcp {
+            Some("tcp")
+        } else {
+            None
+        };
+        let max = a.max_mib << 20;
+        let biggest = a.block_kib.iter().max().copied().unwrap_or(4) << 10;
+        let p = match pair(t, max.max(biggest), !a.ucx_no_peer_errors) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("net: skipping {tname}: {e}");
+                continue;
+            }
+        };
+        let label = match (t, std::env::var("UCX_TLS")) {
+            (Transport::Tcp, _) => "kvferry-tcp".to_string(),
+            (Transport::Ucx, Ok(tls)) => format!("ucx[{tls}]"),
+            (Transport::Ucx, Err(_)) => "ucx".to_string(),
+        };
+        // Latency: one 8-byte READ.
+        let secs = time_transfer(&p, true, 8, 1, a.repeat.max(20))?;
+        let lat_limit = if perftest_ok {
+            perftest("ucp_get", 8, 20000, tls, pe)
+                .map(|x| x.1)
+                .unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        rows.push(Row {
+            path: format!("{label}:read-latency"),
+            block_bytes: 8,
+            batch: 1,
+            gbps: 8.0 / secs / 1e9,
+            limit_gbps: 0.0,
+            extra: vec![
+                ("us", Value::Float(secs * 1e6)),
+                ("limit_us", Value::Float(lat_limit)),
+                ("limit", Value::Text("ucx_perftest ucp_get p50".into())),
+            ],
+        });
+        for &kib in &a.block_kib {
+            let block = kib << 10;
+            for &want in &a.batch {
+                let batch = want.min((max / block).max(1) as u32);
+                // The limit moves the same bytes as one message: ucx_perftest reuses one buffer,
+                // so a block-sized message would measure the CPU cache, not the transport.
+                let size = block * u64::from(batch);
+                let iters = ((4 * max) / size).clamp(20, 2000);
+                let limits = if perftest_ok {
+                    (
+                        perftest("ucp_get", size, iters, tls, pe)
+                            .map(|x| x.0)
+                            .unwrap_or(0.0),
+                        perftest("ucp_put_bw", size, iters, tls, pe)
+                            .map(|x| x.0)
+                            .unwrap_or(0.0),
+                    )
+                } else {
+                    (0.0, 0.0)
+                };
+                for (read, limit) in [(true, limits.0), (false, limits.1)] {
+                    let secs = time_transfer(&p, read, block, batch, a.repeat)?;
+                    let bytes = block * u64::from(batch);
+                    rows.push(Row {
+                        path: format!("{label}:{}", if read { "read" } else { "write" }),
+                        block_bytes: block,
+                        batch: u64::from(batch),
+                        gbps: bytes as f64 / secs / 1e9,
+                        limit_gbps: limit,
+                        extra: vec![
+                            ("us", Value::Float(secs * 1e6)),
+                            ("limit_us", Value::Float(0.0)),
+                            (
+                                "limit",
+                                Value::Text(format!(
+                                    "ucx_perftest {}{}{}",
+                                    if read { "ucp_get" } else { "ucp_put_bw" },
+                                    if pe { " -e" } else { "" },
+                                    tls.map(|t| format!(" UCX_TLS={t}")).unwrap_or_default()
+                                )),
+                            ),
+                        ],
+                    });
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
