@@ -276,10 +276,11 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             let block = kib << 10;
             for &want in &a.batch {
                 let batch = want.min((max / block).max(1) as u32);
-                // The limit moves the same bytes as one message: ucx_perftest reuses one buffer,
-                // so a block-sized message would measure the CPU cache, not the transport.
-                let size = block * u64::from(batch);
-                let iters = ((4 * max) / size).clamp(20, 2000);
+                // The limit moves the batch's bytes as one message (up to 16 MiB): ucx_perftest
+                // reuses one buffer, so a block-sized message would measure the CPU cache, not
+                // the transport. About 128 MiB per measurement keeps slow transports bearable.
+                let size = (block * u64::from(batch)).min(16 << 20);
+                let iters = ((128u64 << 20) / size).clamp(8, 1000);
                 let limits = if perftest_ok {
                     (
                         perftest("ucp_get", size, iters, tls, pe)
