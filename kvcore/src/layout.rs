@@ -140,13 +140,7 @@ impl CacheLayout {
         order: StrideOrder,
     ) -> Result<CacheLayout, LayoutError> {
         let geometry = geometry.validated()?;
-        if num_blocks == 0 {
-            return Err(LayoutError::Invalid {
-                field: "num_blocks",
-                value: 0,
-                reason: "must be positive",
-            });
-        }
+        check_blocks(num_blocks)?;
         let count = |a: Axis| -> u64 {
             match a {
                 Axis::L => u64::from(geometry.layers),
@@ -193,13 +187,7 @@ impl CacheLayout {
         token_stride: u64,
     ) -> Result<CacheLayout, LayoutError> {
         let geometry = geometry.validated()?;
-        if num_blocks == 0 {
-            return Err(LayoutError::Invalid {
-                field: "num_blocks",
-                value: 0,
-                reason: "must be positive",
-            });
-        }
+        check_blocks(num_blocks)?;
         let layers = normalise_layers(layers, geometry.layers)?;
         let cell = geometry.cell_bytes();
         let mut dims = vec![
@@ -391,6 +379,17 @@ impl CacheLayout {
         }
         Ok(out)
     }
+}
+
+fn check_blocks(num_blocks: u32) -> Result<(), LayoutError> {
+    if num_blocks == 0 {
+        return Err(LayoutError::Invalid {
+            field: "num_blocks",
+            value: 0,
+            reason: "must be positive",
+        });
+    }
+    Ok(())
 }
 
 fn push_run(out: &mut Vec<(u64, u64)>, off: u64, len: u64) {

@@ -416,13 +416,7 @@ impl Agent {
     /// Checks a loaded peer's exported KV caches against our geometry (all but the head count,
     /// which differs between tensor-parallel sizes); the error names the field and both values.
     pub fn check_peer_geometry(&self, peer: &str, ours: &kvcore::Geometry) -> Result<(), NetError> {
-        let p = self
-            .shared
-            .peers
-            .read()
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        let p = self.peer(peer)?;
         for c in &p.metadata.caches {
             ours.check_same_except_heads(c.layout.geometry())?;
         }
@@ -434,6 +428,15 @@ impl Agent {
         if let Some(u) = &self.ucx {
             u.forget(peer);
         }
+    }
+
+    fn peer(&self, name: &str) -> Result<Arc<Peer>, NetError> {
+        self.shared
+            .peers
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| NetError::UnknownPeer(name.to_string()))
     }
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, NetError> {
@@ -479,13 +482,7 @@ impl Agent {
                 remote.len()
             )));
         }
-        let p = self
-            .shared
-            .peers
-            .read()
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        let p = self.peer(peer)?;
         // Both lists are checked here, before anything moves; the peer checks its side again.
         let resolved: Vec<Resolved> = self.shared.regions.read().resolve_all(local)?;
         p.regions.resolve_all(remote)?;
@@ -600,13 +597,7 @@ impl Agent {
 
     /// Sends opaque bytes to a peer.
     pub fn notify(&self, peer: &str, payload: Vec<u8>) -> Result<(), NetError> {
-        let p = self
-            .shared
-            .peers
-            .read()
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| NetError::UnknownPeer(peer.to_string()))?;
+        let p = self.peer(peer)?;
         if let (true, Some(u), Some(addr)) = (self.use_ucx(&p), &self.ucx, &p.ucx_address) {
             let frame = Message::Notification(Notification {
                 from: self.shared.name.clone(),

@@ -69,6 +69,24 @@ async fn step<T, F: std::future::Future<Output = Result<T, NetError>>>(
     }
 }
 
+/// What an unexpected reply means: the peer's refusal (a failed completion), or a protocol error.
+fn refusal(peer: &str, m: Message, expected: &'static str) -> NetError {
+    match m {
+        Message::Completion(Completion {
+            status: Status::Failed { code, message },
+            ..
+        }) => NetError::Remote {
+            peer: peer.to_string(),
+            code,
+            message,
+        },
+        _ => NetError::Unexpected {
+            peer: peer.to_string(),
+            expected,
+        },
+    }
+}
+
 /// Connects and runs the client half of the handshake. Returns the connection and the peer's
 /// metadata.
 pub(crate) async fn dial(
@@ -107,22 +125,7 @@ pub(crate) async fn dial(
         write_message(&mut stream, &peer, &hello).await?;
         let md = match read_message(&mut stream, &peer).await? {
             Message::Metadata(md) => md,
-            Message::Completion(Completion {
-                status: Status::Failed { code, message },
-                ..
-            }) => {
-                return Err(NetError::Remote {
-                    peer: peer.clone(),
-                    code,
-                    message,
-                })
-            }
-            _ => {
-                return Err(NetError::Unexpected {
-                    peer: peer.clone(),
-                    expected: "metadata",
-                })
-            }
+            other => return Err(refusal(&peer, other, "metadata")),
         };
         if md.protocol_version != PROTOCOL_VERSION {
             return Err(NetError::Version {
@@ -280,22 +283,7 @@ async fn part(
                     status: Status::Ok,
                     transfer_id,
                 }) if transfer_id == id => {}
-                Message::Completion(Completion {
-                    status: Status::Failed { code, message },
-                    ..
-                }) => {
-                    return Err(NetError::Remote {
-                        peer: peer.clone(),
-                        code,
-                        message,
-                    })
-                }
-                _ => {
-                    return Err(NetError::Unexpected {
-                        peer: peer.clone(),
-                        expected: "completion",
-                    })
-                }
+                other => return Err(refusal(&peer, other, "completion")),
             }
             if op == Op::Read {
                 for r in &local {

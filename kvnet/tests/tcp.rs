@@ -4,90 +4,17 @@
 //! a wrong protocol version, a wrong or missing token — each an error in bounded time, while
 //! the agent keeps serving its other peers.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvnet::kvcore::wire::{Hello, Kind, Message, Op, TransferNotice};
 use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
 use kvnet::{Agent, AgentConfig, NetError};
 
-fn pattern(seed: u64, i: u64) -> u8 {
-    let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (x >> 56) as u8
-}
+mod common;
 
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    out: BufReader<ChildStdout>,
-    addr: SocketAddr,
-    region: RegionId,
-    bytes: u64,
-}
-
-impl Peer {
-    fn start(name: &str, bytes: u64, seed: u64, token: Option<&str>) -> Peer {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry-peer"));
-        cmd.args([
-            "--name",
-            name,
-            "--bytes",
-            &bytes.to_string(),
-            "--seed",
-            &seed.to_string(),
-        ]);
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("peer starts");
-        let stdin = child.stdin.take().expect("piped");
-        let mut out = BufReader::new(child.stdout.take().expect("piped"));
-        let line = Self::line(&mut out);
-        let w: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(w[0], "READY", "{line}");
-        Peer {
-            addr: w[1].parse().expect("address"),
-            region: RegionId(w[2].parse().expect("region")),
-            bytes: w[3].parse().expect("bytes"),
-            child,
-            stdin,
-            out,
-        }
-    }
-
-    fn line(out: &mut BufReader<ChildStdout>) -> String {
-        let mut s = String::new();
-        out.read_line(&mut s).expect("peer output");
-        s.trim().to_string()
-    }
-
-    fn command(&mut self, c: &str) -> String {
-        writeln!(self.stdin, "{c}").expect("peer input");
-        self.stdin.flush().expect("flush");
-        Self::line(&mut self.out)
-    }
-
-    fn desc(&self, offset: u64, len: u64) -> Descriptor {
-        Descriptor {
-            region: self.region,
-            offset,
-            len,
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{pattern, Peer};
 
 /// A local agent with one registered buffer.
 struct Local {
@@ -135,7 +62,7 @@ impl Local {
 
 #[test]
 fn reads_and_writes_are_bit_exact_with_notifications() {
-    let mut p = Peer::start("prefill", 32 << 20, 7, None);
+    let mut p = Peer::start("prefill", 32 << 20, 7, &[], &[]);
     let mut l = Local::new("decode", 32 << 20, None);
     let name = l.agent.connect(p.addr).expect("handshake");
     assert_eq!(name, "prefill");
@@ -158,7 +85,7 @@ fn reads_and_writes_are_bit_exact_with_notifications() {
             "block {i}"
         );
     }
-    assert_eq!(Peer::line(&mut p.out), "NOTIF decode req-1 done");
+    assert_eq!(p.line(), "NOTIF decode req-1 done");
 
     // Push: write our bytes into the peer, then read them back.
     for (i, x) in l.buf.iter_mut().enumerate() {
@@ -199,8 +126,8 @@ fn reads_and_writes_are_bit_exact_with_notifications() {
 
 #[test]
 fn a_peer_killed_mid_transfer_gives_errors_and_other_peers_still_work() {
-    let mut doomed = Peer::start("doomed", 128 << 20, 1, None);
-    let good = Peer::start("good", 8 << 20, 2, None);
+    let mut doomed = Peer::start("doomed", 128 << 20, 1, &[], &[]);
+    let good = Peer::start("good", 8 << 20, 2, &[], &[]);
     let l = Local::new("decode", 128 << 20, None);
     l.agent.connect(doomed.addr).expect("handshake");
     l.agent.connect(good.addr).expect("handshake");
@@ -247,7 +174,7 @@ fn a_peer_killed_mid_transfer_gives_errors_and_other_peers_still_work() {
 
 #[test]
 fn descriptors_outside_exports_and_stale_regions_are_refused() {
-    let mut p = Peer::start("prefill", 1 << 20, 3, None);
+    let mut p = Peer::start("prefill", 1 << 20, 3, &[], &[]);
     let l = Local::new("decode", 1 << 20, None);
     l.agent.connect(p.addr).expect("handshake");
     // Caught before anything is sent.
@@ -310,7 +237,7 @@ fn descriptors_outside_exports_and_stale_regions_are_refused() {
     l.agent
         .notify("prefill", b"still here".to_vec())
         .expect("connection still works");
-    assert_eq!(Peer::line(&mut p.out), "NOTIF decode still here");
+    assert_eq!(p.line(), "NOTIF decode still here");
 }
 
 /// A raw client speaking kvcore frames by hand, to send what a well-behaved agent never would.
@@ -354,7 +281,7 @@ fn read_frame(s: &mut TcpStream) -> Message {
 
 #[test]
 fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
-    let p = Peer::start("prefill", 1 << 20, 4, Some("s3cret"));
+    let p = Peer::start("prefill", 1 << 20, 4, &["--token", "s3cret"], &[]);
     // Garbage, then a truncated frame: the peer drops those connections.
     for junk in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],

@@ -1,81 +1,24 @@
 //! Two processes on loopback over UCX (shared memory / cma, and UCX's TCP transport), when a
 //! libucp can be loaded; the tests say so and skip otherwise.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
 use kvnet::{Agent, AgentConfig, NetError, Transport};
 
-fn pattern(seed: u64, i: u64) -> u8 {
-    let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (x >> 56) as u8
-}
+mod common;
 
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    out: BufReader<ChildStdout>,
-    addr: SocketAddr,
-    region: RegionId,
-}
+use common::{pattern, Peer};
 
-impl Peer {
-    fn start(name: &str, bytes: u64, seed: u64, tls: &str) -> Peer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvferry-peer"))
-            .args([
-                "--name",
-                name,
-                "--bytes",
-                &bytes.to_string(),
-                "--seed",
-                &seed.to_string(),
-                "--transports",
-                "ucx,tcp",
-            ])
-            .env("UCX_TLS", tls)
-            .env("UCX_NET_DEVICES", "lo")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("peer starts");
-        let stdin = child.stdin.take().expect("piped");
-        let mut out = BufReader::new(child.stdout.take().expect("piped"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("READY line");
-        let w: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(w.first(), Some(&"READY"), "{line}");
-        Peer {
-            addr: w[1].parse().expect("addr"),
-            region: RegionId(w[2].parse().expect("id")),
-            child,
-            stdin,
-            out,
-        }
-    }
-
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.out.read_line(&mut s).expect("peer output");
-        s.trim().to_string()
-    }
-
-    fn desc(&self, offset: u64, len: u64) -> Descriptor {
-        Descriptor {
-            region: self.region,
-            offset,
-            len,
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn ucx_peer(name: &str, bytes: u64, seed: u64, tls: &str) -> Peer {
+    Peer::start(
+        name,
+        bytes,
+        seed,
+        &["--transports", "ucx,tcp"],
+        &[("UCX_TLS", tls), ("UCX_NET_DEVICES", "lo")],
+    )
 }
 
 fn local(name: &str, bytes: usize) -> Option<(Agent, RegionId, Vec<u8>)> {
@@ -113,7 +56,7 @@ fn round_trip(tls: &str) {
     let Some((agent, region, mut buf)) = local("decode", 16 << 20) else {
         return;
     };
-    let mut p = Peer::start("prefill", 16 << 20, 11, tls);
+    let mut p = ucx_peer("prefill", 16 << 20, 11, tls);
     assert_eq!(agent.connect(p.addr).expect("handshake"), "prefill");
     assert_eq!(agent.transport_for("prefill"), Some(Transport::Ucx));
     let bs: u64 = 256 << 10;
@@ -213,7 +156,7 @@ fn a_dead_ucx_peer_fails_transfers_in_bounded_time() {
     let Some((agent, region, buf)) = local("decode", 64 << 20) else {
         return;
     };
-    let mut p = Peer::start("doomed", 64 << 20, 5, "tcp,self");
+    let mut p = ucx_peer("doomed", 64 << 20, 5, "tcp,self");
     agent.connect(p.addr).expect("handshake");
     let l = [Descriptor {
         region,

@@ -590,20 +590,7 @@ impl UringDriver {
                     }
                 };
                 let Some(idx) = free.pop() else { break };
-                let f = InFlight { req, done: 0 };
-                let e = self.entry(&f, idx);
-                slab[idx] = Some(f);
-                // SAFETY: the entry points at memory the submitter keeps valid until its IoDone
-                // (`NvmeStore::submit`'s contract); the ring has room for `qd` entries.
-                if unsafe { self.ring.submission().push(&e) }.is_err() {
-                    self.fail(
-                        &mut slab,
-                        &mut free,
-                        idx,
-                        &done,
-                        std::io::Error::other("submission queue full"),
-                    );
-                }
+                self.push(&mut slab, &mut free, idx, &done, InFlight { req, done: 0 });
                 pushed = true;
             }
             if free.len() == slab.len() {
@@ -682,20 +669,29 @@ impl UringDriver {
                     free.push(idx);
                 } else {
                     // Short transfer: ask for the rest.
-                    let e = self.entry(&f, idx);
-                    slab[idx] = Some(f);
-                    // SAFETY: as for the first submission; a completion just freed a ring entry.
-                    if unsafe { self.ring.submission().push(&e) }.is_err() {
-                        self.fail(
-                            &mut slab,
-                            &mut free,
-                            idx,
-                            &done,
-                            std::io::Error::other("submission queue full"),
-                        );
-                    }
+                    self.push(&mut slab, &mut free, idx, &done, f);
                 }
             }
+        }
+    }
+
+    /// Queues (the rest of) a transfer in slab entry `idx`.
+    fn push(
+        &mut self,
+        slab: &mut [Option<InFlight>],
+        free: &mut Vec<usize>,
+        idx: usize,
+        done: &Sender<IoDone>,
+        f: InFlight,
+    ) {
+        let e = self.entry(&f, idx);
+        slab[idx] = Some(f);
+        // SAFETY: the entry points at memory the submitter keeps valid until its IoDone
+        // (`NvmeStore::submit`'s contract); at most `qd` entries are in flight, and the ring has
+        // room for that many.
+        if unsafe { self.ring.submission().push(&e) }.is_err() {
+            let full = std::io::Error::other("submission queue full");
+            self.fail(slab, free, idx, done, full);
         }
     }
 

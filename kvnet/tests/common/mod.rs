@@ -1,0 +1,94 @@
+//! A `kvferry-peer` child process for the two-process tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use kvnet::kvcore::{Descriptor, RegionId};
+
+/// The byte at offset `i` of a peer's buffer made with `seed` (as kvferry-peer computes it).
+pub fn pattern(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 56) as u8
+}
+
+pub struct Peer {
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub out: BufReader<ChildStdout>,
+    pub addr: SocketAddr,
+    pub region: RegionId,
+    pub bytes: u64,
+}
+
+impl Peer {
+    /// Starts a peer exporting `bytes` of `pattern(seed, _)`, with extra arguments and
+    /// environment, and waits for its READY line.
+    pub fn start(name: &str, bytes: u64, seed: u64, args: &[&str], env: &[(&str, &str)]) -> Peer {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvferry-peer"));
+        cmd.args([
+            "--name",
+            name,
+            "--bytes",
+            &bytes.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]);
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("peer starts");
+        let stdin = child.stdin.take().expect("piped");
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let line = read_line(&mut out);
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w.first(), Some(&"READY"), "{line}");
+        Peer {
+            addr: w[1].parse().expect("address"),
+            region: RegionId(w[2].parse().expect("region")),
+            bytes: w[3].parse().expect("bytes"),
+            child,
+            stdin,
+            out,
+        }
+    }
+
+    /// The next line the peer prints.
+    pub fn line(&mut self) -> String {
+        read_line(&mut self.out)
+    }
+
+    /// Sends a command and returns the peer's answer.
+    pub fn command(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").expect("peer input");
+        self.stdin.flush().expect("flush");
+        self.line()
+    }
+
+    pub fn desc(&self, offset: u64, len: u64) -> Descriptor {
+        Descriptor {
+            region: self.region,
+            offset,
+            len,
+        }
+    }
+}
+
+fn read_line(out: &mut BufReader<ChildStdout>) -> String {
+    let mut s = String::new();
+    out.read_line(&mut s).expect("peer output");
+    s.trim().to_string()
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
