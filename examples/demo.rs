@@ -127,6 +127,9 @@ fn decode() -> Res<()> {
                 len: dst.len() as u64,
             })
         }?;
+        if let Some(lib) = agent.ucx_library() {
+            println!("ucx: using {lib}");
+        }
         let peer = agent.connect(addr)?;
         agent.check_peer_geometry(&peer, dst_layout.geometry())?;
         let md = agent.peer_metadata(&peer).ok_or("peer vanished")?;

@@ -31,6 +31,9 @@ pub struct NetArgs {
     /// UCX endpoints without error mode PEER (faster transports, slower failure detection).
     #[arg(long)]
     ucx_no_peer_errors: bool,
+    /// Also run NIXL's own agents (pip nixl-cu12) on the same pattern, next to the UCX rows.
+    #[arg(long)]
+    nixl: bool,
 }
 
 struct Pair {
@@ -218,7 +221,74 @@ fn perftest(
     Ok((f[5] * 1048576.0 / 1e9, f[1]))
 }
 
+/// NIXL's agents on the same pattern (bench/nixl_peer.py): (op, block, batch) -> GB/s.
+fn nixl_rows(a: &NetArgs) -> Result<Vec<(String, u64, u64, f64)>, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/nixl_peer.py");
+    let join = |v: Vec<String>| v.join(",");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(join(
+            a.block_kib.iter().map(|k| (k << 10).to_string()).collect(),
+        ))
+        .arg(join(a.batch.iter().map(|b| b.to_string()).collect()))
+        .arg(a.repeat.to_string())
+        .arg((a.max_mib << 20).to_string())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |l: &str, k: &str| -> Option<String> {
+        let i = l.find(&format!("\"{k}\": "))? + k.len() + 4;
+        Some(
+            l[i..]
+                .split([',', '}'])
+                .next()?
+                .trim()
+                .trim_matches('"')
+                .to_string(),
+        )
+    };
+    let rows: Vec<_> = text
+        .lines()
+        .filter_map(|l| {
+            Some((
+                field(l, "op")?,
+                field(l, "block_bytes")?.parse().ok()?,
+                field(l, "batch")?.parse().ok()?,
+                field(l, "gbps")?.parse().ok()?,
+            ))
+        })
+        .collect();
+    if rows.is_empty() {
+        return Err(format!(
+            "NIXL printed no rows (is nixl-cu12 installed?): {}",
+            text.trim()
+        ));
+    }
+    Ok(rows)
+}
+
 pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
+    // ucx_perftest comes from the system's UCX: measure kvferry against the same library unless
+    // the user chose one, or NIXL is measured too (then kvferry loads the newest UCX it finds,
+    // closest to the one bundled with NIXL).
+    if std::env::var_os("KVFERRY_UCX_LIB").is_none() && !a.nixl {
+        let sys = "/usr/lib/x86_64-linux-gnu/libucp.so.0";
+        if std::path::Path::new(sys).exists() {
+            std::env::set_var("KVFERRY_UCX_LIB", sys);
+        }
+    }
+    let nixl = if a.nixl {
+        match nixl_rows(a) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("net: NIXL rows skipped: {e}");
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let perftest_ok = !a.no_limit && Command::new("ucx_perftest").arg("-h").output().is_ok();
     if !a.no_limit && !perftest_ok {
         eprintln!("net: ucx_perftest is not installed (package ucx-utils): rows have no limit");
@@ -246,6 +316,9 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
                 continue;
             }
         };
+        if let Some(lib) = p.init.ucx_library() {
+            eprintln!("net: kvferry's UCX transport uses {lib}");
+        }
         let label = match (t, std::env::var("UCX_TLS")) {
             (Transport::Tcp, _) => "kvferry-tcp".to_string(),
             (Transport::Ucx, Ok(tls)) => format!("ucx[{tls}]"),
@@ -296,6 +369,26 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
                 for (read, limit) in [(true, limits.0), (false, limits.1)] {
                     let secs = time_transfer(&p, read, block, batch, a.repeat)?;
                     let bytes = block * u64::from(batch);
+                    let op = if read { "read" } else { "write" };
+                    if t == Transport::Ucx {
+                        if let Some(n) = nixl
+                            .iter()
+                            .find(|n| n.0 == op && n.1 == block && n.2 == u64::from(batch))
+                        {
+                            rows.push(Row {
+                                path: format!("nixl:{op}"),
+                                block_bytes: block,
+                                batch: u64::from(batch),
+                                gbps: n.3,
+                                limit_gbps: limit,
+                                extra: vec![
+                                    ("us", Value::Float(bytes as f64 / n.3 / 1e3)),
+                                    ("limit_us", Value::Float(0.0)),
+                                    ("limit", Value::Text("same as the kvferry row below".into())),
+                                ],
+                            });
+                        }
+                    }
                     rows.push(Row {
                         path: format!("{label}:{}", if read { "read" } else { "write" }),
                         block_bytes: block,

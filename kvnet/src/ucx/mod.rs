@@ -1,23 +1,21 @@
 //! The UCX transport: one UCP context and worker per agent, owned by a dedicated thread that
-//! also drives progress. Exported regions are `ucp_mem_map`ped and their packed rkeys published
+//! also drives progress (busy while transfers are in flight, every 200 µs when idle). Exported regions are `ucp_mem_map`ped and their packed rkeys published
 //! in the metadata; transfers are lists of `ucp_get_nbx`/`ucp_put_nbx` operations (all
 //! outstanding at once) tracked to completion, then a flush, then — if asked — a notification as
 //! an eager active message. Endpoints use error mode PEER, so a dead peer fails the operations
 //! instead of hanging them; a transfer past its deadline force-closes its endpoint for the same
 //! effect. UCX's environment (`UCX_TLS`, `UCX_NET_DEVICES`, ...) applies as usual.
 //!
-//! libucp is loaded at run time: from `KVFERRY_UCX_LIB` (the library or its folder; e.g. the
-//! `libucx-cu12` wheel's `libucx/lib`), else the system's `libucp.so.0`.
-
-#[allow(clippy::all, clippy::pedantic)]
-mod sys;
+//! libucp is loaded at run time: from `KVFERRY_UCX_LIB` (the library or its folder), else from
+//! the `libucx-cu12`/`libucx-cu13` wheel of a Python environment it can find, else the system's
+//! `libucp.so.0`.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,7 +25,7 @@ use kvcore::RegionId;
 
 use crate::agent::Shared;
 use crate::error::NetError;
-use sys::*;
+use kvferry_ucx_sys::*;
 
 /// Active-message id of notifications (NIXL uses 0 too).
 const AM_NOTIFY: u32 = 0;
@@ -78,9 +76,6 @@ pub(crate) struct Ucx {
     address: Vec<u8>,
     library: String,
     thread: Option<JoinHandle<()>>,
-    lib: Arc<UcpLib>,
-    /// The worker handle, for `ucp_worker_signal` (thread-safe) from callers' threads.
-    worker: usize,
     stop: Arc<AtomicBool>,
 }
 
@@ -107,6 +102,42 @@ fn ptr_status(p: ucs_status_ptr_t) -> Option<ucs_status_t> {
     (-100..0).contains(&v).then_some(v as ucs_status_t)
 }
 
+/// `libucx/lib` folders of the `libucx-cu12`/`libucx-cu13` wheels in the Python environments a
+/// process is likely to run under: the active virtualenv or conda env, the user's and the
+/// system's site-packages, and pyenv's versions.
+fn wheel_dirs() -> Vec<PathBuf> {
+    let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
+        prefixes.push(home.join(".local"));
+        if let Ok(rd) = std::fs::read_dir(home.join(".pyenv/versions")) {
+            prefixes.extend(rd.filter_map(Result::ok).map(|e| e.path()));
+        }
+    }
+    prefixes.push("/usr/local".into());
+    prefixes.push("/usr".into());
+    let mut out = Vec::new();
+    for p in prefixes {
+        let Ok(rd) = std::fs::read_dir(p.join("lib")) else {
+            continue;
+        };
+        for e in rd.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with("python3") {
+                for sp in ["site-packages", "dist-packages"] {
+                    let d = e.path().join(sp).join("libucx/lib");
+                    if d.join("libucp.so.0").exists() {
+                        out.push(d);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn load() -> Result<(UcpLib, String), NetError> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(v) = std::env::var_os("KVFERRY_UCX_LIB") {
@@ -118,6 +149,7 @@ fn load() -> Result<(UcpLib, String), NetError> {
             candidates.push(p);
         }
     }
+    candidates.extend(wheel_dirs().into_iter().map(|d| d.join("libucp.so.0")));
     candidates.push("libucp.so.0".into());
     candidates.push("libucp.so".into());
     let mut errors = Vec::new();
@@ -173,7 +205,7 @@ impl Ucx {
             .name("kvferry-ucx".into())
             .spawn(move || match Worker::new(shared, peer_errors) {
                 Ok((w, address, library)) => {
-                    let _ = ready_tx.send(Ok((address, library, w.lib.clone(), w.worker as usize)));
+                    let _ = ready_tx.send(Ok((address, library)));
                     w.run(rx, &stop_w);
                 }
                 Err(e) => {
@@ -181,7 +213,7 @@ impl Ucx {
                 }
             })
             .map_err(|e| NetError::Unavailable(format!("cannot start the UCX thread: {e}")))?;
-        let (address, library, lib, worker) = ready_rx
+        let (address, library) = ready_rx
             .recv()
             .map_err(|_| NetError::Unavailable("the UCX thread died while starting".into()))??;
         Ok(Ucx {
@@ -189,19 +221,13 @@ impl Ucx {
             address,
             library,
             thread: Some(thread),
-            lib,
-            worker,
             stop,
         })
     }
 
-    /// Sends a command and wakes the worker thread if it sleeps on the worker's event fd.
+    /// Sends a command; the worker thread wakes on it.
     fn send(&self, c: Cmd) -> Result<(), std::sync::mpsc::SendError<Cmd>> {
-        self.tx.send(c)?;
-        // SAFETY: the worker lives until this Ucx drops (the thread destroys it only after
-        // `stop`, which is set in Drop after the last signal); ucp_worker_signal is thread-safe.
-        unsafe { self.lib.ucp_worker_signal(self.worker as ucp_worker_h) };
-        Ok(())
+        self.tx.send(c)
     }
 
     pub fn address(&self) -> &[u8] {
@@ -284,10 +310,7 @@ impl Ucx {
 
 impl Drop for Ucx {
     fn drop(&mut self) {
-        // Wake the thread (the worker is alive until it sees `stop`), then stop it: it cancels
-        // what is in flight and cleans up.
-        // SAFETY: as in `send`: `stop` is not yet set, so the worker still exists.
-        unsafe { self.lib.ucp_worker_signal(self.worker as ucp_worker_h) };
+        // Stop the thread: it cancels what is in flight and cleans up.
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -326,7 +349,6 @@ struct Worker {
     /// Error mode PEER on endpoints (fast failure on a dead peer; excludes transports without
     /// failure detection, such as shared memory in older UCX).
     peer_errors: bool,
-    efd: i32,
     ctx: ucp_context_h,
     worker: ucp_worker_h,
     eps: HashMap<String, Endpoint>,
@@ -392,9 +414,9 @@ impl Worker {
             }
             let mut params: ucp_params_t = zeroed();
             params.field_mask = ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
-            params.features = (ucp_feature_UCP_FEATURE_RMA
-                | ucp_feature_UCP_FEATURE_AM
-                | ucp_feature_UCP_FEATURE_WAKEUP) as u64;
+            // No UCP_FEATURE_WAKEUP: asking for it drops transports without event support
+            // (shared memory and cma among them), which cost 10x on one node.
+            params.features = (ucp_feature_UCP_FEATURE_RMA | ucp_feature_UCP_FEATURE_AM) as u64;
             let mut ctx: ucp_context_h = ptr::null_mut();
             let s = lib.ucp_init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &mut ctx);
             lib.ucp_config_release(config);
@@ -419,17 +441,9 @@ impl Worker {
             am.id = AM_NOTIFY;
             am.cb = Some(on_notification);
             am.arg = sink as *mut c_void;
-            let mut efd = -1;
-            let s = lib.ucp_worker_get_efd(worker, &mut efd);
-            if s != ucs_status_t_UCS_OK {
-                lib.ucp_worker_destroy(worker);
-                lib.ucp_cleanup(ctx);
-                return Err(fail("ucp_worker_get_efd", s, &lib));
-            }
             let w = Worker {
                 lib: Arc::new(lib),
                 peer_errors,
-                efd,
                 ctx,
                 worker,
                 eps: HashMap::new(),
@@ -465,24 +479,18 @@ impl Worker {
                     }
                 }
             }
-            // SAFETY: the worker is ours and used only on this thread (signal aside).
+            // SAFETY: the worker is ours and used only on this thread.
             unsafe { while self.lib.ucp_worker_progress(self.worker) != 0 {} }
             self.advance();
             if !self.inflight.is_empty() {
                 continue;
             }
-            // Idle: sleep on the worker's event fd; network events and `ucp_worker_signal`
-            // (sent with every command) wake it. Arm fails with BUSY while events are pending.
-            // SAFETY: our worker; `efd` belongs to it.
-            unsafe {
-                if self.lib.ucp_worker_arm(self.worker) == ucs_status_t_UCS_OK {
-                    let mut fds = libc::pollfd {
-                        fd: self.efd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    libc::poll(&mut fds, 1, 100);
-                }
+            // Idle: wait for a command (a send wakes us at once) or 200 µs, then progress again
+            // for incoming notifications.
+            match rx.recv_timeout(Duration::from_micros(200)) {
+                Ok(c) => self.handle(c),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         self.shutdown();

@@ -1,4 +1,4 @@
-//! Raw UCP bindings for the subset kvferry uses, loaded at run time.
+//! kvferry-ucx-sys: raw UCP bindings for the subset kvferry uses, loaded at run time.
 //!
 //! Generated once with bindgen 0.73 from the UCX 1.13.1 headers (`ucp/api/ucp.h`, the oldest
 //! UCX kvferry supports; UCP's ABI only appends fields behind field masks, so newer libraries
