@@ -174,6 +174,7 @@ fn load() -> Result<(UcpLib, String), NetError> {
                     ("ucp_ep_rkey_unpack", lib.ucp_ep_rkey_unpack.is_ok()),
                     ("ucs_status_string", lib.ucs_status_string.is_ok()),
                     ("ucp_config_read", lib.ucp_config_read.is_ok()),
+                    ("ucp_config_modify", lib.ucp_config_modify.is_ok()),
                     ("ucp_get_version", lib.ucp_get_version.is_ok()),
                 ]
                 .into_iter()
@@ -411,6 +412,22 @@ impl Worker {
             let s = lib.ucp_config_read(ptr::null(), ptr::null(), &mut config);
             if s != ucs_status_t_UCS_OK {
                 return Err(fail("ucp_config_read", s, &lib));
+            }
+            // Settings NIXL's UCX backend also makes; without the v2 address format, error mode
+            // PEER loses the shared-memory lanes on one node. A value the user set in the
+            // environment wins; an option this UCX does not know is skipped.
+            let rails = if (maj, min) >= (1, 20) { "4" } else { "2" };
+            for (k, v) in [
+                ("ADDRESS_VERSION", "v2"),
+                ("RNDV_THRESH", "inf"),
+                ("MAX_RMA_RAILS", rails),
+            ] {
+                if std::env::var_os(format!("UCX_{k}")).is_none() {
+                    let (ck, cv) = (std::ffi::CString::new(k), std::ffi::CString::new(v));
+                    if let (Ok(ck), Ok(cv)) = (ck, cv) {
+                        lib.ucp_config_modify(config, ck.as_ptr(), cv.as_ptr());
+                    }
+                }
             }
             let mut params: ucp_params_t = zeroed();
             params.field_mask = ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;

@@ -741,6 +741,14 @@ pub struct UcpLib {
     >,
     pub ucp_config_release:
         Result<unsafe extern "C" fn(config: *mut ucp_config_t), ::libloading::Error>,
+    pub ucp_config_modify: Result<
+        unsafe extern "C" fn(
+            config: *mut ucp_config_t,
+            name: *const ::std::os::raw::c_char,
+            value: *const ::std::os::raw::c_char,
+        ) -> ucs_status_t,
+        ::libloading::Error,
+    >,
     pub ucp_get_version: Result<
         unsafe extern "C" fn(
             major_version: *mut ::std::os::raw::c_uint,
@@ -906,6 +914,7 @@ impl UcpLib {
         let ucs_status_string = __library.get(b"ucs_status_string\0").map(|sym| *sym);
         let ucp_config_read = __library.get(b"ucp_config_read\0").map(|sym| *sym);
         let ucp_config_release = __library.get(b"ucp_config_release\0").map(|sym| *sym);
+        let ucp_config_modify = __library.get(b"ucp_config_modify\0").map(|sym| *sym);
         let ucp_get_version = __library.get(b"ucp_get_version\0").map(|sym| *sym);
         let ucp_init_version = __library.get(b"ucp_init_version\0").map(|sym| *sym);
         let ucp_cleanup = __library.get(b"ucp_cleanup\0").map(|sym| *sym);
@@ -941,6 +950,7 @@ impl UcpLib {
             ucs_status_string,
             ucp_config_read,
             ucp_config_release,
+            ucp_config_modify,
             ucp_get_version,
             ucp_init_version,
             ucp_cleanup,
@@ -991,6 +1001,17 @@ impl UcpLib {
             .ucp_config_release
             .as_ref()
             .expect("Expected function, got error."))(config)
+    }
+    pub unsafe fn ucp_config_modify(
+        &self,
+        config: *mut ucp_config_t,
+        name: *const ::std::os::raw::c_char,
+        value: *const ::std::os::raw::c_char,
+    ) -> ucs_status_t {
+        (self
+            .ucp_config_modify
+            .as_ref()
+            .expect("Expected function, got error."))(config, name, value)
     }
     pub unsafe fn ucp_get_version(
         &self,
