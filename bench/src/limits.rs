@@ -3,6 +3,12 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+/// The median of a non-empty list of timings.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// One-thread memcpy bandwidth in GB/s (best of `reps`) over buffers of `bytes`, touched first so
 /// page faults stay out of the figure.
 pub fn memcpy_gbps(bytes: usize, reps: usize) -> f64 {

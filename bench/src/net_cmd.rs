@@ -9,6 +9,7 @@ use clap::Args;
 use kvferry::kvcore::{Descriptor, MemKind, Region, RegionId};
 use kvferry::kvnet::{Agent, AgentConfig, Transport};
 
+use crate::limits::median;
 use crate::report::{Row, Value};
 
 #[derive(Args, Debug)]
@@ -82,11 +83,6 @@ fn pair(t: Transport, bytes: u64, peer_errors: bool) -> Result<Pair, String> {
         remote,
         _bufs: (a, b),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Median seconds of one transfer of `batch` blocks of `block` bytes (scattered on the target).

@@ -15,6 +15,7 @@ use kvferry::kvcore::{
     StrideOrder, TransferPlan,
 };
 
+use crate::limits::median;
 use crate::limits::memcpy_gbps;
 use crate::report::{Row, Value};
 
@@ -55,11 +56,6 @@ fn scattered(n: u32, k: u32, seed: u64) -> Vec<u32> {
     }
     ids.truncate(k as usize);
     ids
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn time<T>(repeat: usize, mut f: impl FnMut() -> T) -> (f64, T) {

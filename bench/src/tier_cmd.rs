@@ -13,6 +13,7 @@ use kvferry::kvtier::{
     IoDone, IoMode, IoOp, IoRequest, NvmeConfig, NvmeStore, PinnedPool, TierConfig, TierEngine,
 };
 
+use crate::limits::median;
 use crate::limits::memcpy_threads_gbps;
 use crate::report::{Row, Value};
 
@@ -58,11 +59,6 @@ fn hashes(n: u32, salt: u64) -> Vec<BlockHash> {
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub fn run(a: &TierArgs) -> Result<Vec<Row>, String> {
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
     let fio = Command::new("fio").arg("--version").output().is_ok();
@@ -106,27 +102,30 @@ fn host_rows(a: &TierArgs, g: Geometry, batch: u32) -> Result<Vec<Row>, String> 
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for rep in 0..=a.repeat {
         let hs = hashes(batch, rep as u64 + 1);
-        let blocks: Vec<_> = hs.iter().copied().zip(src.iter().copied()).collect();
-        let t0 = Instant::now();
-        let c = t
-            .wait(t.offload(id, &blocks).map_err(e)?, Duration::from_secs(120))
-            .ok_or("offload timed out")?;
-        let t1 = t0.elapsed().as_secs_f64();
-        if !c.all_ok() {
-            return Err(format!(
-                "offload failed: {:?}",
-                c.blocks.iter().find(|b| b.result.is_err())
-            ));
-        }
-        let back: Vec<_> = hs.iter().copied().zip(dst.iter().copied()).collect();
-        let t0 = Instant::now();
-        let c = t
-            .wait(t.onboard(id, &back).map_err(e)?, Duration::from_secs(120))
-            .ok_or("onboard timed out")?;
-        let t2 = t0.elapsed().as_secs_f64();
-        if !c.all_ok() {
-            return Err("onboard failed".into());
-        }
+        // One timed request (offload or onboard) of the whole batch; any failed block fails it.
+        let timed = |onboard: bool, ids: &[u32]| -> Result<f64, String> {
+            let blocks: Vec<_> = hs.iter().copied().zip(ids.iter().copied()).collect();
+            let t0 = Instant::now();
+            let req = if onboard {
+                t.onboard(id, &blocks)
+            } else {
+                t.offload(id, &blocks)
+            };
+            let c = t
+                .wait(req.map_err(e)?, Duration::from_secs(120))
+                .ok_or("request timed out")?;
+            let secs = t0.elapsed().as_secs_f64();
+            match c.blocks.iter().find(|b| b.result.is_err()) {
+                Some(b) => Err(format!(
+                    "{} failed: {:?}",
+                    if onboard { "onboard" } else { "offload" },
+                    b.result
+                )),
+                None => Ok(secs),
+            }
+        };
+        let t1 = timed(false, &src)?;
+        let t2 = timed(true, &dst)?;
         if rep > 0 {
             off.push(t1);
             on.push(t2);
