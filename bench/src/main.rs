@@ -2,6 +2,7 @@
 
 mod limits;
 mod net_cmd;
+mod nixl_cmd;
 mod plan_cmd;
 mod report;
 mod tier_cmd;

@@ -35,6 +35,10 @@ pub struct NetArgs {
     /// Also run NIXL's own agents (pip nixl-cu12) on the same pattern, next to the UCX rows.
     #[arg(long)]
     nixl: bool,
+    /// The far side: `kvferry` (two kvferry agents, against ucx_perftest) or `nixl` (a stock
+    /// NIXL agent in another process, read and written by kvferry and by a second NIXL agent).
+    #[arg(long, default_value = "kvferry", value_parser = ["kvferry", "nixl"])]
+    peer: String,
 }
 
 struct Pair {
@@ -265,6 +269,15 @@ fn nixl_rows(a: &NetArgs) -> Result<Vec<(String, u64, u64, f64)>, String> {
 }
 
 pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
+    if a.peer == "nixl" {
+        let blocks: Vec<u64> = a.block_kib.iter().map(|k| k << 10).collect();
+        return crate::nixl_cmd::rows(&crate::nixl_cmd::Sweep {
+            blocks: &blocks,
+            batches: &a.batch,
+            max_bytes: a.max_mib << 20,
+            repeat: a.repeat,
+        });
+    }
     // ucx_perftest comes from the system's UCX: measure kvferry against the same library unless
     // the user chose one, or NIXL is measured too (then kvferry loads the newest UCX it finds,
     // closest to the one bundled with NIXL).

@@ -124,6 +124,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         3,
     );
     write("slot", "seed", &header.encode())?;
+    // NIXL's own bytes: the vectors a stock NIXL agent produced, and one of each command.
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/nixl-1.5.1");
+    for v in ["agentA.md", "agentA_partial.md"] {
+        write("nixl_metadata", v, &fs::read(Path::new(vectors).join(v))?)?;
+    }
+    let notif = kvcore::nixl::NixlNotif {
+        from: "agentA".into(),
+        msg: b"done".to_vec(),
+    };
+    write("nixl_notif", "seed", &notif.encode())?;
+    for (i, c) in [
+        kvcore::nixl::NixlComm::Send,
+        kvcore::nixl::NixlComm::Invalidate("agentA".into()),
+        kvcore::nixl::NixlComm::Load(fs::read(Path::new(vectors).join("agentA_partial.md"))?),
+    ]
+    .iter()
+    .enumerate()
+    {
+        write("nixl_comm", &format!("seed{i}"), &c.encode())?;
+    }
     println!("seeds written under {dir}");
     Ok(())
 }

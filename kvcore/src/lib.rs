@@ -9,12 +9,14 @@
 //! - [`plan`]: [`TransferPlan`]s, the fewest contiguous copies between two layouts.
 //! - [`tp`]: head mapping between tensor-parallel sizes.
 //! - [`slot`]: the header of an on-disk block slot.
+//! - [`nixl`]: NIXL's own bytes (serializer, metadata, notifications, side channel) for interop.
 //! - [`wire`]: versioned, checksummed frames for everything agents say to each other.
 
 pub mod error;
 pub mod geometry;
 pub mod hash;
 pub mod layout;
+pub mod nixl;
 pub mod plan;
 pub mod region;
 pub mod slot;

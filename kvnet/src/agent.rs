@@ -8,17 +8,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvcore::nixl::NixlComm;
 use kvcore::wire::{
     AgentMetadata, Endpoint, ExportedCache, ExportedRegion, Message, Notification, Op,
     TransportKey, PROTOCOL_VERSION,
 };
-use kvcore::{Descriptor, Region, RegionId, RegionTable, Resolved};
+use kvcore::{Descriptor, MemKind, Region, RegionId, RegionTable, Resolved};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::NetError;
 use crate::mem::UseCounts;
-use crate::tcp;
 use crate::ucx::{RmaOp, Ucx};
+use crate::{nixl, tcp};
 
 /// Which transport carries transfers to a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,6 +54,14 @@ pub struct AgentConfig {
     /// may use transports that cannot detect failures (shared memory in UCX < 1.16), which are
     /// faster; a dead peer then surfaces at the transfer's deadline instead.
     pub ucx_peer_errors: bool,
+    /// UCX configuration (`TLS`, `NET_DEVICES`, … without the `UCX_` prefix) applied to this
+    /// agent's context, over the environment's; NIXL's backend parameters play this part.
+    pub ucx_options: Vec<(String, String)>,
+    /// Also serve NIXL's socket side channel here (stock NIXL agents `fetch_remote_metadata`
+    /// and `send_local_metadata` against it). NIXL's side channel has no authentication: whoever
+    /// reaches this port can read our metadata and with it our exported memory, so bind it to a
+    /// trusted interface only.
+    pub nixl_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -65,6 +74,8 @@ impl AgentConfig {
             connections_per_peer: 4,
             transports: vec![Transport::Ucx, Transport::Tcp],
             ucx_peer_errors: true,
+            ucx_options: Vec::new(),
+            nixl_listen: None,
         }
     }
 }
@@ -78,8 +89,19 @@ pub struct TransferDone {
     pub result: Result<u64, NetError>,
 }
 
+/// Which protocol a peer speaks: kvferry's frames, or stock NIXL's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavour {
+    Kvferry,
+    /// `side_channel`: where its NIXL listener is, when we know (to re-publish our metadata).
+    Nixl {
+        side_channel: Option<SocketAddr>,
+    },
+}
+
 /// A peer whose metadata was loaded.
 pub(crate) struct Peer {
+    pub flavour: Flavour,
     pub metadata: AgentMetadata,
     pub regions: RegionTable,
     pub tcp_addr: Option<SocketAddr>,
@@ -146,6 +168,16 @@ impl Shared {
 
     /// Loads (or refreshes) a peer from its metadata; returns its name.
     pub fn load(&self, md: AgentMetadata) -> Result<String, NetError> {
+        self.load_peer(md, Flavour::Kvferry)
+    }
+
+    pub fn load_peer(&self, md: AgentMetadata, flavour: Flavour) -> Result<String, NetError> {
+        if md.name == self.name {
+            return Err(NetError::Descriptors(format!(
+                "peer metadata carries our own name {:?}",
+                md.name
+            )));
+        }
         if md.protocol_version != PROTOCOL_VERSION {
             return Err(NetError::Version {
                 peer: md.name,
@@ -180,6 +212,15 @@ impl Shared {
             .collect();
         let name = md.name.clone();
         let mut peers = self.peers.write();
+        // NIXL's side channel is unauthenticated: it must not replace a kvferry peer's entry.
+        if let Some(old) = peers.get(&name) {
+            let nixl = |f| matches!(f, Flavour::Nixl { .. });
+            if nixl(old.flavour) != nixl(flavour) {
+                return Err(NetError::Descriptors(format!(
+                    "peer name {name:?} is taken by a peer of another protocol"
+                )));
+            }
+        }
         let conns = match peers.get(&name) {
             // Keep warm connections when a peer re-sends unchanged addresses.
             Some(p) if p.tcp_addr == tcp_addr => p.conns.clone(),
@@ -188,6 +229,7 @@ impl Shared {
         peers.insert(
             name.clone(),
             Arc::new(Peer {
+                flavour,
                 metadata: md,
                 regions,
                 tcp_addr,
@@ -204,6 +246,22 @@ impl Shared {
         self.done_cv.notify_all();
     }
 
+    /// A notification to `p` in the bytes it reads.
+    pub fn notification_frame(&self, p: &Peer, payload: Vec<u8>) -> Vec<u8> {
+        match p.flavour {
+            Flavour::Kvferry => Message::Notification(Notification {
+                from: self.name.clone(),
+                payload,
+            })
+            .encode(),
+            Flavour::Nixl { .. } => kvcore::nixl::NixlNotif {
+                from: self.name.clone(),
+                msg: payload,
+            }
+            .encode(),
+        }
+    }
+
     pub fn deliver(&self, n: Notification) {
         self.notifications.lock().push_back(n);
         self.notif_cv.notify_all();
@@ -212,6 +270,7 @@ impl Shared {
 
 pub struct Agent {
     shared: Arc<Shared>,
+    nixl_listen: Option<SocketAddr>,
     rt: Option<tokio::runtime::Runtime>,
     ucx: Option<Ucx>,
     prefer_ucx: bool,
@@ -251,9 +310,24 @@ impl Agent {
             ucx_keys: RwLock::new(HashMap::new()),
         });
         rt.spawn(tcp::serve(shared.clone(), listener));
+        let nixl_listen = match cfg.nixl_listen {
+            Some(addr) => {
+                let l = rt
+                    .block_on(tokio::net::TcpListener::bind(addr))
+                    .map_err(|e| {
+                        crate::framing::io("listen (NIXL side channel)", &addr.to_string(), e)
+                    })?;
+                let at = l
+                    .local_addr()
+                    .map_err(|e| crate::framing::io("listen", &addr.to_string(), e))?;
+                rt.spawn(nixl::serve(shared.clone(), l));
+                Some(at)
+            }
+            None => None,
+        };
         let pos = |t| cfg.transports.iter().position(|x| *x == t);
         let ucx = match pos(Transport::Ucx) {
-            Some(_) => match Ucx::start(shared.clone(), cfg.ucx_peer_errors) {
+            Some(_) => match Ucx::start(shared.clone(), cfg.ucx_peer_errors, &cfg.ucx_options) {
                 Ok(u) => {
                     log::info!("kvferry: UCX transport up ({})", u.library());
                     *shared.ucx_address.write() = Some(u.address().to_vec());
@@ -273,6 +347,7 @@ impl Agent {
         };
         Ok(Agent {
             shared,
+            nixl_listen,
             rt: Some(rt),
             ucx,
             prefer_ucx,
@@ -519,13 +594,7 @@ impl Agent {
             let deadline = Instant::now()
                 + self.shared.timeout
                 + Duration::from_secs_f64(bytes as f64 / 100e6);
-            let frame = notification.map(|payload| {
-                Message::Notification(Notification {
-                    from: self.shared.name.clone(),
-                    payload,
-                })
-                .encode()
-            });
+            let frame = notification.map(|payload| self.shared.notification_frame(&p, payload));
             u.transfer(
                 op,
                 peer.to_string(),
@@ -558,7 +627,19 @@ impl Agent {
         let shared = self.shared.clone();
         rt.block_on(async move {
             for p in peers {
-                if let Err(e) = tcp::publish(&shared, &p).await {
+                let r = match p.flavour {
+                    Flavour::Kvferry => tcp::publish(&shared, &p).await,
+                    // NIXL adds what it loads to what it knew: forget us first, then reload.
+                    Flavour::Nixl {
+                        side_channel: Some(addr),
+                    } => {
+                        let invl = NixlComm::Invalidate(shared.name.clone());
+                        let load = NixlComm::Load(shared.nixl_metadata().encode());
+                        nixl::send(&shared, addr, &[invl, load]).await
+                    }
+                    Flavour::Nixl { side_channel: None } => continue,
+                };
+                if let Err(e) = r {
                     log::warn!(
                         "kvferry: cannot update {} about our exports: {e}",
                         p.metadata.name
@@ -566,6 +647,60 @@ impl Agent {
                 }
             }
         });
+    }
+
+    /// Our metadata as a stock NIXL agent reads it (`add_remote_agent` / `loadRemoteMD`): the
+    /// UCX worker address and every region UCX can reach, with its packed rkey.
+    pub fn nixl_metadata(&self) -> Vec<u8> {
+        self.shared.nixl_metadata().encode()
+    }
+
+    /// Loads a stock NIXL agent's metadata blob (`get_agent_metadata`, full or partial; partial
+    /// blobs add to what was loaded, as in NIXL). Returns the agent's name.
+    pub fn load_nixl_metadata(&self, blob: &[u8]) -> Result<String, NetError> {
+        self.shared.load_nixl(blob, None)
+    }
+
+    /// Where NIXL's side channel is served, when `AgentConfig::nixl_listen` asked for it.
+    pub fn nixl_listen_addr(&self) -> Option<SocketAddr> {
+        self.nixl_listen
+    }
+
+    /// NIXL's `fetch_remote_metadata`: asks the NIXL listener at `addr` for its agent's metadata
+    /// and loads it. Returns the agent's name.
+    pub fn nixl_fetch_metadata(&self, addr: SocketAddr) -> Result<String, NetError> {
+        let shared = self.shared.clone();
+        self.runtime()?
+            .block_on(async move { nixl::fetch(&shared, addr).await })
+    }
+
+    /// NIXL's `send_local_metadata`: sends our metadata to the NIXL listener at `addr`.
+    pub fn nixl_send_metadata(&self, addr: SocketAddr) -> Result<(), NetError> {
+        let shared = self.shared.clone();
+        self.runtime()?.block_on(async move {
+            let load = NixlComm::Load(shared.nixl_metadata().encode());
+            nixl::send(&shared, addr, &[load]).await
+        })
+    }
+
+    /// NIXL's `invalidate_local_metadata`: tells the NIXL listener at `addr` to forget us.
+    pub fn nixl_invalidate(&self, addr: SocketAddr) -> Result<(), NetError> {
+        let shared = self.shared.clone();
+        self.runtime()?.block_on(async move {
+            nixl::send(&shared, addr, &[NixlComm::Invalidate(shared.name.clone())]).await
+        })
+    }
+
+    /// The descriptor for raw `(addr, len)` inside a loaded peer's exported memory, the way NIXL
+    /// names remote memory (`kind`: host memory for NIXL's DRAM, a device for VRAM).
+    pub fn remote_descriptor(
+        &self,
+        peer: &str,
+        kind: MemKind,
+        addr: u64,
+        len: u64,
+    ) -> Result<Descriptor, NetError> {
+        Ok(self.peer(peer)?.regions.find(kind, addr, len)?)
     }
 
     /// Completed transfers, oldest first.
@@ -599,11 +734,7 @@ impl Agent {
     pub fn notify(&self, peer: &str, payload: Vec<u8>) -> Result<(), NetError> {
         let p = self.peer(peer)?;
         if let (true, Some(u), Some(addr)) = (self.use_ucx(&p), &self.ucx, &p.ucx_address) {
-            let frame = Message::Notification(Notification {
-                from: self.shared.name.clone(),
-                payload,
-            })
-            .encode();
+            let frame = self.shared.notification_frame(&p, payload);
             let (tx, rx) = std::sync::mpsc::channel();
             let limit = self.shared.timeout;
             u.notify(

@@ -13,8 +13,16 @@
 //! Where the bytes differ, and why:
 //! - Metadata, transfer notices and notifications are kvcore frames (magic, version, length,
 //!   xxh3 checksum), not NIXL's `nixlSerDes` strings: every field is typed and capped, and a
-//!   corrupted frame is detected rather than half-parsed. Byte-level NIXL interop is a separate
-//!   codec (NIXL's serializer), added for agents that must talk to stock NIXL.
+//!   corrupted frame is detected rather than half-parsed.
+//!
+//! ## Stock NIXL agents
+//!
+//! Where a peer is a stock NIXL agent, the agent speaks NIXL's own bytes (`kvcore::nixl`):
+//! `Agent::nixl_metadata` / `load_nixl_metadata` exchange NIXL metadata blobs, `nixl_fetch_metadata`
+//! / `nixl_send_metadata` / `nixl_invalidate` use a NIXL listener, `AgentConfig::nixl_listen`
+//! serves NIXL's side channel, and notifications to and from NIXL peers are NIXL's UCX active
+//! messages. Transfers are the UCX backend's, with NIXL's settings (error mode PEER, flush before
+//! the notification). UCX versions must be close: load a recent libucp (the `libucx-cu12` wheel).
 //! - Regions carry ids; descriptors name `(region id, offset, len)` rather than raw addresses,
 //!   so a peer can only name memory inside what was exported to it, and stale ids after
 //!   deregistration fail the bounds check.
@@ -27,6 +35,7 @@ pub mod agent;
 pub mod error;
 mod framing;
 mod mem;
+mod nixl;
 mod tcp;
 
 pub use agent::{Agent, AgentConfig, TransferDone, TransferId, Transport};

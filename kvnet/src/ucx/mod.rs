@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvcore::wire::{Message, Op};
+use kvcore::wire::{Message, Notification, Op};
 use kvcore::RegionId;
 
 use crate::agent::Shared;
@@ -197,14 +197,19 @@ fn load() -> Result<(UcpLib, String), NetError> {
 
 impl Ucx {
     /// Loads libucp, creates the context and worker on a new thread, returns once they work.
-    pub fn start(shared: Arc<Shared>, peer_errors: bool) -> Result<Ucx, NetError> {
+    pub fn start(
+        shared: Arc<Shared>,
+        peer_errors: bool,
+        options: &[(String, String)],
+    ) -> Result<Ucx, NetError> {
+        let options = options.to_vec();
         let (tx, rx) = channel();
         let (ready_tx, ready_rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_w = stop.clone();
         let thread = std::thread::Builder::new()
             .name("kvferry-ucx".into())
-            .spawn(move || match Worker::new(shared, peer_errors) {
+            .spawn(move || match Worker::new(shared, peer_errors, &options) {
                 Ok((w, address, library)) => {
                     let _ = ready_tx.send(Ok((address, library)));
                     w.run(rx, &stop_w);
@@ -388,8 +393,20 @@ unsafe extern "C" fn on_notification(
                 return;
             }
             let bytes = std::slice::from_raw_parts(data as *const u8, len);
+            let sink = &*(arg as *const Arc<Shared>);
+            // Stock NIXL agents send NIXL's serializer on the same active-message id.
+            if bytes.starts_with(kvcore::nixl::SERDES_PREFIX) {
+                match kvcore::nixl::NixlNotif::decode(bytes) {
+                    Ok(n) => sink.deliver(Notification {
+                        from: n.from,
+                        payload: n.msg,
+                    }),
+                    Err(e) => log::warn!("kvferry: dropping a malformed NIXL notification: {e}"),
+                }
+                return;
+            }
             match Message::decode(bytes) {
-                Ok(Message::Notification(n)) => (*(arg as *const Arc<Shared>)).deliver(n),
+                Ok(Message::Notification(n)) => sink.deliver(n),
                 Ok(_) => log::warn!("kvferry: UCX active message is not a notification"),
                 Err(e) => log::warn!("kvferry: dropping a malformed UCX notification: {e}"),
             }
@@ -399,7 +416,11 @@ unsafe extern "C" fn on_notification(
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, peer_errors: bool) -> Result<(Worker, Vec<u8>, String), NetError> {
+    fn new(
+        shared: Arc<Shared>,
+        peer_errors: bool,
+        options: &[(String, String)],
+    ) -> Result<(Worker, Vec<u8>, String), NetError> {
         let (lib, path) = load()?;
         let fail = |what: &str, s: ucs_status_t, lib: &UcpLib| {
             NetError::Unavailable(format!("{what}: {}", status_str(lib, s)))
@@ -427,6 +448,23 @@ impl Worker {
                     if let (Ok(ck), Ok(cv)) = (ck, cv) {
                         lib.ucp_config_modify(config, ck.as_ptr(), cv.as_ptr());
                     }
+                }
+            }
+            for (k, v) in options {
+                let (ck, cv) = (
+                    std::ffi::CString::new(k.as_str()),
+                    std::ffi::CString::new(v.as_str()),
+                );
+                let (Ok(ck), Ok(cv)) = (ck, cv) else {
+                    lib.ucp_config_release(config);
+                    return Err(NetError::Unavailable(format!(
+                        "UCX option {k}={v}: NUL byte"
+                    )));
+                };
+                let s = lib.ucp_config_modify(config, ck.as_ptr(), cv.as_ptr());
+                if s != ucs_status_t_UCS_OK {
+                    lib.ucp_config_release(config);
+                    return Err(fail(&format!("UCX option {k}={v}"), s, &lib));
                 }
             }
             let mut params: ucp_params_t = zeroed();
