@@ -33,7 +33,16 @@ impl NixlProc {
             .map_err(|e| e.to_string())?
             .port();
         let mut cmd = Command::new("python3");
-        cmd.args([SCRIPT, name, &port.to_string(), &bytes.to_string(), "1"]);
+        // No NIXL progress thread: it busy-polls a core, which on a small machine starves whatever
+        // else runs (kvferry's threads included). Transfers here use shared memory/cma.
+        cmd.args([
+            SCRIPT,
+            name,
+            &port.to_string(),
+            &bytes.to_string(),
+            "1",
+            "noprog",
+        ]);
         if std::env::var_os("UCX_NET_DEVICES").is_none() {
             cmd.env("UCX_NET_DEVICES", "lo");
         }

@@ -544,7 +544,7 @@ mod tests {
     fn metadata_round_trips_and_refuses_damage() {
         let md = sample();
         let b = md.encode();
-        assert_eq!(NixlMetadata::decode(&b).unwrap(), md);
+        assert_eq!(NixlMetadata::decode(&b).expect("test value"), md);
         for cut in 0..b.len() {
             assert!(NixlMetadata::decode(&b[..cut]).is_err(), "cut at {cut}");
         }
@@ -583,7 +583,7 @@ mod tests {
             from: "peer".into(),
             msg: vec![],
         };
-        assert_eq!(NixlNotif::decode(&n.encode()).unwrap(), n);
+        assert_eq!(NixlNotif::decode(&n.encode()).expect("test value"), n);
         assert!(NixlNotif::decode(b"KVFR").is_err());
     }
 
@@ -595,9 +595,10 @@ mod tests {
             NixlComm::Invalidate("agent".into()),
         ] {
             let f = c.encode();
-            let len = NixlComm::frame_len(f[..8].try_into().unwrap(), MAX_COMM_FRAME).unwrap();
+            let len = NixlComm::frame_len(f[..8].try_into().expect("test value"), MAX_COMM_FRAME)
+                .expect("test value");
             assert_eq!(len, f.len() - 8);
-            assert_eq!(NixlComm::decode(&f[8..]).unwrap(), c);
+            assert_eq!(NixlComm::decode(&f[8..]).expect("test value"), c);
         }
         assert!(NixlComm::decode(b"NIXLCOMM:SENDx").is_err());
         assert!(NixlComm::decode(b"NIXLCOMM:INVL").is_err());

@@ -48,7 +48,7 @@ fn partial_metadata_decodes_exactly_and_re_encodes_to_the_same_bytes() {
     let d = &md.sections[0].descs[0];
     assert_eq!((d.addr, d.len, d.dev_id), (0x560e_e2c9_1aa0, 4096, 7));
     // The same descriptor and rkey as in the full blob.
-    let full = NixlMetadata::decode(&vector("agentA.md")).unwrap();
+    let full = NixlMetadata::decode(&vector("agentA.md")).expect("test value");
     assert_eq!(&full.sections[0].descs[1], d);
     assert_eq!(md.encode(), blob);
 }
@@ -84,7 +84,7 @@ mod props {
     use proptest::prelude::*;
 
     fn mem() -> impl Strategy<Value = NixlMem> {
-        (0u32..5).prop_map(|c| NixlMem::from_code(c).unwrap())
+        (0u32..5).prop_map(|c| NixlMem::from_code(c).expect("test value"))
     }
 
     fn metadata() -> impl Strategy<Value = NixlMetadata> {

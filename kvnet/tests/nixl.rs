@@ -87,10 +87,9 @@ impl NixlPeer {
         std::thread::spawn(move || {
             for l in out.lines().map_while(Result::ok) {
                 // NIXL logs on stdout too; only the script's answers matter.
-                if l.starts_with("ok") || l.starts_with("err") || l.starts_with("ready") {
-                    if tx.send(l).is_err() {
-                        break;
-                    }
+                let answer = ["ok", "err", "ready"].iter().any(|p| l.starts_with(p));
+                if answer && tx.send(l).is_err() {
+                    break;
                 }
             }
         });

@@ -1,11 +1,13 @@
 """A stock NIXL agent (PyPI `nixl-cu12`, UCX backend) driven line by line over stdin/stdout: the
 far side of kvferry's NIXL interop tests and of `kvferry-bench net --peer nixl`.
 
-usage: python3 nixl_agent.py NAME LISTEN_PORT BYTES SEED
+usage: python3 nixl_agent.py NAME LISTEN_PORT BYTES SEED [noprog]
 
 It registers BYTES of DRAM filled with pattern(SEED) (byte i = (i * 131 + SEED) % 251), serves
 NIXL's side channel on LISTEN_PORT, prints `ready ADDR BYTES`, then answers each command with
-one line, `ok ...` or `err ...`:
+one line, `ok ...` or `err ...`. `noprog` turns NIXL's progress thread off: it busy-polls a core,
+which distorts timings on small machines; a Python thread then polls every 200 µs instead (as
+kvferry's UCX thread does when idle).
 
   md                          our metadata blob (hex)
   addmd HEX                   add_remote_agent(blob) -> ok NAME
@@ -25,6 +27,7 @@ one line, `ok ...` or `err ...`:
 import hashlib
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -48,12 +51,30 @@ def reply(line):
 
 def main():
     name, port, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    cfg = nixl_agent_config(enable_listen_thread=True, listen_port=port, backends=["UCX"])
+    prog = not (len(sys.argv) > 5 and sys.argv[5] == "noprog")
+    cfg = nixl_agent_config(
+        enable_prog_thread=prog, enable_listen_thread=True, listen_port=port, backends=["UCX"]
+    )
     agent = nixl_agent(name, cfg)
     buf = pattern(size, seed)
     base = buf.ctypes.data
     agent.register_memory([(base, size, 0, "")], "DRAM")
     notifs = []
+    lock = threading.Lock()
+
+    def collect():
+        with lock:
+            for peer, msgs in agent.get_new_notifs().items():
+                notifs.extend((peer, m) for m in msgs)
+
+    if not prog:
+
+        def poll():
+            while True:
+                collect()  # get_new_notifs makes progress when no progress thread runs
+                time.sleep(0.0002)
+
+        threading.Thread(target=poll, daemon=True).start()
     reply(f"ready {base} {size}")
     for line in sys.stdin:
         w = line.split()
@@ -103,10 +124,10 @@ def main():
             elif cmd == "notifs":
                 want, deadline = int(w[1]), time.time() + float(w[2])
                 while len(notifs) < want and time.time() < deadline:
-                    for peer, msgs in agent.get_new_notifs().items():
-                        notifs.extend((peer, m) for m in msgs)
+                    collect()
                     time.sleep(0.001)
-                got, notifs[:] = notifs[:want], notifs[want:]
+                with lock:
+                    got, notifs[:] = notifs[:want], notifs[want:]
                 reply("ok " + " ".join(f"{p}:{m.hex()}" for p, m in got))
             elif cmd == "notify":
                 agent.send_notif(w[1], bytes.fromhex(w[2]))
