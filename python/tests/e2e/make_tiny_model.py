@@ -1,0 +1,60 @@
+"""Writes a tiny, randomly initialised Llama-style model and a word-level tokenizer to a
+directory, offline (no hub access): the model kvferry's end-to-end tests serve with vLLM on CPU.
+
+usage: python make_tiny_model.py OUT_DIR
+
+3 layers, 4 query heads and 2 KV heads of size 64 (the CPU attention needs a supported head
+size), float32 so that outputs compare exactly, a fixed seed so every run writes the same weights.
+"""
+import os
+import sys
+
+VOCAB = 2000
+
+
+def main():
+    out = sys.argv[1]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(VOCAB - len(specials)):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(out)
+
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    # Larger random weights than the default init keep greedy outputs from collapsing into one
+    # repeated token, so a wrong KV block changes the text.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
