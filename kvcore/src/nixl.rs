@@ -153,22 +153,21 @@ impl<'a> SerReader<'a> {
         Ok(value)
     }
 
-    pub fn u64(&mut self, tag: &'static str) -> Result<u64, WireError> {
-        let v = self.field(tag, 8)?;
-        let a: [u8; 8] = v.try_into().map_err(|_| WireError::Invalid {
+    /// A field of exactly `N` bytes.
+    fn fixed<const N: usize>(&mut self, tag: &'static str) -> Result<[u8; N], WireError> {
+        let v = self.field(tag, N)?;
+        v.try_into().map_err(|_| WireError::Invalid {
             field: tag,
-            reason: format!("{} bytes, expected 8", v.len()),
-        })?;
-        Ok(u64::from_le_bytes(a))
+            reason: format!("{} bytes, expected {N}", v.len()),
+        })
+    }
+
+    pub fn u64(&mut self, tag: &'static str) -> Result<u64, WireError> {
+        self.fixed(tag).map(u64::from_le_bytes)
     }
 
     pub fn u32(&mut self, tag: &'static str) -> Result<u32, WireError> {
-        let v = self.field(tag, 4)?;
-        let a: [u8; 4] = v.try_into().map_err(|_| WireError::Invalid {
-            field: tag,
-            reason: format!("{} bytes, expected 4", v.len()),
-        })?;
-        Ok(u32::from_le_bytes(a))
+        self.fixed(tag).map(u32::from_le_bytes)
     }
 
     /// A non-empty UTF-8 string field.

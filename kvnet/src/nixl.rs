@@ -199,15 +199,25 @@ async fn read_comm(
         s.read_exact(&mut body).await?;
         Ok::<_, std::io::Error>(body)
     };
-    let body = timeout(limit, body)
+    let body = bounded(limit, "read NIXL frame", peer, body).await?;
+    Ok(Some(NixlComm::decode(&body)?))
+}
+
+/// An I/O step with a deadline; both failures name the step and the peer.
+async fn bounded<T>(
+    limit: std::time::Duration,
+    op: &'static str,
+    peer: &str,
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, NetError> {
+    timeout(limit, f)
         .await
         .map_err(|_| NetError::Timeout {
-            op: "read NIXL frame",
+            op,
             peer: peer.to_string(),
             secs: limit.as_secs_f64(),
         })?
-        .map_err(|e| io("read NIXL frame", peer, e))?;
-    Ok(Some(NixlComm::decode(&body)?))
+        .map_err(|e| io(op, peer, e))
 }
 
 async fn write_comm(
@@ -216,14 +226,7 @@ async fn write_comm(
     peer: &str,
     c: &NixlComm,
 ) -> Result<(), NetError> {
-    timeout(limit, s.write_all(&c.encode()))
-        .await
-        .map_err(|_| NetError::Timeout {
-            op: "write NIXL frame",
-            peer: peer.to_string(),
-            secs: limit.as_secs_f64(),
-        })?
-        .map_err(|e| io("write NIXL frame", peer, e))
+    bounded(limit, "write NIXL frame", peer, s.write_all(&c.encode())).await
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
@@ -262,14 +265,13 @@ async fn serve_conn(shared: &Shared, mut s: TcpStream, addr: SocketAddr) -> Resu
 
 async fn dial(shared: &Shared, addr: SocketAddr) -> Result<TcpStream, NetError> {
     let peer = addr.to_string();
-    let s = timeout(shared.timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| NetError::Timeout {
-            op: "connect (NIXL side channel)",
-            peer: peer.clone(),
-            secs: shared.timeout.as_secs_f64(),
-        })?
-        .map_err(|e| io("connect (NIXL side channel)", &peer, e))?;
+    let s = bounded(
+        shared.timeout,
+        "connect (NIXL side channel)",
+        &peer,
+        TcpStream::connect(addr),
+    )
+    .await?;
     let _ = s.set_nodelay(true);
     Ok(s)
 }
