@@ -214,8 +214,7 @@ impl Shared {
         let mut peers = self.peers.write();
         // NIXL's side channel is unauthenticated: it must not replace a kvferry peer's entry.
         if let Some(old) = peers.get(&name) {
-            let nixl = |f| matches!(f, Flavour::Nixl { .. });
-            if nixl(old.flavour) != nixl(flavour) {
+            if std::mem::discriminant(&old.flavour) != std::mem::discriminant(&flavour) {
                 return Err(NetError::Descriptors(format!(
                     "peer name {name:?} is taken by a peer of another protocol"
                 )));

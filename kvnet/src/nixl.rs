@@ -2,6 +2,7 @@
 //! peer, and NIXL's socket side channel (LOAD / SEND / INVL), both serving and asking. The bytes
 //! are `kvcore::nixl`'s; the transfers themselves are the UCX backend's, unchanged.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use kvcore::nixl::{
     MAX_COMM_FRAME,
 };
 use kvcore::wire::{AgentMetadata, Endpoint, ExportedRegion, TransportKey, PROTOCOL_VERSION};
-use kvcore::{MemKind, Region, RegionId, RegionTable};
+use kvcore::{MemKind, Region, RegionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -101,29 +102,27 @@ impl Shared {
             },
             (None, None) => return Err(no_ucx(&md.agent)),
         };
-        let mut table = RegionTable::new();
+        // Overlaps and the region cap are checked by `load_peer`, as for any peer's metadata.
+        let mut seen = HashSet::new();
         let mut regions: Vec<ExportedRegion> = Vec::new();
-        let mut add = |region: Region, key: Vec<u8>| -> Result<(), NetError> {
+        let mut add = |region: Region, key: Vec<u8>| {
             // NIXL re-sends what it sent before; an identical range is not a new one.
-            if regions.iter().any(|r| r.region == region) {
-                return Ok(());
+            if !seen.insert(region) {
+                return;
             }
-            let id = RegionId(regions.len() as u32);
-            table.insert_with_id(id, region)?;
             regions.push(ExportedRegion {
-                id,
+                id: RegionId(regions.len() as u32),
                 region,
                 keys: vec![TransportKey {
                     transport: Transport::Ucx.name().into(),
                     key,
                 }],
             });
-            Ok(())
         };
         if let Some(p) = &old {
             for r in &p.metadata.regions {
                 let key = r.keys.first().map(|k| k.key.clone()).unwrap_or_default();
-                add(r.region, key)?;
+                add(r.region, key);
             }
         }
         for s in md.sections.iter().filter(|s| s.backend == UCX_BACKEND) {
@@ -136,7 +135,7 @@ impl Shared {
                     base: d.addr,
                     len: d.len,
                 };
-                add(region, d.meta.clone())?;
+                add(region, d.meta.clone());
             }
         }
         let side_channel = side_channel.or(match old.map(|p| p.flavour) {
