@@ -296,6 +296,22 @@ impl CacheLayout {
         self.geometry.block_bytes() * u64::from(self.num_blocks)
     }
 
+    /// Bytes one layer's `[B, H, N, C]` view reaches from its origin (the memory each separately
+    /// allocated layer tensor must hold).
+    pub fn layer_extent(&self) -> u64 {
+        let dims = [
+            ("block", u64::from(self.num_blocks), self.block_stride),
+            ("head", u64::from(self.geometry.kv_heads), self.head_stride),
+            (
+                "token",
+                u64::from(self.geometry.block_tokens),
+                self.token_stride,
+            ),
+        ];
+        // Validated at construction, so this cannot fail; the fallback is the whole span.
+        extent_of(&dims, self.geometry.cell_bytes()).unwrap_or(self.span)
+    }
+
     pub fn layer_offset(&self, layer: u32) -> Result<u64, LayoutError> {
         check("layer", layer, self.geometry.layers)?;
         Ok(self.layer_origin(layer))

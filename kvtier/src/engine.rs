@@ -21,6 +21,7 @@ use kvcore::{
 use parking_lot::{Condvar, Mutex};
 
 use crate::copy::{CopyEngine, HostCopy};
+use crate::cuda::{CudaCopy, CudaCopyConfig, Gpu};
 use crate::error::{CopyError, TierError};
 use crate::index::{Admission, BlockIndex, Entry, Tier};
 use crate::memory::{plan_pairs, MemoryRegistry};
@@ -43,6 +44,10 @@ pub struct TierConfig {
     pub spill_free_slots: u32,
     /// Read and checksum every payload when recovering G3 (otherwise each is verified when read).
     pub verify_on_recover: bool,
+    /// G1 is device memory of this CUDA device: the G2 pool is then CUDA pinned memory and
+    /// blocks move with [`crate::cuda::CudaCopy`]; G1 caches register with
+    /// [`TierEngine::register_g1_device`].
+    pub gpu: Option<u32>,
 }
 
 impl TierConfig {
@@ -56,6 +61,7 @@ impl TierConfig {
             max_requests: 1024,
             spill_free_slots: (dram_slots / 8).max(1),
             verify_on_recover: false,
+            gpu: None,
         }
     }
 }
@@ -228,7 +234,8 @@ struct Inner {
     // Field order is drop order: the store's I/O threads and the copy workers finish before the
     // pool's memory goes away.
     store: Option<NvmeStore>,
-    copy: HostCopy,
+    copy: Box<dyn CopyEngine>,
+    gpu: Option<Gpu>,
     pool: PinnedPool,
     pool_region: RegionId,
     pool_layout: CacheLayout,
@@ -259,7 +266,11 @@ impl TierEngine {
         }
         let payload = geometry.block_bytes();
         let slot_bytes = HEADER_PAGE + round_up(payload, ALIGN as u64);
-        let pool = PinnedPool::new(slot_bytes, cfg.dram_slots)?;
+        let gpu = cfg.gpu.map(Gpu::open).transpose()?;
+        let pool = match &gpu {
+            Some(g) => crate::cuda::pinned_pool(g, slot_bytes, cfg.dram_slots)?,
+            None => PinnedPool::new(slot_bytes, cfg.dram_slots)?,
+        };
         let memory = MemoryRegistry::new();
         // SAFETY: the pool lives in `Inner` and is dropped after the copy engine and the store,
         // so no copy or I/O outlives it.
@@ -282,7 +293,10 @@ impl TierEngine {
             Some(n) => Some(NvmeStore::open(n, slot_bytes, Some(&pool), io_tx)?),
             None => None,
         };
-        let copy = HostCopy::new(memory, cfg.copy_threads);
+        let copy: Box<dyn CopyEngine> = match &gpu {
+            Some(g) => Box::new(CudaCopy::new(g, memory, CudaCopyConfig::default())?),
+            None => Box::new(HostCopy::new(memory, cfg.copy_threads)),
+        };
         let (tx, rx) = unbounded();
         let mut stats = TierStats {
             pool_locked: pool.is_locked(),
@@ -317,6 +331,7 @@ impl TierEngine {
         let inner = Arc::new(Inner {
             store,
             copy,
+            gpu,
             pool,
             pool_region,
             pool_layout,
@@ -355,13 +370,60 @@ impl TierEngine {
         layout: CacheLayout,
         base: *mut u8,
     ) -> Result<G1Id, TierError> {
+        if self.inner.gpu.is_some() {
+            return Err(TierError::Config(
+                "this tier engine's G1 is device memory: use register_g1_device".into(),
+            ));
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.add_g1(layout, MemKind::Host, base as u64) }
+    }
+
+    /// Registers a G1 cache in device memory (the engine's KV cache tensors on the GPU named in
+    /// [`TierConfig::gpu`]). Each layer's extent is checked to lie inside one device allocation,
+    /// so a wrong pointer or geometry is refused here, not discovered as a fault in a copy.
+    ///
+    /// # Safety
+    /// The device memory must stay allocated until the tier engine is dropped; the caller must
+    /// not write a block while an offload of it runs, nor touch a block while an onboard into it
+    /// runs (both end at their completion).
+    pub unsafe fn register_g1_device(
+        &self,
+        layout: CacheLayout,
+        device_ptr: u64,
+    ) -> Result<G1Id, TierError> {
+        let gpu = self.inner.gpu.as_ref().ok_or_else(|| {
+            TierError::Config("this tier engine has no GPU (TierConfig::gpu is None)".into())
+        })?;
+        let extent = layout.layer_extent();
+        for l in 0..layout.geometry().layers {
+            let at = device_ptr
+                .checked_add(layout.layer_offset(l)?)
+                .ok_or(kvcore::LayoutError::TooLarge)?;
+            gpu.check_device_range(at, extent)?;
+        }
+        let kind = MemKind::Device {
+            ordinal: gpu.ordinal(),
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.add_g1(layout, kind, device_ptr) }
+    }
+
+    /// # Safety
+    /// As for [`TierEngine::register_g1`], for memory of `kind`.
+    unsafe fn add_g1(
+        &self,
+        layout: CacheLayout,
+        kind: MemKind,
+        base: u64,
+    ) -> Result<G1Id, TierError> {
         layout
             .geometry()
             .check_same(&self.inner.geometry)
             .map_err(kvcore::LayoutError::from)?;
         let region = Region {
-            kind: MemKind::Host,
-            base: base as u64,
+            kind,
+            base,
             len: layout.span_bytes(),
         };
         // SAFETY: forwarded from this function's contract.

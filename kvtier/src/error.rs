@@ -14,6 +14,9 @@ pub enum CopyError {
     Overlap { index: usize },
     #[error("{engine} cannot reach {kind} memory")]
     Unreachable { engine: &'static str, kind: String },
+    /// No usable GPU: no driver, no such device, or the driver refused to start.
+    #[error("no GPU: {0}")]
+    NoGpu(String),
     #[error("copy engine is shut down")]
     Shutdown,
     #[error("copy engine failed: {0}")]

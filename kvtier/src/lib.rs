@@ -3,6 +3,7 @@
 //! Built on `kvcore`; never depends on `kvnet`.
 
 pub mod copy;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod index;

@@ -1,0 +1,263 @@
+//! The CUDA G1 path: device contexts, streams and events through cudarc with the driver and NVRTC
+//! loaded at run time. Builds need no CUDA toolkit; on a machine without a driver or a GPU,
+//! [`Gpu::open`] returns [`CopyError::NoGpu`] with the reason and everything else in kvferry
+//! works as before.
+//!
+//! Raw driver calls live in this module and its children only, each behind a `// SAFETY:` note;
+//! the rest of kvferry sees [`Gpu`], [`CudaCopy`] and [`pinned_pool`].
+
+mod copy;
+mod kernel;
+mod pinned;
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext};
+
+pub use copy::{CopyMethod, CudaCopy, CudaCopyConfig, MethodChoice};
+pub use pinned::{pinned_pool, HostRegistration};
+
+use crate::error::CopyError;
+
+/// One CUDA device, its primary context (the one PyTorch and vLLM use) and what kvferry learnt
+/// about it when it was opened.
+#[derive(Clone)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    info: Arc<GpuInfo>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    pub ordinal: u32,
+    pub name: String,
+    /// `cuDriverGetVersion`, e.g. 12080 or 13000.
+    pub driver_version: i32,
+    pub compute_capability: (i32, i32),
+    pub total_mem: u64,
+}
+
+fn driver_error(what: &str, e: impl std::fmt::Display) -> CopyError {
+    CopyError::Failed(format!("{what}: {e}"))
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Without a loadable CUDA driver or without that device, the error
+    /// says which; no call here can abort the process.
+    pub fn open(ordinal: u32) -> Result<Gpu, CopyError> {
+        // SAFETY: only tries to dlopen the driver library; nothing is called through it.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CopyError::NoGpu(
+                "no CUDA driver found (libcuda.so could not be loaded); GPU tiers need an NVIDIA \
+                 driver"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| CopyError::NoGpu(format!("the CUDA driver did not initialise: {e}")))?;
+        if ordinal as i32 >= count {
+            return Err(CopyError::NoGpu(format!(
+                "CUDA device {ordinal} requested but the driver sees {count} device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal as usize)
+            .map_err(|e| CopyError::NoGpu(format!("cannot open CUDA device {ordinal}: {e}")))?;
+        let mut version = 0i32;
+        // SAFETY: writes one int; the driver is loaded and initialised (CudaContext::new).
+        unsafe { sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(|e| driver_error("cuDriverGetVersion", e))?;
+        let info = GpuInfo {
+            ordinal,
+            name: ctx.name().map_err(|e| driver_error("cuDeviceGetName", e))?,
+            driver_version: version,
+            compute_capability: ctx
+                .compute_capability()
+                .map_err(|e| driver_error("compute capability", e))?,
+            total_mem: ctx
+                .total_mem()
+                .map_err(|e| driver_error("cuDeviceTotalMem", e))? as u64,
+        };
+        Ok(Gpu {
+            ctx,
+            info: Arc::new(info),
+        })
+    }
+
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    pub fn ordinal(&self) -> u32 {
+        self.info.ordinal
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Makes this device's context current on the calling thread (driver calls need it).
+    pub(crate) fn bind(&self) -> Result<(), CopyError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error("cuCtxSetCurrent", e))
+    }
+
+    /// Checks that `ptr..ptr+len` lies inside one allocation of device memory on this GPU, so a
+    /// descriptor bounds-checked against a region registered with it can never make the copy
+    /// engine touch memory the caller does not own.
+    pub fn check_device_range(&self, ptr: u64, len: u64) -> Result<(), CopyError> {
+        self.bind()?;
+        let attr = |a: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+            // SAFETY: `out` points to a local of the size the attribute writes (u64 for
+            // addresses and sizes, u32 for the memory type, i32 for the ordinal).
+            unsafe { sys::cuPointerGetAttribute(out, a, ptr) }.result()
+        };
+        let bad = |why: String| CopyError::Failed(format!("0x{ptr:x}+{len}: {why}"));
+        let mut mem_type = 0u32;
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            (&mut mem_type as *mut u32).cast(),
+        )
+        .map_err(|e| bad(format!("not memory CUDA knows ({e})")))?;
+        if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+            return Err(bad("not device memory".into()));
+        }
+        let mut ordinal = -1i32;
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            (&mut ordinal as *mut i32).cast(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        if ordinal != self.info.ordinal as i32 {
+            return Err(bad(format!(
+                "memory of device {ordinal}, not of device {}",
+                self.info.ordinal
+            )));
+        }
+        let (mut start, mut size) = (0u64, 0u64);
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            (&mut start as *mut u64).cast(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            (&mut size as *mut u64).cast(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        if ptr.checked_add(len).is_none_or(|end| end > start + size) {
+            return Err(bad(format!(
+                "runs past the end of its allocation (0x{start:x}+{size})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `ptr` is page-locked host memory mapped into this device's address space, which
+    /// the copy kernel may read and write directly.
+    pub(crate) fn is_mapped_host(&self, ptr: u64) -> bool {
+        if self.bind().is_err() {
+            return false;
+        }
+        let mut mem_type = 0u32;
+        // SAFETY: writes one u32; an unknown (pageable) pointer returns an error, not UB.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut mem_type as *mut u32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                ptr,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS
+            || mem_type != sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+        {
+            return false;
+        }
+        let mut dev = 0u64;
+        // SAFETY: as above; with unified addressing the device pointer equals the host pointer.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut dev as *mut u64).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_POINTER,
+                ptr,
+            )
+        };
+        r == sys::CUresult::CUDA_SUCCESS && dev == ptr
+    }
+
+    /// Device memory for tests and benchmarks (the engine's own cache comes from the engine).
+    pub fn alloc(&self, len: u64) -> Result<DeviceBuffer, CopyError> {
+        self.bind()?;
+        let mut ptr = 0u64;
+        // SAFETY: writes one device pointer; freed exactly once in DeviceBuffer's Drop.
+        unsafe { sys::cuMemAlloc_v2(&mut ptr, len as usize) }
+            .result()
+            .map_err(|e| driver_error(&format!("cuMemAlloc({len})"), e))?;
+        Ok(DeviceBuffer {
+            gpu: self.clone(),
+            ptr,
+            len,
+        })
+    }
+}
+
+/// A device allocation owned by kvferry (tests, benchmarks, staging).
+pub struct DeviceBuffer {
+    gpu: Gpu,
+    ptr: u64,
+    len: u64,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Synchronous upload (tests and set-up; not a transfer path).
+    pub fn upload(&self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
+        self.check(offset, data.len() as u64)?;
+        self.gpu.bind()?;
+        // SAFETY: destination bounds checked above; the source is a live slice.
+        unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset, data.as_ptr().cast(), data.len()) }
+            .result()
+            .map_err(|e| driver_error("cuMemcpyHtoD", e))
+    }
+
+    /// Synchronous download (tests and set-up; not a transfer path).
+    pub fn download(&self, offset: u64, out: &mut [u8]) -> Result<(), CopyError> {
+        self.check(offset, out.len() as u64)?;
+        self.gpu.bind()?;
+        // SAFETY: source bounds checked above; the destination is a live, exclusive slice.
+        unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr + offset, out.len()) }
+            .result()
+            .map_err(|e| driver_error("cuMemcpyDtoH", e))
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(CopyError::Failed(format!(
+                "{offset}+{len} is outside a {}-byte device buffer",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: frees the allocation made in Gpu::alloc, once.
+            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
