@@ -1,5 +1,6 @@
 //! kvferry-bench: measures kvferry's paths next to the physical limit measured in the same run.
 
+mod gpu_cmd;
 mod limits;
 mod net_cmd;
 mod nixl_cmd;
@@ -25,6 +26,9 @@ enum Cmd {
     Plan(plan_cmd::PlanArgs),
     /// Tier bandwidth: G1(host)<->G2 against memcpy, G2<->G3 against fio.
     Tier(tier_cmd::TierArgs),
+    /// HBM<->pinned DRAM for vLLM-shaped caches, against one contiguous copy and vLLM's per-block
+    /// copies (needs an NVIDIA GPU).
+    Gpu(gpu_cmd::GpuArgs),
     /// Network bandwidth and latency between two agents on loopback, against ucx_perftest.
     Net(net_cmd::NetArgs),
 }
@@ -35,6 +39,7 @@ fn main() {
         Cmd::Plan(a) => plan_cmd::run(a),
         Cmd::Tier(a) => tier_cmd::run(a),
         Cmd::Net(a) => net_cmd::run(a),
+        Cmd::Gpu(a) => gpu_cmd::run(a),
     };
     match rows {
         Ok(rows) => report::print(&rows, cli.json),

@@ -370,9 +370,20 @@ impl Agent {
     /// until `deregister` returns Ok (or the agent is dropped), and while a transfer runs nothing
     /// else may write what it reads or touch what it writes.
     pub unsafe fn register(&self, region: Region) -> Result<RegionId, NetError> {
+        let device = matches!(region.kind, MemKind::Device { .. });
+        if device && self.ucx.as_ref().is_none_or(|u| !u.has_cuda()) {
+            return Err(NetError::Unavailable(format!(
+                "device memory can be exported only through a UCX built with CUDA ({}); stage \
+                 the blocks through pinned DRAM instead",
+                match &self.ucx {
+                    Some(u) => format!("{} has no CUDA support", u.library()),
+                    None => "no UCX is loaded".into(),
+                }
+            )));
+        }
         let id = self.shared.regions.write().insert(region)?;
         if let Some(u) = &self.ucx {
-            match u.map(id, region.base, region.len) {
+            match u.map(id, region.base, region.len, device) {
                 Ok(key) => {
                     self.shared.ucx_keys.write().insert(id, key);
                 }
@@ -393,6 +404,11 @@ impl Agent {
             t.push(Transport::Ucx);
         }
         t
+    }
+
+    /// Whether device (CUDA) memory can be registered: UCX is loaded and built with CUDA.
+    pub fn device_memory(&self) -> bool {
+        self.ucx.as_ref().is_some_and(Ucx::has_cuda)
     }
 
     pub fn ucx_library(&self) -> Option<&str> {
@@ -607,6 +623,19 @@ impl Agent {
                 }),
             );
             return Ok(id);
+        }
+        // The TCP transport moves bytes with the CPU: device memory on either side would be
+        // dereferenced as host memory.
+        crate::mem::host_only(&resolved, "local")?;
+        if let Some(i) = remote.iter().position(|d| {
+            p.regions
+                .get(d.region)
+                .is_some_and(|r| matches!(r.kind, MemKind::Device { .. }))
+        }) {
+            return Err(NetError::Descriptors(format!(
+                "remote descriptor {i} names device memory, which {peer} serves only over UCX with \
+                 CUDA; no such UCX path is available"
+            )));
         }
         let remote = remote.to_vec();
         self.runtime()?.spawn(async move {

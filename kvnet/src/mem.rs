@@ -65,6 +65,23 @@ impl Drop for InUse {
     }
 }
 
+/// Refuses descriptors of device memory on paths that move bytes with the CPU.
+pub(crate) fn host_only(rs: &[Resolved], side: &str) -> Result<(), crate::NetError> {
+    match rs.iter().position(|r| {
+        matches!(
+            r.kind,
+            kvcore::MemKind::Device { .. } | kvcore::MemKind::File { .. }
+        )
+    }) {
+        Some(i) => Err(crate::NetError::Descriptors(format!(
+            "{side} descriptor {i} is {:?} memory, which the TCP transport cannot reach (device \
+             memory moves over UCX with CUDA, or is staged through pinned DRAM)",
+            rs[i].kind
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A resolved local descriptor as bytes to send.
 ///
 /// # Safety

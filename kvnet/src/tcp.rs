@@ -480,7 +480,16 @@ async fn serve_transfer(
 ) -> Result<(), NetError> {
     let total: u64 = n.descriptors.iter().map(|d| d.len).sum();
     let limit = shared.timeout + Duration::from_secs_f64(total as f64 / 100e6);
-    let resolved = shared.regions.read().resolve_all(&n.descriptors);
+    let resolved = shared
+        .regions
+        .read()
+        .resolve_all(&n.descriptors)
+        .map_err(|e| e.to_string())
+        .and_then(|rs| {
+            mem::host_only(&rs, "requested")
+                .map(|()| rs)
+                .map_err(|e| e.to_string())
+        });
     let held = resolved
         .as_ref()
         .ok()

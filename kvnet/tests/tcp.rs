@@ -372,3 +372,23 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
         .enumerate()
         .all(|(i, &x)| x == pattern(4, i as u64)));
 }
+
+#[test]
+fn device_memory_is_refused_where_no_cuda_transport_can_move_it() {
+    let local = Local::new("gpu-less", 4096, None);
+    // SAFETY: refused before anything would touch the (fake) device address.
+    let r = unsafe {
+        local.agent.register(Region {
+            kind: MemKind::Device { ordinal: 0 },
+            base: 1 << 40,
+            len: 1 << 20,
+        })
+    };
+    let e = r.expect_err("no CUDA transport here");
+    assert!(!local.agent.device_memory());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("device memory") && msg.contains("pinned DRAM"),
+        "{msg}"
+    );
+}

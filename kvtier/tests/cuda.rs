@@ -236,11 +236,12 @@ fn bad_descriptors_fail_before_any_byte_moves() {
     let too_long = unsafe {
         memory.register(Region {
             kind: MemKind::Device { ordinal: 0 },
-            base: r.dev.ptr() + (2 << 20),
+            base: r.dev.ptr() + (1 << 40),
             len: 4096,
         })
     };
-    if let Ok(id) = too_long {
+    {
+        let id = too_long.expect("disjoint from the other regions");
         let p = CopyPair {
             src: Descriptor {
                 region: id,

@@ -45,6 +45,7 @@ enum Cmd {
         id: RegionId,
         base: u64,
         len: u64,
+        device: bool,
         reply: Sender<Result<Vec<u8>, NetError>>,
     },
     Unmap {
@@ -75,6 +76,7 @@ pub(crate) struct Ucx {
     tx: Sender<Cmd>,
     address: Vec<u8>,
     library: String,
+    cuda: bool,
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
 }
@@ -211,7 +213,7 @@ impl Ucx {
             .name("kvferry-ucx".into())
             .spawn(move || match Worker::new(shared, peer_errors, &options) {
                 Ok((w, address, library)) => {
-                    let _ = ready_tx.send(Ok((address, library)));
+                    let _ = ready_tx.send(Ok((address, library, w.cuda)));
                     w.run(rx, &stop_w);
                 }
                 Err(e) => {
@@ -219,13 +221,14 @@ impl Ucx {
                 }
             })
             .map_err(|e| NetError::Unavailable(format!("cannot start the UCX thread: {e}")))?;
-        let (address, library) = ready_rx
+        let (address, library, cuda) = ready_rx
             .recv()
             .map_err(|_| NetError::Unavailable("the UCX thread died while starting".into()))??;
         Ok(Ucx {
             tx,
             address,
             library,
+            cuda,
             thread: Some(thread),
             stop,
         })
@@ -245,13 +248,25 @@ impl Ucx {
         &self.library
     }
 
-    /// Maps a region for remote access; returns its packed rkey.
-    pub fn map(&self, id: RegionId, base: u64, len: u64) -> Result<Vec<u8>, NetError> {
+    /// Whether this UCX was built with CUDA (it can then register and move device memory).
+    pub fn has_cuda(&self) -> bool {
+        self.cuda
+    }
+
+    /// Maps a region for remote access (`device`: CUDA device memory); returns its packed rkey.
+    pub fn map(
+        &self,
+        id: RegionId,
+        base: u64,
+        len: u64,
+        device: bool,
+    ) -> Result<Vec<u8>, NetError> {
         let (reply, rx) = channel();
         self.send(Cmd::Map {
             id,
             base,
             len,
+            device,
             reply,
         })
         .map_err(|_| NetError::Shutdown)?;
@@ -360,6 +375,8 @@ struct Worker {
     eps: HashMap<String, Endpoint>,
     memh: HashMap<RegionId, ucp_mem_h>,
     inflight: Vec<Inflight>,
+    /// The context supports CUDA memory (UCX built with its cuda transports).
+    cuda: bool,
     /// Owned by the worker for the AM handler's lifetime.
     sink: *mut Arc<Shared>,
 }
@@ -504,8 +521,18 @@ impl Worker {
                 eps: HashMap::new(),
                 memh: HashMap::new(),
                 inflight: Vec::new(),
+                cuda: false,
                 sink,
             };
+            let mut w = w;
+            if w.lib.ucp_context_query.is_ok() {
+                let mut attr: ucp_context_attr_t = zeroed();
+                attr.field_mask = ucp_context_attr_field_UCP_ATTR_FIELD_MEMORY_TYPES as u64;
+                if w.lib.ucp_context_query(ctx, &mut attr) == ucs_status_t_UCS_OK {
+                    w.cuda =
+                        attr.memory_types & (1u64 << ucs_memory_type_UCS_MEMORY_TYPE_CUDA) != 0;
+                }
+            }
             let s = w.lib.ucp_worker_set_am_recv_handler(worker, &am);
             if s != ucs_status_t_UCS_OK {
                 return Err(fail("ucp_worker_set_am_recv_handler", s, &w.lib));
@@ -557,9 +584,10 @@ impl Worker {
                 id,
                 base,
                 len,
+                device,
                 reply,
             } => {
-                let _ = reply.send(self.map(id, base, len));
+                let _ = reply.send(self.map(id, base, len, device));
             }
             Cmd::Unmap { id } => {
                 if let Some(m) = self.memh.remove(&id) {
@@ -595,7 +623,21 @@ impl Worker {
         }
     }
 
-    fn map(&mut self, id: RegionId, base: u64, len: u64) -> Result<Vec<u8>, NetError> {
+    fn map(
+        &mut self,
+        id: RegionId,
+        base: u64,
+        len: u64,
+        device: bool,
+    ) -> Result<Vec<u8>, NetError> {
+        if device && !self.cuda {
+            return Err(NetError::Unavailable(
+                "this UCX was built without CUDA support, so device memory cannot be registered \
+                 with it: stage the blocks through pinned DRAM (kvtier's CudaCopy into a registered \
+                 pinned pool), or use a UCX built with CUDA (the libucx-cu12 wheel is)"
+                    .into(),
+            ));
+        }
         // SAFETY: the agent registered `base..base+len` under its contract (valid until unmapped);
         // the out-pointers are valid locals.
         unsafe {
@@ -603,6 +645,12 @@ impl Worker {
             p.field_mask = (ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
                 | ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH)
                 as u64;
+            if device {
+                // Told rather than detected, so UCX picks its CUDA transports (cuda_copy,
+                // cuda_ipc, gdr_copy, GPUDirect RDMA) for this memory.
+                p.field_mask |= ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE as u64;
+                p.memory_type = ucs_memory_type_UCS_MEMORY_TYPE_CUDA;
+            }
             p.address = base as *mut c_void;
             p.length = len as usize;
             let mut memh: ucp_mem_h = ptr::null_mut();

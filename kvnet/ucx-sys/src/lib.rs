@@ -3,7 +3,8 @@
 //! Generated once with bindgen 0.73 from the UCX 1.13.1 headers (`ucp/api/ucp.h`, the oldest
 //! UCX kvferry supports; UCP's ABI only appends fields behind field masks, so newer libraries
 //! accept these structs), with `--dynamic-loading UcpLib`: nothing links against libucp at build
-//! time. Regenerate with the same allowlist when a newer API is needed.
+//! time. Regenerate with the same allowlist when a newer API is needed. `ucp_context_query` was
+//! added to the allowlist later (by hand, in bindgen's shape) to learn whether UCX has CUDA.
 #![allow(
     non_camel_case_types,
     non_snake_case,
@@ -849,6 +850,13 @@ pub struct UcpLib {
         ::libloading::Error,
     >,
     pub ucp_rkey_destroy: Result<unsafe extern "C" fn(rkey: ucp_rkey_h), ::libloading::Error>,
+    pub ucp_context_query: Result<
+        unsafe extern "C" fn(
+            context_p: ucp_context_h,
+            attr: *mut ucp_context_attr_t,
+        ) -> ucs_status_t,
+        ::libloading::Error,
+    >,
     pub ucp_worker_set_am_recv_handler: Result<
         unsafe extern "C" fn(
             worker: ucp_worker_h,
@@ -937,6 +945,7 @@ impl UcpLib {
         let ucp_rkey_buffer_release = __library.get(b"ucp_rkey_buffer_release\0").map(|sym| *sym);
         let ucp_ep_rkey_unpack = __library.get(b"ucp_ep_rkey_unpack\0").map(|sym| *sym);
         let ucp_rkey_destroy = __library.get(b"ucp_rkey_destroy\0").map(|sym| *sym);
+        let ucp_context_query = __library.get(b"ucp_context_query\0").map(|sym| *sym);
         let ucp_worker_set_am_recv_handler = __library
             .get(b"ucp_worker_set_am_recv_handler\0")
             .map(|sym| *sym);
@@ -971,6 +980,7 @@ impl UcpLib {
             ucp_rkey_buffer_release,
             ucp_ep_rkey_unpack,
             ucp_rkey_destroy,
+            ucp_context_query,
             ucp_worker_set_am_recv_handler,
             ucp_am_send_nbx,
             ucp_put_nbx,
@@ -1193,6 +1203,16 @@ impl UcpLib {
             .ucp_ep_rkey_unpack
             .as_ref()
             .expect("Expected function, got error."))(ep, rkey_buffer, rkey_p)
+    }
+    pub unsafe fn ucp_context_query(
+        &self,
+        context_p: ucp_context_h,
+        attr: *mut ucp_context_attr_t,
+    ) -> ucs_status_t {
+        (self
+            .ucp_context_query
+            .as_ref()
+            .expect("Expected function, got error."))(context_p, attr)
     }
     pub unsafe fn ucp_rkey_destroy(&self, rkey: ucp_rkey_h) {
         (self

@@ -740,11 +740,8 @@ impl CopyEngine for CudaCopy {
             MethodChoice::Fixed(m) => m,
             MethodChoice::Auto => self.auto_method(lane, &runs, mapped),
         };
-        let method = if method == CopyMethod::Kernel && !mapped {
-            CopyMethod::PerRun
-        } else {
-            method
-        };
+        // Pageable host memory: only plain DMA copies take it (the driver stages them).
+        let method = if mapped { method } else { CopyMethod::PerRun };
         self.issue(lane, method, &runs, done)
     }
 }

@@ -222,6 +222,19 @@ impl DeviceBuffer {
         self.len == 0
     }
 
+    /// Sets every byte (set-up of benchmarks: real bytes, without a host round trip).
+    pub fn fill(&self, byte: u8) -> Result<(), CopyError> {
+        self.gpu.bind()?;
+        // SAFETY: the whole allocation, which this buffer owns.
+        unsafe { sys::cuMemsetD8_v2(self.ptr, byte, self.len as usize) }
+            .result()
+            .map_err(|e| driver_error("cuMemsetD8", e))?;
+        self.gpu
+            .context()
+            .synchronize()
+            .map_err(|e| driver_error("cuCtxSynchronize", e))
+    }
+
     /// Synchronous upload (tests and set-up; not a transfer path).
     pub fn upload(&self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
         self.check(offset, data.len() as u64)?;
