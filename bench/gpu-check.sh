@@ -72,7 +72,7 @@ run() {
     for p in $pairs; do
         local model=${p%,*} dtype=${p#*,}
         # shellcheck disable=SC2086
-        "$dir/kvferry-bench" --json gpu --model "$model" --dtype "$dtype" ${KVFERRY_GPU_BENCH_ARGS:-} \
+        timeout "${KVFERRY_GPU_BENCH_TIMEOUT:-120}" "$dir/kvferry-bench" --json gpu --model "$model" --dtype "$dtype" ${KVFERRY_GPU_BENCH_ARGS:-} \
             >>"$out/gpu.jsonl" 2>>"$out/bench.log" || { rc=1; tail -3 "$out/bench.log"; }
     done
     grep -E "^gpu: auto|unavailable" "$out/bench.log" | sort -u | head -50

@@ -118,7 +118,9 @@ fn build(
         ts,
     )
     .map_err(|x| e(&x))?;
-    let g2 = CacheLayout::block_packed(geometry, slots).map_err(|x| e(&x))?;
+    // The pool keeps vLLM's token-major order inside each block (the tier engine's
+    // `block_order: Blnhc`), so a block is one run per plane, not a transposition.
+    let g2 = CacheLayout::named(geometry, slots, StrideOrder::Blnhc).map_err(|x| e(&x))?;
     let pool = pinned_pool(gpu, geometry.block_bytes(), slots).map_err(|x| e(&x))?;
     let memory = MemoryRegistry::new();
     // SAFETY: the tensors and the pool live in the rig next to the engine; the engine is dropped

@@ -17,6 +17,7 @@ use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use kvcore::slot::{SlotHeader, SLOT_HEADER_LEN};
 use kvcore::{
     BlockHash, CacheLayout, Geometry, LayerPlacement, MemKind, PlanBuilder, Region, RegionId,
+    StrideOrder,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -48,6 +49,11 @@ pub struct TierConfig {
     /// blocks move with [`crate::cuda::CudaCopy`]; G1 caches register with
     /// [`TierEngine::register_g1_device`].
     pub gpu: Option<u32>,
+    /// Byte order inside each G2/G3 block: `Blhnc` (head-major, what head slicing across TP
+    /// sizes wants) or `Blnhc` (token-major, the order of vLLM's NHD caches on GPUs, so that
+    /// offloading one is a few large copies per block instead of a transposition cell by cell).
+    /// Part of the G3 format: files written with one order are not recovered with the other.
+    pub block_order: StrideOrder,
 }
 
 impl TierConfig {
@@ -62,6 +68,7 @@ impl TierConfig {
             spill_free_slots: (dram_slots / 8).max(1),
             verify_on_recover: false,
             gpu: None,
+            block_order: StrideOrder::Blhnc,
         }
     }
 }
@@ -277,6 +284,15 @@ impl TierEngine {
         let pool_region = unsafe { memory.register(pool.region()) }?;
         // Each slot: a header page, then the block in kvferry's block-packed order.
         let cell = geometry.cell_bytes();
+        let (head_stride, token_stride) = match cfg.block_order {
+            StrideOrder::Blhnc => (u64::from(geometry.block_tokens) * cell, cell),
+            StrideOrder::Blnhc => (cell, u64::from(geometry.kv_heads) * cell),
+            other => {
+                return Err(TierError::Config(format!(
+                    "block_order {other}: G2/G3 blocks are BLHNC or BLNHC"
+                )))
+            }
+        };
         let pool_layout = CacheLayout::from_strides(
             geometry,
             cfg.dram_slots,
@@ -285,8 +301,8 @@ impl TierEngine {
                 stride: geometry.layer_block_bytes(),
             },
             slot_bytes,
-            u64::from(geometry.block_tokens) * cell,
-            cell,
+            head_stride,
+            token_stride,
         )?;
         let (io_tx, io_rx) = unbounded::<IoDone>();
         let store = match &cfg.nvme {
@@ -324,7 +340,12 @@ impl TierEngine {
             stats,
             shutting_down: false,
         };
-        let fingerprint = geometry.fingerprint();
+        // The default order keeps the fingerprint of files written before the order was a
+        // choice; another order changes it, so recovery never reads blocks in the wrong order.
+        let fingerprint = match cfg.block_order {
+            StrideOrder::Blhnc => geometry.fingerprint(),
+            o => geometry.fingerprint() ^ (u64::from(o.code()) << 56) ^ 0x9e37_79b9_7f4a_7c15,
+        };
         if let Some(s) = &store {
             recover(s, &mut state, fingerprint, payload, cfg.verify_on_recover)?;
         }

@@ -343,6 +343,8 @@ fn tier_engine_offloads_and_onboards_a_device_g1() {
     .expect("layout");
     let mut cfg = TierConfig::new(g, 64);
     cfg.gpu = Some(0);
+    // Token-major blocks in G2, like the NHD cache: whole planes per copy.
+    cfg.block_order = StrideOrder::Blnhc;
     let tier = TierEngine::new(cfg).expect("tier engine on the GPU");
     // A cache that claims more blocks than its tensors hold is refused at registration.
     let too_big = CacheLayout::from_strides(

@@ -17,8 +17,36 @@ fn nvme(dir: &std::path::Path, slots: u64, io: IoMode) -> NvmeConfig {
 
 #[test]
 fn dram_round_trip_is_bit_exact() {
+    dram_round_trip(kvcore::StrideOrder::Blhnc);
+}
+
+#[test]
+fn dram_round_trip_is_bit_exact_with_token_major_blocks() {
+    dram_round_trip(kvcore::StrideOrder::Blnhc);
+}
+
+#[test]
+fn g3_files_are_not_recovered_under_another_block_order() {
     let g = geometry();
-    let t = TierEngine::new(TierConfig::new(g, 16)).expect("engine");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut src = G1::new(g, 8, 9);
+    fill_store(dir.path(), g, 8, &mut src);
+    let mut cfg = TierConfig::new(g, 64);
+    cfg.nvme = Some(nvme(dir.path(), 64, IoMode::Auto));
+    cfg.block_order = kvcore::StrideOrder::Blnhc;
+    let t = TierEngine::new(cfg).expect("engine");
+    let hashes: Vec<_> = (0..8u64).map(hash).collect();
+    assert_eq!(t.lookup(&hashes).hits, 0, "blocks of the other order must not be served");
+    let mut bad = TierConfig::new(g, 4);
+    bad.block_order = kvcore::StrideOrder::Lbnhc;
+    assert!(TierEngine::new(bad).is_err());
+}
+
+fn dram_round_trip(order: kvcore::StrideOrder) {
+    let g = geometry();
+    let mut cfg = TierConfig::new(g, 16);
+    cfg.block_order = order;
+    let t = TierEngine::new(cfg).expect("engine");
     let mut src = G1::new(g, 32, 1);
     let mut dst = G1::new(g, 32, 2);
     let (s, d) = (src.register(&t), dst.register(&t));

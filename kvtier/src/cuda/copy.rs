@@ -158,8 +158,11 @@ struct Checked {
     len: u64,
     /// Device regions: allocations already checked to hold the descriptors seen so far.
     allocs: Vec<(u64, u64)>,
+    /// Index into `allocs` of the last hit (scattered blocks mostly stay in one layer tensor).
+    hint: usize,
     /// Host regions: page-locked and mapped, so the kernel may touch them.
     mapped: bool,
+    host_checked: bool,
 }
 
 /// Which method won for one direction, piece size and count bucket.
@@ -291,18 +294,35 @@ impl CudaCopy {
         let mut mapped = true;
         let mut onboard = false;
         let mut checked = self.checked.lock();
+        // Regions seen in this batch: each is looked up in the registry once per batch, not
+        // once per descriptor (batches of scattered blocks run to hundreds of thousands).
+        let mut fresh: Vec<(RegionId, bool)> = Vec::new();
         for (i, (s, d)) in resolved.iter().enumerate() {
             let pair = &pairs[i];
             let mut sides = [false; 2];
             for (k, (r, desc)) in [(s, &pair.src), (d, &pair.dst)].into_iter().enumerate() {
+                let id = desc.region;
+                let host_mapped = match fresh.iter().find(|f| f.0 == id) {
+                    Some(f) => f.1,
+                    None => {
+                        let e = self.region_entry(&mut checked, id)?;
+                        let m = match r.kind {
+                            MemKind::Host | MemKind::PinnedHost => self.check_host(e),
+                            _ => true,
+                        };
+                        fresh.push((id, m));
+                        m
+                    }
+                };
                 match r.kind {
                     MemKind::Device { ordinal } if ordinal == self.gpu.ordinal() => {
-                        self.check_device(&mut checked, desc.region, r.addr, r.len)?;
+                        let e = checked
+                            .get_mut(&id)
+                            .ok_or_else(|| CopyError::Failed(format!("region {id:?} vanished")))?;
+                        self.check_device(e, r.addr, r.len)?;
                         sides[k] = true;
                     }
-                    MemKind::Host | MemKind::PinnedHost => {
-                        mapped &= self.check_host(&mut checked, desc.region)?;
-                    }
+                    MemKind::Host | MemKind::PinnedHost => mapped &= host_mapped,
                     other => {
                         return Err(CopyError::Unreachable {
                             engine: self.name(),
@@ -340,7 +360,9 @@ impl CudaCopy {
             base,
             len,
             allocs: Vec::new(),
+            hint: 0,
             mapped: false,
+            host_checked: false,
         };
         let e = checked
             .entry(id)
@@ -352,16 +374,13 @@ impl CudaCopy {
         Ok(e)
     }
 
-    fn check_device(
-        &self,
-        checked: &mut HashMap<RegionId, Checked>,
-        id: RegionId,
-        addr: u64,
-        len: u64,
-    ) -> Result<(), CopyError> {
-        let e = self.region_entry(checked, id)?;
+    fn check_device(&self, e: &mut Checked, addr: u64, len: u64) -> Result<(), CopyError> {
         let inside = |&(start, size): &(u64, u64)| addr >= start && addr + len <= start + size;
-        if e.allocs.iter().any(inside) {
+        if e.allocs.get(e.hint).is_some_and(inside) {
+            return Ok(());
+        }
+        if let Some(i) = e.allocs.iter().position(inside) {
+            e.hint = i;
             return Ok(());
         }
         // The first descriptor in an allocation we have not seen: ask the driver which
@@ -370,6 +389,7 @@ impl CudaCopy {
         self.gpu.check_device_range(addr, len)?;
         let (start, size) = self.allocation_of(addr)?;
         e.allocs.push((start, size));
+        e.hint = e.allocs.len() - 1;
         Ok(())
     }
 
@@ -396,21 +416,16 @@ impl CudaCopy {
         Ok((start, size))
     }
 
-    fn check_host(
-        &self,
-        checked: &mut HashMap<RegionId, Checked>,
-        id: RegionId,
-    ) -> Result<bool, CopyError> {
-        let e = self.region_entry(checked, id)?;
-        if e.allocs.is_empty() {
+    fn check_host(&self, e: &mut Checked) -> bool {
+        if !e.host_checked {
             // Checked once per region: both ends pinned and mapped (cuMemHostAlloc or
             // cuMemHostRegister ranges are all-or-nothing).
             e.mapped = e.len > 0
                 && self.gpu.is_mapped_host(e.base)
                 && self.gpu.is_mapped_host(e.base + e.len - 1);
-            e.allocs.push((e.base, e.len));
+            e.host_checked = true;
         }
-        Ok(e.mapped)
+        e.mapped
     }
 
     fn auto_method(&self, lane: Lane, runs: &[Run], mapped: bool) -> CopyMethod {
