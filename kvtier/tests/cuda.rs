@@ -147,7 +147,7 @@ fn scattered_blocks_round_trip_bit_exact_for_every_layout_and_method() {
             let r = rig(&gpu, g1.span_bytes(), g.block_bytes(), BLOCKS, choice);
             if let MethodChoice::Fixed(m) = choice {
                 if let Err(why) = r.engine.supports(m) {
-                    eprintln!("kvferry-test skipped {} on {order}: {why}", m.name());
+                    eprintln!("note: {} not run on {order}: {why}", m.name());
                     continue;
                 }
             }
