@@ -17,6 +17,16 @@ pub fn round_up(n: u64, to: u64) -> u64 {
     n.div_ceil(to) * to
 }
 
+/// Slot size rounded up to 4 KiB, and the pool's total length in bytes.
+pub(crate) fn pool_size(slot_bytes: u64, slots: u32) -> Result<(u64, usize), TierError> {
+    let slot = round_up(slot_bytes.max(1), ALIGN as u64);
+    let len = slot
+        .checked_mul(u64::from(slots))
+        .filter(|&l| l > 0 && l <= isize::MAX as u64)
+        .ok_or_else(|| TierError::Config(format!("pool of {slots} x {slot} bytes")))?;
+    Ok((slot, len as usize))
+}
+
 type Release = Box<dyn FnOnce(*mut u8, usize) + Send + Sync>;
 
 pub struct PinnedPool {
@@ -42,12 +52,7 @@ impl PinnedPool {
     /// transparent huge pages, pre-faults the memory, and page-locks it; if locking is refused
     /// (RLIMIT_MEMLOCK), the pool runs unlocked and says so once in the log.
     pub fn new(slot_bytes: u64, slots: u32) -> Result<PinnedPool, TierError> {
-        let slot_bytes = round_up(slot_bytes.max(1), ALIGN as u64);
-        let len = slot_bytes
-            .checked_mul(u64::from(slots))
-            .filter(|&l| l > 0 && l <= isize::MAX as u64)
-            .ok_or_else(|| TierError::Config(format!("pool of {slots} x {slot_bytes} bytes")))?
-            as usize;
+        let (slot_bytes, len) = pool_size(slot_bytes, slots)?;
         // SAFETY: anonymous private mapping with no address hint; the result is checked.
         let ptr = unsafe {
             libc::mmap(

@@ -36,7 +36,11 @@ fn g3_files_are_not_recovered_under_another_block_order() {
     cfg.block_order = kvcore::StrideOrder::Blnhc;
     let t = TierEngine::new(cfg).expect("engine");
     let hashes: Vec<_> = (0..8u64).map(hash).collect();
-    assert_eq!(t.lookup(&hashes).hits, 0, "blocks of the other order must not be served");
+    assert_eq!(
+        t.lookup(&hashes).hits,
+        0,
+        "blocks of the other order must not be served"
+    );
     let mut bad = TierConfig::new(g, 4);
     bad.block_order = kvcore::StrideOrder::Lbnhc;
     assert!(TierEngine::new(bad).is_err());

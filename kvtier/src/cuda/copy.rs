@@ -386,34 +386,9 @@ impl CudaCopy {
         // The first descriptor in an allocation we have not seen: ask the driver which
         // allocation holds it, and that it holds all of it. A region can span several
         // allocations (one per layer tensor); each is checked once.
-        self.gpu.check_device_range(addr, len)?;
-        let (start, size) = self.allocation_of(addr)?;
-        e.allocs.push((start, size));
+        e.allocs.push(self.gpu.check_device_range(addr, len)?);
         e.hint = e.allocs.len() - 1;
         Ok(())
-    }
-
-    fn allocation_of(&self, addr: u64) -> Result<(u64, u64), CopyError> {
-        let (mut start, mut size) = (0u64, 0u64);
-        // SAFETY: each call writes one u64 local; the address was just checked to be device
-        // memory of this GPU.
-        unsafe {
-            sys::cuPointerGetAttribute(
-                (&mut start as *mut u64).cast(),
-                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-                addr,
-            )
-            .result()
-            .map_err(|e| driver_error("cuPointerGetAttribute", e))?;
-            sys::cuPointerGetAttribute(
-                (&mut size as *mut u64).cast(),
-                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-                addr,
-            )
-            .result()
-            .map_err(|e| driver_error("cuPointerGetAttribute", e))?;
-        }
-        Ok((start, size))
     }
 
     fn check_host(&self, e: &mut Checked) -> bool {

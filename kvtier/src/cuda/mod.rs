@@ -105,53 +105,41 @@ impl Gpu {
 
     /// Checks that `ptr..ptr+len` lies inside one allocation of device memory on this GPU, so a
     /// descriptor bounds-checked against a region registered with it can never make the copy
-    /// engine touch memory the caller does not own.
-    pub fn check_device_range(&self, ptr: u64, len: u64) -> Result<(), CopyError> {
+    /// engine touch memory the caller does not own. Returns that allocation's `(start, size)`.
+    pub fn check_device_range(&self, ptr: u64, len: u64) -> Result<(u64, u64), CopyError> {
         self.bind()?;
-        let attr = |a: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
-            // SAFETY: `out` points to a local of the size the attribute writes (u64 for
-            // addresses and sizes, u32 for the memory type, i32 for the ordinal).
-            unsafe { sys::cuPointerGetAttribute(out, a, ptr) }.result()
-        };
         let bad = |why: String| CopyError::Failed(format!("0x{ptr:x}+{len}: {why}"));
-        let mut mem_type = 0u32;
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-            (&mut mem_type as *mut u32).cast(),
-        )
-        .map_err(|e| bad(format!("not memory CUDA knows ({e})")))?;
-        if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+        let attr = |a: sys::CUpointer_attribute| -> Result<u64, CopyError> {
+            // Every attribute asked for here fits in the low bytes of a zeroed u64 (memory type
+            // and ordinal are 32-bit, addresses and sizes 64-bit; x86-64 is little-endian).
+            let mut v = 0u64;
+            // SAFETY: `v` is a live u64, at least as large as each attribute's value.
+            unsafe { sys::cuPointerGetAttribute((&mut v as *mut u64).cast(), a, ptr) }
+                .result()
+                .map_err(|e| bad(format!("not memory CUDA knows ({e})")))?;
+            Ok(v)
+        };
+        use sys::CUpointer_attribute as A;
+        if attr(A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)? as u32
+            != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
+        {
             return Err(bad("not device memory".into()));
         }
-        let mut ordinal = -1i32;
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-            (&mut ordinal as *mut i32).cast(),
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        if ordinal != self.info.ordinal as i32 {
+        let ordinal = attr(A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)? as u32;
+        if ordinal != self.info.ordinal {
             return Err(bad(format!(
                 "memory of device {ordinal}, not of device {}",
                 self.info.ordinal
             )));
         }
-        let (mut start, mut size) = (0u64, 0u64);
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-            (&mut start as *mut u64).cast(),
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        attr(
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-            (&mut size as *mut u64).cast(),
-        )
-        .map_err(|e| bad(e.to_string()))?;
+        let start = attr(A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)?;
+        let size = attr(A::CU_POINTER_ATTRIBUTE_RANGE_SIZE)?;
         if ptr.checked_add(len).is_none_or(|end| end > start + size) {
             return Err(bad(format!(
                 "runs past the end of its allocation (0x{start:x}+{size})"
             )));
         }
-        Ok(())
+        Ok((start, size))
     }
 
     /// Whether `ptr` is page-locked host memory mapped into this device's address space, which

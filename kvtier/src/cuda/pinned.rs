@@ -8,18 +8,13 @@ use cudarc::driver::sys;
 
 use super::{driver_error, Gpu};
 use crate::error::{CopyError, TierError};
-use crate::pool::{round_up, PinnedPool, ALIGN};
+use crate::pool::{pool_size, PinnedPool};
 
 const FLAGS: u32 = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
 
 /// A G2 pool of `slots` slots of at least `slot_bytes` in CUDA pinned memory.
 pub fn pinned_pool(gpu: &Gpu, slot_bytes: u64, slots: u32) -> Result<PinnedPool, TierError> {
-    let slot = round_up(slot_bytes.max(1), ALIGN as u64);
-    let len = slot
-        .checked_mul(u64::from(slots))
-        .filter(|&l| l > 0 && l <= isize::MAX as u64)
-        .ok_or_else(|| TierError::Config(format!("pool of {slots} x {slot} bytes")))?
-        as usize;
+    let (slot, len) = pool_size(slot_bytes, slots)?;
     gpu.bind()?;
     let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
     // SAFETY: writes one host pointer; freed once by the pool's release closure.
