@@ -7,7 +7,12 @@
 //!   regions, transfer plans).
 //! - [`kvtier`]: tiers, block store, copy engines.
 //! - [`kvnet`]: agents and transports.
+//!
+//! and adds [`Connector`], the engine-agnostic state machine under vLLM's `KVFerryConnector`.
 
+pub mod connector;
+
+pub use connector::{Connector, ConnectorConfig, Finished, OffloadConfig, PdConfig, PullSpec};
 pub use kvcore;
 pub use kvnet;
 pub use kvtier;

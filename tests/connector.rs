@@ -1,0 +1,195 @@
+//! The connector state machine with real parts: two connectors on loopback (a prefill engine and
+//! a decode engine, host KV caches in vLLM's CPU layout), pulls with notifications, offload and
+//! onboard through the tiers, a prefill request nobody pulls, a prefill engine that is down.
+
+use std::time::Duration;
+
+use kvferry::connector::{ConnectorCounters, Finished};
+use kvferry::kvnet::Transport;
+use kvferry::prelude::*;
+use kvferry::{Connector, ConnectorConfig, OffloadConfig, PdConfig, PullSpec};
+
+const BLOCKS: u32 = 64;
+
+fn geometry() -> Geometry {
+    Geometry::mha(2, 2, 64, Dtype::F32, 32).expect("geometry")
+}
+
+struct Engine {
+    conn: Connector,
+    cache: Vec<u8>,
+    layout: CacheLayout,
+}
+
+fn engine(name: &str, offload: bool, pd: bool, seed: u8) -> Engine {
+    let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbhnc).expect("layout");
+    let mut cache: Vec<u8> = (0..layout.span_bytes())
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let conn = Connector::new(ConnectorConfig {
+        engine_id: name.into(),
+        offload: offload.then_some(OffloadConfig {
+            dram_blocks: 32,
+            nvme: None,
+        }),
+        pd: pd.then(|| PdConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            transport: Transport::Tcp,
+            token: None,
+            free_timeout: Duration::from_millis(300),
+            timeout: Duration::from_secs(5),
+        }),
+        tp_size: 1,
+        tp_rank: 0,
+    })
+    .expect("connector");
+    // SAFETY: `cache` lives in the Engine next to the connector and is only read by the test
+    // after the connector reported the transfers finished.
+    unsafe { conn.register_cache(layout.clone(), cache.as_mut_ptr()) }.expect("register");
+    Engine {
+        conn,
+        cache,
+        layout,
+    }
+}
+
+impl Engine {
+    fn block(&self, b: u32) -> Vec<u8> {
+        self.layout
+            .block_runs(b)
+            .expect("runs")
+            .iter()
+            .flat_map(|&(o, l)| self.cache[o as usize..(o + l) as usize].to_vec())
+            .collect()
+    }
+
+    /// Polls until `pred` holds for what accumulated, or panics after 20 s.
+    fn until(&self, mut pred: impl FnMut(&Finished) -> bool) -> Finished {
+        let mut all = Finished::default();
+        for _ in 0..2000 {
+            let f = self.conn.poll();
+            all.sending.extend(f.sending);
+            all.recving.extend(f.recving);
+            all.load_errors.extend(f.load_errors);
+            if pred(&all) {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("condition not reached: {all:?}");
+    }
+}
+
+fn hashes(n: u32, salt: u64) -> Vec<BlockHash> {
+    (0..n)
+        .map(|i| BlockHash::from_u64(salt << 32 | u64::from(i)))
+        .collect()
+}
+
+#[test]
+fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
+    let prefill = engine("prefill", false, true, 1);
+    let decode = engine("decode", false, true, 2);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let remote = vec![5u32, 9, 10, 11, 40];
+    let local = vec![0u32, 1, 2, 30, 63];
+    prefill.conn.finish("p-req", true);
+    decode.conn.pull(
+        "d-req",
+        &PullSpec {
+            remote_host: addr.ip().to_string(),
+            remote_port: addr.port(),
+            remote_request_id: "p-req".into(),
+            remote_tp_size: 1,
+            remote_blocks: remote.clone(),
+            local_blocks: local.clone(),
+        },
+    );
+    let got = decode.until(|f| f.recving.contains(&"d-req".to_string()));
+    assert!(got.load_errors.is_empty(), "{got:?}");
+    for (r, l) in remote.iter().zip(&local) {
+        assert_eq!(prefill.block(*r), decode.block(*l), "block {r} -> {l}");
+    }
+    let freed = prefill.until(|f| f.sending.contains(&"p-req".to_string()));
+    assert_eq!(freed.sending, vec!["p-req".to_string()]);
+    let (p, d): (ConnectorCounters, ConnectorCounters) =
+        (prefill.conn.counters(), decode.conn.counters());
+    assert_eq!(p.pulls_served, 1);
+    assert_eq!(p.free_timeouts, 0);
+    assert_eq!(d.pulled_blocks, 5);
+    assert_eq!(d.pulled_bytes, 5 * geometry().block_bytes());
+}
+
+#[test]
+fn a_prefill_request_nobody_pulls_is_freed_after_the_timeout() {
+    let prefill = engine("lonely", false, true, 3);
+    prefill.conn.finish("orphan", true);
+    assert!(prefill.conn.poll().sending.is_empty(), "freed too early");
+    let f = prefill.until(|f| !f.sending.is_empty());
+    assert_eq!(f.sending, vec!["orphan".to_string()]);
+    assert_eq!(prefill.conn.counters().free_timeouts, 1);
+}
+
+#[test]
+fn a_dead_prefill_engine_turns_into_load_errors_not_hangs() {
+    let decode = engine("stranded", false, true, 4);
+    // A port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    decode.conn.pull(
+        "d",
+        &PullSpec {
+            remote_host: "127.0.0.1".into(),
+            remote_port: port,
+            remote_request_id: "gone".into(),
+            remote_tp_size: 1,
+            remote_blocks: vec![1, 2],
+            local_blocks: vec![3, 4],
+        },
+    );
+    let f = decode.until(|f| !f.recving.is_empty());
+    assert_eq!(f.recving, vec!["d".to_string()]);
+    assert_eq!(f.load_errors, vec![3, 4]);
+    assert_eq!(decode.conn.counters().pull_failures, 1);
+}
+
+#[test]
+fn offloaded_blocks_come_back_bit_exact_and_misses_are_load_errors() {
+    let mut e = engine("offload", true, false, 5);
+    let h = hashes(8, 7);
+    let src: Vec<u32> = (10..18).collect();
+    let items: Vec<(BlockHash, u32)> = h.iter().copied().zip(src.iter().copied()).collect();
+    let before: Vec<Vec<u8>> = src.iter().map(|&b| e.block(b)).collect();
+    e.conn.save("r1", &items).expect("save");
+    e.conn.finish("r1", false);
+    let f = e.until(|f| f.sending.contains(&"r1".to_string()));
+    assert!(f.load_errors.is_empty());
+    assert_eq!(e.conn.lookup(&h), 8);
+    assert_eq!(e.conn.lookup(&hashes(3, 99)), 0);
+    // Overwrite the destination blocks, load into them, and one block nobody saved.
+    let dst: Vec<u32> = (40..48).collect();
+    for &b in &dst {
+        for (o, l) in e.layout.block_runs(b).expect("runs") {
+            e.cache[o as usize..(o + l) as usize].fill(0);
+        }
+    }
+    let mut load: Vec<(BlockHash, u32)> = h.iter().copied().zip(dst.iter().copied()).collect();
+    load.push((BlockHash::from_u64(12345), 50));
+    e.conn.load("r2", &load);
+    let f = e.until(|f| f.recving.contains(&"r2".to_string()));
+    assert_eq!(f.load_errors, vec![50]);
+    for (i, &b) in dst.iter().enumerate() {
+        assert_eq!(e.block(b), before[i], "block {b}");
+    }
+    let c = e.conn.counters();
+    assert_eq!(
+        (c.saved_blocks, c.onboarded_blocks, c.onboard_failed_blocks),
+        (8, 8, 1)
+    );
+    assert!(e
+        .conn
+        .take_events()
+        .iter()
+        .any(|ev| matches!(ev, kvferry::kvtier::TierEvent::Stored { .. })));
+}
