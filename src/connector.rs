@@ -178,7 +178,15 @@ impl Connector {
                     Transport::Tcp => vec![Transport::Tcp],
                     Transport::Ucx => vec![Transport::Ucx, Transport::Tcp],
                 };
-                Some(Agent::new(a)?)
+                let agent = Agent::new(a)?;
+                if pd.transport == Transport::Ucx && agent.ucx_library().is_none() {
+                    return Err(ConnectorError::Config(
+                        "transport \"ucx\" was asked for but no libucp loads here (install UCX, \
+                         e.g. the libucx-cu12 wheel, or set KVFERRY_UCX_LIB)"
+                            .into(),
+                    ));
+                }
+                Some(agent)
             }
             None => None,
         };
@@ -594,6 +602,19 @@ impl Connector {
     /// Stored/removed events per tier since the last call (for cache-aware routers).
     pub fn take_events(&self) -> Vec<TierEvent> {
         std::mem::take(&mut self.st.lock().events)
+    }
+
+    /// Lets in-flight work finish and, with G3 configured, writes every G2 block to it, so an
+    /// engine restarted on the same directory finds them. For orderly engine shutdown.
+    pub fn shutdown(&self, timeout: Duration) -> Result<usize> {
+        let start = Instant::now();
+        self.drain(timeout);
+        let has_g3 = self.cfg.offload.as_ref().is_some_and(|o| o.nvme.is_some());
+        let registered = self.cache.lock().is_some();
+        if has_g3 && registered {
+            return self.flush(timeout.saturating_sub(start.elapsed()));
+        }
+        Ok(0)
     }
 
     /// Writes every G2 block to G3 (when configured), so a restart finds them.

@@ -1,0 +1,374 @@
+"""vLLM's KV connector backed by kvferry.
+
+Start vLLM with::
+
+    --kv-transfer-config '{"kv_connector": "KVFerryConnector",
+                           "kv_connector_module_path": "kvferry.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {...}}'
+
+Extra config (all optional):
+
+- ``pd`` (default true): serve and pull prompt KV for prefill/decode disaggregation. The
+  ``kv_transfer_params`` protocol is vLLM's NixlConnector's (``do_remote_decode``,
+  ``do_remote_prefill``, ``remote_engine_id``, ``remote_request_id``, ``remote_block_ids``,
+  ``remote_host``, ``remote_port``, ``tp_size``), so routers built for it drive kvferry unchanged.
+- ``host`` (default ``127.0.0.1``), ``port`` (default 0: any free port): where this engine's
+  agent listens and what it advertises to decoders. ``transport``: ``"tcp"`` (default) or
+  ``"ucx"``. ``token``: a shared secret for the handshake. ``free_timeout_s`` (default 120):
+  a prefill request whose decoder never pulls frees its blocks after this long.
+- ``dram_blocks`` (default 0: no offload): G2 capacity in KV blocks. ``nvme_dir`` and
+  ``nvme_blocks``: G3. Full blocks of finished requests are saved by vLLM's block hash, and a
+  new request's prefix beyond vLLM's own cache is loaded from G2/G3 asynchronously.
+
+Both at once work (a decode engine that also offloads). Loads that fail are reported through
+``get_block_ids_with_load_errors``: start vLLM with ``"kv_load_failure_policy": "recompute"`` so
+it recomputes them (vLLM's default, ``"fail"``, fails the request instead).
+
+Scope of this version: the CPU engine (and any engine whose KV cache tensors are in host
+memory), with the scheduler and the worker in one process (vLLM's uniprocess executor, the
+default for one device). With a fixed ``port`` P/D also works when they are apart, but lookups
+of offloaded blocks then find nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvferry._native import Connector as _Native
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvferry")
+
+# One native connector per engine, shared by the scheduler-side and the worker-side objects
+# that vLLM creates in the same process.
+_ENGINES: dict[str, _Native] = {}
+_LOCK = threading.Lock()
+
+_PD_KEYS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port")
+
+
+def native(engine_id: str) -> _Native | None:
+    """The running connector of an engine in this process (for stats in tests and tools)."""
+    return _ENGINES.get(engine_id)
+
+
+def _shared(engine_id: str, extra: dict[str, Any], tp_size: int, tp_rank: int) -> _Native:
+    with _LOCK:
+        n = _ENGINES.get(engine_id)
+        if n is None:
+            n = _Native(
+                engine_id,
+                dram_blocks=int(extra.get("dram_blocks", 0)),
+                nvme_dir=extra.get("nvme_dir"),
+                nvme_blocks=int(extra.get("nvme_blocks", 0)),
+                pd=bool(extra.get("pd", True)),
+                host=str(extra.get("bind_host", extra.get("host", "127.0.0.1"))),
+                port=int(extra.get("port", 0)),
+                transport=str(extra.get("transport", "tcp")),
+                token=extra.get("token"),
+                free_timeout_s=float(extra.get("free_timeout_s", 120.0)),
+                timeout_s=float(extra.get("timeout_s", 10.0)),
+                tp_size=tp_size,
+                tp_rank=tp_rank,
+            )
+            _ENGINES[engine_id] = n
+        return n
+
+
+@dataclass
+class KVFerryStats(KVConnectorStats):
+    """kvferry's counters over one logging interval (deltas), summed across workers."""
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in (other.data or {}).items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+@dataclass
+class KVFerryMetadata(KVConnectorMetadata):
+    """What the scheduler asks the worker to do this step."""
+
+    saves: dict[str, tuple[list[bytes], list[int]]] = field(default_factory=dict)
+    loads: dict[str, tuple[list[bytes], list[int]]] = field(default_factory=dict)
+    pulls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (request id, wait for a decoder's pull before freeing)
+    finished: list[tuple[str, bool]] = field(default_factory=list)
+
+
+class KVFerryConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: Any = None,
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+        tc = self._kv_transfer_config
+        self.extra: dict[str, Any] = dict(tc.kv_connector_extra_config or {})
+        self.engine_id: str = tc.engine_id or "kvferry"
+        self.block_size: int = vllm_config.cache_config.block_size
+        self.tp_size: int = vllm_config.parallel_config.tensor_parallel_size
+        self.offload = int(self.extra.get("dram_blocks", 0)) > 0
+        self.pd = bool(self.extra.get("pd", True))
+        self.host = str(self.extra.get("host", "127.0.0.1"))
+        rank = 0
+        if role == KVConnectorRole.WORKER:
+            try:
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+                rank = get_tensor_model_parallel_rank()
+            except Exception:  # noqa: BLE001 - no parallel state in some test set-ups
+                rank = 0
+        self.native = _shared(self.engine_id, self.extra, self.tp_size, rank)
+        # Scheduler-side state.
+        self._meta = KVFerryMetadata()
+        self._plans: dict[str, tuple[str, list[bytes], int]] = {}
+        # Worker-side state.
+        self._load_errors: set[int] = set()
+        self._caches: list["torch.Tensor"] = []
+        self._reported: dict[str, int] = {}
+
+    # ---- worker side -------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]):
+        tensors = list(kv_caches.values())
+        if not tensors:
+            return
+        first = tensors[0]
+        if first.device.type != "cpu":
+            raise NotImplementedError(
+                "kvferry's vLLM connector registers host KV caches (the CPU engine) in this "
+                f"version; this engine's cache is on {first.device}"
+            )
+        if first.dim() != 4:
+            raise ValueError(
+                f"expected per-layer KV caches [blocks, kv_heads, block_size, K|V channels], "
+                f"got shape {tuple(first.shape)}"
+            )
+        for t in tensors:
+            if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
+                raise ValueError("kvferry needs every layer's KV cache in one shape and dtype")
+        blocks, heads, tokens, channels = first.shape
+        if tokens != self.block_size or channels % 2:
+            raise ValueError(
+                f"KV cache shape {tuple(first.shape)} does not match block size {self.block_size}"
+            )
+        base = min(t.data_ptr() for t in tensors)
+        self._caches = tensors  # vLLM keeps them alive; holding them documents the contract
+        self.native.register_cache(
+            kv_heads=heads,
+            head_size=channels // 2,
+            dtype=str(first.dtype),
+            block_tokens=tokens,
+            num_blocks=blocks,
+            base=base,
+            layer_offsets=[t.data_ptr() - base for t in tensors],
+            strides=list(first.stride()),
+        )
+        log.info(
+            "kvferry: registered %d layers x %d blocks (%s) for engine %s; offload %s, P/D %s",
+            len(tensors),
+            blocks,
+            first.dtype,
+            self.engine_id,
+            "on" if self.offload else "off",
+            f"on port {self.native.listen_port()}" if self.pd else "off",
+        )
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVFerryMetadata)
+        for req, (hashes, blocks) in meta.saves.items():
+            try:
+                self.native.save(req, hashes, blocks)
+            except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
+                log.warning("kvferry: saving %s failed: %s", req, e)
+        for req, (hashes, blocks) in meta.loads.items():
+            self.native.load(req, hashes, blocks)
+        for req, p in meta.pulls.items():
+            self.native.pull(
+                req,
+                p["remote_host"],
+                int(p["remote_port"]),
+                p["remote_request_id"],
+                int(p.get("tp_size") or 1),
+                p["remote_blocks"],
+                p["local_blocks"],
+            )
+        for req, await_pull in meta.finished:
+            self.native.finish(req, await_pull)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any):
+        return None
+
+    def wait_for_save(self):
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving, errors = self.native.poll()
+        self._load_errors.update(errors)
+        return (set(sending) or None, set(recving) or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self):
+        try:
+            written = self.native.shutdown(float(self.extra.get("shutdown_timeout_s", 60.0)))
+            if written:
+                log.info("kvferry: wrote %d blocks to G3 at shutdown", written)
+        except Exception as e:  # noqa: BLE001 - shutting down anyway
+            log.warning("kvferry: shutdown: %s", e)
+
+    def get_kv_connector_stats(self) -> KVFerryStats | None:
+        now = dict(self.native.counters())
+        # Resident block counts are levels, reported as they are; everything else is an event
+        # count, reported as the change since the last interval.
+        levels = ("dram_blocks", "nvme_blocks")
+        delta = {k: (v if k in levels else v - self._reported.get(k, 0)) for k, v in now.items()}
+        self._reported = now
+        stats = KVFerryStats(data={k: v for k, v in delta.items() if v})
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVFerryStats(data=dict(data)) if data is not None else KVFerryStats()
+
+    # ---- scheduler side ----------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params = request.kv_transfer_params or {}
+        rid = request.request_id
+        if self.pd and params.get("do_remote_prefill") and all(k in params for k in _PD_KEYS):
+            count = len(request.prompt_token_ids or ()) - num_computed_tokens
+            if count > 0:
+                self._plans[rid] = ("pull", [], num_computed_tokens // self.block_size)
+                return count, True
+            return 0, False
+        if self.offload:
+            bs = self.block_size
+            start = num_computed_tokens // bs
+            # At least one prompt token is always computed, as vLLM's own prefix cache does.
+            end = (request.num_tokens - 1) // bs
+            wanted = list(request.block_hashes[start:end])
+            hits = self.native.lookup(wanted) if wanted else 0
+            if hits:
+                self._plans[rid] = ("load", wanted[:hits], start)
+                return hits * bs, True
+        return 0, False
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ):
+        rid = request.request_id
+        params = request.kv_transfer_params or {}
+        plan = self._plans.pop(rid, None)
+        if self.pd and params.get("do_remote_prefill"):
+            # One transfer per request, as NixlConnector does.
+            params["do_remote_prefill"] = False
+            if not all(k in params for k in _PD_KEYS):
+                log.warning("kvferry: incomplete kv_transfer_params for %s: %s", rid, params)
+                return
+            remote = list(params.get("remote_block_ids") or [])
+            if remote and isinstance(remote[0], (list, tuple)):
+                remote = list(remote[0])
+            local: list[int] = []
+            start = 0
+            if num_external_tokens > 0 and plan is not None:
+                start = plan[2]
+                n = -(-num_external_tokens // self.block_size)
+                local = list(blocks.get_block_ids()[0][start : start + n])
+            remote = remote[start : start + len(local)]
+            local = local[: len(remote)]
+            # Even with nothing to pull (a full local hit), the prefill side must hear that
+            # it may free its blocks.
+            self._meta.pulls[rid] = {
+                "remote_host": params["remote_host"],
+                "remote_port": params["remote_port"],
+                "remote_request_id": params["remote_request_id"],
+                "tp_size": params.get("tp_size", 1),
+                "remote_blocks": remote,
+                "local_blocks": local,
+            }
+            return
+        if plan is not None and plan[0] == "load" and num_external_tokens > 0:
+            _, hashes, start = plan
+            n = num_external_tokens // self.block_size
+            ids = list(blocks.get_block_ids()[0][start : start + n])
+            self._meta.loads[rid] = (list(hashes[:n]), ids)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta, self._meta = self._meta, KVFerryMetadata()
+        return meta
+
+    def request_finished(
+        self, request: "Request", block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        rid = request.request_id
+        self._plans.pop(rid, None)
+        params = request.kv_transfer_params or {}
+        ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        if block_ids and isinstance(block_ids[0], (list, tuple)):
+            block_ids = list(block_ids[0])
+        delay = False
+        if ok and self.offload and block_ids:
+            bs = self.block_size
+            n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // bs)
+            hashes = list(request.block_hashes[:n])
+            known = self.native.lookup(hashes) if hashes else 0
+            if n > known:
+                self._meta.saves[rid] = (hashes[known:n], list(block_ids[known:n]))
+                delay = True
+        out = None
+        if ok and self.pd and params.get("do_remote_decode") and block_ids:
+            port = self.native.listen_port() or int(self.extra.get("port", 0))
+            out = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_block_ids": list(block_ids),
+                "remote_engine_id": self.engine_id,
+                "remote_request_id": rid,
+                "remote_host": self.host,
+                "remote_port": port,
+                "tp_size": self.tp_size,
+            }
+            delay = True
+        if delay:
+            self._meta.finished.append((rid, out is not None))
+        return delay, out

@@ -1,0 +1,299 @@
+//! `kvferry._native`: the Rust connector for Python. Every call that can wait (transfers, tier
+//! lookups, polls, connecting to a peer) releases the GIL; Rust errors become `KvferryError`
+//! with the Rust message.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kvferry::connector::{medium, ConnectorCounters};
+use kvferry::kvcore::{BlockHash, CacheLayout, Dtype, Geometry};
+use kvferry::kvnet::Transport;
+use kvferry::kvtier::TierEvent;
+use kvferry::{Connector as Inner, ConnectorConfig, OffloadConfig, PdConfig, PullSpec};
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+pyo3::create_exception!(
+    _native,
+    KvferryError,
+    PyException,
+    "An error from kvferry's Rust core."
+);
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    KvferryError::new_err(e.to_string())
+}
+
+fn hashes(raw: Vec<Vec<u8>>) -> PyResult<Vec<BlockHash>> {
+    raw.iter()
+        .map(|h| BlockHash::from_bytes(h).map_err(err))
+        .collect()
+}
+
+fn pairs(hs: Vec<Vec<u8>>, blocks: Vec<u32>) -> PyResult<Vec<(BlockHash, u32)>> {
+    if hs.len() != blocks.len() {
+        return Err(err(format!(
+            "{} hashes for {} blocks",
+            hs.len(),
+            blocks.len()
+        )));
+    }
+    Ok(hashes(hs)?.into_iter().zip(blocks).collect())
+}
+
+/// One engine's connector: offload tiers and/or a prefill/decode agent.
+#[pyclass(frozen, module = "kvferry._native")]
+struct Connector {
+    inner: Inner,
+}
+
+#[pymethods]
+impl Connector {
+    #[new]
+    #[pyo3(signature = (
+        engine_id, *, dram_blocks = 0, nvme_dir = None, nvme_blocks = 0, pd = false,
+        host = "0.0.0.0".to_string(), port = 0, transport = "tcp".to_string(), token = None,
+        free_timeout_s = 120.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        engine_id: String,
+        dram_blocks: u32,
+        nvme_dir: Option<PathBuf>,
+        nvme_blocks: u64,
+        pd: bool,
+        host: String,
+        port: u16,
+        transport: String,
+        token: Option<String>,
+        free_timeout_s: f64,
+        timeout_s: f64,
+        tp_size: u32,
+        tp_rank: u32,
+    ) -> PyResult<Connector> {
+        let transport = match transport.as_str() {
+            "tcp" => Transport::Tcp,
+            "ucx" => Transport::Ucx,
+            other => return Err(err(format!("transport {other:?}: use \"tcp\" or \"ucx\""))),
+        };
+        let secs = |s: f64, what: &str| {
+            Duration::try_from_secs_f64(s).map_err(|_| err(format!("{what} = {s} seconds")))
+        };
+        let listen: SocketAddr = format!("{host}:{port}")
+            .parse()
+            .map_err(|e| err(format!("listen address {host}:{port}: {e}")))?;
+        let cfg = ConnectorConfig {
+            engine_id,
+            offload: (dram_blocks > 0).then(|| OffloadConfig {
+                dram_blocks,
+                nvme: nvme_dir.map(|d| (d, nvme_blocks)),
+            }),
+            pd: if pd {
+                Some(PdConfig {
+                    listen,
+                    transport,
+                    token,
+                    free_timeout: secs(free_timeout_s, "free_timeout")?,
+                    timeout: secs(timeout_s, "timeout")?,
+                })
+            } else {
+                None
+            },
+            tp_size,
+            tp_rank,
+        };
+        let inner = py.detach(|| Inner::new(cfg)).map_err(err)?;
+        Ok(Connector { inner })
+    }
+
+    /// The port decoders pull from (None without P/D).
+    fn listen_port(&self) -> Option<u16> {
+        self.inner.listen_addr().map(|a| a.port())
+    }
+
+    /// Registers the engine's KV cache: `num_blocks` blocks of the geometry, each layer's
+    /// `[blocks, heads, tokens, channels]` view at `base + layer_offsets[l]` with `strides` in
+    /// elements. The caller (the vLLM adapter) keeps the tensors alive for the connector's life.
+    #[allow(clippy::too_many_arguments)]
+    fn register_cache(
+        &self,
+        py: Python<'_>,
+        kv_heads: u32,
+        head_size: u32,
+        dtype: &str,
+        block_tokens: u32,
+        num_blocks: u32,
+        base: u64,
+        layer_offsets: Vec<u64>,
+        strides: [u64; 4],
+    ) -> PyResult<()> {
+        let dtype = Dtype::parse(dtype).ok_or_else(|| err(format!("dtype {dtype:?}")))?;
+        let layers = u32::try_from(layer_offsets.len()).map_err(err)?;
+        let g = Geometry::mha(layers, kv_heads, head_size, dtype, block_tokens).map_err(err)?;
+        let layout = CacheLayout::from_element_strides(g, num_blocks, layer_offsets, strides)
+            .map_err(err)?;
+        py.detach(|| {
+            // SAFETY: the adapter passes the data pointers of vLLM's KV cache tensors, which vLLM
+            // keeps for the engine's lifetime (longer than this connector), and follows vLLM's
+            // protocol of not reusing blocks until the connector reports them finished.
+            unsafe { self.inner.register_cache(layout, base as *mut u8) }
+        })
+        .map_err(err)
+    }
+
+    /// Leading blocks of `hashes` cached in G2/G3.
+    fn lookup(&self, py: Python<'_>, hashes_: Vec<Vec<u8>>) -> PyResult<usize> {
+        let hs = hashes(hashes_)?;
+        Ok(py.detach(|| self.inner.lookup(&hs)))
+    }
+
+    fn save(
+        &self,
+        py: Python<'_>,
+        req: &str,
+        hashes_: Vec<Vec<u8>>,
+        blocks: Vec<u32>,
+    ) -> PyResult<()> {
+        let items = pairs(hashes_, blocks)?;
+        py.detach(|| self.inner.save(req, &items)).map_err(err)
+    }
+
+    fn load(
+        &self,
+        py: Python<'_>,
+        req: &str,
+        hashes_: Vec<Vec<u8>>,
+        blocks: Vec<u32>,
+    ) -> PyResult<()> {
+        let items = pairs(hashes_, blocks)?;
+        py.detach(|| self.inner.load(req, &items));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pull(
+        &self,
+        py: Python<'_>,
+        req: &str,
+        remote_host: String,
+        remote_port: u16,
+        remote_request_id: String,
+        remote_tp_size: u32,
+        remote_blocks: Vec<u32>,
+        local_blocks: Vec<u32>,
+    ) {
+        let spec = PullSpec {
+            remote_host,
+            remote_port,
+            remote_request_id,
+            remote_tp_size,
+            remote_blocks,
+            local_blocks,
+        };
+        py.detach(|| self.inner.pull(req, &spec));
+    }
+
+    fn finish(&self, req: &str, await_pull: bool) {
+        self.inner.finish(req, await_pull);
+    }
+
+    /// `(finished_sending, finished_recving, failed_block_ids)` since the last call.
+    fn poll(&self, py: Python<'_>) -> (Vec<String>, Vec<String>, Vec<u32>) {
+        let f = py.detach(|| self.inner.poll());
+        (f.sending, f.recving, f.load_errors)
+    }
+
+    /// Waits (up to `timeout_s`) until nothing is in flight; returns what finished meanwhile.
+    fn drain(&self, py: Python<'_>, timeout_s: f64) -> (Vec<String>, Vec<String>, Vec<u32>) {
+        let t = Duration::from_secs_f64(timeout_s.max(0.0));
+        let f = py.detach(|| self.inner.drain(t));
+        (f.sending, f.recving, f.load_errors)
+    }
+
+    /// Drains in-flight work and writes G2 to G3 (when configured); returns blocks written.
+    fn shutdown(&self, py: Python<'_>, timeout_s: f64) -> PyResult<usize> {
+        let t = Duration::from_secs_f64(timeout_s.max(0.0));
+        py.detach(|| self.inner.shutdown(t)).map_err(err)
+    }
+
+    fn flush(&self, py: Python<'_>, timeout_s: f64) -> PyResult<usize> {
+        let t = Duration::from_secs_f64(timeout_s.max(0.0));
+        py.detach(|| self.inner.flush(t)).map_err(err)
+    }
+
+    /// Counters of the connector and its tiers, as a flat dict of ints.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let ConnectorCounters {
+            saved_blocks,
+            save_failed_blocks,
+            onboarded_blocks,
+            onboard_failed_blocks,
+            pulled_blocks,
+            pulled_bytes,
+            pull_failures,
+            pulls_served,
+            free_timeouts,
+            lookups,
+            lookup_hits,
+        } = self.inner.counters();
+        for (k, v) in [
+            ("saved_blocks", saved_blocks),
+            ("save_failed_blocks", save_failed_blocks),
+            ("onboarded_blocks", onboarded_blocks),
+            ("onboard_failed_blocks", onboard_failed_blocks),
+            ("pulled_blocks", pulled_blocks),
+            ("pulled_bytes", pulled_bytes),
+            ("pull_failures", pull_failures),
+            ("pulls_served", pulls_served),
+            ("free_timeouts", free_timeouts),
+            ("lookups", lookups),
+            ("lookup_hits", lookup_hits),
+        ] {
+            d.set_item(k, v)?;
+        }
+        if let Some(s) = self.inner.tier_stats() {
+            for (tier, c) in [("dram", s.dram), ("nvme", s.nvme)] {
+                d.set_item(format!("{tier}_blocks"), c.blocks)?;
+                d.set_item(format!("{tier}_hits"), c.hits)?;
+                d.set_item(format!("{tier}_bytes_in"), c.bytes_in)?;
+                d.set_item(format!("{tier}_bytes_out"), c.bytes_out)?;
+                d.set_item(format!("{tier}_evictions"), c.evictions)?;
+                d.set_item(format!("{tier}_errors"), c.errors)?;
+            }
+            d.set_item("tier_misses", s.misses)?;
+            d.set_item("nvme_recovered", s.recovered)?;
+        }
+        Ok(d)
+    }
+
+    /// `(kind, hash, medium)` per stored/removed block since the last call; kind is "stored" or
+    /// "removed", medium "CPU" (G2) or "DISK" (G3).
+    fn take_events<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(&'static str, Bound<'py, PyBytes>, &'static str)> {
+        self.inner
+            .take_events()
+            .into_iter()
+            .map(|e| {
+                let (kind, hash, tier) = match e {
+                    TierEvent::Stored { hash, tier } => ("stored", hash, tier),
+                    TierEvent::Removed { hash, tier } => ("removed", hash, tier),
+                };
+                (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
+            })
+            .collect()
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Connector>()?;
+    m.add("KvferryError", m.py().get_type::<KvferryError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+"""One vLLM engine (CPU, the tiny model) in its own process, driven by JSON lines on stdin.
+
+    python engine.py MODEL_DIR CONFIG_JSON
+
+CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...}}. Commands, one
+JSON object per line; each answer is one line starting with "@@ " (vLLM logs on stdout too):
+
+    {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N,
+     "kv_transfer_params": [dict | null, ...]}      -> {"outputs": [{"token_ids", "kv_transfer_params"}]}
+    {"op": "settle"}    -> steps the engine until no request holds blocks, then resets vLLM's
+                           prefix cache (so the next prompt cannot hit it)
+    {"op": "stats"}     -> kvferry's counters for this engine
+    {"op": "quit"}
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def answer(obj):
+    sys.stdout.write("@@ " + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    model, cfg = sys.argv[1], json.loads(sys.argv[2])
+    kw = {}
+    engine_id = cfg.get("name", "engine")
+    if cfg.get("connector") is not None:
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVFerryConnector",
+            kv_connector_module_path="kvferry.vllm",
+            kv_role="kv_both",
+            engine_id=engine_id,
+            kv_connector_extra_config=cfg["connector"],
+            kv_load_failure_policy="recompute",
+        )
+    t0 = time.time()
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        block_size=32,
+        max_model_len=1024,
+        enforce_eager=True,
+        seed=0,
+        **kw,
+    )
+    answer({"ready": True, "start_s": round(time.time() - t0, 1)})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "generate":
+            params = cmd.get("kv_transfer_params") or [None] * len(cmd["prompts"])
+            sps = []
+            for p in params:
+                sp = SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"])
+                if p is not None:
+                    sp.extra_args = {"kv_transfer_params": p}
+                sps.append(sp)
+            t = time.time()
+            outs = llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in cmd["prompts"]],
+                sps,
+                use_tqdm=False,
+            )
+            answer(
+                {
+                    "secs": time.time() - t,
+                    "outputs": [
+                        {
+                            "token_ids": list(o.outputs[0].token_ids),
+                            "kv_transfer_params": o.kv_transfer_params,
+                        }
+                        for o in outs
+                    ],
+                }
+            )
+        elif op == "settle":
+            # Finished requests whose saves or pulls are in flight still hold blocks; step the
+            # engine until they are released, then empty vLLM's own prefix cache.
+            deadline = time.time() + float(cmd.get("timeout_s", 60))
+            ok = False
+            while time.time() < deadline:
+                engine = llm.llm_engine
+                if engine.has_unfinished_requests():
+                    engine.step()
+                if llm.reset_prefix_cache():
+                    ok = True
+                    break
+                engine.step()
+                time.sleep(0.01)
+            answer({"reset": ok})
+        elif op == "stats":
+            from kvferry.vllm import native
+
+            n = native(engine_id)
+            answer({"counters": dict(n.counters()) if n is not None else None})
+        elif op == "quit":
+            # An orderly shutdown, as on SIGTERM: vLLM shuts its connector down (kvferry then
+            # writes G2 to G3 when a directory is configured).
+            llm.llm_engine.engine_core.shutdown()
+            answer({"bye": True})
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""End-to-end tests of kvferry in real vLLM (CPU build) with a tiny local model.
+
+    python run_e2e.py MODEL_DIR [--only NAME,...]
+
+Each scenario starts real vLLM engines in their own processes (engine.py) and compares greedy
+token ids with one plain vLLM, token for token, and checks kvferry's counters so that a pass
+means blocks really moved:
+
+- pd-tcp: a prefill and a decode engine; the decode engine pulls the prompt's KV over TCP.
+- pd-ucx: the same over UCX (skipped, with the reason, where no libucp loads).
+- offload: prompts with a long shared prefix; vLLM's prefix cache is emptied between rounds, so
+  the second round's prefix can only come from kvferry's G2 (DRAM).
+- offload-g3: the same engine configuration with an NVMe directory, restarted between rounds:
+  the prefix comes back from G3 files.
+- prefill-down: the decode engine is pointed at a prefill engine that is not running; requests
+  complete by recomputing (kv_load_failure_policy=recompute), with the failures counted.
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BS = 32
+
+
+class Engine:
+    def __init__(self, model, name, connector=None):
+        self.name = name
+        cfg = json.dumps({"name": name, "connector": connector})
+        self.log = open(os.path.join(tempfile.gettempdir(), f"kvferry-e2e-{name}.log"), "w")
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "engine.py"), model, cfg],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        self.ready = None
+
+    def _read(self):
+        for line in self.p.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        raise RuntimeError(f"engine {self.name} exited; see {self.log.name}")
+
+    def wait_ready(self):
+        if self.ready is None:
+            self.ready = self._read()
+        return self.ready
+
+    def call(self, **cmd):
+        self.wait_ready()
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def generate(self, prompts, max_tokens, params=None):
+        r = self.call(op="generate", prompts=prompts, max_tokens=max_tokens, kv_transfer_params=params)
+        return r["outputs"], r["secs"]
+
+    def stats(self):
+        return self.call(op="stats")["counters"]
+
+    def close(self):
+        if self.p.poll() is None:
+            try:
+                self.call(op="quit")
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        self.log.close()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def prompts(n=6, prefix_len=200, suffix_len=24, seed=7):
+    rng = random.Random(seed)
+    prefix = [rng.randrange(10, 1990) for _ in range(prefix_len)]
+    return [prefix + [rng.randrange(10, 1990) for _ in range(suffix_len)] for _ in range(n)]
+
+
+def check_same(name, got, want):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g["token_ids"] != w["token_ids"]:
+            raise AssertionError(
+                f"{name}: prompt {i} differs from plain vLLM:\n  got  {g['token_ids']}\n  want {w['token_ids']}"
+            )
+
+
+def pd(model, plain, transport):
+    port = free_port()
+    pre = Engine(model, f"prefill-{transport}", {"pd": True, "port": port, "transport": transport})
+    dec = Engine(model, f"decode-{transport}", {"pd": True, "transport": transport})
+    try:
+        pre.wait_ready(), dec.wait_ready()
+        ps = prompts()
+        # The proxy's protocol: prefill with max_tokens=1 and do_remote_decode, then decode with
+        # the kv_transfer_params the prefill engine returned.
+        first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        params = [o["kv_transfer_params"] for o in first]
+        for p in params:
+            assert p and p.get("do_remote_prefill") and p["remote_port"] == port, p
+        out, secs = dec.generate(ps, 16, params)
+        check_same(f"pd-{transport}", out, plain)
+        d = dec.stats()
+        deadline = time.time() + 30
+        while True:
+            p = pre.stats()
+            if p["pulls_served"] >= len(ps) or time.time() > deadline:
+                break
+            pre.call(op="settle", timeout_s=1)
+        blocks = sum(-(-len(x) // BS) for x in ps)
+        assert d["pulled_blocks"] >= blocks - len(ps), d
+        assert d["pull_failures"] == 0, d
+        assert p["pulls_served"] == len(ps), p
+        return f"{d['pulled_blocks']} blocks ({d['pulled_bytes']} bytes) pulled, {p['pulls_served']} requests released, decode {secs:.2f} s"
+    finally:
+        pre.close()
+        dec.close()
+
+
+def offload(model, plain, nvme_dir=None):
+    conn = {"pd": False, "dram_blocks": 256}
+    if nvme_dir:
+        conn.update(nvme_dir=nvme_dir, nvme_blocks=512)
+    e = Engine(model, "offload-g3" if nvme_dir else "offload", conn)
+    ps = prompts()
+    try:
+        out1, t1 = e.generate(ps, 16)
+        check_same("offload round 1", out1, plain)
+        assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
+        s1 = e.stats()
+        assert s1["saved_blocks"] > 0, s1
+        if nvme_dir:
+            # Restart: a new engine process finds the blocks in the G3 files.
+            e.close()
+            e = Engine(model, "offload-g3-restarted", conn)
+        out2, t2 = e.generate(ps, 16)
+        check_same("offload round 2", out2, plain)
+        s2 = e.stats()
+        assert s2["onboarded_blocks"] > 0 and s2["onboard_failed_blocks"] == 0, s2
+        where = "G3 after a restart" if nvme_dir else "G2"
+        return f"{s1['saved_blocks']} blocks saved, {s2['onboarded_blocks']} onboarded from {where}; round 1 {t1:.2f} s, round 2 {t2:.2f} s"
+    finally:
+        e.close()
+
+
+def prefill_down(model, plain):
+    dec = Engine(model, "decode-alone", {"pd": True})
+    try:
+        ps = prompts()
+        dead = free_port()
+        params = [
+            {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_block_ids": list(range(1, 1 + -(-len(x) // BS))),
+                "remote_engine_id": "nobody",
+                "remote_request_id": f"gone-{i}",
+                "remote_host": "127.0.0.1",
+                "remote_port": dead,
+                "tp_size": 1,
+            }
+            for i, x in enumerate(ps)
+        ]
+        out, _ = dec.generate(ps, 16, params)
+        check_same("prefill-down", out, plain)
+        d = dec.stats()
+        assert d["pull_failures"] >= 1 and d["pulled_blocks"] == 0, d
+        return f"{d['pull_failures']} failed pulls, all requests recomputed and identical"
+    finally:
+        dec.close()
+
+
+def main():
+    model = sys.argv[1]
+    only = None
+    if "--only" in sys.argv:
+        only = set(sys.argv[sys.argv.index("--only") + 1].split(","))
+    t0 = time.time()
+    base = Engine(model, "plain")
+    plain, _ = base.generate(prompts(), 16)
+    base.close()
+    print(f"e2e: plain vLLM ready in {base.ready['start_s']} s", flush=True)
+    results, failed = [], 0
+    tmp = tempfile.mkdtemp(prefix="kvferry-e2e-g3-")
+    scenarios = [
+        ("pd-tcp", lambda: pd(model, plain, "tcp")),
+        ("pd-ucx", lambda: pd(model, plain, "ucx")),
+        ("offload", lambda: offload(model, plain)),
+        ("offload-g3", lambda: offload(model, plain, tmp)),
+        ("prefill-down", lambda: prefill_down(model, plain)),
+    ]
+    for name, run in scenarios:
+        if only and name not in only:
+            continue
+        if name == "pd-ucx" and not ucx_available():
+            print(f"kvferry-test skipped e2e {name}: no libucp loads here", flush=True)
+            results.append((name, "skipped"))
+            continue
+        t = time.time()
+        try:
+            msg = run()
+            print(f"e2e {name}: ok in {time.time() - t:.0f} s: {msg}", flush=True)
+            results.append((name, "ok"))
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"e2e {name}: FAILED: {e}", flush=True)
+            results.append((name, "failed"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    ok = sum(1 for _, r in results if r == "ok")
+    skipped = sum(1 for _, r in results if r == "skipped")
+    print(f"e2e: {ok} passed, {failed} failed, {skipped} skipped in {time.time() - t0:.0f} s")
+    sys.exit(1 if failed else 0)
+
+
+def ucx_available():
+    try:
+        from kvferry import Connector
+
+        c = Connector("ucx-probe", pd=True, host="127.0.0.1", transport="ucx")
+        del c
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+if __name__ == "__main__":
+    main()
