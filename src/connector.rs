@@ -229,6 +229,9 @@ impl Connector {
                 let t = TierEngine::new(tc)?;
                 // SAFETY: forwarded from this function's contract.
                 let g1 = unsafe { t.register_g1(layout.clone(), base) }?;
+                // Blocks recovered from G3 are announced like new ones, so a scheduler that
+                // mirrors the tiers from events knows them after a restart.
+                self.st.lock().events.extend(t.snapshot());
                 Some((t, g1))
             }
             None => None,

@@ -193,3 +193,46 @@ fn offloaded_blocks_come_back_bit_exact_and_misses_are_load_errors() {
         .iter()
         .any(|ev| matches!(ev, kvferry::kvtier::TierEvent::Stored { .. })));
 }
+
+#[test]
+fn a_restarted_connector_announces_the_blocks_it_recovered_from_g3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = hashes(4, 11);
+    let cfg = |name: &str| ConnectorConfig {
+        engine_id: name.into(),
+        offload: Some(OffloadConfig {
+            dram_blocks: 16,
+            nvme: Some((dir.path().to_path_buf(), 64)),
+        }),
+        pd: None,
+        tp_size: 1,
+        tp_rank: 0,
+    };
+    let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbhnc).expect("layout");
+    let mut cache = vec![7u8; layout.span_bytes() as usize];
+    {
+        let c = Connector::new(cfg("first")).expect("connector");
+        // SAFETY: `cache` outlives both connectors of this test.
+        unsafe { c.register_cache(layout.clone(), cache.as_mut_ptr()) }.expect("register");
+        let items: Vec<(BlockHash, u32)> = h.iter().copied().zip(0..4).collect();
+        c.save("r", &items).expect("save");
+        c.finish("r", false);
+        c.drain(Duration::from_secs(10));
+        assert_eq!(c.shutdown(Duration::from_secs(10)).expect("flush"), 4);
+    }
+    let c = Connector::new(cfg("second")).expect("connector");
+    // SAFETY: as above.
+    unsafe { c.register_cache(layout, cache.as_mut_ptr()) }.expect("register");
+    let stored: Vec<BlockHash> = c
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            kvferry::kvtier::TierEvent::Stored { hash, .. } => Some(hash),
+            _ => None,
+        })
+        .collect();
+    for x in &h {
+        assert!(stored.contains(x), "recovered block not announced");
+    }
+    assert_eq!(c.lookup(&h), 4);
+}

@@ -562,6 +562,19 @@ impl TierEngine {
     }
 
     /// Stored/removed events since the last call.
+    /// A `Stored` event for every block the tiers hold now: what a subscriber that starts late
+    /// (a scheduler after a restart that recovered G3) needs before the incremental events.
+    pub fn snapshot(&self) -> Vec<TierEvent> {
+        self.inner
+            .state
+            .lock()
+            .index
+            .resident()
+            .into_iter()
+            .map(|(hash, tier)| TierEvent::Stored { hash, tier })
+            .collect()
+    }
+
     pub fn events(&self) -> Vec<TierEvent> {
         std::mem::take(&mut self.inner.state.lock().events)
     }

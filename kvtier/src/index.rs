@@ -214,6 +214,20 @@ impl BlockIndex {
             .collect()
     }
 
+    /// Every block with a complete copy, and the tiers holding it.
+    pub fn resident(&self) -> Vec<(BlockHash, Tier)> {
+        let mut out = Vec::with_capacity(self.entries.len());
+        for (h, e) in &self.entries {
+            if e.g2.is_some() {
+                out.push((*h, Tier::Dram));
+            }
+            if e.g3.is_some() {
+                out.push((*h, Tier::Nvme));
+            }
+        }
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -17,6 +17,9 @@ Extra config (all optional):
   agent listens and what it advertises to decoders. ``transport``: ``"tcp"`` (default) or
   ``"ucx"``. ``token``: a shared secret for the handshake. ``free_timeout_s`` (default 120):
   a prefill request whose decoder never pulls frees its blocks after this long.
+- ``stats_path``: a file the worker rewrites (at most once a second, and at shutdown) with
+  kvferry's counters in Prometheus' text format (``kvferry_pulled_blocks_total{engine=...}``),
+  for node_exporter's textfile collector or a look by hand.
 - ``dram_blocks`` (default 0: no offload): G2 capacity in KV blocks. ``nvme_dir`` and
   ``nvme_blocks``: G3. Full blocks of finished requests are saved by vLLM's block hash, and a
   new request's prefix beyond vLLM's own cache is loaded from G2/G3 asynchronously.
@@ -25,23 +28,30 @@ Both at once work (a decode engine that also offloads). Loads that fail are repo
 ``get_block_ids_with_load_errors``: start vLLM with ``"kv_load_failure_policy": "recompute"`` so
 it recomputes them (vLLM's default, ``"fail"``, fails the request instead).
 
+The Rust core (``kvferry._native.Connector``: tiers, agent, every transfer) lives in the worker;
+the scheduler side keeps a mirror of which block hashes the worker's tiers hold, fed by the
+worker's stored/removed events through vLLM's worker metadata, and learns the worker's port from
+vLLM's handshake metadata — so it works whether the two share a process or not. A block evicted
+between lookup and load fails to load and is recomputed.
+
 Scope of this version: the CPU engine (and any engine whose KV cache tensors are in host
-memory), with the scheduler and the worker in one process (vLLM's uniprocess executor, the
-default for one device). With a fixed ``port`` P/D also works when they are apart, but lookups
-of offloaded blocks then find nothing.
+memory).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
@@ -55,7 +65,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvferry")
+# Under "vllm." so that vLLM's logging configuration shows our messages with its own.
+log = logging.getLogger("vllm.kvferry")
 
 # One native connector per engine, shared by the scheduler-side and the worker-side objects
 # that vLLM creates in the same process.
@@ -113,6 +124,28 @@ class KVFerryStats(KVConnectorStats):
 
 
 @dataclass
+class KVFerryHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler at start: where the worker's agent listens, and every block its tiers
+    already hold (recovered from G3 after a restart), so the first requests can hit them."""
+
+    port: int | None
+    events: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+@dataclass
+class KVFerryWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler each step: blocks stored in / removed from the tiers."""
+
+    # (kind, hash, medium) with kind "stored" or "removed"
+    events: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, KVFerryWorkerMeta):
+            self.events.extend(other.events)
+        return self
+
+
+@dataclass
 class KVFerryMetadata(KVConnectorMetadata):
     """What the scheduler asks the worker to do this step."""
 
@@ -139,24 +172,39 @@ class KVFerryConnector(KVConnectorBase_V1):
         self.offload = int(self.extra.get("dram_blocks", 0)) > 0
         self.pd = bool(self.extra.get("pd", True))
         self.host = str(self.extra.get("host", "127.0.0.1"))
-        rank = 0
+        # The Rust core runs in the worker only.
+        self.native: _Native | None = None
         if role == KVConnectorRole.WORKER:
+            rank = 0
             try:
                 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
                 rank = get_tensor_model_parallel_rank()
             except Exception:  # noqa: BLE001 - no parallel state in some test set-ups
                 rank = 0
-        self.native = _shared(self.engine_id, self.extra, self.tp_size, rank)
+            self.native = _shared(self.engine_id, self.extra, self.tp_size, rank)
         # Scheduler-side state.
         self._meta = KVFerryMetadata()
         self._plans: dict[str, tuple[str, list[bytes], int]] = {}
+        self._port: int | None = int(self.extra["port"]) if self.extra.get("port") else None
+        # hash -> media ("CPU", "DISK") holding it, mirrored from the worker's events.
+        self._cached: dict[bytes, set[str]] = {}
+        self._events: list[tuple[str, bytes, str]] = []
         # Worker-side state.
         self._load_errors: set[int] = set()
         self._caches: list["torch.Tensor"] = []
         self._reported: dict[str, int] = {}
+        self._stats_path: str | None = self.extra.get("stats_path")
+        self._stats_stop = threading.Event()
+        if self._stats_path and self.native is not None:
+            threading.Thread(target=self._stats_loop, name="kvferry-stats", daemon=True).start()
 
     # ---- worker side -------------------------------------------------------------------
+
+    def _core(self) -> _Native:
+        if self.native is None:
+            raise RuntimeError("kvferry's core runs in the worker; this is the scheduler side")
+        return self.native
 
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]):
         tensors = list(kv_caches.values())
@@ -183,7 +231,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             )
         base = min(t.data_ptr() for t in tensors)
         self._caches = tensors  # vLLM keeps them alive; holding them documents the contract
-        self.native.register_cache(
+        self._core().register_cache(
             kv_heads=heads,
             head_size=channels // 2,
             dtype=str(first.dtype),
@@ -203,9 +251,22 @@ class KVFerryConnector(KVConnectorBase_V1):
             f"on port {self.native.listen_port()}" if self.pd else "off",
         )
 
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        if self.native is None:
+            return None
+        return KVFerryHandshake(port=self.native.listen_port(), events=list(self.native.take_events()))
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self.native is None:
+            return None
+        events = self.native.take_events()
+        return KVFerryWorkerMeta(events=list(events)) if events else None
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVFerryMetadata)
+        if self.native is None:
+            return
         for req, (hashes, blocks) in meta.saves.items():
             try:
                 self.native.save(req, hashes, blocks)
@@ -236,23 +297,50 @@ class KVFerryConnector(KVConnectorBase_V1):
         return None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.native is None:
+            return None, None
         sending, recving, errors = self.native.poll()
         self._load_errors.update(errors)
         return (set(sending) or None, set(recving) or None)
+
+    def _stats_loop(self):
+        # Its own thread: an idle engine makes no calls, and the file must still catch up.
+        while not self._stats_stop.wait(1.0):
+            self._write_stats()
+
+    def _write_stats(self):
+        lines = []
+        for k, v in sorted(self.native.counters().items()):
+            name = f"kvferry_{k}" if k in ("dram_blocks", "nvme_blocks") else f"kvferry_{k}_total"
+            lines.append(f'{name}{{engine="{self.engine_id}"}} {v}')
+        tmp = f"{self._stats_path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, self._stats_path)
+        except OSError as e:
+            log.warning("kvferry: cannot write stats to %s: %s", self._stats_path, e)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
         return out
 
     def shutdown(self):
+        if self.native is None:
+            return
+        self._stats_stop.set()
         try:
             written = self.native.shutdown(float(self.extra.get("shutdown_timeout_s", 60.0)))
             if written:
                 log.info("kvferry: wrote %d blocks to G3 at shutdown", written)
         except Exception as e:  # noqa: BLE001 - shutting down anyway
             log.warning("kvferry: shutdown: %s", e)
+        if self._stats_path:
+            self._write_stats()
 
     def get_kv_connector_stats(self) -> KVFerryStats | None:
+        if self.native is None:
+            return None
         now = dict(self.native.counters())
         # Resident block counts are levels, reported as they are; everything else is an event
         # count, reported as the change since the last interval.
@@ -267,6 +355,38 @@ class KVFerryConnector(KVConnectorBase_V1):
         return KVFerryStats(data=dict(data)) if data is not None else KVFerryStats()
 
     # ---- scheduler side ----------------------------------------------------------------
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        md = metadata.get(0)
+        if isinstance(md, KVFerryHandshake):
+            if md.port:
+                self._port = md.port
+            self._apply(md.events)
+
+    def update_connector_output(self, connector_output: Any):
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVFerryWorkerMeta):
+            self._apply(meta.events)
+
+    def _apply(self, events: list[tuple[str, bytes, str]]):
+        for kind, h, medium in events:
+            if kind == "stored":
+                self._cached.setdefault(h, set()).add(medium)
+            else:
+                media = self._cached.get(h)
+                if media is not None:
+                    media.discard(medium)
+                    if not media:
+                        del self._cached[h]
+        self._events.extend(events)
+
+    def _lookup(self, hashes: list[bytes]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n
 
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
@@ -285,7 +405,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             # At least one prompt token is always computed, as vLLM's own prefix cache does.
             end = (request.num_tokens - 1) // bs
             wanted = list(request.block_hashes[start:end])
-            hits = self.native.lookup(wanted) if wanted else 0
+            hits = self._lookup(wanted)
             if hits:
                 self._plans[rid] = ("load", wanted[:hits], start)
                 return hits * bs, True
@@ -331,6 +451,26 @@ class KVFerryConnector(KVConnectorBase_V1):
             ids = list(blocks.get_block_ids()[0][start : start + n])
             self._meta.loads[rid] = (list(hashes[:n]), ids)
 
+    def take_events(self):
+        """Blocks stored in / removed from kvferry's tiers, for cache-aware routers; the medium
+        is "CPU" for G2 and "DISK" for G3."""
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        events, self._events = self._events, []
+        for kind, h, medium in events:
+            if kind == "stored":
+                yield BlockStored(
+                    block_hashes=[h],
+                    parent_block_hash=None,
+                    token_ids=[],
+                    block_size=self.block_size,
+                    lora_id=None,
+                    medium=medium,
+                    lora_name=None,
+                )
+            else:
+                yield BlockRemoved(block_hashes=[h], medium=medium)
+
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta, self._meta = self._meta, KVFerryMetadata()
         return meta
@@ -351,13 +491,16 @@ class KVFerryConnector(KVConnectorBase_V1):
             bs = self.block_size
             n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // bs)
             hashes = list(request.block_hashes[:n])
-            known = self.native.lookup(hashes) if hashes else 0
+            known = self._lookup(hashes)
             if n > known:
                 self._meta.saves[rid] = (hashes[known:n], list(block_ids[known:n]))
                 delay = True
         out = None
         if ok and self.pd and params.get("do_remote_decode") and block_ids:
-            port = self.native.listen_port() or int(self.extra.get("port", 0))
+            port = self._port
+            if not port:
+                log.warning("kvferry: no listening port known for %s; not offering its KV", rid)
+                return delay, None
             out = {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,

@@ -51,7 +51,7 @@ def main():
         model=model,
         dtype="float32",
         block_size=32,
-        max_model_len=1024,
+        max_model_len=2048,
         enforce_eager=True,
         seed=0,
         **kw,

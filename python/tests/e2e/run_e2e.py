@@ -12,6 +12,9 @@ means blocks really moved:
   the second round's prefix can only come from kvferry's G2 (DRAM).
 - offload-g3: the same engine configuration with an NVMe directory, restarted between rounds:
   the prefix comes back from G3 files.
+- proxy: `vllm serve` prefill and decode servers (separate engine and worker processes, as in
+  production) behind `kvferry.proxy`, the decode server also offloading: the README's demo
+  (python/examples/vllm_demo.py), with its outputs checked against plain vLLM.
 - prefill-down: the decode engine is pointed at a prefill engine that is not running; requests
   complete by recomputing (kv_load_failure_policy=recompute), with the failures counted.
 """
@@ -188,6 +191,33 @@ def prefill_down(model, plain):
         dec.close()
 
 
+def proxy(model, transport="tcp"):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples"))
+    import vllm_demo
+
+    # Plain outputs for the demo's prompts, from an engine without kvferry.
+    base = Engine(model, "plain-proxy")
+    try:
+        want, _ = base.generate(vllm_demo.prompts(4, 300, seed=11), 16)
+        want_long, _ = base.generate(vllm_demo.prompts(1, 1500, seed=12), 8)
+    finally:
+        base.close()
+    r = vllm_demo.run(model, transport, quiet=True)
+    got = [{"token_ids": o} for o in r["pd_outputs"]]
+    assert all(isinstance(o, list) for o in r["pd_outputs"]), "the server returned no token ids"
+    check_same("proxy P/D", got, want)
+    check_same("proxy offload (computed)", [{"token_ids": r["offload_cold"]}], want_long)
+    check_same("proxy offload (from G2)", [{"token_ids": r["offload_warm"]}], want_long)
+    d, p = r["pd"]["decode"], r["pd"]["prefill"]
+    assert d.get("pulled_blocks", 0) > 0 and d.get("pull_failures", 0) == 0, d
+    assert p.get("pulls_served", 0) == 4, p
+    assert r["onboarded"] > 0, r
+    return (
+        f"{d['pulled_blocks']} blocks pulled through the proxy; 1500-token prefix: TTFT "
+        f"{r['ttft_cold'] * 1e3:.0f} ms computed, {r['ttft_warm'] * 1e3:.0f} ms from G2 ({r['onboarded']} blocks)"
+    )
+
+
 def main():
     model = sys.argv[1]
     only = None
@@ -206,6 +236,7 @@ def main():
         ("offload", lambda: offload(model, plain)),
         ("offload-g3", lambda: offload(model, plain, tmp)),
         ("prefill-down", lambda: prefill_down(model, plain)),
+        ("proxy", lambda: proxy(model)),
     ]
     for name, run in scenarios:
         if only and name not in only:

@@ -1,0 +1,155 @@
+"""A prefill/decode proxy for OpenAI-compatible vLLM servers, as vLLM's NixlConnector examples
+have: each request goes to a prefill server with ``max_tokens=1`` and
+``kv_transfer_params={"do_remote_decode": true}``, then to a decode server with the
+``kv_transfer_params`` the prefill server returned, whose answer (streamed or not) goes back to
+the client. Standard library only.
+
+    python -m kvferry.proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \\
+        --port 8000
+
+Several ``--prefill``/``--decode`` URLs are used round-robin. ``GET /healthz`` answers once
+every backend answers ``/health``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class Backends:
+    def __init__(self, prefill: list[str], decode: list[str], timeout: float):
+        self.prefill = itertools.cycle([u.rstrip("/") for u in prefill])
+        self.decode = itertools.cycle([u.rstrip("/") for u in decode])
+        self.all = [u.rstrip("/") for u in prefill + decode]
+        self.timeout = timeout
+        self.lock = threading.Lock()
+
+    def pick(self) -> tuple[str, str]:
+        with self.lock:
+            return next(self.prefill), next(self.decode)
+
+
+def _post(url: str, body: dict, timeout: float):
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def make_handler(backends: Backends):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet by default
+            return
+
+        def _reply(self, code: int, body: bytes, ctype: str = "application/json"):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/healthz":
+                for u in backends.all:
+                    try:
+                        urllib.request.urlopen(u + "/health", timeout=5).read()
+                    except Exception as e:  # noqa: BLE001
+                        return self._reply(503, json.dumps({"down": u, "error": str(e)}).encode())
+                return self._reply(200, b'{"ok": true}')
+            self._reply(404, b'{"error": "not found"}')
+
+        def do_POST(self):
+            if self.path not in ROUTES:
+                return self._reply(404, b'{"error": "not found"}')
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except (ValueError, json.JSONDecodeError) as e:
+                return self._reply(400, json.dumps({"error": f"bad request: {e}"}).encode())
+            prefill, decode = backends.pick()
+            first = dict(body)
+            first.update(
+                max_tokens=1,
+                stream=False,
+                kv_transfer_params={
+                    "do_remote_decode": True,
+                    "do_remote_prefill": False,
+                    "remote_engine_id": None,
+                    "remote_block_ids": None,
+                    "remote_host": None,
+                    "remote_port": None,
+                },
+            )
+            first.pop("stream_options", None)
+            if "max_completion_tokens" in first:
+                first["max_completion_tokens"] = 1
+            try:
+                with _post(prefill + self.path, first, backends.timeout) as r:
+                    params = json.loads(r.read()).get("kv_transfer_params")
+            except urllib.error.HTTPError as e:
+                return self._reply(e.code, e.read())
+            except Exception as e:  # noqa: BLE001
+                return self._reply(502, json.dumps({"error": f"prefill {prefill}: {e}"}).encode())
+            second = dict(body)
+            if params:
+                second["kv_transfer_params"] = params
+            try:
+                r = _post(decode + self.path, second, backends.timeout)
+            except urllib.error.HTTPError as e:
+                return self._reply(e.code, e.read())
+            except Exception as e:  # noqa: BLE001
+                return self._reply(502, json.dumps({"error": f"decode {decode}: {e}"}).encode())
+            with r:
+                if not body.get("stream"):
+                    return self._reply(200, r.read(), r.headers.get("Content-Type", "application/json"))
+                # Streamed: pass the server-sent events through as they come.
+                self.send_response(200)
+                self.send_header("Content-Type", r.headers.get("Content-Type", "text/event-stream"))
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while True:
+                    chunk = r.read1(65536) if hasattr(r, "read1") else r.read(65536)
+                    if not chunk:
+                        break
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+
+    return Handler
+
+
+def serve(prefill: list[str], decode: list[str], host: str, port: int, timeout: float = 600.0):
+    server = ThreadingHTTPServer((host, port), make_handler(Backends(prefill, decode, timeout)))
+    server.daemon_threads = True
+    return server
+
+
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m kvferry.proxy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prefill", action="append", required=True, help="prefill server URL")
+    ap.add_argument("--decode", action="append", required=True, help="decode server URL")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per backend request")
+    a = ap.parse_args(argv)
+    server = serve(a.prefill, a.decode, a.host, a.port, a.timeout)
+    print(f"kvferry proxy on http://{a.host}:{server.server_port}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
