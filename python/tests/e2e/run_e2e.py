@@ -12,6 +12,8 @@ means blocks really moved:
   the second round's prefix can only come from kvferry's G2 (DRAM).
 - offload-g3: the same engine configuration with an NVMe directory, restarted between rounds:
   the prefix comes back from G3 files.
+- prefill-killed: the prefill engine is killed (SIGKILL) after it prefilled and before the
+  decode engine pulls: the pulls fail, the decode engine recomputes, outputs are identical.
 - proxy: `vllm serve` prefill and decode servers (separate engine and worker processes, as in
   production) behind `kvferry.proxy`, the decode server also offloading: the README's demo
   (python/examples/vllm_demo.py), with its outputs checked against plain vLLM.
@@ -164,6 +166,27 @@ def offload(model, plain, nvme_dir=None):
         e.close()
 
 
+def prefill_killed(model, plain):
+    port = free_port()
+    pre = Engine(model, "prefill-killed", {"pd": True, "port": port})
+    dec = Engine(model, "decode-orphaned", {"pd": True})
+    try:
+        pre.wait_ready(), dec.wait_ready()
+        ps = prompts()
+        first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        params = [o["kv_transfer_params"] for o in first]
+        pre.p.kill()
+        pre.p.wait(timeout=30)
+        out, _ = dec.generate(ps, 16, params)
+        check_same("prefill-killed", out, plain)
+        d = dec.stats()
+        assert d["pull_failures"] >= 1 and d["pulled_blocks"] == 0, d
+        return f"prefill engine killed; {d['pull_failures']} failed pulls, all requests recomputed and identical"
+    finally:
+        pre.close()
+        dec.close()
+
+
 def prefill_down(model, plain):
     dec = Engine(model, "decode-alone", {"pd": True})
     try:
@@ -236,6 +259,7 @@ def main():
         ("offload", lambda: offload(model, plain)),
         ("offload-g3", lambda: offload(model, plain, tmp)),
         ("prefill-down", lambda: prefill_down(model, plain)),
+        ("prefill-killed", lambda: prefill_killed(model, plain)),
         ("proxy", lambda: proxy(model)),
     ]
     for name, run in scenarios:
