@@ -13,6 +13,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{unbounded, Sender};
 use kvcore::wire::ExportedCache;
 use kvcore::{
     tp_reads, BlockHash, CacheLayout, Descriptor, MemKind, PlanBuilder, Region, RegionId,
@@ -20,9 +21,14 @@ use kvcore::{
 use kvnet::{Agent, AgentConfig, NetError, Transport};
 use kvtier::{G1Id, NvmeConfig, Tier, TierConfig, TierEngine, TierError, TierEvent};
 use parking_lot::Mutex;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 /// Prefix of the notification a decoder sends once it has pulled a request's blocks.
 const PULLED: &str = "kvferry-pulled:";
+
+/// How long a decoder's notification is kept for a request the engine has not finished yet.
+const EARLY_NOTE_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -116,6 +122,12 @@ struct Req {
     loads: usize,
     finishing: bool,
     await_pull: Option<Instant>,
+    /// Prefill side: decoder notifications received, and how many the decoders said to expect
+    /// (one per decode rank). They can arrive before the engine tells us the request finished.
+    notified: u32,
+    expected: u32,
+    /// When the first early notification came (to drop ones whose request never finishes).
+    noted_at: Option<Instant>,
 }
 
 enum Op {
@@ -144,6 +156,8 @@ struct State {
     reqs: HashMap<String, Req>,
     tier_ops: HashMap<u64, Op>,
     net_ops: HashMap<u64, Op>,
+    /// Reads that finished before the pull thread recorded them.
+    early: HashMap<u64, std::result::Result<u64, NetError>>,
     /// Prefill engines we pulled from, by address.
     peers: HashMap<SocketAddr, String>,
     done: Finished,
@@ -151,17 +165,88 @@ struct State {
     events: Vec<TierEvent>,
 }
 
+/// The connector: [`Core`] (reachable through `Deref`) plus the thread that connects to prefill
+/// engines and posts pulls, so that a slow or unreachable prefill engine never stalls the caller
+/// (the engine's forward pass) for its connect timeout.
 pub struct Connector {
-    cfg: ConnectorConfig,
-    agent: Option<Agent>,
-    cache: Mutex<Option<Cache>>,
-    st: Mutex<State>,
+    core: Arc<Core>,
+    pulls: Mutex<Option<Sender<(String, PullSpec)>>>,
+    puller: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::ops::Deref for Connector {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 impl Connector {
     /// Starts the agent (P/D) right away, so the listening address is known before the engine
     /// registers its cache; the tier engine starts with the cache, when the geometry is known.
     pub fn new(cfg: ConnectorConfig) -> Result<Connector> {
+        let core = Arc::new(Core::new(cfg)?);
+        let (tx, rx) = unbounded::<(String, PullSpec)>();
+        let c = core.clone();
+        let puller = std::thread::Builder::new()
+            .name("kvferry-pull".into())
+            .spawn(move || {
+                for (req, spec) in rx {
+                    c.run_pull(&req, &spec);
+                }
+            })
+            .map_err(|e| ConnectorError::Config(format!("cannot start the pull thread: {e}")))?;
+        Ok(Connector {
+            core,
+            pulls: Mutex::new(Some(tx)),
+            puller: Mutex::new(Some(puller)),
+        })
+    }
+
+    /// Decode side: pulls a request's blocks from its prefill engine, then notifies it; returns
+    /// at once (the connect and the posting happen on the pull thread). Every failure (prefill
+    /// engine down, geometry mismatch, peer dying mid-transfer) ends as load errors for the
+    /// local blocks, so the engine recomputes them.
+    pub fn pull(&self, req: &str, spec: &PullSpec) {
+        // A placeholder load, so the request is not reported finished before the pull resolves.
+        self.core
+            .st
+            .lock()
+            .reqs
+            .entry(req.to_string())
+            .or_default()
+            .loads += 1;
+        let sent = self
+            .pulls
+            .lock()
+            .as_ref()
+            .map(|tx| tx.send((req.to_string(), spec.clone())).is_ok());
+        if sent != Some(true) {
+            self.core.run_pull(req, spec);
+        }
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        self.pulls.lock().take();
+        if let Some(t) = self.puller.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Everything the connector does besides scheduling pulls.
+pub struct Core {
+    cfg: ConnectorConfig,
+    agent: Option<Agent>,
+    cache: Mutex<Option<Cache>>,
+    st: Mutex<State>,
+}
+
+impl Core {
+    fn new(cfg: ConnectorConfig) -> Result<Core> {
         if cfg.tp_size == 0 || cfg.tp_rank >= cfg.tp_size {
             return Err(ConnectorError::Config(format!(
                 "tp_rank {} of tp_size {}",
@@ -172,6 +257,15 @@ impl Connector {
             Some(pd) => {
                 let mut a = AgentConfig::new(format!("{}-rank{}", cfg.engine_id, cfg.tp_rank));
                 a.listen = pd.listen;
+                // With a fixed port, rank r listens on port + r: decoders find every rank from
+                // the one port in kv_transfer_params (NixlConnector's convention).
+                if pd.listen.port() != 0 {
+                    let port =
+                        u16::try_from(u32::from(pd.listen.port()) + cfg.tp_rank).map_err(|_| {
+                            ConnectorError::Config("port + tp_rank exceeds 65535".into())
+                        })?;
+                    a.listen.set_port(port);
+                }
                 a.token = pd.token.clone();
                 a.timeout = pd.timeout;
                 a.transports = match pd.transport {
@@ -190,7 +284,7 @@ impl Connector {
             }
             None => None,
         };
-        Ok(Connector {
+        Ok(Core {
             cfg,
             agent,
             cache: Mutex::new(None),
@@ -330,16 +424,17 @@ impl Connector {
         }
     }
 
-    /// Decode side: pulls a request's blocks from its prefill engine, then notifies it. Every
-    /// failure (prefill engine down, geometry mismatch, peer dying mid-transfer) ends as load
-    /// errors for the local blocks, so the engine recomputes them.
-    pub fn pull(&self, req: &str, spec: &PullSpec) {
+    /// Connects, plans and posts one pull (on the pull thread), replacing the placeholder load
+    /// that [`Connector::pull`] counted by the reads posted.
+    fn run_pull(&self, req: &str, spec: &PullSpec) {
         let r = self.start_pull(spec);
         let mut st = self.st.lock();
+        let st = &mut *st;
         match r {
-            Ok(ids) if ids.is_empty() => st.done.recving.push(req.to_string()),
             Ok(ids) => {
-                st.reqs.entry(req.to_string()).or_default().loads += ids.len();
+                if let Some(r) = st.reqs.get_mut(req) {
+                    r.loads += ids.len();
+                }
                 for (id, blocks) in ids {
                     st.net_ops.insert(
                         id,
@@ -348,6 +443,9 @@ impl Connector {
                             blocks,
                         },
                     );
+                    if let Some(result) = st.early.remove(&id) {
+                        pull_done(st, id, result);
+                    }
                 }
             }
             Err(e) => {
@@ -356,11 +454,28 @@ impl Connector {
                     spec.remote_host,
                     spec.remote_port
                 );
+                // The prefill engine may have restarted: connect afresh next time.
+                let stale: Vec<SocketAddr> = st
+                    .peers
+                    .keys()
+                    .filter(|a| {
+                        let p = u32::from(a.port());
+                        let base = u32::from(spec.remote_port);
+                        p >= base && p < base + spec.remote_tp_size.max(1)
+                    })
+                    .copied()
+                    .collect();
+                for a in stale {
+                    if let (Some(name), Some(agent)) = (st.peers.remove(&a), &self.agent) {
+                        agent.forget_peer(&name);
+                    }
+                }
                 st.counters.pull_failures += 1;
                 st.done.load_errors.extend(&spec.local_blocks);
-                st.done.recving.push(req.to_string());
             }
         }
+        // The placeholder: done now (the request finishes here if no read was posted).
+        load_done(st, req);
     }
 
     fn peer_for(&self, agent: &Agent, host: &str, port: u16) -> Result<String> {
@@ -390,23 +505,20 @@ impl Connector {
                 spec.local_blocks.len()
             )));
         }
-        let peer = match self.peer_for(agent, &spec.remote_host, spec.remote_port) {
-            Ok(p) => p,
-            Err(e) => {
-                // A stale connection (the prefill engine restarted) is retried once, fresh.
-                let addr = (spec.remote_host.as_str(), spec.remote_port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next());
-                if let Some(a) = addr {
-                    self.st.lock().peers.remove(&a);
-                }
-                return Err(e);
-            }
-        };
-        let payload = format!("{PULLED}{}", spec.remote_request_id).into_bytes();
+        let remote_tp = spec.remote_tp_size.max(1);
+        // Every decode rank tells every prefill rank, which frees once all decode ranks did.
+        let payload =
+            format!("{PULLED}{}:{}", spec.remote_request_id, self.cfg.tp_size).into_bytes();
+        let mut peers = Vec::with_capacity(remote_tp as usize);
+        for q in 0..remote_tp {
+            let port = u16::try_from(u32::from(spec.remote_port) + q)
+                .map_err(|_| ConnectorError::Config("remote port + rank exceeds 65535".into()))?;
+            peers.push(self.peer_for(agent, &spec.remote_host, port)?);
+        }
         if spec.local_blocks.is_empty() {
-            agent.notify(&peer, payload)?;
+            for p in &peers {
+                agent.notify(p, payload.clone())?;
+            }
             return Ok(Vec::new());
         }
         let (layout, region) = {
@@ -420,20 +532,18 @@ impl Connector {
                     .ok_or_else(|| ConnectorError::Config("no exported region".into()))?,
             )
         };
-        agent.check_peer_geometry(&peer, layout.geometry())?;
-        let md = agent
-            .peer_metadata(&peer)
-            .ok_or_else(|| ConnectorError::Config(format!("{peer} vanished")))?;
         let total_heads = layout.geometry().kv_heads * self.cfg.tp_size;
-        let reads = tp_reads(
-            total_heads,
-            spec.remote_tp_size.max(1),
-            self.cfg.tp_size,
-            self.cfg.tp_rank,
-        )?;
-        let mut ids = Vec::new();
-        let last = reads.len().saturating_sub(1);
-        for (i, read) in reads.iter().enumerate() {
+        let reads = tp_reads(total_heads, remote_tp, self.cfg.tp_size, self.cfg.tp_rank)?;
+        // Plan every read before posting any, so a bad peer fails the pull before bytes move.
+        let mut posts = Vec::with_capacity(reads.len());
+        for read in &reads {
+            let peer = peers.get(read.src_rank as usize).ok_or_else(|| {
+                ConnectorError::Config(format!("no prefill rank {}", read.src_rank))
+            })?;
+            agent.check_peer_geometry(peer, layout.geometry())?;
+            let md = agent
+                .peer_metadata(peer)
+                .ok_or_else(|| ConnectorError::Config(format!("{peer} vanished")))?;
             let src = md
                 .caches
                 .iter()
@@ -460,10 +570,23 @@ impl Connector {
                     len: c.len,
                 });
             }
-            // The last read carries the notification: the prefill side frees on it.
-            let notify = (i == last).then(|| payload.clone());
-            let id = agent.read(&local, &peer, &remote, notify)?;
-            ids.push((id, spec.local_blocks.clone()));
+            posts.push((read.src_rank as usize, local, remote));
+        }
+        let mut ids = Vec::new();
+        for (q, peer) in peers.iter().enumerate() {
+            let mine: Vec<_> = posts.iter().filter(|p| p.0 == q).collect();
+            if mine.is_empty() {
+                // A rank we read nothing from (its heads are replicated elsewhere) still waits.
+                agent.notify(peer, payload.clone())?;
+                continue;
+            }
+            let last = mine.len() - 1;
+            for (i, (_, local, remote)) in mine.into_iter().enumerate() {
+                // The last read from each rank carries its notification: it frees on it.
+                let notify = (i == last).then(|| payload.clone());
+                let id = agent.read(local, peer, remote, notify)?;
+                ids.push((id, spec.local_blocks.clone()));
+            }
         }
         Ok(ids)
     }
@@ -473,10 +596,16 @@ impl Connector {
     pub fn finish(&self, req: &str, await_pull: bool) {
         let timeout = self.cfg.pd.as_ref().map(|p| p.free_timeout);
         let mut st = self.st.lock();
+        let st = &mut *st;
         let r = st.reqs.entry(req.to_string()).or_default();
         r.finishing = true;
         if await_pull {
-            r.await_pull = Some(Instant::now() + timeout.unwrap_or_default());
+            if r.expected > 0 && r.notified >= r.expected {
+                // Every decoder was done before the engine told us: nothing to wait for.
+                st.counters.pulls_served += 1;
+            } else {
+                r.await_pull = Some(Instant::now() + timeout.unwrap_or_default());
+            }
         }
     }
 
@@ -523,32 +652,30 @@ impl Connector {
             }
         }
         for t in net_done {
-            if let Some(Op::Pull { req, blocks }) = st.net_ops.remove(&t.id) {
-                match t.result {
-                    Ok(bytes) => {
-                        st.counters.pulled_blocks += blocks.len() as u64;
-                        st.counters.pulled_bytes += bytes;
-                    }
-                    Err(e) => {
-                        log::warn!("kvferry: pull of {req} failed: {e}");
-                        st.counters.pull_failures += 1;
-                        st.done.load_errors.extend(blocks);
-                    }
-                }
-                load_done(st, &req);
-            }
-        }
-        for n in notes {
-            let text = String::from_utf8_lossy(&n.payload);
-            if let Some(id) = text.strip_prefix(PULLED) {
-                if let Some(r) = st.reqs.get_mut(id) {
-                    if r.await_pull.take().is_some() {
-                        st.counters.pulls_served += 1;
-                    }
-                }
-            }
+            pull_done(st, t.id, t.result);
         }
         let now = Instant::now();
+        for n in notes {
+            let text = String::from_utf8_lossy(&n.payload);
+            let Some(rest) = text.strip_prefix(PULLED) else {
+                continue;
+            };
+            // "<request>:<decode ranks>"; a request id may itself contain ':'.
+            let (id, expected) = match rest.rsplit_once(':') {
+                Some((id, n)) => match n.parse::<u32>() {
+                    Ok(n) if n > 0 => (id, n),
+                    _ => (rest, 1),
+                },
+                None => (rest, 1),
+            };
+            let r = st.reqs.entry(id.to_string()).or_default();
+            r.notified += 1;
+            r.expected = expected;
+            r.noted_at.get_or_insert(now);
+            if r.notified >= r.expected && r.await_pull.take().is_some() {
+                st.counters.pulls_served += 1;
+            }
+        }
         let mut ready = Vec::new();
         for (id, r) in st.reqs.iter_mut() {
             if r.await_pull.is_some_and(|d| d <= now) {
@@ -565,8 +692,12 @@ impl Connector {
         }
         st.done.sending.extend(ready);
         // Requests whose loads ended and that are not finishing need no state.
-        st.reqs
-            .retain(|_, r| r.finishing || r.saves > 0 || r.loads > 0 || r.await_pull.is_some());
+        st.reqs.retain(|_, r| {
+            let early = r
+                .noted_at
+                .is_some_and(|t| now.duration_since(t) < EARLY_NOTE_TTL);
+            r.finishing || r.saves > 0 || r.loads > 0 || r.await_pull.is_some() || early
+        });
         std::mem::take(&mut st.done)
     }
 
@@ -624,6 +755,27 @@ impl Connector {
     pub fn flush(&self, timeout: Duration) -> Result<usize> {
         self.tiers(|t, _| Ok(t.flush(timeout)?))
     }
+}
+
+/// One posted read of a pull finished. A read can finish before the pull thread has recorded
+/// it (it posts, then takes the state lock): such results wait in `early` until it does.
+fn pull_done(st: &mut State, id: u64, result: std::result::Result<u64, NetError>) {
+    let Some(Op::Pull { req, blocks }) = st.net_ops.remove(&id) else {
+        st.early.insert(id, result);
+        return;
+    };
+    match result {
+        Ok(bytes) => {
+            st.counters.pulled_blocks += blocks.len() as u64;
+            st.counters.pulled_bytes += bytes;
+        }
+        Err(e) => {
+            log::warn!("kvferry: pull of {req} failed: {e}");
+            st.counters.pull_failures += 1;
+            st.done.load_errors.extend(blocks);
+        }
+    }
+    load_done(st, &req);
 }
 
 fn load_done(st: &mut State, req: &str) {

@@ -236,3 +236,147 @@ fn a_restarted_connector_announces_the_blocks_it_recovered_from_g3() {
     }
     assert_eq!(c.lookup(&h), 4);
 }
+
+/// An engine of a TP group: `heads` KV heads per rank, a fixed base port.
+fn rank(name: &str, heads: u32, tp: u32, r: u32, port: u16, seed: u8) -> Engine {
+    let g = Geometry::mha(2, heads, 64, Dtype::F32, 32).expect("geometry");
+    let layout = CacheLayout::named(g, BLOCKS, StrideOrder::Lbhnc).expect("layout");
+    let mut cache: Vec<u8> = (0..layout.span_bytes())
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect();
+    let conn = Connector::new(ConnectorConfig {
+        engine_id: name.into(),
+        offload: None,
+        pd: Some(PdConfig {
+            listen: format!("127.0.0.1:{port}").parse().expect("addr"),
+            transport: Transport::Tcp,
+            token: None,
+            free_timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(5),
+        }),
+        tp_size: tp,
+        tp_rank: r,
+    })
+    .expect("connector");
+    // SAFETY: as in `engine`.
+    unsafe { conn.register_cache(layout.clone(), cache.as_mut_ptr()) }.expect("register");
+    Engine {
+        conn,
+        cache,
+        layout,
+    }
+}
+
+/// Two consecutive free ports (rank r of a group listens on base + r).
+fn port_pair() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = a.local_addr().expect("addr").port();
+        if p < 65535 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn head_bytes(e: &Engine, block: u32, head: u32) -> Vec<u8> {
+    let g = *e.layout.geometry();
+    (0..g.layers)
+        .flat_map(|l| {
+            e.layout
+                .runs(l, block, head..head + 1, 0..g.block_tokens)
+                .expect("runs")
+                .into_iter()
+                .flat_map(|(o, n)| e.cache[o as usize..(o + n) as usize].to_vec())
+                .collect::<Vec<u8>>()
+        })
+        .collect()
+}
+
+#[test]
+fn decode_tp1_pulls_from_prefill_tp2_and_both_ranks_free() {
+    let base = port_pair();
+    let p0 = rank("p-tp2", 1, 2, 0, base, 1);
+    let p1 = rank("p-tp2", 1, 2, 1, base, 2);
+    let d = rank("d-tp1", 2, 1, 0, 0, 3);
+    for p in [&p0, &p1] {
+        p.conn.finish("req", true);
+    }
+    d.conn.pull(
+        "dreq",
+        &PullSpec {
+            remote_host: "127.0.0.1".into(),
+            remote_port: base,
+            remote_request_id: "req".into(),
+            remote_tp_size: 2,
+            remote_blocks: vec![3, 4],
+            local_blocks: vec![10, 20],
+        },
+    );
+    let f = d.until(|f| f.recving.contains(&"dreq".to_string()));
+    assert!(f.load_errors.is_empty(), "{f:?}");
+    for (r, l) in [(3, 10), (4, 20)] {
+        assert_eq!(head_bytes(&d, l, 0), head_bytes(&p0, r, 0));
+        assert_eq!(head_bytes(&d, l, 1), head_bytes(&p1, r, 0));
+    }
+    for p in [&p0, &p1] {
+        p.until(|f| f.sending.contains(&"req".to_string()));
+    }
+}
+
+#[test]
+fn prefill_tp1_frees_only_after_both_decode_ranks_pulled() {
+    let base = port_pair();
+    let p = rank("p-tp1", 2, 1, 0, base, 4);
+    let d0 = rank("d-tp2", 1, 2, 0, 0, 5);
+    let d1 = rank("d-tp2", 1, 2, 1, 0, 6);
+    p.conn.finish("req", true);
+    let spec = PullSpec {
+        remote_host: "127.0.0.1".into(),
+        remote_port: base,
+        remote_request_id: "req".into(),
+        remote_tp_size: 1,
+        remote_blocks: vec![7],
+        local_blocks: vec![8],
+    };
+    d0.conn.pull("x", &spec);
+    d0.until(|f| f.recving.contains(&"x".to_string()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        p.conn.poll().sending.is_empty(),
+        "freed after one of two decode ranks"
+    );
+    d1.conn.pull("y", &spec);
+    d1.until(|f| f.recving.contains(&"y".to_string()));
+    p.until(|f| f.sending.contains(&"req".to_string()));
+    assert_eq!(head_bytes(&d0, 8, 0), head_bytes(&p, 7, 0));
+    assert_eq!(head_bytes(&d1, 8, 0), head_bytes(&p, 7, 1));
+    assert_eq!(p.conn.counters().pulls_served, 1);
+}
+
+#[test]
+fn a_decoder_done_before_the_prefill_engine_finishes_is_remembered() {
+    let prefill = engine("early-prefill", false, true, 7);
+    let decode = engine("early-decode", false, true, 8);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    decode.conn.pull(
+        "d",
+        &PullSpec {
+            remote_host: addr.ip().to_string(),
+            remote_port: addr.port(),
+            remote_request_id: "p".into(),
+            remote_tp_size: 1,
+            remote_blocks: vec![1],
+            local_blocks: vec![2],
+        },
+    );
+    decode.until(|f| f.recving.contains(&"d".to_string()));
+    // The notification lands before the engine reports the request finished.
+    for _ in 0..100 {
+        assert!(prefill.conn.poll().sending.is_empty());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    prefill.conn.finish("p", true);
+    let f = prefill.conn.poll();
+    assert_eq!(f.sending, vec!["p".to_string()]);
+    assert_eq!(prefill.conn.counters().pulls_served, 1);
+}

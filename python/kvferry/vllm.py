@@ -13,8 +13,11 @@ Extra config (all optional):
   ``kv_transfer_params`` protocol is vLLM's NixlConnector's (``do_remote_decode``,
   ``do_remote_prefill``, ``remote_engine_id``, ``remote_request_id``, ``remote_block_ids``,
   ``remote_host``, ``remote_port``, ``tp_size``), so routers built for it drive kvferry unchanged.
-- ``host`` (default ``127.0.0.1``), ``port`` (default 0: any free port): where this engine's
-  agent listens and what it advertises to decoders. ``transport``: ``"tcp"`` (default) or
+- ``host`` (default ``127.0.0.1``), ``port`` (default 0: any free port; required with tensor
+  parallelism, where TP rank r listens on ``port + r``): where this engine's agents listen and
+  what they advertise to decoders. Prefill and decode may have different TP sizes: each decode
+  rank reads its heads from the prefill ranks that hold them and tells every prefill rank, which
+  frees the request's blocks once all decode ranks did. ``transport``: ``"tcp"`` (default) or
   ``"ucx"``. ``token``: a shared secret for the handshake. ``free_timeout_s`` (default 120):
   a prefill request whose decoder never pulls frees its blocks after this long.
 - ``stats_path``: a file the worker rewrites (at most once a second, and at shutdown) with
@@ -172,6 +175,11 @@ class KVFerryConnector(KVConnectorBase_V1):
         self.offload = int(self.extra.get("dram_blocks", 0)) > 0
         self.pd = bool(self.extra.get("pd", True))
         self.host = str(self.extra.get("host", "127.0.0.1"))
+        if self.pd and self.tp_size > 1 and not self.extra.get("port"):
+            raise ValueError(
+                "kvferry: with tensor parallelism set kv_connector_extra_config.port: TP rank r "
+                "listens on port + r, which is how decoders find every rank"
+            )
         # The Rust core runs in the worker only.
         self.native: _Native | None = None
         if role == KVConnectorRole.WORKER:
