@@ -22,7 +22,28 @@ struct Engine {
 }
 
 fn engine(name: &str, offload: bool, pd: bool, seed: u8) -> Engine {
-    let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbhnc).expect("layout");
+    let free = Duration::from_millis(300);
+    build(
+        name,
+        geometry(),
+        offload,
+        pd.then_some((0, free)),
+        (1, 0),
+        seed,
+    )
+}
+
+/// A connector over a host cache of `g` filled from `seed`; `pd`: the listening port (0: any)
+/// and the free timeout.
+fn build(
+    name: &str,
+    g: Geometry,
+    offload: bool,
+    pd: Option<(u16, Duration)>,
+    tp: (u32, u32),
+    seed: u8,
+) -> Engine {
+    let layout = CacheLayout::named(g, BLOCKS, StrideOrder::Lbhnc).expect("layout");
     let mut cache: Vec<u8> = (0..layout.span_bytes())
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect();
@@ -32,15 +53,15 @@ fn engine(name: &str, offload: bool, pd: bool, seed: u8) -> Engine {
             dram_blocks: 32,
             nvme: None,
         }),
-        pd: pd.then(|| PdConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
+        pd: pd.map(|(port, free_timeout)| PdConfig {
+            listen: format!("127.0.0.1:{port}").parse().expect("addr"),
             transport: Transport::Tcp,
             token: None,
-            free_timeout: Duration::from_millis(300),
+            free_timeout,
             timeout: Duration::from_secs(5),
         }),
-        tp_size: 1,
-        tp_rank: 0,
+        tp_size: tp.0,
+        tp_rank: tp.1,
     })
     .expect("connector");
     // SAFETY: `cache` lives in the Engine next to the connector and is only read by the test
@@ -237,34 +258,17 @@ fn a_restarted_connector_announces_the_blocks_it_recovered_from_g3() {
     assert_eq!(c.lookup(&h), 4);
 }
 
-/// An engine of a TP group: `heads` KV heads per rank, a fixed base port.
+/// An engine of a TP group: `heads` KV heads per rank, a fixed base port (0: any).
 fn rank(name: &str, heads: u32, tp: u32, r: u32, port: u16, seed: u8) -> Engine {
     let g = Geometry::mha(2, heads, 64, Dtype::F32, 32).expect("geometry");
-    let layout = CacheLayout::named(g, BLOCKS, StrideOrder::Lbhnc).expect("layout");
-    let mut cache: Vec<u8> = (0..layout.span_bytes())
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
-        .collect();
-    let conn = Connector::new(ConnectorConfig {
-        engine_id: name.into(),
-        offload: None,
-        pd: Some(PdConfig {
-            listen: format!("127.0.0.1:{port}").parse().expect("addr"),
-            transport: Transport::Tcp,
-            token: None,
-            free_timeout: Duration::from_secs(60),
-            timeout: Duration::from_secs(5),
-        }),
-        tp_size: tp,
-        tp_rank: r,
-    })
-    .expect("connector");
-    // SAFETY: as in `engine`.
-    unsafe { conn.register_cache(layout.clone(), cache.as_mut_ptr()) }.expect("register");
-    Engine {
-        conn,
-        cache,
-        layout,
-    }
+    build(
+        name,
+        g,
+        false,
+        Some((port, Duration::from_secs(60))),
+        (tp, r),
+        seed,
+    )
 }
 
 /// Two consecutive free ports (rank r of a group listens on base + r).

@@ -166,6 +166,15 @@ def offload(model, plain, nvme_dir=None):
         e.close()
 
 
+def recomputes(name, dec, ps, params, plain):
+    """Decodes with pulls that must fail; the outputs must still equal plain vLLM's."""
+    out, _ = dec.generate(ps, 16, params)
+    check_same(name, out, plain)
+    d = dec.stats()
+    assert d["pull_failures"] >= 1 and d["pulled_blocks"] == 0, d
+    return f"{d['pull_failures']} failed pulls, all requests recomputed and identical"
+
+
 def prefill_killed(model, plain):
     port = free_port()
     pre = Engine(model, "prefill-killed", {"pd": True, "port": port})
@@ -177,11 +186,7 @@ def prefill_killed(model, plain):
         params = [o["kv_transfer_params"] for o in first]
         pre.p.kill()
         pre.p.wait(timeout=30)
-        out, _ = dec.generate(ps, 16, params)
-        check_same("prefill-killed", out, plain)
-        d = dec.stats()
-        assert d["pull_failures"] >= 1 and d["pulled_blocks"] == 0, d
-        return f"prefill engine killed; {d['pull_failures']} failed pulls, all requests recomputed and identical"
+        return "prefill engine killed; " + recomputes("prefill-killed", dec, ps, params, plain)
     finally:
         pre.close()
         dec.close()
@@ -205,11 +210,7 @@ def prefill_down(model, plain):
             }
             for i, x in enumerate(ps)
         ]
-        out, _ = dec.generate(ps, 16, params)
-        check_same("prefill-down", out, plain)
-        d = dec.stats()
-        assert d["pull_failures"] >= 1 and d["pulled_blocks"] == 0, d
-        return f"{d['pull_failures']} failed pulls, all requests recomputed and identical"
+        return recomputes("prefill-down", dec, ps, params, plain)
     finally:
         dec.close()
 
