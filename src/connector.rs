@@ -76,7 +76,7 @@ pub struct ConnectorConfig {
 }
 
 /// What the decode side needs to pull one request's blocks (vLLM's `kv_transfer_params`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PullSpec {
     pub remote_host: String,
     pub remote_port: u16,

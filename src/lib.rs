@@ -8,14 +8,18 @@
 //! - [`kvtier`]: tiers, block store, copy engines.
 //! - [`kvnet`]: agents and transports.
 //!
-//! and adds [`Connector`], the engine-agnostic state machine under vLLM's `KVFerryConnector`.
+//! and adds the engine-agnostic state machine under vLLM's `KVFerryConnector`: [`Scheduler`]
+//! decides what to load, save, pull and offer from the engine's request state; [`Connector`]
+//! carries it out next to the KV cache (tiers, agent, frees, timeouts).
 
 pub mod connector;
+pub mod scheduler;
 
 pub use connector::{Connector, ConnectorConfig, Finished, OffloadConfig, PdConfig, PullSpec};
 pub use kvcore;
 pub use kvnet;
 pub use kvtier;
+pub use scheduler::{Offer, RemoteParams, Scheduler, SchedulerConfig, StepPlan};
 
 /// The types most users need.
 pub mod prelude {

@@ -60,6 +60,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvferry._native import Connector as _Native
+from kvferry._native import Scheduler as _Scheduler
 
 if TYPE_CHECKING:
     import torch
@@ -191,13 +192,17 @@ class KVFerryConnector(KVConnectorBase_V1):
             except Exception:  # noqa: BLE001 - no parallel state in some test set-ups
                 rank = 0
             self.native = _shared(self.engine_id, self.extra, self.tp_size, rank)
-        # Scheduler-side state.
-        self._meta = KVFerryMetadata()
-        self._plans: dict[str, tuple[str, list[bytes], int]] = {}
-        self._port: int | None = int(self.extra["port"]) if self.extra.get("port") else None
-        # hash -> media ("CPU", "DISK") holding it, mirrored from the worker's events.
-        self._cached: dict[bytes, set[str]] = {}
-        self._events: list[tuple[str, bytes, str]] = []
+        # Scheduler side: the decisions live in Rust.
+        port = int(self.extra["port"]) if self.extra.get("port") else None
+        self.sched = _Scheduler(
+            self.engine_id,
+            block_size=self.block_size,
+            offload=self.offload,
+            pd=self.pd,
+            host=self.host,
+            port=port,
+            tp_size=self.tp_size,
+        )
         # Worker-side state.
         self._load_errors: set[int] = set()
         self._caches: list["torch.Tensor"] = []
@@ -362,110 +367,71 @@ class KVFerryConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KVFerryStats(data=dict(data)) if data is not None else KVFerryStats()
 
-    # ---- scheduler side ----------------------------------------------------------------
+    # ---- scheduler side: decisions in the Rust Scheduler; this translates vLLM's objects ----
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         md = metadata.get(0)
         if isinstance(md, KVFerryHandshake):
             if md.port:
-                self._port = md.port
-            self._apply(md.events)
+                self.sched.set_port(md.port)
+            self.sched.apply(md.events)
 
     def update_connector_output(self, connector_output: Any):
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVFerryWorkerMeta):
-            self._apply(meta.events)
+            self.sched.apply(meta.events)
 
-    def _apply(self, events: list[tuple[str, bytes, str]]):
-        for kind, h, medium in events:
-            if kind == "stored":
-                self._cached.setdefault(h, set()).add(medium)
-            else:
-                media = self._cached.get(h)
-                if media is not None:
-                    media.discard(medium)
-                    if not media:
-                        del self._cached[h]
-        self._events.extend(events)
-
-    def _lookup(self, hashes: list[bytes]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self._cached:
-                break
-            n += 1
-        return n
+    @staticmethod
+    def _remote(request: "Request") -> tuple | None:
+        """The prefill engine's offer in a decode request's kv_transfer_params, if complete."""
+        p = request.kv_transfer_params or {}
+        if not p.get("do_remote_prefill"):
+            return None
+        if not all(k in p for k in _PD_KEYS):
+            log.warning("kvferry: incomplete kv_transfer_params for %s: %s", request.request_id, p)
+            return None
+        blocks = list(p.get("remote_block_ids") or [])
+        if blocks and isinstance(blocks[0], (list, tuple)):
+            blocks = list(blocks[0])
+        return (
+            str(p["remote_host"]),
+            int(p["remote_port"]),
+            str(p["remote_request_id"]),
+            str(p["remote_engine_id"]),
+            int(p.get("tp_size") or 1),
+            [int(b) for b in blocks],
+        )
 
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
     ) -> tuple[int, bool]:
-        params = request.kv_transfer_params or {}
-        rid = request.request_id
-        if self.pd and params.get("do_remote_prefill") and all(k in params for k in _PD_KEYS):
-            count = len(request.prompt_token_ids or ()) - num_computed_tokens
-            if count > 0:
-                self._plans[rid] = ("pull", [], num_computed_tokens // self.block_size)
-                return count, True
-            return 0, False
-        if self.offload:
-            bs = self.block_size
-            start = num_computed_tokens // bs
-            # At least one prompt token is always computed, as vLLM's own prefix cache does.
-            end = (request.num_tokens - 1) // bs
-            wanted = list(request.block_hashes[start:end])
-            hits = self._lookup(wanted)
-            if hits:
-                self._plans[rid] = ("load", wanted[:hits], start)
-                return hits * bs, True
-        return 0, False
+        n = self.sched.matched(
+            request.request_id,
+            self._remote(request),
+            len(request.prompt_token_ids or ()),
+            request.num_tokens,
+            list(request.block_hashes),
+            num_computed_tokens,
+        )
+        return n, n > 0
 
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
     ):
-        rid = request.request_id
-        params = request.kv_transfer_params or {}
-        plan = self._plans.pop(rid, None)
-        if self.pd and params.get("do_remote_prefill"):
+        remote = self._remote(request)
+        if remote is not None:
             # One transfer per request, as NixlConnector does.
-            params["do_remote_prefill"] = False
-            if not all(k in params for k in _PD_KEYS):
-                log.warning("kvferry: incomplete kv_transfer_params for %s: %s", rid, params)
-                return
-            remote = list(params.get("remote_block_ids") or [])
-            if remote and isinstance(remote[0], (list, tuple)):
-                remote = list(remote[0])
-            local: list[int] = []
-            start = 0
-            if num_external_tokens > 0 and plan is not None:
-                start = plan[2]
-                n = -(-num_external_tokens // self.block_size)
-                local = list(blocks.get_block_ids()[0][start : start + n])
-            remote = remote[start : start + len(local)]
-            local = local[: len(remote)]
-            # Even with nothing to pull (a full local hit), the prefill side must hear that
-            # it may free its blocks.
-            self._meta.pulls[rid] = {
-                "remote_host": params["remote_host"],
-                "remote_port": params["remote_port"],
-                "remote_request_id": params["remote_request_id"],
-                "tp_size": params.get("tp_size", 1),
-                "remote_blocks": remote,
-                "local_blocks": local,
-            }
-            return
-        if plan is not None and plan[0] == "load" and num_external_tokens > 0:
-            _, hashes, start = plan
-            n = num_external_tokens // self.block_size
-            ids = list(blocks.get_block_ids()[0][start : start + n])
-            self._meta.loads[rid] = (list(hashes[:n]), ids)
+            request.kv_transfer_params["do_remote_prefill"] = False
+        self.sched.allocated(
+            request.request_id, remote, list(blocks.get_block_ids()[0]), num_external_tokens
+        )
 
     def take_events(self):
         """Blocks stored in / removed from kvferry's tiers, for cache-aware routers; the medium
         is "CPU" for G2 and "DISK" for G3."""
         from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
-        events, self._events = self._events, []
-        for kind, h, medium in events:
+        for kind, h, medium in self.sched.take_events():
             if kind == "stored":
                 yield BlockStored(
                     block_hashes=[h],
@@ -480,46 +446,28 @@ class KVFerryConnector(KVConnectorBase_V1):
                 yield BlockRemoved(block_hashes=[h], medium=medium)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta, self._meta = self._meta, KVFerryMetadata()
-        return meta
+        step = self.sched.take_step()
+        return KVFerryMetadata(
+            saves={req: (hashes, blocks) for req, hashes, blocks in step["saves"]},
+            loads={req: (hashes, blocks) for req, hashes, blocks in step["loads"]},
+            pulls=dict(step["pulls"]),
+            finished=list(step["finished"]),
+        )
 
     def request_finished(
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        rid = request.request_id
-        self._plans.pop(rid, None)
-        params = request.kv_transfer_params or {}
-        ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         if block_ids and isinstance(block_ids[0], (list, tuple)):
             block_ids = list(block_ids[0])
-        delay = False
-        if ok and self.offload and block_ids:
-            bs = self.block_size
-            n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // bs)
-            hashes = list(request.block_hashes[:n])
-            known = self._lookup(hashes)
-            if n > known:
-                self._meta.saves[rid] = (hashes[known:n], list(block_ids[known:n]))
-                delay = True
-        out = None
-        if ok and self.pd and params.get("do_remote_decode") and block_ids:
-            port = self._port
-            if not port:
-                log.warning("kvferry: no listening port known for %s; not offering its KV", rid)
-                return delay, None
-            out = {
-                "do_remote_prefill": True,
-                "do_remote_decode": False,
-                "remote_block_ids": list(block_ids),
-                "remote_engine_id": self.engine_id,
-                "remote_request_id": rid,
-                "remote_host": self.host,
-                "remote_port": port,
-                "tp_size": self.tp_size,
-            }
-            delay = True
-        if delay:
-            self._meta.finished.append((rid, out is not None))
-        return delay, out
+        ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        params = request.kv_transfer_params or {}
+        return self.sched.finished(
+            request.request_id,
+            ok,
+            bool(params.get("do_remote_decode")),
+            list(request.block_hashes),
+            [int(b) for b in block_ids],
+            request.num_computed_tokens,
+        )

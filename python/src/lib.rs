@@ -9,11 +9,15 @@ use std::time::Duration;
 use kvferry::connector::{medium, ConnectorCounters};
 use kvferry::kvcore::{BlockHash, CacheLayout, Dtype, Geometry};
 use kvferry::kvnet::Transport;
-use kvferry::kvtier::TierEvent;
-use kvferry::{Connector as Inner, ConnectorConfig, OffloadConfig, PdConfig, PullSpec};
+use kvferry::kvtier::{Tier, TierEvent};
+use kvferry::{
+    Connector as Inner, ConnectorConfig, OffloadConfig, PdConfig, PullSpec, RemoteParams,
+    Scheduler as SchedInner, SchedulerConfig,
+};
+use parking_lot::Mutex;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 pyo3::create_exception!(
     _native,
@@ -279,20 +283,203 @@ impl Connector {
         self.inner
             .take_events()
             .into_iter()
-            .map(|e| {
-                let (kind, hash, tier) = match e {
-                    TierEvent::Stored { hash, tier } => ("stored", hash, tier),
-                    TierEvent::Removed { hash, tier } => ("removed", hash, tier),
-                };
-                (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
-            })
+            .map(|e| event_tuple(py, e))
             .collect()
+    }
+}
+
+fn event_tuple<'py>(
+    py: Python<'py>,
+    e: TierEvent,
+) -> (&'static str, Bound<'py, PyBytes>, &'static str) {
+    let (kind, hash, tier) = match e {
+        TierEvent::Stored { hash, tier } => ("stored", hash, tier),
+        TierEvent::Removed { hash, tier } => ("removed", hash, tier),
+    };
+    (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
+}
+
+/// `(host, port, request_id, engine_id, tp_size, block_ids)` from Python.
+type RemoteTuple = (String, u16, String, String, u32, Vec<u32>);
+
+fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
+    r.map(
+        |(host, port, request_id, engine_id, tp_size, block_ids)| RemoteParams {
+            host,
+            port,
+            request_id,
+            engine_id,
+            tp_size,
+            block_ids,
+        },
+    )
+}
+
+fn hash_list<'py>(py: Python<'py>, hs: &[BlockHash]) -> Vec<Bound<'py, PyBytes>> {
+    hs.iter().map(|h| PyBytes::new(py, h.as_bytes())).collect()
+}
+
+/// The scheduler half: what to load, save, pull and offer, from vLLM's request state.
+#[pyclass(frozen, module = "kvferry._native")]
+struct Scheduler {
+    inner: Mutex<SchedInner>,
+}
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    #[pyo3(signature = (engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1))]
+    fn new(
+        engine_id: String,
+        block_size: u32,
+        offload: bool,
+        pd: bool,
+        host: String,
+        port: Option<u16>,
+        tp_size: u32,
+    ) -> Scheduler {
+        Scheduler {
+            inner: Mutex::new(SchedInner::new(SchedulerConfig {
+                engine_id,
+                block_size,
+                offload,
+                pd,
+                host,
+                port,
+                tp_size,
+            })),
+        }
+    }
+
+    fn set_port(&self, port: u16) {
+        self.inner.lock().set_port(port);
+    }
+
+    /// Applies the worker's `(kind, hash, medium)` events to the mirror of its tiers.
+    fn apply(&self, events: Vec<(String, Vec<u8>, String)>) -> PyResult<()> {
+        let mut out = Vec::with_capacity(events.len());
+        for (kind, h, m) in events {
+            let hash = BlockHash::from_bytes(&h).map_err(err)?;
+            let tier = match m.as_str() {
+                "CPU" => Tier::Dram,
+                "DISK" => Tier::Nvme,
+                other => return Err(err(format!("medium {other:?}"))),
+            };
+            out.push(match kind.as_str() {
+                "stored" => TierEvent::Stored { hash, tier },
+                "removed" => TierEvent::Removed { hash, tier },
+                other => return Err(err(format!("event kind {other:?}"))),
+            });
+        }
+        self.inner.lock().apply(&out);
+        Ok(())
+    }
+
+    fn take_events<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(&'static str, Bound<'py, PyBytes>, &'static str)> {
+        let events = self.inner.lock().take_events();
+        events.into_iter().map(|e| event_tuple(py, e)).collect()
+    }
+
+    fn lookup(&self, hashes_: Vec<Vec<u8>>) -> PyResult<usize> {
+        Ok(self.inner.lock().lookup(&hashes(hashes_)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matched(
+        &self,
+        req: &str,
+        remote_: Option<RemoteTuple>,
+        prompt_tokens: u32,
+        num_tokens: u32,
+        hashes_: Vec<Vec<u8>>,
+        computed: u32,
+    ) -> PyResult<u32> {
+        let hs = hashes(hashes_)?;
+        let r = remote(remote_);
+        Ok(self
+            .inner
+            .lock()
+            .matched(req, r.as_ref(), prompt_tokens, num_tokens, &hs, computed))
+    }
+
+    fn allocated(&self, req: &str, remote_: Option<RemoteTuple>, blocks: Vec<u32>, external: u32) {
+        let r = remote(remote_);
+        self.inner
+            .lock()
+            .allocated(req, r.as_ref(), &blocks, external);
+    }
+
+    /// `(delay_free, kv_transfer_params or None)`; the params are NixlConnector's protocol.
+    #[allow(clippy::too_many_arguments)]
+    fn finished<'py>(
+        &self,
+        py: Python<'py>,
+        req: &str,
+        ok: bool,
+        remote_decode: bool,
+        hashes_: Vec<Vec<u8>>,
+        blocks: Vec<u32>,
+        computed_tokens: u32,
+    ) -> PyResult<(bool, Option<Bound<'py, PyDict>>)> {
+        let hs = hashes(hashes_)?;
+        let (delay, offer) =
+            self.inner
+                .lock()
+                .finished(req, ok, remote_decode, &hs, &blocks, computed_tokens);
+        let params = match offer {
+            Some(o) => {
+                let d = PyDict::new(py);
+                let r = o.remote;
+                d.set_item("do_remote_prefill", true)?;
+                d.set_item("do_remote_decode", false)?;
+                d.set_item("remote_block_ids", r.block_ids)?;
+                d.set_item("remote_engine_id", r.engine_id)?;
+                d.set_item("remote_request_id", r.request_id)?;
+                d.set_item("remote_host", r.host)?;
+                d.set_item("remote_port", r.port)?;
+                d.set_item("tp_size", r.tp_size)?;
+                Some(d)
+            }
+            None => None,
+        };
+        Ok((delay, params))
+    }
+
+    /// This step's plan as plain Python data (it crosses to the worker process pickled).
+    fn take_step<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let step = self.inner.lock().take_step();
+        let d = PyDict::new(py);
+        for (key, items) in [("saves", &step.saves), ("loads", &step.loads)] {
+            let l = PyList::empty(py);
+            for (req, hs, blocks) in items {
+                l.append((req, hash_list(py, hs), blocks.clone()))?;
+            }
+            d.set_item(key, l)?;
+        }
+        let pulls = PyList::empty(py);
+        for (req, s) in step.pulls {
+            let p = PyDict::new(py);
+            p.set_item("remote_host", s.remote_host)?;
+            p.set_item("remote_port", s.remote_port)?;
+            p.set_item("remote_request_id", s.remote_request_id)?;
+            p.set_item("tp_size", s.remote_tp_size)?;
+            p.set_item("remote_blocks", s.remote_blocks)?;
+            p.set_item("local_blocks", s.local_blocks)?;
+            pulls.append((req, p))?;
+        }
+        d.set_item("pulls", pulls)?;
+        d.set_item("finished", step.finished)?;
+        Ok(d)
     }
 }
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connector>()?;
+    m.add_class::<Scheduler>()?;
     m.add("KvferryError", m.py().get_type::<KvferryError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

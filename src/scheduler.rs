@@ -1,0 +1,389 @@
+//! The scheduler half of the connector: decides, from an engine's request state, which blocks to
+//! load from the tiers, which to save, what to pull from a prefill engine and what to offer a
+//! decode engine — and hands each step's decisions to the [`crate::Connector`] (the worker half)
+//! as a [`StepPlan`]. No I/O: it may run in another process than the worker, so it keeps a mirror
+//! of which block hashes the worker's tiers hold, fed by the worker's stored/removed events. A
+//! block evicted between lookup and load fails to load and is recomputed; nothing is lost.
+
+use std::collections::HashMap;
+
+use kvcore::BlockHash;
+use kvtier::{Tier, TierEvent};
+
+use crate::PullSpec;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub engine_id: String,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// Offload to the tiers (save finished requests' blocks, load prefixes from them).
+    pub offload: bool,
+    /// Prefill/decode disaggregation.
+    pub pd: bool,
+    /// What this engine advertises to decoders.
+    pub host: String,
+    /// The agent's port, when fixed by configuration; otherwise learnt from the worker.
+    pub port: Option<u16>,
+    pub tp_size: u32,
+}
+
+/// A prefill engine's offer, as the decode engine's request carries it (vLLM's
+/// `kv_transfer_params` with `do_remote_prefill`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteParams {
+    pub host: String,
+    pub port: u16,
+    pub request_id: String,
+    pub engine_id: String,
+    pub tp_size: u32,
+    /// The prompt's blocks on the prefill engine, from the first.
+    pub block_ids: Vec<u32>,
+}
+
+/// What a prefill engine offers decoders for a finished request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub remote: RemoteParams,
+}
+
+/// One step's decisions for the worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub saves: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
+    pub loads: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
+    pub pulls: Vec<(String, PullSpec)>,
+    /// Requests whose blocks the worker frees only when it says so: (request, wait for a
+    /// decoder's pull).
+    pub finished: Vec<(String, bool)>,
+}
+
+enum Plan {
+    Pull {
+        start: usize,
+    },
+    Load {
+        hashes: Vec<BlockHash>,
+        start: usize,
+    },
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    /// Block hash -> tiers holding it (bit 0: DRAM, bit 1: NVMe).
+    cached: HashMap<BlockHash, u8>,
+    plans: HashMap<String, Plan>,
+    step: StepPlan,
+    events: Vec<TierEvent>,
+}
+
+fn bit(t: Tier) -> u8 {
+    match t {
+        Tier::Dram => 1,
+        Tier::Nvme => 2,
+    }
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Scheduler {
+        Scheduler {
+            cfg,
+            cached: HashMap::new(),
+            plans: HashMap::new(),
+            step: StepPlan::default(),
+            events: Vec::new(),
+        }
+    }
+
+    /// The worker's agent port, learnt from its handshake.
+    pub fn set_port(&mut self, port: u16) {
+        if self.cfg.port.is_none() {
+            self.cfg.port = Some(port);
+        }
+    }
+
+    /// Updates the mirror of the worker's tiers; the events are kept for [`Scheduler::take_events`].
+    pub fn apply(&mut self, events: &[TierEvent]) {
+        for e in events {
+            match *e {
+                TierEvent::Stored { hash, tier } => {
+                    *self.cached.entry(hash).or_default() |= bit(tier)
+                }
+                TierEvent::Removed { hash, tier } => {
+                    if let Some(m) = self.cached.get_mut(&hash) {
+                        *m &= !bit(tier);
+                        if *m == 0 {
+                            self.cached.remove(&hash);
+                        }
+                    }
+                }
+            }
+        }
+        self.events.extend_from_slice(events);
+    }
+
+    pub fn take_events(&mut self) -> Vec<TierEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Leading blocks of `hashes` the tiers hold, as far as the mirror knows.
+    pub fn lookup(&self, hashes: &[BlockHash]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.cached.contains_key(h))
+            .count()
+    }
+
+    /// Tokens beyond the `computed` ones (the engine's own prefix cache) that can be loaded,
+    /// asynchronously: the whole rest of the prompt from a prefill engine, or the leading blocks
+    /// the tiers hold — always leaving at least one prompt token to compute.
+    pub fn matched(
+        &mut self,
+        req: &str,
+        remote: Option<&RemoteParams>,
+        prompt_tokens: u32,
+        num_tokens: u32,
+        hashes: &[BlockHash],
+        computed: u32,
+    ) -> u32 {
+        let bs = self.cfg.block_size.max(1);
+        let start = (computed / bs) as usize;
+        if self.cfg.pd && remote.is_some() {
+            let count = prompt_tokens.saturating_sub(computed);
+            if count > 0 {
+                self.plans.insert(req.to_string(), Plan::Pull { start });
+            }
+            return count;
+        }
+        if self.cfg.offload {
+            let end = (num_tokens.saturating_sub(1) / bs) as usize;
+            let wanted = hashes.get(start..end.min(hashes.len())).unwrap_or(&[]);
+            let hits = self.lookup(wanted);
+            if hits > 0 {
+                self.plans.insert(
+                    req.to_string(),
+                    Plan::Load {
+                        hashes: wanted[..hits].to_vec(),
+                        start,
+                    },
+                );
+                return hits as u32 * bs;
+            }
+        }
+        0
+    }
+
+    /// The engine allocated `blocks` (all of the request's, from the first) for `external`
+    /// tokens to load: plan the load or the pull. A remote offer with nothing to load (a full
+    /// local prefix hit) still becomes a pull, so the prefill engine hears it may free.
+    pub fn allocated(
+        &mut self,
+        req: &str,
+        remote: Option<&RemoteParams>,
+        blocks: &[u32],
+        external: u32,
+    ) {
+        let plan = self.plans.remove(req);
+        let bs = self.cfg.block_size.max(1);
+        if let (true, Some(r)) = (self.cfg.pd, remote) {
+            let (mut local, mut start) = (Vec::new(), 0);
+            if let (true, Some(Plan::Pull { start: s })) = (external > 0, &plan) {
+                start = *s;
+                let n = external.div_ceil(bs) as usize;
+                local = blocks
+                    .get(start..(start + n).min(blocks.len()))
+                    .unwrap_or(&[])
+                    .to_vec();
+            }
+            let remote_blocks: Vec<u32> = r
+                .block_ids
+                .get(start..(start + local.len()).min(r.block_ids.len()))
+                .unwrap_or(&[])
+                .to_vec();
+            local.truncate(remote_blocks.len());
+            self.step.pulls.push((
+                req.to_string(),
+                PullSpec {
+                    remote_host: r.host.clone(),
+                    remote_port: r.port,
+                    remote_request_id: r.request_id.clone(),
+                    remote_tp_size: r.tp_size,
+                    remote_blocks,
+                    local_blocks: local,
+                },
+            ));
+            return;
+        }
+        if let (true, Some(Plan::Load { hashes, start })) = (external > 0, plan) {
+            let n = ((external / bs) as usize).min(hashes.len());
+            let ids = blocks
+                .get(start..(start + n).min(blocks.len()))
+                .unwrap_or(&[]);
+            self.step
+                .loads
+                .push((req.to_string(), hashes[..ids.len()].to_vec(), ids.to_vec()));
+        }
+    }
+
+    /// The engine finished `req` (`ok`: normally, not aborted). Returns whether the engine must
+    /// keep its blocks until the worker reports it (saves in flight, or a decoder to come), and
+    /// the offer for decoders when it was a prefill for a remote decode.
+    pub fn finished(
+        &mut self,
+        req: &str,
+        ok: bool,
+        remote_decode: bool,
+        hashes: &[BlockHash],
+        blocks: &[u32],
+        computed_tokens: u32,
+    ) -> (bool, Option<Offer>) {
+        self.plans.remove(req);
+        let mut delay = false;
+        if ok && self.cfg.offload && !blocks.is_empty() {
+            let n = hashes
+                .len()
+                .min(blocks.len())
+                .min((computed_tokens / self.cfg.block_size.max(1)) as usize);
+            let known = self.lookup(&hashes[..n]);
+            if n > known {
+                self.step.saves.push((
+                    req.to_string(),
+                    hashes[known..n].to_vec(),
+                    blocks[known..n].to_vec(),
+                ));
+                delay = true;
+            }
+        }
+        let mut offer = None;
+        if ok && self.cfg.pd && remote_decode && !blocks.is_empty() {
+            if let Some(port) = self.cfg.port {
+                offer = Some(Offer {
+                    remote: RemoteParams {
+                        host: self.cfg.host.clone(),
+                        port,
+                        request_id: req.to_string(),
+                        engine_id: self.cfg.engine_id.clone(),
+                        tp_size: self.cfg.tp_size,
+                        block_ids: blocks.to_vec(),
+                    },
+                });
+                delay = true;
+            } else {
+                log::warn!("kvferry: no agent port known yet; {req} is not offered to decoders");
+            }
+        }
+        if delay {
+            self.step.finished.push((req.to_string(), offer.is_some()));
+        }
+        (delay, offer)
+    }
+
+    /// This step's decisions; the next step starts empty.
+    pub fn take_step(&mut self) -> StepPlan {
+        std::mem::take(&mut self.step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(offload: bool, pd: bool) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            engine_id: "e".into(),
+            block_size: 4,
+            offload,
+            pd,
+            host: "10.0.0.1".into(),
+            port: Some(7000),
+            tp_size: 1,
+        })
+    }
+
+    fn h(i: u64) -> BlockHash {
+        BlockHash::from_u64(i)
+    }
+
+    #[test]
+    fn loads_the_cached_prefix_beyond_the_engines_own_and_leaves_a_token_to_compute() {
+        let mut s = sched(true, false);
+        let hashes: Vec<BlockHash> = (0..5).map(h).collect();
+        s.apply(
+            &(0..5)
+                .map(|i| TierEvent::Stored {
+                    hash: h(i),
+                    tier: Tier::Dram,
+                })
+                .collect::<Vec<_>>(),
+        );
+        // 20 tokens = 5 full blocks; 1 block computed locally; at most 4 blocks may load and
+        // the last one must leave a token: blocks 1..4 (3 blocks = 12 tokens).
+        assert_eq!(s.matched("r", None, 20, 20, &hashes, 4), 12);
+        s.allocated("r", None, &[50, 51, 52, 53, 54], 12);
+        let step = s.take_step();
+        assert_eq!(
+            step.loads,
+            vec![("r".into(), vec![h(1), h(2), h(3)], vec![51, 52, 53])]
+        );
+        // A removed block stops the prefix there.
+        s.apply(&[TierEvent::Removed {
+            hash: h(2),
+            tier: Tier::Dram,
+        }]);
+        assert_eq!(s.matched("q", None, 20, 20, &hashes, 0), 8);
+        assert_eq!(s.take_events().len(), 6);
+    }
+
+    #[test]
+    fn saves_only_blocks_the_tiers_lack_and_delays_the_free() {
+        let mut s = sched(true, false);
+        s.apply(&[TierEvent::Stored {
+            hash: h(0),
+            tier: Tier::Nvme,
+        }]);
+        let hashes: Vec<BlockHash> = (0..3).map(h).collect();
+        let (delay, offer) = s.finished("r", true, false, &hashes, &[7, 8, 9, 10], 13);
+        assert!(delay && offer.is_none());
+        let step = s.take_step();
+        assert_eq!(step.saves, vec![("r".into(), vec![h(1), h(2)], vec![8, 9])]);
+        assert_eq!(step.finished, vec![("r".into(), false)]);
+        // Aborted requests are neither saved nor delayed.
+        assert_eq!(
+            s.finished("x", false, false, &hashes, &[1, 2, 3], 12),
+            (false, None)
+        );
+    }
+
+    #[test]
+    fn prefill_offers_its_blocks_and_decode_pulls_beyond_its_local_hit() {
+        let mut p = sched(false, true);
+        let (delay, offer) = p.finished("p1", true, true, &[], &[5, 6, 7], 10);
+        let offer = offer.expect("offer");
+        assert!(delay);
+        assert_eq!(offer.remote.block_ids, vec![5, 6, 7]);
+        assert_eq!(
+            (offer.remote.host.as_str(), offer.remote.port),
+            ("10.0.0.1", 7000)
+        );
+        assert_eq!(p.take_step().finished, vec![("p1".into(), true)]);
+
+        let mut d = sched(false, true);
+        // 10 prompt tokens, 4 computed locally (block 0): 6 to pull into blocks 1 and 2.
+        assert_eq!(d.matched("d1", Some(&offer.remote), 10, 10, &[], 4), 6);
+        d.allocated("d1", Some(&offer.remote), &[20, 21, 22], 6);
+        let step = d.take_step();
+        let (req, spec) = &step.pulls[0];
+        assert_eq!(req, "d1");
+        assert_eq!(
+            (spec.remote_blocks.clone(), spec.local_blocks.clone()),
+            (vec![6, 7], vec![21, 22])
+        );
+        // A full local hit pulls nothing but still tells the prefill engine.
+        assert_eq!(d.matched("d2", Some(&offer.remote), 10, 10, &[], 10), 0);
+        d.allocated("d2", Some(&offer.remote), &[20, 21, 22], 0);
+        let step = d.take_step();
+        assert!(
+            step.pulls[0].1.local_blocks.is_empty() && step.pulls[0].1.remote_blocks.is_empty()
+        );
+    }
+}
