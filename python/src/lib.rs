@@ -1,6 +1,8 @@
-//! `kvferry._native`: the Rust connector for Python. Every call that can wait (transfers, tier
-//! lookups, polls, connecting to a peer) releases the GIL; Rust errors become `KvferryError`
-//! with the Rust message.
+//! `kvferry._native`: the Rust connector for Python. Every call into the worker half releases the
+//! GIL — it may wait (transfers, polls, connecting to a peer), and its background threads log
+//! through Python's `logging` (pyo3-log), which needs the GIL: a Python thread holding the GIL
+//! while waiting for one of their locks would deadlock. Rust errors become `KvferryError` with
+//! the Rust message.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -200,8 +202,8 @@ impl Connector {
         py.detach(|| self.inner.pull(req, &spec));
     }
 
-    fn finish(&self, req: &str, await_pull: bool) {
-        self.inner.finish(req, await_pull);
+    fn finish(&self, py: Python<'_>, req: &str, await_pull: bool) {
+        py.detach(|| self.inner.finish(req, await_pull));
     }
 
     /// `(finished_sending, finished_recving, failed_block_ids)` since the last call.
@@ -230,6 +232,7 @@ impl Connector {
 
     /// Counters of the connector and its tiers, as a flat dict of ints.
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (counters, tiers) = py.detach(|| (self.inner.counters(), self.inner.tier_stats()));
         let d = PyDict::new(py);
         let ConnectorCounters {
             saved_blocks,
@@ -243,7 +246,7 @@ impl Connector {
             free_timeouts,
             lookups,
             lookup_hits,
-        } = self.inner.counters();
+        } = counters;
         for (k, v) in [
             ("saved_blocks", saved_blocks),
             ("save_failed_blocks", save_failed_blocks),
@@ -259,7 +262,7 @@ impl Connector {
         ] {
             d.set_item(k, v)?;
         }
-        if let Some(s) = self.inner.tier_stats() {
+        if let Some(s) = tiers {
             for (tier, c) in [("dram", s.dram), ("nvme", s.nvme)] {
                 d.set_item(format!("{tier}_blocks"), c.blocks)?;
                 d.set_item(format!("{tier}_hits"), c.hits)?;
@@ -280,11 +283,8 @@ impl Connector {
         &self,
         py: Python<'py>,
     ) -> Vec<(&'static str, Bound<'py, PyBytes>, &'static str)> {
-        self.inner
-            .take_events()
-            .into_iter()
-            .map(|e| event_tuple(py, e))
-            .collect()
+        let events = py.detach(|| self.inner.take_events());
+        events.into_iter().map(|e| event_tuple(py, e)).collect()
     }
 }
 
@@ -478,6 +478,9 @@ impl Scheduler {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust log records (a failed pull, an unlocked pool, a dropped G3 slot) go to Python's
+    // `logging` under "kvferry.*"; another extension may have installed a logger first.
+    let _ = pyo3_log::try_init();
     m.add_class::<Connector>()?;
     m.add_class::<Scheduler>()?;
     m.add("KvferryError", m.py().get_type::<KvferryError>())?;
