@@ -381,6 +381,11 @@ impl Core {
         f(t, *g1)
     }
 
+    /// Drops blocks from the tiers (for engines whose own manager decides eviction).
+    pub fn discard(&self, hashes: &[BlockHash]) -> Result<usize> {
+        self.tiers(|t, _| Ok(t.discard(hashes)))
+    }
+
     /// Saves blocks `(hash, local block)` of `req` to the tiers, asynchronously.
     pub fn save(&self, req: &str, blocks: &[(BlockHash, u32)]) -> Result<()> {
         if blocks.is_empty() {

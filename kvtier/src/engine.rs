@@ -562,6 +562,42 @@ impl TierEngine {
     }
 
     /// Stored/removed events since the last call.
+    /// Drops blocks from every tier, for callers that own eviction themselves (vLLM's offloading
+    /// manager decides what stays). A block being read or written is kept; returns how many
+    /// were dropped. Freed G3 slots keep their bytes until reused: a restart may recover such a
+    /// block, which is still the right data for its hash.
+    pub fn discard(&self, hashes: &[BlockHash]) -> usize {
+        let mut st = self.inner.state.lock();
+        let st = &mut *st;
+        let mut dropped = 0;
+        for h in hashes {
+            let Some(e) = st.index.get(h).copied() else {
+                continue;
+            };
+            if e.refs > 0 {
+                continue;
+            }
+            if let Some(slot) = e.g2 {
+                st.index.set_g2(h, None);
+                self.inner.pool.free(slot);
+                st.events.push(TierEvent::Removed {
+                    hash: *h,
+                    tier: Tier::Dram,
+                });
+            }
+            if let Some(slot) = e.g3 {
+                st.index.set_g3(h, None);
+                st.g3_free.push(slot);
+                st.events.push(TierEvent::Removed {
+                    hash: *h,
+                    tier: Tier::Nvme,
+                });
+            }
+            dropped += 1;
+        }
+        dropped
+    }
+
     /// A `Stored` event for every block the tiers hold now: what a subscriber that starts late
     /// (a scheduler after a restart that recovered G3) needs before the incremental events.
     pub fn snapshot(&self) -> Vec<TierEvent> {

@@ -379,3 +379,41 @@ fn unknown_hashes_miss_and_lru_evicts_without_nvme() {
     t.check_consistent().expect("consistent");
     assert_eq!(t.stats().misses, 1);
 }
+
+#[test]
+fn discarded_blocks_leave_every_tier_and_free_their_slots() {
+    let g = geometry();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TierConfig::new(g, 4);
+    cfg.nvme = Some(nvme(dir.path(), 16, IoMode::Auto));
+    let t = TierEngine::new(cfg).expect("engine");
+    let mut src = G1::new(g, 8, 21);
+    let s = src.register(&t);
+    let blocks: Vec<_> = (0..4u32).map(|i| (hash(u64::from(i) + 500), i)).collect();
+    assert!(wait(&t, t.offload(s, &blocks).expect("queued")).all_ok());
+    t.flush(WAIT).expect("flush");
+    let hashes: Vec<_> = blocks.iter().map(|b| b.0).collect();
+    assert_eq!(t.lookup(&hashes).hits, 4);
+    t.events();
+    assert_eq!(t.discard(&hashes[..2]), 2);
+    assert_eq!(t.lookup(&hashes).hits, 0);
+    assert_eq!(t.lookup(&hashes[2..]).hits, 2);
+    let mut removed: Vec<_> = t
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            kvtier::TierEvent::Removed { hash, .. } => Some(*hash),
+            _ => None,
+        })
+        .collect();
+    removed.dedup();
+    assert_eq!(
+        removed,
+        hashes[..2].to_vec(),
+        "a Removed event per copy of each block"
+    );
+    // The freed slots take new blocks: four more fit in G2 again.
+    let more: Vec<_> = (4..8u32).map(|i| (hash(u64::from(i) + 500), i)).collect();
+    assert!(wait(&t, t.offload(s, &more).expect("queued")).all_ok());
+    t.check_consistent().expect("consistent");
+}

@@ -156,6 +156,12 @@ impl Connector {
         Ok(py.detach(|| self.inner.lookup(&hs)))
     }
 
+    /// Drops blocks from the tiers; returns how many were dropped (blocks in use are kept).
+    fn discard(&self, py: Python<'_>, hashes_: Vec<Vec<u8>>) -> PyResult<usize> {
+        let hs = hashes(hashes_)?;
+        py.detach(|| self.inner.discard(&hs)).map_err(err)
+    }
+
     fn save(
         &self,
         py: Python<'_>,

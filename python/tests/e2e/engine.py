@@ -2,7 +2,8 @@
 
     python engine.py MODEL_DIR CONFIG_JSON
 
-CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...}}. Commands, one
+CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...},
+"kv_connector": "KVFerryConnector" (default) | "OffloadingConnector"}. Commands, one
 JSON object per line; each answer is one line starting with "@@ " (vLLM logs on stdout too):
 
     {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N,
@@ -38,9 +39,10 @@ def main():
     kw = {}
     engine_id = cfg.get("name", "engine")
     if cfg.get("connector") is not None:
+        name = cfg.get("kv_connector", "KVFerryConnector")
         kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVFerryConnector",
-            kv_connector_module_path="kvferry.vllm",
+            kv_connector=name,
+            kv_connector_module_path="kvferry.vllm" if name == "KVFerryConnector" else None,
             kv_role="kv_both",
             engine_id=engine_id,
             kv_connector_extra_config=cfg["connector"],

@@ -17,6 +17,8 @@ means blocks really moved:
 - proxy: `vllm serve` prefill and decode servers (separate engine and worker processes, as in
   production) behind `kvferry.proxy`, the decode server also offloading: the README's demo
   (python/examples/vllm_demo.py), with its outputs checked against plain vLLM.
+- offloading-spec: vLLM's own OffloadingConnector with kvferry.offload_spec as its
+  out-of-tree spec (kvferry's G2 under vLLM's offloading scheduler), across a prefix-cache reset.
 - prefill-down: the decode engine is pointed at a prefill engine that is not running; requests
   complete by recomputing (kv_load_failure_policy=recompute), with the failures counted.
 """
@@ -36,9 +38,9 @@ BS = 32
 
 
 class Engine:
-    def __init__(self, model, name, connector=None):
+    def __init__(self, model, name, connector=None, kv_connector="KVFerryConnector"):
         self.name = name
-        cfg = json.dumps({"name": name, "connector": connector})
+        cfg = json.dumps({"name": name, "connector": connector, "kv_connector": kv_connector})
         self.log = open(os.path.join(tempfile.gettempdir(), f"kvferry-e2e-{name}.log"), "w")
         self.p = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "engine.py"), model, cfg],
@@ -192,6 +194,37 @@ def prefill_killed(model, plain):
         dec.close()
 
 
+def offloading_spec(model, plain, dram_blocks=256):
+    """vLLM's own OffloadingConnector with kvferry's tiers as an out-of-tree spec; with a small
+    capacity the manager evicts and kvferry drops the evicted blocks."""
+    conn = {
+        "spec_name": "KVFerryOffloadingSpec",
+        "spec_module_path": "kvferry.offload_spec",
+        "dram_blocks": dram_blocks,
+    }
+    e = Engine(model, f"offloading-spec-{dram_blocks}", conn, kv_connector="OffloadingConnector")
+    ps = prompts()
+    try:
+        out1, _ = e.generate(ps, 16)
+        check_same("offloading-spec round 1", out1, plain)
+        assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
+        s1 = e.stats()
+        assert s1["saved_blocks"] > 0, s1
+        out2, _ = e.generate(ps, 16)
+        check_same("offloading-spec round 2", out2, plain)
+        s2 = e.stats()
+        assert s2["onboard_failed_blocks"] == 0, s2
+        assert s2["onboarded_blocks"] > 0 or dram_blocks < 12, s2
+        assert s2["dram_blocks"] <= dram_blocks, s2
+        return (
+            f"vLLM's OffloadingConnector on kvferry's G2 ({dram_blocks} blocks): "
+            f"{s1['saved_blocks']} blocks saved, {s2['onboarded_blocks']} onboarded, "
+            f"{s2['dram_blocks']} resident"
+        )
+    finally:
+        e.close()
+
+
 def prefill_down(model, plain):
     dec = Engine(model, "decode-alone", {"pd": True})
     try:
@@ -259,6 +292,8 @@ def main():
         ("pd-ucx", lambda: pd(model, plain, "ucx")),
         ("offload", lambda: offload(model, plain)),
         ("offload-g3", lambda: offload(model, plain, tmp)),
+        ("offloading-spec", lambda: offloading_spec(model, plain)),
+        ("offloading-spec-evict", lambda: offloading_spec(model, plain, dram_blocks=8)),
         ("prefill-down", lambda: prefill_down(model, plain)),
         ("prefill-killed", lambda: prefill_killed(model, plain)),
         ("proxy", lambda: proxy(model)),

@@ -1,0 +1,255 @@
+"""kvferry's tiers under vLLM's own offloading scheduler: an out-of-tree ``OffloadingSpec`` for
+vLLM's ``OffloadingConnector``, for users who keep vLLM's offloading policy and eviction but
+want kvferry's DRAM and NVMe tiers underneath::
+
+    --kv-transfer-config '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"spec_name": "KVFerryOffloadingSpec",
+                                      "spec_module_path": "kvferry.offload_spec",
+                                      "dram_blocks": 4096,
+                                      "nvme_dir": "/nvme/kvferry", "nvme_blocks": 65536}}'
+
+The manager (scheduler side) owns the index and eviction, as vLLM's protocol requires: a block it
+reports stored stays loadable until it evicts it, and its evictions reach the worker with the
+next store, which drops them from kvferry's tiers. The tiers hold ``dram_blocks`` blocks in
+DRAM, plus ``nvme_blocks`` on NVMe when a directory is given; the manager admits that many.
+vLLM's connector does not accept failed transfers, so this spec never over-commits the tiers.
+
+Scope of this version: one KV cache group, ``blocks_per_chunk`` 1, host KV caches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from vllm.v1.kv_offload.base import (
+    CanonicalKVCaches,
+    GPULoadStoreSpec,
+    LoadStoreSpec,
+    LookupResult,
+    OffloadingEvent,
+    OffloadingManager,
+    OffloadingSpec,
+    OffloadingWorker,
+    OffloadKey,
+    PrepareStoreOutput,
+    ReqContext,
+    RequestOffloadingContext,
+    TransferResult,
+)
+
+from kvferry._native import Connector as _Native
+
+log = logging.getLogger("vllm.kvferry")
+
+_ids = itertools.count()
+
+
+class KVFerrySpec(LoadStoreSpec):
+    """Blocks by key in kvferry's tiers; a store also carries the keys the manager evicted."""
+
+    def __init__(self, keys: list[bytes], evicted: list[bytes] | None = None):
+        self.keys = list(keys)
+        self.evicted = list(evicted or ())
+
+    def __repr__(self) -> str:
+        return f"KVFerrySpec({len(self.keys)} keys, {len(self.evicted)} evicted)"
+
+
+class KVFerryManager(OffloadingManager):
+    """LRU over `capacity` blocks; blocks being loaded or stored are never evicted."""
+
+    def __init__(self, capacity: int, medium: Any, events: bool):
+        self.capacity = capacity
+        self.medium = medium
+        self.stored: OrderedDict[bytes, int] = OrderedDict()  # key -> readers
+        self.pending: set[bytes] = set()
+        self.events: list[OffloadingEvent] = [] if events else None  # type: ignore[assignment]
+
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        return LookupResult.HIT if key in self.stored else LookupResult.MISS
+
+    def prepare_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> LoadStoreSpec:
+        for k in keys:
+            self.stored[k] = self.stored.get(k, 0) + 1
+        return KVFerrySpec(list(keys))
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext):
+        for k in keys:
+            if k in self.stored:
+                self.stored.move_to_end(k)
+
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext):
+        for k in keys:
+            if self.stored.get(k, 0) > 0:
+                self.stored[k] -= 1
+
+    def prepare_store(
+        self, keys: Collection[OffloadKey], req_context: ReqContext
+    ) -> PrepareStoreOutput | None:
+        new = [k for k in keys if k not in self.stored and k not in self.pending]
+        need = len(self.stored) + len(self.pending) + len(new) - self.capacity
+        evicted: list[bytes] = []
+        if need > 0:
+            for k, readers in list(self.stored.items()):
+                if len(evicted) == need:
+                    break
+                if readers == 0:
+                    evicted.append(k)
+            if len(evicted) < need:
+                return None
+            for k in evicted:
+                del self.stored[k]
+            if self.events is not None:
+                self.events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
+        self.pending.update(new)
+        return PrepareStoreOutput(
+            keys_to_store=new, store_spec=KVFerrySpec(new, evicted), evicted_keys=evicted
+        )
+
+    def complete_store(
+        self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
+    ):
+        done = [k for k in keys if k in self.pending]
+        for k in done:
+            self.pending.discard(k)
+            if success:
+                self.stored[k] = 0
+        if success and done and self.events is not None:
+            self.events.append(OffloadingEvent(keys=done, medium=self.medium, removed=False))
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        if self.events:
+            out, self.events = self.events, []
+            yield from out
+
+
+class KVFerryWorker(OffloadingWorker):
+    """Stores and loads through kvferry's Rust core, one request per job."""
+
+    def __init__(self, native: _Native):
+        self.native = native
+        self.jobs: dict[str, int] = {}
+        self.done: list[TransferResult] = []
+
+    @staticmethod
+    def _blocks(spec: GPULoadStoreSpec, keys: list[bytes]) -> list[int]:
+        blocks = [int(b) for b in spec.block_ids]
+        if len(blocks) != len(keys):
+            raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
+        return blocks
+
+    def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
+        assert isinstance(dst_spec, KVFerrySpec)
+        if dst_spec.evicted:
+            self.native.discard(dst_spec.evicted)
+        name = f"store-{job_id}"
+        self.native.save(name, dst_spec.keys, self._blocks(src_spec, dst_spec.keys))
+        self.native.finish(name, False)
+        self.jobs[name] = job_id
+        return True
+
+    def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec) -> bool:
+        assert isinstance(src_spec, KVFerrySpec)
+        name = f"load-{job_id}"
+        self.jobs[name] = job_id
+        self.native.load(name, src_spec.keys, self._blocks(dst_spec, src_spec.keys))
+        return True
+
+    def _collect(self):
+        sending, recving, errors = self.native.poll()
+        if errors:
+            log.error("kvferry: %d blocks failed to load through vLLM's offloading connector", len(errors))
+        for name in list(sending) + list(recving):
+            job = self.jobs.pop(name, None)
+            if job is not None:
+                self.done.append(TransferResult(job_id=job, success=not (errors and name.startswith("load-"))))
+
+    def get_finished(self) -> list[TransferResult]:
+        self._collect()
+        out, self.done = self.done, []
+        return out
+
+    def wait(self, job_ids: set[int]) -> None:
+        import time
+
+        while job_ids & set(self.jobs.values()):
+            self._collect()
+            time.sleep(0.001)
+
+    def shutdown(self) -> None:
+        self.native.shutdown(60.0)
+
+
+class KVFerryOffloadingSpec(OffloadingSpec):
+    def __init__(self, config: Any):
+        super().__init__(config)
+        extra = self.extra_config
+        self.dram_blocks = int(extra.get("dram_blocks", 0))
+        if self.dram_blocks <= 0:
+            raise ValueError("kvferry: set dram_blocks in kv_connector_extra_config")
+        self.nvme_dir = extra.get("nvme_dir")
+        self.nvme_blocks = int(extra.get("nvme_blocks", 0)) if self.nvme_dir else 0
+        if self.blocks_per_chunk != 1 or len(self.tokens_per_block) != 1:
+            raise NotImplementedError(
+                "kvferry's offloading spec handles one KV cache group and blocks_per_chunk 1"
+            )
+        self._manager: KVFerryManager | None = None
+
+    def get_manager(self) -> OffloadingManager:
+        if self._manager is None:
+            from vllm.v1.kv_offload.base import Medium
+
+            # Events name the tier blocks enter (G2, DRAM); G3 holds spills of the same blocks.
+            self._manager = KVFerryManager(
+                self.dram_blocks + self.nvme_blocks,
+                Medium.CPU,
+                self.kv_events_config.enable_kv_cache_events,
+            )
+        return self._manager
+
+    def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
+        tensors = [t.tensor for t in kv_caches.tensors]
+        first = tensors[0]
+        if first.device.type != "cpu":
+            raise NotImplementedError("kvferry's offloading spec registers host KV caches")
+        blocks, page = first.shape
+        for t in tensors:
+            if tuple(t.shape) != (blocks, page) or t.stride() != first.stride():
+                raise ValueError("kvferry needs every canonical KV tensor in one shape")
+        # Each block is an opaque page per layer: model it as one head of one token whose
+        # K|V channels are the page's bytes (fp8 = one byte per channel).
+        tokens = 1
+        while page // tokens > 2 * 65536 or (page // tokens) % 2:
+            tokens *= 2
+            if page % tokens:
+                raise ValueError(f"page of {page} bytes cannot be described")
+        native = _Native(
+            f"{self.config.engine_id}-offload-{next(_ids)}",
+            dram_blocks=self.dram_blocks,
+            nvme_dir=self.nvme_dir,
+            nvme_blocks=self.nvme_blocks,
+        )
+        base = min(t.data_ptr() for t in tensors)
+        native.register_cache(
+            kv_heads=1,
+            head_size=page // tokens // 2,
+            dtype="fp8",
+            block_tokens=tokens,
+            num_blocks=blocks,
+            base=base,
+            layer_offsets=[t.data_ptr() - base for t in tensors],
+            strides=[first.stride(0), page, page // tokens, 1],
+        )
+        self._tensors = tensors  # vLLM keeps them alive; this documents the contract
+        # Reachable like KVFerryConnector's core, for stats in tools and tests.
+        from kvferry.vllm import _ENGINES
+
+        _ENGINES[str(self.config.engine_id)] = native
+        return KVFerryWorker(native)
