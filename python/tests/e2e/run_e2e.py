@@ -14,7 +14,7 @@ means blocks really moved:
   the prefix comes back from G3 files.
 - prefill-killed: the prefill engine is killed (SIGKILL) after it prefilled and before the
   decode engine pulls: the pulls fail, the decode engine recomputes, outputs are identical.
-- proxy: `vllm serve` prefill and decode servers (separate engine and worker processes, as in
+- proxy, proxy-ucx: `vllm serve` prefill and decode servers (separate engine and worker processes, as in
   production) behind `kvferry.proxy`, the decode server also offloading: the README's demo
   (python/examples/vllm_demo.py), with its outputs checked against plain vLLM.
 - offloading-spec: vLLM's own OffloadingConnector with kvferry.offload_spec as its
@@ -260,6 +260,7 @@ def proxy(model, transport="tcp"):
     finally:
         base.close()
     r = vllm_demo.run(model, transport, quiet=True)
+    result_note = f"over {transport}: "
     got = [{"token_ids": o} for o in r["pd_outputs"]]
     assert all(isinstance(o, list) for o in r["pd_outputs"]), "the server returned no token ids"
     check_same("proxy P/D", got, want)
@@ -269,7 +270,7 @@ def proxy(model, transport="tcp"):
     assert d.get("pulled_blocks", 0) > 0 and d.get("pull_failures", 0) == 0, d
     assert p.get("pulls_served", 0) == 4, p
     assert r["onboarded"] > 0, r
-    return (
+    return result_note + (
         f"{d['pulled_blocks']} blocks pulled through the proxy; 1500-token prefix: TTFT "
         f"{r['ttft_cold'] * 1e3:.0f} ms computed, {r['ttft_warm'] * 1e3:.0f} ms from G2 ({r['onboarded']} blocks)"
     )
@@ -297,11 +298,12 @@ def main():
         ("prefill-down", lambda: prefill_down(model, plain)),
         ("prefill-killed", lambda: prefill_killed(model, plain)),
         ("proxy", lambda: proxy(model)),
+        ("proxy-ucx", lambda: proxy(model, "ucx")),
     ]
     for name, run in scenarios:
         if only and name not in only:
             continue
-        if name == "pd-ucx" and not ucx_available():
+        if name in ("pd-ucx", "proxy-ucx") and not ucx_available():
             print(f"kvferry-test skipped e2e {name}: no libucp loads here", flush=True)
             results.append((name, "skipped"))
             continue
