@@ -142,6 +142,17 @@ def pd(model, plain, transport):
         dec.close()
 
 
+def saved_round(e, name, ps, plain):
+    """Round 1 of an offload scenario: outputs as plain vLLM's, blocks saved, vLLM's own prefix
+    cache emptied so round 2 can only hit kvferry. Returns (counters, seconds)."""
+    out, secs = e.generate(ps, 16)
+    check_same(f"{name} round 1", out, plain)
+    assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
+    s = e.stats()
+    assert s["saved_blocks"] > 0, s
+    return s, secs
+
+
 def offload(model, plain, nvme_dir=None):
     conn = {"pd": False, "dram_blocks": 256}
     if nvme_dir:
@@ -149,11 +160,7 @@ def offload(model, plain, nvme_dir=None):
     e = Engine(model, "offload-g3" if nvme_dir else "offload", conn)
     ps = prompts()
     try:
-        out1, t1 = e.generate(ps, 16)
-        check_same("offload round 1", out1, plain)
-        assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
-        s1 = e.stats()
-        assert s1["saved_blocks"] > 0, s1
+        s1, t1 = saved_round(e, "offload", ps, plain)
         if nvme_dir:
             # Restart: a new engine process finds the blocks in the G3 files.
             e.close()
@@ -205,11 +212,7 @@ def offloading_spec(model, plain, dram_blocks=256):
     e = Engine(model, f"offloading-spec-{dram_blocks}", conn, kv_connector="OffloadingConnector")
     ps = prompts()
     try:
-        out1, _ = e.generate(ps, 16)
-        check_same("offloading-spec round 1", out1, plain)
-        assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
-        s1 = e.stats()
-        assert s1["saved_blocks"] > 0, s1
+        s1, _ = saved_round(e, "offloading-spec", ps, plain)
         out2, _ = e.generate(ps, 16)
         check_same("offloading-spec round 2", out2, plain)
         s2 = e.stats()
