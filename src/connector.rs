@@ -27,6 +27,9 @@ use std::thread::JoinHandle;
 /// Prefix of the notification a decoder sends once it has pulled a request's blocks.
 const PULLED: &str = "kvferry-pulled:";
 
+/// Requests tracked at once; beyond it, notifications for unknown requests are dropped.
+const MAX_TRACKED: usize = 1 << 20;
+
 /// How long a decoder's notification is kept for a request the engine has not finished yet.
 const EARLY_NOTE_TTL: Duration = Duration::from_secs(600);
 
@@ -673,6 +676,11 @@ impl Core {
                 },
                 None => (rest, 1),
             };
+            if !st.reqs.contains_key(id) && st.reqs.len() >= MAX_TRACKED {
+                // Notifications for requests we do not know cannot grow memory without bound.
+                log::warn!("kvferry: ignoring a notification for unknown request {id}");
+                continue;
+            }
             let r = st.reqs.entry(id.to_string()).or_default();
             r.notified += 1;
             r.expected = expected;
