@@ -72,8 +72,8 @@ if TYPE_CHECKING:
 # Under "vllm." so that vLLM's logging configuration shows our messages with its own.
 log = logging.getLogger("vllm.kvferry")
 
-# One native connector per engine, shared by the scheduler-side and the worker-side objects
-# that vLLM creates in the same process.
+# The worker-side Rust core of each engine in this process, by engine id (also read by
+# `native()` for stats, and shared with kvferry.offload_spec's workers).
 _ENGINES: dict[str, _Native] = {}
 _LOCK = threading.Lock()
 
