@@ -109,16 +109,8 @@ impl Gpu {
     pub fn check_device_range(&self, ptr: u64, len: u64) -> Result<(u64, u64), CopyError> {
         self.bind()?;
         let bad = |why: String| CopyError::Failed(format!("0x{ptr:x}+{len}: {why}"));
-        let attr = |a: sys::CUpointer_attribute| -> Result<u64, CopyError> {
-            // Every attribute asked for here fits in the low bytes of a zeroed u64 (memory type
-            // and ordinal are 32-bit, addresses and sizes 64-bit; x86-64 is little-endian).
-            let mut v = 0u64;
-            // SAFETY: `v` is a live u64, at least as large as each attribute's value.
-            unsafe { sys::cuPointerGetAttribute((&mut v as *mut u64).cast(), a, ptr) }
-                .result()
-                .map_err(|e| bad(format!("not memory CUDA knows ({e})")))?;
-            Ok(v)
-        };
+        let attr =
+            |a| pointer_attr(ptr, a).map_err(|e| bad(format!("not memory CUDA knows ({e})")));
         use sys::CUpointer_attribute as A;
         if attr(A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)? as u32
             != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
@@ -148,30 +140,12 @@ impl Gpu {
         if self.bind().is_err() {
             return false;
         }
-        let mut mem_type = 0u32;
-        // SAFETY: writes one u32; an unknown (pageable) pointer returns an error, not UB.
-        let r = unsafe {
-            sys::cuPointerGetAttribute(
-                (&mut mem_type as *mut u32).cast(),
-                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-                ptr,
-            )
-        };
-        if r != sys::CUresult::CUDA_SUCCESS
-            || mem_type != sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
-        {
-            return false;
-        }
-        let mut dev = 0u64;
-        // SAFETY: as above; with unified addressing the device pointer equals the host pointer.
-        let r = unsafe {
-            sys::cuPointerGetAttribute(
-                (&mut dev as *mut u64).cast(),
-                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_POINTER,
-                ptr,
-            )
-        };
-        r == sys::CUresult::CUDA_SUCCESS && dev == ptr
+        use sys::CUpointer_attribute as A;
+        // An unknown (pageable) pointer is an error from the driver, so: not mapped.
+        pointer_attr(ptr, A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)
+            .is_ok_and(|t| t as u32 == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32)
+            // With unified addressing the device pointer of mapped memory equals its address.
+            && pointer_attr(ptr, A::CU_POINTER_ATTRIBUTE_DEVICE_POINTER).is_ok_and(|d| d == ptr)
     }
 
     /// Device memory for tests and benchmarks (the engine's own cache comes from the engine).
@@ -188,6 +162,17 @@ impl Gpu {
             len,
         })
     }
+}
+
+/// One pointer attribute. Every attribute kvferry asks for fits in the low bytes of a zeroed
+/// u64 (memory type and ordinal are 32-bit, addresses and sizes 64-bit; x86-64 is
+/// little-endian). The caller has bound the device's context.
+fn pointer_attr(ptr: u64, a: sys::CUpointer_attribute) -> Result<u64, cudarc::driver::DriverError> {
+    let mut v = 0u64;
+    // SAFETY: `v` is a live u64, at least as large as each attribute's value; an address CUDA
+    // does not know is an error return, not undefined behaviour.
+    unsafe { sys::cuPointerGetAttribute((&mut v as *mut u64).cast(), a, ptr) }.result()?;
+    Ok(v)
 }
 
 /// A device allocation owned by kvferry (tests, benchmarks, staging).
