@@ -145,6 +145,9 @@ enum Op {
     Pull {
         req: String,
         blocks: Vec<u32>,
+        /// A pull from several prefill ranks posts several reads into the same blocks: only
+        /// the first counts them as pulled.
+        first: bool,
     },
 }
 
@@ -443,12 +446,13 @@ impl Core {
                 if let Some(r) = st.reqs.get_mut(req) {
                     r.loads += ids.len();
                 }
-                for (id, blocks) in ids {
+                for (i, (id, blocks)) in ids.into_iter().enumerate() {
                     st.net_ops.insert(
                         id,
                         Op::Pull {
                             req: req.to_string(),
                             blocks,
+                            first: i == 0,
                         },
                     );
                     if let Some(result) = st.early.remove(&id) {
@@ -773,13 +777,15 @@ impl Core {
 /// One posted read of a pull finished. A read can finish before the pull thread has recorded
 /// it (it posts, then takes the state lock): such results wait in `early` until it does.
 fn pull_done(st: &mut State, id: u64, result: std::result::Result<u64, NetError>) {
-    let Some(Op::Pull { req, blocks }) = st.net_ops.remove(&id) else {
+    let Some(Op::Pull { req, blocks, first }) = st.net_ops.remove(&id) else {
         st.early.insert(id, result);
         return;
     };
     match result {
         Ok(bytes) => {
-            st.counters.pulled_blocks += blocks.len() as u64;
+            if first {
+                st.counters.pulled_blocks += blocks.len() as u64;
+            }
             st.counters.pulled_bytes += bytes;
         }
         Err(e) => {

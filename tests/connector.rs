@@ -325,6 +325,10 @@ fn decode_tp1_pulls_from_prefill_tp2_and_both_ranks_free() {
     for p in [&p0, &p1] {
         p.until(|f| f.sending.contains(&"req".to_string()));
     }
+    // Two reads (one per prefill rank) filled the same two blocks.
+    let c = d.conn.counters();
+    assert_eq!(c.pulled_blocks, 2);
+    assert_eq!(c.pulled_bytes, 2 * d.layout.geometry().block_bytes());
 }
 
 #[test]
