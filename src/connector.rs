@@ -4,34 +4,38 @@
 //! which requests may free their blocks, which finished loading, which blocks failed to load.
 //! vLLM's `KVFerryConnector` is a thin adapter over it; a Rust engine can drive it directly.
 //!
-//! The protocol for prefill/decode is vLLM's NixlConnector's: the prefill side finishes a request
-//! and keeps its blocks; the decode side reads them (`pull`) and notifies the prefill side, which
-//! then frees them — or frees them after `free_timeout` if no decoder comes.
+//! The protocol for prefill/decode is vLLM's NixlConnector's, with leases: the prefill side
+//! finishes a request and holds its blocks under a grant; the decode side reads them (`pull`),
+//! then releases the grant and learns whether it was live throughout the reads — only then are
+//! the blocks reported loaded (see [`crate::lease`] for why no interleaving lets a reused block
+//! through). A grant nobody releases ends when its lease runs out (decoders extend it while their
+//! request waits).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use kvcore::wire::ExportedCache;
 use kvcore::{
     tp_reads, BlockHash, CacheLayout, Descriptor, MemKind, PlanBuilder, Region, RegionId,
 };
 use kvnet::{Agent, AgentConfig, NetError, Transport};
+
+use crate::lease::{Ended, GrantId, Grants, LeaseCall, LeaseReply};
 use kvtier::{G1Id, NvmeConfig, Tier, TierConfig, TierEngine, TierError, TierEvent};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Prefix of the notification a decoder sends once it has pulled a request's blocks.
-const PULLED: &str = "kvferry-pulled:";
+/// Threads that talk to prefill engines about leases (release after a pull, heartbeats, aborts):
+/// a release waits for its answer, so one slow prefill engine must not hold up the others.
+const LEASE_THREADS: usize = 4;
 
-/// Requests tracked at once; beyond it, notifications for unknown requests are dropped.
-const MAX_TRACKED: usize = 1 << 20;
-
-/// How long a decoder's notification is kept for a request the engine has not finished yet.
-const EARLY_NOTE_TTL: Duration = Duration::from_secs(600);
+/// Reads that finished before the pull thread recorded them are kept at most this many (each is
+/// recorded right after its post returns, so only a handful are ever here).
+const MAX_EARLY: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -63,8 +67,9 @@ pub struct PdConfig {
     pub listen: SocketAddr,
     pub transport: Transport,
     pub token: Option<String>,
-    /// A prefill request whose decoder never pulls frees its blocks after this long.
-    pub free_timeout: Duration,
+    /// How long a prefill request's blocks are held for decoders that have not released them
+    /// (vLLM NixlConnector's `kv_lease_duration`); decoders extend it while their request waits.
+    pub lease: Duration,
     /// Connecting to a prefill engine and each transfer step give up after this long.
     pub timeout: Duration,
 }
@@ -76,6 +81,20 @@ pub struct ConnectorConfig {
     pub pd: Option<PdConfig>,
     pub tp_size: u32,
     pub tp_rank: u32,
+    /// The model's KV heads over all TP ranks, when they are not `kv_heads × tp_size` (TP larger
+    /// than the KV head count replicates heads). MLA caches hold one latent every rank has.
+    pub total_kv_heads: Option<u32>,
+}
+
+/// Where a prefill request's grant lives: the prefill engine's ranks and the grant's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTarget {
+    pub remote_host: String,
+    pub remote_port: u16,
+    pub remote_tp_size: u32,
+    pub remote_request_id: String,
+    /// The offer's generation (see [`crate::lease`]).
+    pub grant: u64,
 }
 
 /// What the decode side needs to pull one request's blocks (vLLM's `kv_transfer_params`).
@@ -85,6 +104,8 @@ pub struct PullSpec {
     pub remote_port: u16,
     pub remote_request_id: String,
     pub remote_tp_size: u32,
+    /// The offer's grant generation.
+    pub grant: u64,
     /// Blocks on the prefill side, and where each lands here (same length; a full local prefix
     /// hit leaves both empty and only notifies the prefill side).
     pub remote_blocks: Vec<u32>,
@@ -111,10 +132,14 @@ pub struct ConnectorCounters {
     pub pulled_blocks: u64,
     pub pulled_bytes: u64,
     pub pull_failures: u64,
-    /// Prefill side: requests a decoder pulled and released.
+    /// Decode side: pulls whose reads completed but whose grant had ended (blocks recomputed).
+    pub pulls_stale: u64,
+    /// Prefill side: requests every decode rank pulled and released.
     pub pulls_served: u64,
-    /// Prefill side: requests freed because no decoder came in time.
-    pub free_timeouts: u64,
+    /// Prefill side: grants a decoder aborted (its request went away before pulling).
+    pub pulls_aborted: u64,
+    /// Prefill side: requests freed because their lease ran out.
+    pub lease_expired: u64,
     pub lookups: u64,
     pub lookup_hits: u64,
 }
@@ -124,13 +149,33 @@ struct Req {
     saves: usize,
     loads: usize,
     finishing: bool,
-    await_pull: Option<Instant>,
-    /// Prefill side: decoder notifications received, and how many the decoders said to expect
-    /// (one per decode rank). They can arrive before the engine tells us the request finished.
-    notified: u32,
-    expected: u32,
-    /// When the first early notification came (to drop ones whose request never finishes).
-    noted_at: Option<Instant>,
+    /// Prefill side: its blocks are held under a grant until decoders release it.
+    granted: bool,
+}
+
+/// A pull in progress. It is reported (finished, with or without load errors) only once every
+/// read it posted completed and the grant was released: never while a posted read may still
+/// write into the blocks.
+struct PullState {
+    spec: PullSpec,
+    /// Ranks we read from (the grant must have been live on each).
+    read_ranks: Vec<usize>,
+    /// Still posting reads: the pull cannot end yet even if every posted read completed.
+    posting: bool,
+    outstanding: usize,
+    failed: Option<String>,
+    bytes: u64,
+}
+
+/// Work for the lease threads.
+enum LeaseJob {
+    /// Every read of a pull completed (or failed): release the grant, then report the pull.
+    Confirm {
+        req: String,
+    },
+    Extend(LeaseTarget),
+    Abort(LeaseTarget),
+    Stop,
 }
 
 enum Op {
@@ -142,12 +187,9 @@ enum Op {
         req: String,
         blocks: HashMap<BlockHash, u32>,
     },
-    Pull {
+    /// One read of the pull of `req`.
+    Read {
         req: String,
-        blocks: Vec<u32>,
-        /// A pull from several prefill ranks posts several reads into the same blocks: only
-        /// the first counts them as pulled.
-        first: bool,
     },
 }
 
@@ -164,6 +206,9 @@ struct State {
     net_ops: HashMap<u64, Op>,
     /// Reads that finished before the pull thread recorded them.
     early: HashMap<u64, std::result::Result<u64, NetError>>,
+    pulls: HashMap<String, PullState>,
+    /// Prefill side: grants on finished requests' blocks.
+    grants: Option<Grants>,
     /// Prefill engines we pulled from, by address.
     peers: HashMap<SocketAddr, String>,
     done: Finished,
@@ -178,6 +223,7 @@ pub struct Connector {
     core: Arc<Core>,
     pulls: Mutex<Option<Sender<(String, PullSpec)>>>,
     puller: Mutex<Option<JoinHandle<()>>>,
+    leasers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::ops::Deref for Connector {
@@ -192,7 +238,35 @@ impl Connector {
     /// Starts the agent (P/D) right away, so the listening address is known before the engine
     /// registers its cache; the tier engine starts with the cache, when the geometry is known.
     pub fn new(cfg: ConnectorConfig) -> Result<Connector> {
-        let core = Arc::new(Core::new(cfg)?);
+        let (lease_tx, lease_rx) = unbounded::<LeaseJob>();
+        let core = Arc::new(Core::new(cfg, lease_tx)?);
+        if let Some(a) = &core.agent {
+            // Weak: the agent's runtime must not keep the connector alive.
+            let weak = Arc::downgrade(&core);
+            a.set_call_handler(Arc::new(move |peer: &str, payload: &[u8]| {
+                match weak.upgrade() {
+                    Some(c) => c.answer_lease(peer, payload),
+                    None => LeaseReply::Gone.encode(),
+                }
+            }));
+        }
+        let mut leasers = Vec::new();
+        for i in 0..LEASE_THREADS {
+            let rx: Receiver<LeaseJob> = lease_rx.clone();
+            let c = core.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("kvferry-lease-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        if matches!(job, LeaseJob::Stop) {
+                            break;
+                        }
+                        c.run_lease(job);
+                    }
+                })
+                .map_err(|e| ConnectorError::Config(format!("cannot start a lease thread: {e}")))?;
+            leasers.push(t);
+        }
         let (tx, rx) = unbounded::<(String, PullSpec)>();
         let c = core.clone();
         let puller = std::thread::Builder::new()
@@ -207,7 +281,19 @@ impl Connector {
             core,
             pulls: Mutex::new(Some(tx)),
             puller: Mutex::new(Some(puller)),
+            leasers: Mutex::new(leasers),
         })
+    }
+
+    /// Decode side: keeps the prefill engine's grant alive while the request waits (call it
+    /// more often than the lease runs out; the answer is not waited for).
+    pub fn extend(&self, target: &LeaseTarget) {
+        let _ = self.core.lease_tx.send(LeaseJob::Extend(target.clone()));
+    }
+
+    /// Decode side: the request went away before pulling: the prefill engine may free now.
+    pub fn abort_remote(&self, target: &LeaseTarget) {
+        let _ = self.core.lease_tx.send(LeaseJob::Abort(target.clone()));
     }
 
     /// Decode side: pulls a request's blocks from its prefill engine, then notifies it; returns
@@ -240,6 +326,13 @@ impl Drop for Connector {
         if let Some(t) = self.puller.lock().take() {
             let _ = t.join();
         }
+        let leasers = std::mem::take(&mut *self.leasers.lock());
+        for _ in &leasers {
+            let _ = self.core.lease_tx.send(LeaseJob::Stop);
+        }
+        for t in leasers {
+            let _ = t.join();
+        }
     }
 }
 
@@ -249,10 +342,11 @@ pub struct Core {
     agent: Option<Agent>,
     cache: Mutex<Option<Cache>>,
     st: Mutex<State>,
+    lease_tx: Sender<LeaseJob>,
 }
 
 impl Core {
-    fn new(cfg: ConnectorConfig) -> Result<Core> {
+    fn new(cfg: ConnectorConfig, lease_tx: Sender<LeaseJob>) -> Result<Core> {
         if cfg.tp_size == 0 || cfg.tp_rank >= cfg.tp_size {
             return Err(ConnectorError::Config(format!(
                 "tp_rank {} of tp_size {}",
@@ -290,11 +384,16 @@ impl Core {
             }
             None => None,
         };
+        let st = State {
+            grants: cfg.pd.as_ref().map(|p| Grants::new(p.lease)),
+            ..State::default()
+        };
         Ok(Core {
             cfg,
             agent,
             cache: Mutex::new(None),
-            st: Mutex::new(State::default()),
+            st: Mutex::new(st),
+            lease_tx,
         })
     }
 
@@ -435,59 +534,287 @@ impl Core {
         }
     }
 
-    /// Connects, plans and posts one pull (on the pull thread), replacing the placeholder load
-    /// that [`Connector::pull`] counted by the reads posted.
+    /// Connects, plans and posts one pull (on the pull thread). The placeholder load that
+    /// [`Connector::pull`] counted stays until the pull is reported, after its grant's release.
     fn run_pull(&self, req: &str, spec: &PullSpec) {
-        let r = self.start_pull(spec);
-        let mut st = self.st.lock();
-        let st = &mut *st;
-        match r {
-            Ok(ids) => {
-                if let Some(r) = st.reqs.get_mut(req) {
-                    r.loads += ids.len();
-                }
-                for (i, (id, blocks)) in ids.into_iter().enumerate() {
-                    st.net_ops.insert(
-                        id,
-                        Op::Pull {
-                            req: req.to_string(),
-                            blocks,
-                            first: i == 0,
-                        },
-                    );
-                    if let Some(result) = st.early.remove(&id) {
-                        pull_done(st, id, result);
-                    }
-                }
-            }
+        let prepared = self.prepare_pull(spec);
+        let (peers, posts) = match prepared {
+            Ok(p) => p,
             Err(e) => {
                 log::warn!(
                     "kvferry: pulling {req} from {}:{} failed: {e}",
                     spec.remote_host,
                     spec.remote_port
                 );
-                // The prefill engine may have restarted: connect afresh next time.
-                let stale: Vec<SocketAddr> = st
-                    .peers
-                    .keys()
-                    .filter(|a| {
-                        let p = u32::from(a.port());
-                        let base = u32::from(spec.remote_port);
-                        p >= base && p < base + spec.remote_tp_size.max(1)
-                    })
-                    .copied()
-                    .collect();
-                for a in stale {
-                    if let (Some(name), Some(agent)) = (st.peers.remove(&a), &self.agent) {
-                        agent.forget_peer(&name);
-                    }
-                }
+                self.forget_stale_peers(spec);
+                // Nothing was posted. The prefill engine may still hold the blocks: tell it.
+                let _ = self.lease_tx.send(LeaseJob::Abort(spec.target()));
+                let mut st = self.st.lock();
+                let st = &mut *st;
                 st.counters.pull_failures += 1;
                 st.done.load_errors.extend(&spec.local_blocks);
+                load_done(st, req);
+                return;
+            }
+        };
+        let agent = match &self.agent {
+            Some(a) => a,
+            None => return,
+        };
+        let mut read_ranks: Vec<usize> = posts.iter().map(|p| p.0).collect();
+        read_ranks.dedup();
+        self.st.lock().pulls.insert(
+            req.to_string(),
+            PullState {
+                spec: spec.clone(),
+                read_ranks,
+                posting: true,
+                outstanding: 0,
+                failed: None,
+                bytes: 0,
+            },
+        );
+        // Each read is recorded as soon as its post returns; a post that fails stops the
+        // posting, and the pull then waits for the reads already posted before it ends.
+        for (q, local, remote) in posts {
+            let posted = agent.read(&local, &peers[q], &remote, None);
+            let mut st = self.st.lock();
+            let st = &mut *st;
+            match posted {
+                Ok(id) => {
+                    if let Some(p) = st.pulls.get_mut(req) {
+                        p.outstanding += 1;
+                    }
+                    st.net_ops.insert(
+                        id,
+                        Op::Read {
+                            req: req.to_string(),
+                        },
+                    );
+                    if let Some(result) = st.early.remove(&id) {
+                        self.read_done(st, id, result);
+                    }
+                }
+                Err(e) => {
+                    if let Some(p) = st.pulls.get_mut(req) {
+                        p.failed = Some(format!("posting a read from {}: {e}", peers[q]));
+                    }
+                    break;
+                }
             }
         }
-        // The placeholder: done now (the request finishes here if no read was posted).
+        let mut st = self.st.lock();
+        if let Some(p) = st.pulls.get_mut(req) {
+            p.posting = false;
+            if p.outstanding == 0 {
+                let _ = self.lease_tx.send(LeaseJob::Confirm {
+                    req: req.to_string(),
+                });
+            }
+        }
+    }
+
+    /// One posted read finished.
+    fn read_done(&self, st: &mut State, id: u64, result: std::result::Result<u64, NetError>) {
+        let Some(Op::Read { req }) = st.net_ops.remove(&id) else {
+            // Finished before the pull thread recorded it.
+            if st.early.len() < MAX_EARLY {
+                st.early.insert(id, result);
+            }
+            return;
+        };
+        let Some(p) = st.pulls.get_mut(&req) else {
+            return;
+        };
+        p.outstanding = p.outstanding.saturating_sub(1);
+        match result {
+            Ok(bytes) => p.bytes += bytes,
+            Err(e) => {
+                p.failed.get_or_insert(format!("{e}"));
+            }
+        }
+        if p.outstanding == 0 && !p.posting {
+            let _ = self.lease_tx.send(LeaseJob::Confirm { req });
+        }
+    }
+
+    /// The prefill engine may have restarted: connect afresh next time.
+    fn forget_stale_peers(&self, spec: &PullSpec) {
+        let mut st = self.st.lock();
+        let stale: Vec<SocketAddr> = st
+            .peers
+            .keys()
+            .filter(|a| {
+                let p = u32::from(a.port());
+                let base = u32::from(spec.remote_port);
+                p >= base && p < base + spec.remote_tp_size.max(1)
+            })
+            .copied()
+            .collect();
+        for a in stale {
+            if let (Some(name), Some(agent)) = (st.peers.remove(&a), &self.agent) {
+                agent.forget_peer(&name);
+            }
+        }
+    }
+
+    fn run_lease(&self, job: LeaseJob) {
+        match job {
+            LeaseJob::Confirm { req } => self.confirm(&req),
+            LeaseJob::Extend(t) => {
+                let call = LeaseCall::Extend(t.grant_id());
+                for (rank, r) in self.call_ranks(&t, &call, false) {
+                    if let Err(e) = r {
+                        log::debug!(
+                            "kvferry: extending {} on rank {rank}: {e}",
+                            t.remote_request_id
+                        );
+                    }
+                }
+            }
+            LeaseJob::Abort(t) => {
+                let call = LeaseCall::Abort(t.grant_id());
+                for (rank, r) in self.call_ranks(&t, &call, false) {
+                    if let Err(e) = r {
+                        log::debug!(
+                            "kvferry: aborting {} on rank {rank}: {e}",
+                            t.remote_request_id
+                        );
+                    }
+                }
+            }
+            LeaseJob::Stop => {}
+        }
+    }
+
+    /// Every read of `req`'s pull completed or failed: release the grant on every prefill rank,
+    /// then report the pull — loaded only if no read failed and the grant was live on every
+    /// rank read from, when the release arrived (after the reads).
+    fn confirm(&self, req: &str) {
+        let Some((spec, read_ranks, failed)) = self
+            .st
+            .lock()
+            .pulls
+            .get(req)
+            .map(|p| (p.spec.clone(), p.read_ranks.clone(), p.failed.clone()))
+        else {
+            return;
+        };
+        let call = LeaseCall::Release {
+            grant: spec.target().grant_id(),
+            rank: self.cfg.tp_rank,
+            ranks: self.cfg.tp_size,
+        };
+        let replies = self.call_ranks(&spec.target(), &call, true);
+        let mut stale = None;
+        for (rank, r) in &replies {
+            if !read_ranks.contains(rank) {
+                continue;
+            }
+            match r {
+                Ok(LeaseReply::Live) => {}
+                Ok(other) => {
+                    stale.get_or_insert(format!("prefill rank {rank} says the grant is {other:?}"));
+                }
+                Err(e) => {
+                    stale.get_or_insert(format!("releasing on prefill rank {rank}: {e}"));
+                }
+            }
+        }
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        let Some(p) = st.pulls.remove(req) else {
+            return;
+        };
+        match (failed, stale) {
+            (None, None) => {
+                st.counters.pulled_blocks += p.spec.local_blocks.len() as u64;
+                st.counters.pulled_bytes += p.bytes;
+            }
+            (Some(why), _) => {
+                log::warn!("kvferry: pull of {req} failed: {why}");
+                st.counters.pull_failures += 1;
+                st.done.load_errors.extend(&p.spec.local_blocks);
+            }
+            (None, Some(why)) => {
+                log::warn!(
+                    "kvferry: pull of {req} read {} blocks but cannot prove they were still \
+                     {}'s ({why}); they are recomputed",
+                    p.spec.local_blocks.len(),
+                    p.spec.remote_request_id
+                );
+                st.counters.pulls_stale += 1;
+                st.done.load_errors.extend(&p.spec.local_blocks);
+            }
+        }
         load_done(st, req);
+    }
+
+    /// Sends `call` to every rank of the prefill engine; with `wait_pending`, asks again while a
+    /// rank answers `Pending`, until the transfer timeout.
+    fn call_ranks(
+        &self,
+        t: &LeaseTarget,
+        call: &LeaseCall,
+        wait_pending: bool,
+    ) -> Vec<(usize, Result<LeaseReply>)> {
+        let Some(agent) = &self.agent else {
+            return Vec::new();
+        };
+        let deadline = Instant::now() + self.cfg.pd.as_ref().map_or(Duration::ZERO, |p| p.timeout);
+        let payload = call.encode();
+        (0..t.remote_tp_size.max(1))
+            .map(|q| {
+                let r = (|| {
+                    let port = u16::try_from(u32::from(t.remote_port) + q).map_err(|_| {
+                        ConnectorError::Config("remote port + rank exceeds 65535".into())
+                    })?;
+                    let peer = self.peer_for(agent, &t.remote_host, port)?;
+                    let mut backoff = Duration::from_millis(5);
+                    loop {
+                        let reply = LeaseReply::decode(&agent.call(&peer, payload.clone())?);
+                        if reply != LeaseReply::Pending
+                            || !wait_pending
+                            || Instant::now() >= deadline
+                        {
+                            return Ok(reply);
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_millis(200));
+                    }
+                })();
+                (q as usize, r)
+            })
+            .collect()
+    }
+
+    /// Prefill side: a decoder's lease call, from the authenticated peer `peer`.
+    fn answer_lease(&self, peer: &str, payload: &[u8]) -> Vec<u8> {
+        let Some(call) = LeaseCall::decode(payload) else {
+            log::warn!("kvferry: a malformed lease call from {peer}");
+            return LeaseReply::Gone.encode();
+        };
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        let Some(grants) = st.grants.as_mut() else {
+            return LeaseReply::Gone.encode();
+        };
+        let (reply, ended) = grants.answer(&call, Instant::now());
+        if let Some(how) = ended {
+            let req = match &call {
+                LeaseCall::Extend(g) | LeaseCall::Abort(g) => &g.request,
+                LeaseCall::Release { grant, .. } => &grant.request,
+            };
+            if let Some(r) = st.reqs.get_mut(req) {
+                r.granted = false;
+            }
+            match how {
+                Ended::Released => st.counters.pulls_served += 1,
+                Ended::Aborted => st.counters.pulls_aborted += 1,
+                Ended::Expired => st.counters.lease_expired += 1,
+            }
+        }
+        reply.encode()
     }
 
     fn peer_for(&self, agent: &Agent, host: &str, port: u16) -> Result<String> {
@@ -504,8 +831,13 @@ impl Core {
         Ok(p)
     }
 
-    /// Posts the reads of one pull; returns the transfer ids and the local blocks of each.
-    fn start_pull(&self, spec: &PullSpec) -> Result<Vec<(u64, Vec<u32>)>> {
+    /// Connects to every prefill rank and plans every read, posting nothing: returns the ranks'
+    /// agent names and, per read, (rank, local descriptors, remote descriptors).
+    #[allow(clippy::type_complexity)]
+    fn prepare_pull(
+        &self,
+        spec: &PullSpec,
+    ) -> Result<(Vec<String>, Vec<(usize, Vec<Descriptor>, Vec<Descriptor>)>)> {
         let agent = self
             .agent
             .as_ref()
@@ -518,9 +850,6 @@ impl Core {
             )));
         }
         let remote_tp = spec.remote_tp_size.max(1);
-        // Every decode rank tells every prefill rank, which frees once all decode ranks did.
-        let payload =
-            format!("{PULLED}{}:{}", spec.remote_request_id, self.cfg.tp_size).into_bytes();
         let mut peers = Vec::with_capacity(remote_tp as usize);
         for q in 0..remote_tp {
             let port = u16::try_from(u32::from(spec.remote_port) + q)
@@ -528,10 +857,7 @@ impl Core {
             peers.push(self.peer_for(agent, &spec.remote_host, port)?);
         }
         if spec.local_blocks.is_empty() {
-            for p in &peers {
-                agent.notify(p, payload.clone())?;
-            }
-            return Ok(Vec::new());
+            return Ok((peers, Vec::new()));
         }
         let (layout, region) = {
             let c = self.cache.lock();
@@ -544,9 +870,12 @@ impl Core {
                     .ok_or_else(|| ConnectorError::Config("no exported region".into()))?,
             )
         };
-        let total_heads = layout.geometry().kv_heads * self.cfg.tp_size;
-        let reads = tp_reads(total_heads, remote_tp, self.cfg.tp_size, self.cfg.tp_rank)?;
-        // Plan every read before posting any, so a bad peer fails the pull before bytes move.
+        let reads = tp_reads(
+            self.total_kv_heads(layout.geometry()),
+            remote_tp,
+            self.cfg.tp_size,
+            self.cfg.tp_rank,
+        )?;
         let mut posts = Vec::with_capacity(reads.len());
         for read in &reads {
             let peer = peers.get(read.src_rank as usize).ok_or_else(|| {
@@ -584,40 +913,32 @@ impl Core {
             }
             posts.push((read.src_rank as usize, local, remote));
         }
-        let mut ids = Vec::new();
-        for (q, peer) in peers.iter().enumerate() {
-            let mine: Vec<_> = posts.iter().filter(|p| p.0 == q).collect();
-            if mine.is_empty() {
-                // A rank we read nothing from (its heads are replicated elsewhere) still waits.
-                agent.notify(peer, payload.clone())?;
-                continue;
-            }
-            let last = mine.len() - 1;
-            for (i, (_, local, remote)) in mine.into_iter().enumerate() {
-                // The last read from each rank carries its notification: it frees on it.
-                let notify = (i == last).then(|| payload.clone());
-                let id = agent.read(local, peer, remote, notify)?;
-                ids.push((id, spec.local_blocks.clone()));
-            }
+        posts.sort_by_key(|p| p.0);
+        Ok((peers, posts))
+    }
+
+    /// The model's KV heads over every TP rank: one latent for MLA (every rank holds it), the
+    /// configured total where heads are replicated, else heads per rank × ranks.
+    fn total_kv_heads(&self, g: &kvcore::Geometry) -> u32 {
+        if matches!(g.head, kvcore::HeadShape::Mla { .. }) {
+            return 1;
         }
-        Ok(ids)
+        self.cfg
+            .total_kv_heads
+            .unwrap_or(g.kv_heads * self.cfg.tp_size)
     }
 
     /// The engine finished `req`: report it in `sending` once its saves are done and, on the
-    /// prefill side (`await_pull`), once its decoder pulled it or `free_timeout` passed.
-    pub fn finish(&self, req: &str, await_pull: bool) {
-        let timeout = self.cfg.pd.as_ref().map(|p| p.free_timeout);
+    /// prefill side (`grant`: the offer's generation), once its grant ended (every decode rank
+    /// released it, a decoder aborted it, or the lease ran out).
+    pub fn finish(&self, req: &str, grant: Option<u64>) {
         let mut st = self.st.lock();
         let st = &mut *st;
         let r = st.reqs.entry(req.to_string()).or_default();
         r.finishing = true;
-        if await_pull {
-            if r.expected > 0 && r.notified >= r.expected {
-                // Every decoder was done before the engine told us: nothing to wait for.
-                st.counters.pulls_served += 1;
-            } else {
-                r.await_pull = Some(Instant::now() + timeout.unwrap_or_default());
-            }
+        if let (Some(g), Some(grants)) = (grant, st.grants.as_mut()) {
+            grants.grant(req, g, Instant::now());
+            r.granted = true;
         }
     }
 
@@ -630,9 +951,14 @@ impl Core {
                 None => (Vec::new(), Vec::new()),
             }
         };
-        let (net_done, notes) = match &self.agent {
-            Some(a) => (a.poll(), a.notifications()),
-            None => (Vec::new(), Vec::new()),
+        let net_done = match &self.agent {
+            Some(a) => {
+                // The connector's protocol uses calls, not notifications: whatever a peer sends
+                // as one is dropped here, so it cannot pile up.
+                let _ = a.notifications();
+                a.poll()
+            }
+            None => Vec::new(),
         };
         let mut st = self.st.lock();
         let st = &mut *st;
@@ -660,47 +986,27 @@ impl Core {
                     }
                     load_done(st, &req);
                 }
-                Some(Op::Pull { .. }) | None => {}
+                Some(Op::Read { .. }) | None => {}
             }
         }
         for t in net_done {
-            pull_done(st, t.id, t.result);
+            self.read_done(st, t.id, t.result);
         }
         let now = Instant::now();
-        for n in notes {
-            let text = String::from_utf8_lossy(&n.payload);
-            let Some(rest) = text.strip_prefix(PULLED) else {
-                continue;
-            };
-            // "<request>:<decode ranks>"; a request id may itself contain ':'.
-            let (id, expected) = match rest.rsplit_once(':') {
-                Some((id, n)) => match n.parse::<u32>() {
-                    Ok(n) if n > 0 => (id, n),
-                    _ => (rest, 1),
-                },
-                None => (rest, 1),
-            };
-            if !st.reqs.contains_key(id) && st.reqs.len() >= MAX_TRACKED {
-                // Notifications for requests we do not know cannot grow memory without bound.
-                log::warn!("kvferry: ignoring a notification for unknown request {id}");
-                continue;
-            }
-            let r = st.reqs.entry(id.to_string()).or_default();
-            r.notified += 1;
-            r.expected = expected;
-            r.noted_at.get_or_insert(now);
-            if r.notified >= r.expected && r.await_pull.take().is_some() {
-                st.counters.pulls_served += 1;
+        if let Some(grants) = st.grants.as_mut() {
+            for id in grants.expire(now) {
+                st.counters.lease_expired += 1;
+                log::warn!(
+                    "kvferry: no decoder released {id} within its lease; freeing its blocks"
+                );
+                if let Some(r) = st.reqs.get_mut(&id) {
+                    r.granted = false;
+                }
             }
         }
         let mut ready = Vec::new();
-        for (id, r) in st.reqs.iter_mut() {
-            if r.await_pull.is_some_and(|d| d <= now) {
-                r.await_pull = None;
-                st.counters.free_timeouts += 1;
-                log::warn!("kvferry: no decoder pulled {id} in time; freeing its blocks");
-            }
-            if r.finishing && r.saves == 0 && r.await_pull.is_none() && r.loads == 0 {
+        for (id, r) in st.reqs.iter() {
+            if r.finishing && r.saves == 0 && !r.granted && r.loads == 0 {
                 ready.push(id.clone());
             }
         }
@@ -709,12 +1015,8 @@ impl Core {
         }
         st.done.sending.extend(ready);
         // Requests whose loads ended and that are not finishing need no state.
-        st.reqs.retain(|_, r| {
-            let early = r
-                .noted_at
-                .is_some_and(|t| now.duration_since(t) < EARLY_NOTE_TTL);
-            r.finishing || r.saves > 0 || r.loads > 0 || r.await_pull.is_some() || early
-        });
+        st.reqs
+            .retain(|_, r| r.finishing || r.saves > 0 || r.loads > 0 || r.granted);
         std::mem::take(&mut st.done)
     }
 
@@ -729,7 +1031,7 @@ impl Core {
             all.load_errors.extend(f.load_errors);
             let busy = {
                 let st = self.st.lock();
-                !st.tier_ops.is_empty() || !st.net_ops.is_empty()
+                !st.tier_ops.is_empty() || !st.net_ops.is_empty() || !st.pulls.is_empty()
             };
             if !busy || Instant::now() >= deadline {
                 return all;
@@ -774,29 +1076,6 @@ impl Core {
     }
 }
 
-/// One posted read of a pull finished. A read can finish before the pull thread has recorded
-/// it (it posts, then takes the state lock): such results wait in `early` until it does.
-fn pull_done(st: &mut State, id: u64, result: std::result::Result<u64, NetError>) {
-    let Some(Op::Pull { req, blocks, first }) = st.net_ops.remove(&id) else {
-        st.early.insert(id, result);
-        return;
-    };
-    match result {
-        Ok(bytes) => {
-            if first {
-                st.counters.pulled_blocks += blocks.len() as u64;
-            }
-            st.counters.pulled_bytes += bytes;
-        }
-        Err(e) => {
-            log::warn!("kvferry: pull of {req} failed: {e}");
-            st.counters.pull_failures += 1;
-            st.done.load_errors.extend(blocks);
-        }
-    }
-    load_done(st, &req);
-}
-
 fn load_done(st: &mut State, req: &str) {
     if let Some(r) = st.reqs.get_mut(req) {
         r.loads = r.loads.saturating_sub(1);
@@ -811,5 +1090,27 @@ pub fn medium(tier: Tier) -> &'static str {
     match tier {
         Tier::Dram => "CPU",
         Tier::Nvme => "DISK",
+    }
+}
+
+impl PullSpec {
+    /// Where this pull's grant lives.
+    pub fn target(&self) -> LeaseTarget {
+        LeaseTarget {
+            remote_host: self.remote_host.clone(),
+            remote_port: self.remote_port,
+            remote_tp_size: self.remote_tp_size,
+            remote_request_id: self.remote_request_id.clone(),
+            grant: self.grant,
+        }
+    }
+}
+
+impl LeaseTarget {
+    fn grant_id(&self) -> GrantId {
+        GrantId {
+            request: self.remote_request_id.clone(),
+            generation: self.grant,
+        }
     }
 }

@@ -13,9 +13,12 @@
 //! carries it out next to the KV cache (tiers, agent, frees, timeouts).
 
 pub mod connector;
+pub mod lease;
 pub mod scheduler;
 
-pub use connector::{Connector, ConnectorConfig, Finished, OffloadConfig, PdConfig, PullSpec};
+pub use connector::{
+    Connector, ConnectorConfig, Finished, LeaseTarget, OffloadConfig, PdConfig, PullSpec,
+};
 pub use kvcore;
 pub use kvnet;
 pub use kvtier;

@@ -6,11 +6,13 @@
 //! block evicted between lookup and load fails to load and is recomputed; nothing is lost.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvcore::BlockHash;
 use kvtier::{Tier, TierEvent};
 
-use crate::PullSpec;
+use crate::lease::Generations;
+use crate::{LeaseTarget, PullSpec};
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -26,6 +28,9 @@ pub struct SchedulerConfig {
     /// The agent's port, when fixed by configuration; otherwise learnt from the worker.
     pub port: Option<u16>,
     pub tp_size: u32,
+    /// How long a prefill engine holds an offered request's blocks for decoders (NixlConnector's
+    /// `kv_lease_duration`); a decode engine extends the leases of requests still waiting.
+    pub lease: Duration,
 }
 
 /// A prefill engine's offer, as the decode engine's request carries it (vLLM's
@@ -39,12 +44,29 @@ pub struct RemoteParams {
     pub tp_size: u32,
     /// The prompt's blocks on the prefill engine, from the first.
     pub block_ids: Vec<u32>,
+    /// The generation of the grant the offer was made under (0: none, which is refused).
+    pub grant: u64,
+}
+
+impl RemoteParams {
+    fn target(&self) -> LeaseTarget {
+        LeaseTarget {
+            remote_host: self.host.clone(),
+            remote_port: self.port,
+            remote_tp_size: self.tp_size,
+            remote_request_id: self.request_id.clone(),
+            grant: self.grant,
+        }
+    }
 }
 
 /// What a prefill engine offers decoders for a finished request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Offer {
     pub remote: RemoteParams,
+    /// When the lease runs out if no decoder extends it (seconds since the Unix epoch; vLLM
+    /// NixlConnector's `remote_blocks_expiry_time`).
+    pub expires_unix: f64,
 }
 
 /// One step's decisions for the worker.
@@ -53,9 +75,14 @@ pub struct StepPlan {
     pub saves: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
     pub loads: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
     pub pulls: Vec<(String, PullSpec)>,
-    /// Requests whose blocks the worker frees only when it says so: (request, wait for a
-    /// decoder's pull).
-    pub finished: Vec<(String, bool)>,
+    /// Requests whose blocks the worker frees only when it says so: (request, the grant's
+    /// generation when decoders are to pull it).
+    pub finished: Vec<(String, Option<u64>)>,
+    /// Decode side: grants to keep alive (their requests still wait to be scheduled).
+    pub extends: Vec<LeaseTarget>,
+    /// Decode side: grants whose requests went away (or whose offers were refused) before a
+    /// pull: the prefill engine may free them now.
+    pub aborts: Vec<LeaseTarget>,
 }
 
 enum Plan {
@@ -75,6 +102,9 @@ pub struct Scheduler {
     plans: HashMap<String, Plan>,
     step: StepPlan,
     events: Vec<TierEvent>,
+    generations: Generations,
+    /// Decode side: requests with an accepted offer not yet allocated, and their last heartbeat.
+    waiting: HashMap<String, (LeaseTarget, Instant)>,
 }
 
 fn bit(t: Tier) -> u8 {
@@ -92,6 +122,8 @@ impl Scheduler {
             plans: HashMap::new(),
             step: StepPlan::default(),
             events: Vec::new(),
+            generations: Generations::new(),
+            waiting: HashMap::new(),
         }
     }
 
@@ -148,7 +180,28 @@ impl Scheduler {
     ) -> u32 {
         let bs = self.cfg.block_size.max(1);
         let start = (computed / bs) as usize;
-        if self.cfg.pd && remote.is_some() {
+        if let (true, Some(r)) = (self.cfg.pd, remote) {
+            // An offer must cover every prompt block and name its grant; anything else (a
+            // client's hand-made params, a prompt the prefill tokenized differently) would have
+            // blocks count as computed that nothing wrote. Refused: the prompt is computed here.
+            let need = prompt_tokens.div_ceil(bs) as usize;
+            if r.block_ids.len() < need || r.grant == 0 {
+                log::warn!(
+                    "kvferry: refusing the offer for {req}: {} remote blocks for {prompt_tokens} \
+                     prompt tokens ({need} blocks){}; computing the prompt here",
+                    r.block_ids.len(),
+                    if r.grant == 0 { ", and no grant" } else { "" }
+                );
+                if !self.waiting.contains_key(req) {
+                    self.step.aborts.push(r.target());
+                }
+                self.waiting.remove(req);
+                self.plans.remove(req);
+                return 0;
+            }
+            self.waiting
+                .entry(req.to_string())
+                .or_insert_with(|| (r.target(), Instant::now()));
             let count = prompt_tokens.saturating_sub(computed);
             if count > 0 {
                 self.plans.insert(req.to_string(), Plan::Pull { start });
@@ -185,7 +238,8 @@ impl Scheduler {
     ) {
         let plan = self.plans.remove(req);
         let bs = self.cfg.block_size.max(1);
-        if let (true, Some(r)) = (self.cfg.pd, remote) {
+        let accepted = self.waiting.remove(req).is_some();
+        if let (true, Some(r), true) = (self.cfg.pd, remote, accepted) {
             let (mut local, mut start) = (Vec::new(), 0);
             if let (true, Some(Plan::Pull { start: s })) = (external > 0, &plan) {
                 start = *s;
@@ -195,12 +249,13 @@ impl Scheduler {
                     .unwrap_or(&[])
                     .to_vec();
             }
+            // Never shortened to fit: a remote list shorter than the local one fails the pull
+            // (every local block a load error), it does not leave blocks unwritten.
             let remote_blocks: Vec<u32> = r
                 .block_ids
                 .get(start..(start + local.len()).min(r.block_ids.len()))
                 .unwrap_or(&[])
                 .to_vec();
-            local.truncate(remote_blocks.len());
             self.step.pulls.push((
                 req.to_string(),
                 PullSpec {
@@ -208,6 +263,7 @@ impl Scheduler {
                     remote_port: r.port,
                     remote_request_id: r.request_id.clone(),
                     remote_tp_size: r.tp_size,
+                    grant: r.grant,
                     remote_blocks,
                     local_blocks: local,
                 },
@@ -238,6 +294,10 @@ impl Scheduler {
         computed_tokens: u32,
     ) -> (bool, Option<Offer>) {
         self.plans.remove(req);
+        if let Some((t, _)) = self.waiting.remove(req) {
+            // Finished (aborted) while waiting for its pull: the prefill engine may free.
+            self.step.aborts.push(t);
+        }
         let mut delay = false;
         if ok && self.cfg.offload && !blocks.is_empty() {
             let n = hashes
@@ -257,6 +317,9 @@ impl Scheduler {
         let mut offer = None;
         if ok && self.cfg.pd && remote_decode && !blocks.is_empty() {
             if let Some(port) = self.cfg.port {
+                let expires_unix = (SystemTime::now() + self.cfg.lease)
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
                 offer = Some(Offer {
                     remote: RemoteParams {
                         host: self.cfg.host.clone(),
@@ -265,7 +328,9 @@ impl Scheduler {
                         engine_id: self.cfg.engine_id.clone(),
                         tp_size: self.cfg.tp_size,
                         block_ids: blocks.to_vec(),
+                        grant: self.generations.issue(),
                     },
+                    expires_unix,
                 });
                 delay = true;
             } else {
@@ -273,13 +338,23 @@ impl Scheduler {
             }
         }
         if delay {
-            self.step.finished.push((req.to_string(), offer.is_some()));
+            let grant = offer.as_ref().map(|o| o.remote.grant);
+            self.step.finished.push((req.to_string(), grant));
         }
         (delay, offer)
     }
 
-    /// This step's decisions; the next step starts empty.
+    /// This step's decisions; the next step starts empty. Requests waiting for their pull get a
+    /// heartbeat every third of the lease.
     pub fn take_step(&mut self) -> StepPlan {
+        let now = Instant::now();
+        let every = self.cfg.lease / 3;
+        for (t, last) in self.waiting.values_mut() {
+            if now.duration_since(*last) >= every {
+                *last = now;
+                self.step.extends.push(t.clone());
+            }
+        }
         std::mem::take(&mut self.step)
     }
 }
@@ -297,6 +372,7 @@ mod tests {
             host: "10.0.0.1".into(),
             port: Some(7000),
             tp_size: 1,
+            lease: Duration::from_secs(30),
         })
     }
 
@@ -346,7 +422,7 @@ mod tests {
         assert!(delay && offer.is_none());
         let step = s.take_step();
         assert_eq!(step.saves, vec![("r".into(), vec![h(1), h(2)], vec![8, 9])]);
-        assert_eq!(step.finished, vec![("r".into(), false)]);
+        assert_eq!(step.finished, vec![("r".into(), None)]);
         // Aborted requests are neither saved nor delayed.
         assert_eq!(
             s.finished("x", false, false, &hashes, &[1, 2, 3], 12),
@@ -365,7 +441,11 @@ mod tests {
             (offer.remote.host.as_str(), offer.remote.port),
             ("10.0.0.1", 7000)
         );
-        assert_eq!(p.take_step().finished, vec![("p1".into(), true)]);
+        assert_eq!(
+            p.take_step().finished,
+            vec![("p1".into(), Some(offer.remote.grant))]
+        );
+        assert_ne!(offer.remote.grant, 0);
 
         let mut d = sched(false, true);
         // 10 prompt tokens, 4 computed locally (block 0): 6 to pull into blocks 1 and 2.
@@ -385,5 +465,65 @@ mod tests {
         assert!(
             step.pulls[0].1.local_blocks.is_empty() && step.pulls[0].1.remote_blocks.is_empty()
         );
+    }
+
+    fn offer(blocks: Vec<u32>, grant: u64) -> RemoteParams {
+        RemoteParams {
+            host: "10.0.0.2".into(),
+            port: 7100,
+            request_id: "p1".into(),
+            engine_id: "p".into(),
+            tp_size: 1,
+            block_ids: blocks,
+            grant,
+        }
+    }
+
+    #[test]
+    fn a_short_offer_is_refused_and_its_grant_aborted_never_truncated() {
+        let mut d = sched(false, true);
+        // 10 prompt tokens need 3 blocks of 4; the offer names 2.
+        let short = offer(vec![5, 6], 9);
+        assert_eq!(d.matched("d1", Some(&short), 10, 10, &[], 0), 0);
+        d.allocated("d1", Some(&short), &[20, 21, 22], 0);
+        let step = d.take_step();
+        assert!(step.pulls.is_empty(), "{:?}", step.pulls);
+        assert_eq!(step.aborts, vec![short.target()]);
+        // No grant: refused too.
+        let ungranted = offer(vec![5, 6, 7], 0);
+        assert_eq!(d.matched("d2", Some(&ungranted), 10, 10, &[], 0), 0);
+        // An offer that covers the prompt is pulled whole, remote list and local list alike.
+        let good = offer(vec![5, 6, 7], 9);
+        assert_eq!(d.matched("d3", Some(&good), 10, 10, &[], 0), 10);
+        d.allocated("d3", Some(&good), &[20, 21, 22], 10);
+        let step = d.take_step();
+        assert_eq!(step.pulls[0].1.remote_blocks, vec![5, 6, 7]);
+        assert_eq!(step.pulls[0].1.local_blocks, vec![20, 21, 22]);
+        assert_eq!(step.pulls[0].1.grant, 9);
+    }
+
+    #[test]
+    fn waiting_decodes_heartbeat_and_an_abort_before_the_pull_releases_the_grant() {
+        let mut d = Scheduler::new(SchedulerConfig {
+            lease: Duration::ZERO,
+            ..sched(false, true).cfg
+        });
+        let o = offer(vec![5, 6, 7], 9);
+        assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), 10);
+        // Lease 0: every step is due a heartbeat.
+        assert_eq!(d.take_step().extends, vec![o.target()]);
+        assert_eq!(
+            d.finished("d1", false, false, &[], &[20, 21, 22], 0),
+            (false, None)
+        );
+        let step = d.take_step();
+        assert_eq!(step.aborts, vec![o.target()]);
+        assert!(step.extends.is_empty());
+        // Allocated (pull under way): no heartbeat, and finishing later aborts nothing.
+        assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), 10);
+        d.allocated("d2", Some(&o), &[20, 21, 22], 10);
+        d.finished("d2", true, false, &[], &[20, 21, 22], 10);
+        let step = d.take_step();
+        assert!(step.aborts.is_empty() && step.extends.is_empty());
     }
 }

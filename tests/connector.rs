@@ -1,11 +1,13 @@
 //! The connector state machine with real parts: two connectors on loopback (a prefill engine and
-//! a decode engine, host KV caches in vLLM's CPU layout), pulls with notifications, offload and
-//! onboard through the tiers, a prefill request nobody pulls, a prefill engine that is down.
+//! a decode engine, host KV caches in vLLM's CPU layout), pulls under leases, offload and onboard
+//! through the tiers, a prefill request nobody pulls, a prefill engine that is down, late
+//! decoders after the blocks were reused, pulls that fail part-way.
 
 use std::time::Duration;
 
 use kvferry::connector::{ConnectorCounters, Finished};
 use kvferry::kvnet::Transport;
+use kvferry::lease::Generations;
 use kvferry::prelude::*;
 use kvferry::{Connector, ConnectorConfig, OffloadConfig, PdConfig, PullSpec};
 
@@ -22,25 +24,37 @@ struct Engine {
 }
 
 fn engine(name: &str, offload: bool, pd: bool, seed: u8) -> Engine {
-    let free = Duration::from_millis(300);
+    let lease = Duration::from_millis(300);
     build(
         name,
         geometry(),
         offload,
-        pd.then_some((0, free)),
+        pd.then_some((0, lease)),
         (1, 0),
         seed,
     )
 }
 
 /// A connector over a host cache of `g` filled from `seed`; `pd`: the listening port (0: any)
-/// and the free timeout.
+/// and the lease.
 fn build(
     name: &str,
     g: Geometry,
     offload: bool,
     pd: Option<(u16, Duration)>,
     tp: (u32, u32),
+    seed: u8,
+) -> Engine {
+    build_with(name, g, offload, pd, tp, None, seed)
+}
+
+fn build_with(
+    name: &str,
+    g: Geometry,
+    offload: bool,
+    pd: Option<(u16, Duration)>,
+    tp: (u32, u32),
+    total_kv_heads: Option<u32>,
     seed: u8,
 ) -> Engine {
     let layout = CacheLayout::named(g, BLOCKS, StrideOrder::Lbhnc).expect("layout");
@@ -53,15 +67,16 @@ fn build(
             dram_blocks: 32,
             nvme: None,
         }),
-        pd: pd.map(|(port, free_timeout)| PdConfig {
+        pd: pd.map(|(port, lease)| PdConfig {
             listen: format!("127.0.0.1:{port}").parse().expect("addr"),
             transport: Transport::Tcp,
             token: None,
-            free_timeout,
+            lease,
             timeout: Duration::from_secs(5),
         }),
         tp_size: tp.0,
         tp_rank: tp.1,
+        total_kv_heads,
     })
     .expect("connector");
     // SAFETY: `cache` lives in the Engine next to the connector and is only read by the test
@@ -101,6 +116,26 @@ impl Engine {
     }
 }
 
+/// A pull of `remote` (on the prefill engine at `host:port`, TP `tp`) into `local`, under `grant`.
+fn spec(
+    addr: (&str, u16),
+    tp: u32,
+    req: &str,
+    grant: u64,
+    remote: &[u32],
+    local: &[u32],
+) -> PullSpec {
+    PullSpec {
+        remote_host: addr.0.into(),
+        remote_port: addr.1,
+        remote_request_id: req.into(),
+        remote_tp_size: tp,
+        grant,
+        remote_blocks: remote.to_vec(),
+        local_blocks: local.to_vec(),
+    }
+}
+
 fn hashes(n: u32, salt: u64) -> Vec<BlockHash> {
     (0..n)
         .map(|i| BlockHash::from_u64(salt << 32 | u64::from(i)))
@@ -114,17 +149,12 @@ fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
     let addr = prefill.conn.listen_addr().expect("listening");
     let remote = vec![5u32, 9, 10, 11, 40];
     let local = vec![0u32, 1, 2, 30, 63];
-    prefill.conn.finish("p-req", true);
+    let g = Generations::new().issue();
+    prefill.conn.finish("p-req", Some(g));
+    let host = addr.ip().to_string();
     decode.conn.pull(
         "d-req",
-        &PullSpec {
-            remote_host: addr.ip().to_string(),
-            remote_port: addr.port(),
-            remote_request_id: "p-req".into(),
-            remote_tp_size: 1,
-            remote_blocks: remote.clone(),
-            local_blocks: local.clone(),
-        },
+        &spec((&host, addr.port()), 1, "p-req", g, &remote, &local),
     );
     let got = decode.until(|f| f.recving.contains(&"d-req".to_string()));
     assert!(got.load_errors.is_empty(), "{got:?}");
@@ -136,19 +166,21 @@ fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
     let (p, d): (ConnectorCounters, ConnectorCounters) =
         (prefill.conn.counters(), decode.conn.counters());
     assert_eq!(p.pulls_served, 1);
-    assert_eq!(p.free_timeouts, 0);
+    assert_eq!(p.lease_expired, 0);
     assert_eq!(d.pulled_blocks, 5);
     assert_eq!(d.pulled_bytes, 5 * geometry().block_bytes());
 }
 
 #[test]
-fn a_prefill_request_nobody_pulls_is_freed_after_the_timeout() {
+fn a_prefill_request_nobody_pulls_is_freed_when_its_lease_ends() {
     let prefill = engine("lonely", false, true, 3);
-    prefill.conn.finish("orphan", true);
+    prefill
+        .conn
+        .finish("orphan", Some(Generations::new().issue()));
     assert!(prefill.conn.poll().sending.is_empty(), "freed too early");
     let f = prefill.until(|f| !f.sending.is_empty());
     assert_eq!(f.sending, vec!["orphan".to_string()]);
-    assert_eq!(prefill.conn.counters().free_timeouts, 1);
+    assert_eq!(prefill.conn.counters().lease_expired, 1);
 }
 
 #[test]
@@ -160,14 +192,7 @@ fn a_dead_prefill_engine_turns_into_load_errors_not_hangs() {
     drop(dead);
     decode.conn.pull(
         "d",
-        &PullSpec {
-            remote_host: "127.0.0.1".into(),
-            remote_port: port,
-            remote_request_id: "gone".into(),
-            remote_tp_size: 1,
-            remote_blocks: vec![1, 2],
-            local_blocks: vec![3, 4],
-        },
+        &spec(("127.0.0.1", port), 1, "gone", 1, &[1, 2], &[3, 4]),
     );
     let f = decode.until(|f| !f.recving.is_empty());
     assert_eq!(f.recving, vec!["d".to_string()]);
@@ -183,7 +208,7 @@ fn offloaded_blocks_come_back_bit_exact_and_misses_are_load_errors() {
     let items: Vec<(BlockHash, u32)> = h.iter().copied().zip(src.iter().copied()).collect();
     let before: Vec<Vec<u8>> = src.iter().map(|&b| e.block(b)).collect();
     e.conn.save("r1", &items).expect("save");
-    e.conn.finish("r1", false);
+    e.conn.finish("r1", None);
     let f = e.until(|f| f.sending.contains(&"r1".to_string()));
     assert!(f.load_errors.is_empty());
     assert_eq!(e.conn.lookup(&h), 8);
@@ -228,6 +253,7 @@ fn a_restarted_connector_announces_the_blocks_it_recovered_from_g3() {
         pd: None,
         tp_size: 1,
         tp_rank: 0,
+        total_kv_heads: None,
     };
     let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbhnc).expect("layout");
     let mut cache = vec![7u8; layout.span_bytes() as usize];
@@ -237,7 +263,7 @@ fn a_restarted_connector_announces_the_blocks_it_recovered_from_g3() {
         unsafe { c.register_cache(layout.clone(), cache.as_mut_ptr()) }.expect("register");
         let items: Vec<(BlockHash, u32)> = h.iter().copied().zip(0..4).collect();
         c.save("r", &items).expect("save");
-        c.finish("r", false);
+        c.finish("r", None);
         c.drain(Duration::from_secs(10));
         assert_eq!(c.shutdown(Duration::from_secs(10)).expect("flush"), 4);
     }
@@ -302,19 +328,13 @@ fn decode_tp1_pulls_from_prefill_tp2_and_both_ranks_free() {
     let p0 = rank("p-tp2", 1, 2, 0, base, 1);
     let p1 = rank("p-tp2", 1, 2, 1, base, 2);
     let d = rank("d-tp1", 2, 1, 0, 0, 3);
+    let g = Generations::new().issue();
     for p in [&p0, &p1] {
-        p.conn.finish("req", true);
+        p.conn.finish("req", Some(g));
     }
     d.conn.pull(
         "dreq",
-        &PullSpec {
-            remote_host: "127.0.0.1".into(),
-            remote_port: base,
-            remote_request_id: "req".into(),
-            remote_tp_size: 2,
-            remote_blocks: vec![3, 4],
-            local_blocks: vec![10, 20],
-        },
+        &spec(("127.0.0.1", base), 2, "req", g, &[3, 4], &[10, 20]),
     );
     let f = d.until(|f| f.recving.contains(&"dreq".to_string()));
     assert!(f.load_errors.is_empty(), "{f:?}");
@@ -337,15 +357,9 @@ fn prefill_tp1_frees_only_after_both_decode_ranks_pulled() {
     let p = rank("p-tp1", 2, 1, 0, base, 4);
     let d0 = rank("d-tp2", 1, 2, 0, 0, 5);
     let d1 = rank("d-tp2", 1, 2, 1, 0, 6);
-    p.conn.finish("req", true);
-    let spec = PullSpec {
-        remote_host: "127.0.0.1".into(),
-        remote_port: base,
-        remote_request_id: "req".into(),
-        remote_tp_size: 1,
-        remote_blocks: vec![7],
-        local_blocks: vec![8],
-    };
+    let g = Generations::new().issue();
+    p.conn.finish("req", Some(g));
+    let spec = spec(("127.0.0.1", base), 1, "req", g, &[7], &[8]);
     d0.conn.pull("x", &spec);
     d0.until(|f| f.recving.contains(&"x".to_string()));
     std::thread::sleep(Duration::from_millis(200));
@@ -362,29 +376,181 @@ fn prefill_tp1_frees_only_after_both_decode_ranks_pulled() {
 }
 
 #[test]
-fn a_decoder_done_before_the_prefill_engine_finishes_is_remembered() {
+fn a_decoder_that_reads_before_the_prefill_worker_heard_of_the_offer_waits_for_it() {
     let prefill = engine("early-prefill", false, true, 7);
     let decode = engine("early-decode", false, true, 8);
     let addr = prefill.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let g = Generations::new().issue();
+    decode
+        .conn
+        .pull("d", &spec((&host, addr.port()), 1, "p", g, &[1], &[2]));
+    // The release is answered "pending" until the engine reports the request finished.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        decode.conn.poll().recving.is_empty(),
+        "reported before the grant was confirmed"
+    );
+    prefill.conn.finish("p", Some(g));
+    let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+    assert!(f.load_errors.is_empty(), "{f:?}");
+    assert_eq!(decode.block(2), prefill.block(1));
+    prefill.until(|f| f.sending == vec!["p".to_string()]);
+    assert_eq!(prefill.conn.counters().pulls_served, 1);
+}
+
+/// Overwrites block `b` of an engine's cache, as a new request reusing it would.
+fn reuse(e: &mut Engine, b: u32, byte: u8) {
+    for (o, l) in e.layout.block_runs(b).expect("runs") {
+        e.cache[o as usize..(o + l) as usize].fill(byte);
+    }
+}
+
+#[test]
+fn a_late_decoder_after_the_lease_ended_and_the_blocks_were_reused_gets_load_errors() {
+    let mut prefill = engine("late-prefill", false, true, 9);
+    let decode = engine("late-decode", false, true, 10);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let g = Generations::new().issue();
+    prefill.conn.finish("p", Some(g));
+    // Nobody extends the lease: the engine gets the blocks back and reuses them.
+    prefill.until(|f| f.sending == vec!["p".to_string()]);
+    reuse(&mut prefill, 3, 0xAB);
+    reuse(&mut prefill, 4, 0xAB);
     decode.conn.pull(
         "d",
-        &PullSpec {
-            remote_host: addr.ip().to_string(),
-            remote_port: addr.port(),
-            remote_request_id: "p".into(),
-            remote_tp_size: 1,
-            remote_blocks: vec![1],
-            local_blocks: vec![2],
-        },
+        &spec((&host, addr.port()), 1, "p", g, &[3, 4], &[5, 6]),
     );
-    decode.until(|f| f.recving.contains(&"d".to_string()));
-    // The notification lands before the engine reports the request finished.
-    for _ in 0..100 {
-        assert!(prefill.conn.poll().sending.is_empty());
-        std::thread::sleep(Duration::from_millis(5));
+    let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+    // The bytes were read (the region is still exported) but never reported as loaded.
+    assert_eq!(f.load_errors, vec![5, 6], "{f:?}");
+    let c = decode.conn.counters();
+    assert_eq!((c.pulls_stale, c.pulled_blocks), (1, 0));
+    assert_eq!(prefill.conn.counters().lease_expired, 1);
+}
+
+#[test]
+fn heartbeats_keep_a_waiting_decoders_blocks_past_the_lease() {
+    let prefill = engine("beat-prefill", false, true, 11);
+    let decode = engine("beat-decode", false, true, 12);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let g = Generations::new().issue();
+    prefill.conn.finish("p", Some(g));
+    let s = spec((&host, addr.port()), 1, "p", g, &[7, 8], &[9, 10]);
+    // Four leases' worth of waiting, extended every 100 ms (the lease is 300 ms).
+    for _ in 0..12 {
+        decode.conn.extend(&s.target());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            prefill.conn.poll().sending.is_empty(),
+            "freed while extended"
+        );
     }
-    prefill.conn.finish("p", true);
-    let f = prefill.conn.poll();
-    assert_eq!(f.sending, vec!["p".to_string()]);
-    assert_eq!(prefill.conn.counters().pulls_served, 1);
+    decode.conn.pull("d", &s);
+    let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+    assert!(f.load_errors.is_empty(), "{f:?}");
+    assert_eq!(decode.block(9), prefill.block(7));
+    assert_eq!(decode.block(10), prefill.block(8));
+    prefill.until(|f| f.sending == vec!["p".to_string()]);
+    assert_eq!(prefill.conn.counters().lease_expired, 0);
+}
+
+#[test]
+fn a_decoder_abort_frees_the_prefill_blocks_at_once() {
+    let prefill = build(
+        "abort-prefill",
+        geometry(),
+        false,
+        Some((0, Duration::from_secs(600))),
+        (1, 0),
+        13,
+    );
+    let decode = engine("abort-decode", false, true, 14);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let g = Generations::new().issue();
+    prefill.conn.finish("p", Some(g));
+    decode
+        .conn
+        .abort_remote(&spec((&host, addr.port()), 1, "p", g, &[1], &[1]).target());
+    // Well inside the 600 s lease.
+    prefill.until(|f| f.sending == vec!["p".to_string()]);
+    assert_eq!(prefill.conn.counters().pulls_aborted, 1);
+}
+
+#[test]
+fn a_pull_whose_second_rank_fails_is_reported_only_after_every_posted_read_ended() {
+    let base = port_pair();
+    let p0 = rank("pf-tp2", 1, 2, 0, base, 15);
+    let p1 = rank("pf-tp2", 1, 2, 1, base, 16);
+    let d = rank("df-tp1", 2, 1, 0, 0, 17);
+    let g = Generations::new().issue();
+    p0.conn.finish("req", Some(g));
+    p1.conn.finish("req", Some(g));
+    // Connect both ranks, then take rank 1 away: its read fails, rank 0's goes through.
+    let warm = spec(("127.0.0.1", base), 2, "warm", 0, &[], &[]);
+    d.conn.pull("warm", &warm);
+    d.until(|f| f.recving.contains(&"warm".to_string()));
+    drop(p1);
+    let local: Vec<u32> = (20..40).collect();
+    let remote: Vec<u32> = (0..20).collect();
+    d.conn.pull(
+        "dreq",
+        &spec(("127.0.0.1", base), 2, "req", g, &remote, &local),
+    );
+    let f = d.until(|f| f.recving.contains(&"dreq".to_string()));
+    let mut errs = f.load_errors.clone();
+    errs.sort_unstable();
+    assert_eq!(errs, local, "every block of a failed pull is a load error");
+    // Reported means quiesced: nothing is in flight, and no byte lands afterwards.
+    let snapshot: Vec<Vec<u8>> = local.iter().map(|&b| d.block(b)).collect();
+    let rest = d.conn.drain(Duration::from_millis(500));
+    assert!(
+        rest.recving.is_empty() && rest.load_errors.is_empty(),
+        "{rest:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, &b) in local.iter().enumerate() {
+        assert_eq!(
+            d.block(b),
+            snapshot[i],
+            "block {b} changed after the pull was reported"
+        );
+    }
+    assert_eq!(d.conn.counters().pulled_blocks, 0);
+    drop(p0);
+}
+
+#[test]
+fn replicated_kv_heads_map_each_decode_rank_to_its_own_head() {
+    // 2 KV heads; decode TP 4 replicates each head on two ranks (1 head per rank): rank 1 holds
+    // head 0, rank 2 head 1. Prefill TP 1 holds both.
+    let p = rank("rep-prefill", 2, 1, 0, 0, 18);
+    let addr = p.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let g1 = Geometry::mha(2, 1, 64, Dtype::F32, 32).expect("geometry");
+    let g = Generations::new().issue();
+    p.conn.finish("req", Some(g));
+    for (r, head) in [(1u32, 0u32), (2, 1)] {
+        let d = build_with(
+            "rep-decode",
+            g1,
+            false,
+            Some((0, Duration::from_secs(60))),
+            (4, r),
+            Some(2),
+            19,
+        );
+        d.conn
+            .pull("d", &spec((&host, addr.port()), 1, "req", g, &[5], &[6]));
+        let f = d.until(|f| f.recving.contains(&"d".to_string()));
+        assert!(f.load_errors.is_empty(), "{f:?}");
+        assert_eq!(
+            head_bytes(&d, 6, 0),
+            head_bytes(&p, 5, head),
+            "decode rank {r}"
+        );
+    }
 }

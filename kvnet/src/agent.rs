@@ -126,7 +126,12 @@ pub(crate) struct Shared {
     pub listen: SocketAddr,
     pub ucx_address: RwLock<Option<Vec<u8>>>,
     pub ucx_keys: RwLock<HashMap<RegionId, Vec<u8>>>,
+    pub calls: RwLock<Option<CallHandler>>,
 }
+
+/// Answers a peer's [`Agent::call`]: `(authenticated peer name, payload) -> reply`. It runs on
+/// the network runtime, so it must not block.
+pub type CallHandler = Arc<dyn Fn(&str, &[u8]) -> Vec<u8> + Send + Sync>;
 
 impl Shared {
     pub fn metadata(&self) -> AgentMetadata {
@@ -307,6 +312,7 @@ impl Agent {
             listen,
             ucx_address: RwLock::new(None),
             ucx_keys: RwLock::new(HashMap::new()),
+            calls: RwLock::new(None),
         });
         rt.spawn(tcp::serve(shared.clone(), listener));
         let nixl_listen = match cfg.nixl_listen {
@@ -786,6 +792,29 @@ impl Agent {
         let shared = self.shared.clone();
         self.runtime()?
             .block_on(async move { tcp::notify(&shared, &p, payload).await })
+    }
+
+    /// Sets what answers peers' calls (replacing any earlier handler). Without one, every call
+    /// is answered with an empty reply.
+    pub fn set_call_handler(&self, handler: CallHandler) {
+        *self.shared.calls.write() = Some(handler);
+    }
+
+    /// Sends `payload` to a kvferry peer and waits for its handler's reply. Calls always travel
+    /// on the side channel's authenticated TCP connections (whatever transport moves the bulk
+    /// data), so the peer's handler learns who called from the handshake, not from the payload.
+    pub fn call(&self, peer: &str, payload: Vec<u8>) -> Result<Vec<u8>, NetError> {
+        let p = self.peer(peer)?;
+        if p.flavour != Flavour::Kvferry {
+            return Err(NetError::NoTransport {
+                peer: peer.to_string(),
+                offered: "calls need a kvferry peer".into(),
+            });
+        }
+        let shared = self.shared.clone();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.runtime()?
+            .block_on(async move { tcp::call(&shared, &p, id, payload).await })
     }
 
     /// Notifications received since the last call, as `(sender, bytes)`.

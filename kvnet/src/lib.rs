@@ -38,7 +38,7 @@ mod mem;
 mod nixl;
 mod tcp;
 
-pub use agent::{Agent, AgentConfig, TransferDone, TransferId, Transport};
+pub use agent::{Agent, AgentConfig, CallHandler, TransferDone, TransferId, Transport};
 pub use error::NetError;
 pub use kvcore;
 pub(crate) mod ucx;

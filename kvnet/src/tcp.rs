@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvcore::wire::{
-    AgentMetadata, Challenge, Completion, Hello, Message, Notification, Op, Status, TransferNotice,
-    PROTOCOL_VERSION,
+    AgentMetadata, Call, Challenge, Completion, Hello, Message, Notification, Op, Reply, Status,
+    TransferNotice, PROTOCOL_VERSION,
 };
 use kvcore::{Descriptor, Resolved};
 use parking_lot::Mutex;
@@ -320,21 +320,101 @@ pub(crate) async fn publish(shared: &Shared, p: &Peer) -> Result<(), NetError> {
 }
 
 pub(crate) async fn notify(shared: &Shared, p: &Peer, payload: Vec<u8>) -> Result<(), NetError> {
-    let mut c = conn_for(shared, p).await?;
-    let peer = c.peer.clone();
     let m = Message::Notification(Notification {
         from: shared.name.clone(),
         payload,
     });
-    step(
-        shared.timeout,
-        "notify",
-        &peer,
-        write_message(&mut c.stream, &peer, &m),
-    )
-    .await?;
-    p.conns.put(c);
-    Ok(())
+    // A pooled connection the peer closed while idle fails the write; a fresh one carries it.
+    // Sending a notification twice is impossible here: a failed write was not delivered whole,
+    // and the peer's decoder drops a partial frame.
+    for fresh in [false, true] {
+        let (mut c, pooled) = conn_or_fresh(shared, p, fresh).await?;
+        let peer = c.peer.clone();
+        match step(
+            shared.timeout,
+            "notify",
+            &peer,
+            write_message(&mut c.stream, &peer, &m),
+        )
+        .await
+        {
+            Ok(()) => {
+                p.conns.put(c);
+                return Ok(());
+            }
+            Err(e) if pooled && is_dead_connection(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(NetError::Shutdown)
+}
+
+/// One call and its reply. A pooled connection that turns out dead before the call was sent
+/// (the peer closed it while idle, or restarted) is replaced once; a call whose request went out
+/// is never resent, so a handler never sees one call twice.
+pub(crate) async fn call(
+    shared: &Shared,
+    p: &Peer,
+    call_id: u64,
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, NetError> {
+    let m = Message::Call(Call { call_id, payload });
+    for fresh in [false, true] {
+        let (mut c, pooled) = conn_or_fresh(shared, p, fresh).await?;
+        let peer = c.peer.clone();
+        let sent = step(
+            shared.timeout,
+            "call",
+            &peer,
+            write_message(&mut c.stream, &peer, &m),
+        )
+        .await;
+        match sent {
+            Ok(()) => {}
+            Err(e) if pooled && is_dead_connection(&e) => continue,
+            Err(e) => return Err(e),
+        }
+        let reply = step(shared.timeout, "call reply", &peer, async {
+            match read_message(&mut c.stream, &peer).await? {
+                Message::Reply(r) if r.call_id == call_id => Ok(r.payload),
+                other => Err(refusal(&peer, other, "reply")),
+            }
+        })
+        .await?;
+        p.conns.put(c);
+        return Ok(reply);
+    }
+    Err(NetError::Shutdown)
+}
+
+/// A pooled connection (`true` with it), or a fresh one when `fresh` or none is idle.
+async fn conn_or_fresh(shared: &Shared, p: &Peer, fresh: bool) -> Result<(Conn, bool), NetError> {
+    if !fresh {
+        if let Some(c) = p.conns.take() {
+            return Ok((c, true));
+        }
+    }
+    // Drop every idle connection: if one was dead, its siblings from the same peer process are
+    // too.
+    if fresh {
+        while p.conns.take().is_some() {}
+    }
+    Ok((conn_for(shared, p).await?, false))
+}
+
+/// Errors a connection the peer already closed gives on its next use.
+fn is_dead_connection(e: &NetError) -> bool {
+    match e {
+        NetError::Io { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::NotConnected
+        ),
+        _ => false,
+    }
 }
 
 /// Accepts connections until the runtime shuts down.
@@ -458,6 +538,21 @@ async fn serve_conn(
                 payload: n.payload,
             }),
             Message::Abort(_) => {}
+            Message::Call(c) => {
+                let handler = shared.calls.read().clone();
+                let payload = handler.map(|h| h(&peer, &c.payload)).unwrap_or_default();
+                let reply = Message::Reply(Reply {
+                    call_id: c.call_id,
+                    payload,
+                });
+                step(
+                    shared.timeout,
+                    "reply",
+                    &peer,
+                    write_message(&mut stream, &peer, &reply),
+                )
+                .await?;
+            }
             // A peer re-publishes its metadata when its exports change (deregistration).
             Message::Metadata(md) if md.name == peer => {
                 shared.load(md)?;

@@ -151,7 +151,7 @@ class KVFerryWorker(OffloadingWorker):
             self.native.discard(dst_spec.evicted)
         name = f"store-{job_id}"
         self.native.save(name, dst_spec.keys, self._blocks(src_spec, dst_spec.keys))
-        self.native.finish(name, False)
+        self.native.finish(name)
         self.jobs[name] = job_id
         return True
 

@@ -18,8 +18,12 @@ Extra config (all optional):
   what they advertise to decoders. Prefill and decode may have different TP sizes: each decode
   rank reads its heads from the prefill ranks that hold them and tells every prefill rank, which
   frees the request's blocks once all decode ranks did. ``transport``: ``"tcp"`` (default) or
-  ``"ucx"``. ``token``: a shared secret for the handshake. ``free_timeout_s`` (default 120):
-  a prefill request whose decoder never pulls frees its blocks after this long.
+  ``"ucx"``. ``token``: a shared secret for the handshake. ``kv_lease_duration`` (seconds,
+  default 30, NixlConnector's name; ``free_timeout_s`` is read as an alias): a prefill request's
+  blocks are held under a grant for this long; a decode engine whose request still waits extends
+  it every third of it, and releases it after reading. A decoder only reports blocks loaded once
+  the prefill engine confirmed the grant was live throughout the reads; otherwise vLLM
+  recomputes them.
 - ``stats_path``: a file the worker rewrites (at most once a second, and at shutdown) with
   kvferry's counters in Prometheus' text format (``kvferry_pulled_blocks_total{engine=...}``),
   for node_exporter's textfile collector or a look by hand.
@@ -85,7 +89,17 @@ def native(engine_id: str) -> _Native | None:
     return _ENGINES.get(engine_id)
 
 
-def _shared(engine_id: str, extra: dict[str, Any], tp_size: int, tp_rank: int) -> _Native:
+def lease_seconds(extra: dict[str, Any]) -> float:
+    return float(extra.get("kv_lease_duration", extra.get("free_timeout_s", 30.0)))
+
+
+def _shared(
+    engine_id: str,
+    extra: dict[str, Any],
+    tp_size: int,
+    tp_rank: int,
+    total_kv_heads: int | None = None,
+) -> _Native:
     with _LOCK:
         n = _ENGINES.get(engine_id)
         if n is None:
@@ -99,10 +113,11 @@ def _shared(engine_id: str, extra: dict[str, Any], tp_size: int, tp_rank: int) -
                 port=int(extra.get("port", 0)),
                 transport=str(extra.get("transport", "tcp")),
                 token=extra.get("token"),
-                free_timeout_s=float(extra.get("free_timeout_s", 120.0)),
+                lease_s=lease_seconds(extra),
                 timeout_s=float(extra.get("timeout_s", 10.0)),
                 tp_size=tp_size,
                 tp_rank=tp_rank,
+                total_kv_heads=total_kv_heads,
             )
             _ENGINES[engine_id] = n
         return n
@@ -156,8 +171,11 @@ class KVFerryMetadata(KVConnectorMetadata):
     saves: dict[str, tuple[list[bytes], list[int]]] = field(default_factory=dict)
     loads: dict[str, tuple[list[bytes], list[int]]] = field(default_factory=dict)
     pulls: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # (request id, wait for a decoder's pull before freeing)
-    finished: list[tuple[str, bool]] = field(default_factory=list)
+    # (request id, generation of the grant decoders pull it under, or None)
+    finished: list[tuple[str, int | None]] = field(default_factory=list)
+    # (host, port, tp_size, request id, grant) of prefill grants to extend / to abort
+    extends: list[tuple[str, int, int, str, int]] = field(default_factory=list)
+    aborts: list[tuple[str, int, int, str, int]] = field(default_factory=list)
 
 
 class KVFerryConnector(KVConnectorBase_V1):
@@ -191,7 +209,12 @@ class KVFerryConnector(KVConnectorBase_V1):
                 rank = get_tensor_model_parallel_rank()
             except Exception:  # noqa: BLE001 - no parallel state in some test set-ups
                 rank = 0
-            self.native = _shared(self.engine_id, self.extra, self.tp_size, rank)
+            total_kv_heads = None
+            try:
+                total_kv_heads = int(vllm_config.model_config.get_total_num_kv_heads())
+            except Exception:  # noqa: BLE001 - test set-ups without a model config
+                total_kv_heads = None
+            self.native = _shared(self.engine_id, self.extra, self.tp_size, rank, total_kv_heads)
         # Scheduler side: the decisions live in Rust.
         port = int(self.extra["port"]) if self.extra.get("port") else None
         self.sched = _Scheduler(
@@ -202,6 +225,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             host=self.host,
             port=port,
             tp_size=self.tp_size,
+            lease_s=lease_seconds(self.extra),
         )
         # Worker-side state.
         self._load_errors: set[int] = set()
@@ -294,11 +318,16 @@ class KVFerryConnector(KVConnectorBase_V1):
                 int(p["remote_port"]),
                 p["remote_request_id"],
                 int(p.get("tp_size") or 1),
+                int(p["grant"]),
                 p["remote_blocks"],
                 p["local_blocks"],
             )
-        for req, await_pull in meta.finished:
-            self.native.finish(req, await_pull)
+        for req, grant in meta.finished:
+            self.native.finish(req, grant)
+        for t in meta.extends:
+            self.native.extend(t)
+        for t in meta.aborts:
+            self.native.abort_remote(t)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -393,13 +422,31 @@ class KVFerryConnector(KVConnectorBase_V1):
         blocks = list(p.get("remote_block_ids") or [])
         if blocks and isinstance(blocks[0], (list, tuple)):
             blocks = list(blocks[0])
+        try:
+            grant = int(str(p.get("kvferry_grant") or "0"), 16)
+        except ValueError:
+            grant = 0  # refused by the scheduler: the prompt is computed here
+        try:
+            ids = [int(b) for b in blocks]
+        except (TypeError, ValueError):
+            log.warning("kvferry: malformed remote_block_ids for %s", request.request_id)
+            ids = []
+        try:
+            port, tp = int(p["remote_port"]), int(p.get("tp_size") or 1)
+        except (TypeError, ValueError):
+            port, tp = -1, -1
+        if not (0 < port < 65536 and 0 < tp <= 4096):
+            # A request's params must never crash the scheduler: computed here instead.
+            log.warning("kvferry: malformed kv_transfer_params for %s: %s", request.request_id, p)
+            return None
         return (
             str(p["remote_host"]),
-            int(p["remote_port"]),
+            port,
             str(p["remote_request_id"]),
             str(p["remote_engine_id"]),
-            int(p.get("tp_size") or 1),
-            [int(b) for b in blocks],
+            tp,
+            ids,
+            grant if 0 < grant < 2**64 else 0,
         )
 
     def get_num_new_matched_tokens(
@@ -452,6 +499,8 @@ class KVFerryConnector(KVConnectorBase_V1):
             loads={req: (hashes, blocks) for req, hashes, blocks in step["loads"]},
             pulls=dict(step["pulls"]),
             finished=list(step["finished"]),
+            extends=list(step["extends"]),
+            aborts=list(step["aborts"]),
         )
 
     def request_finished(

@@ -13,8 +13,8 @@ use kvferry::kvcore::{BlockHash, CacheLayout, Dtype, Geometry};
 use kvferry::kvnet::Transport;
 use kvferry::kvtier::{Tier, TierEvent};
 use kvferry::{
-    Connector as Inner, ConnectorConfig, OffloadConfig, PdConfig, PullSpec, RemoteParams,
-    Scheduler as SchedInner, SchedulerConfig,
+    Connector as Inner, ConnectorConfig, LeaseTarget, OffloadConfig, PdConfig, PullSpec,
+    RemoteParams, Scheduler as SchedInner, SchedulerConfig,
 };
 use parking_lot::Mutex;
 use pyo3::exceptions::PyException;
@@ -61,7 +61,7 @@ impl Connector {
     #[pyo3(signature = (
         engine_id, *, dram_blocks = 0, nvme_dir = None, nvme_blocks = 0, pd = false,
         host = "0.0.0.0".to_string(), port = 0, transport = "tcp".to_string(), token = None,
-        free_timeout_s = 120.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0
+        lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -75,10 +75,11 @@ impl Connector {
         port: u16,
         transport: String,
         token: Option<String>,
-        free_timeout_s: f64,
+        lease_s: f64,
         timeout_s: f64,
         tp_size: u32,
         tp_rank: u32,
+        total_kv_heads: Option<u32>,
     ) -> PyResult<Connector> {
         let transport = match transport.as_str() {
             "tcp" => Transport::Tcp,
@@ -102,7 +103,7 @@ impl Connector {
                     listen,
                     transport,
                     token,
-                    free_timeout: secs(free_timeout_s, "free_timeout")?,
+                    lease: secs(lease_s, "kv_lease_duration")?,
                     timeout: secs(timeout_s, "timeout")?,
                 })
             } else {
@@ -110,6 +111,7 @@ impl Connector {
             },
             tp_size,
             tp_rank,
+            total_kv_heads,
         };
         let inner = py.detach(|| Inner::new(cfg)).map_err(err)?;
         Ok(Connector { inner })
@@ -194,6 +196,7 @@ impl Connector {
         remote_port: u16,
         remote_request_id: String,
         remote_tp_size: u32,
+        grant: u64,
         remote_blocks: Vec<u32>,
         local_blocks: Vec<u32>,
     ) {
@@ -202,14 +205,29 @@ impl Connector {
             remote_port,
             remote_request_id,
             remote_tp_size,
+            grant,
             remote_blocks,
             local_blocks,
         };
         py.detach(|| self.inner.pull(req, &spec));
     }
 
-    fn finish(&self, py: Python<'_>, req: &str, await_pull: bool) {
-        py.detach(|| self.inner.finish(req, await_pull));
+    /// Keeps a prefill engine's grant alive (the decode request still waits); does not wait.
+    fn extend(&self, py: Python<'_>, target: TargetTuple) {
+        let t = lease_target(target);
+        py.detach(|| self.inner.extend(&t));
+    }
+
+    /// Tells a prefill engine its grant is no longer needed; does not wait.
+    fn abort_remote(&self, py: Python<'_>, target: TargetTuple) {
+        let t = lease_target(target);
+        py.detach(|| self.inner.abort_remote(&t));
+    }
+
+    /// The engine finished `req`; `grant`: the generation of its offer to decoders, if any.
+    #[pyo3(signature = (req, grant = None))]
+    fn finish(&self, py: Python<'_>, req: &str, grant: Option<u64>) {
+        py.detach(|| self.inner.finish(req, grant));
     }
 
     /// `(finished_sending, finished_recving, failed_block_ids)` since the last call.
@@ -248,8 +266,10 @@ impl Connector {
             pulled_blocks,
             pulled_bytes,
             pull_failures,
+            pulls_stale,
             pulls_served,
-            free_timeouts,
+            pulls_aborted,
+            lease_expired,
             lookups,
             lookup_hits,
         } = counters;
@@ -261,8 +281,10 @@ impl Connector {
             ("pulled_blocks", pulled_blocks),
             ("pulled_bytes", pulled_bytes),
             ("pull_failures", pull_failures),
+            ("pulls_stale", pulls_stale),
             ("pulls_served", pulls_served),
-            ("free_timeouts", free_timeouts),
+            ("pulls_aborted", pulls_aborted),
+            ("lease_expired", lease_expired),
             ("lookups", lookups),
             ("lookup_hits", lookup_hits),
         ] {
@@ -305,19 +327,45 @@ fn event_tuple<'py>(
     (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
 }
 
-/// `(host, port, request_id, engine_id, tp_size, block_ids)` from Python.
-type RemoteTuple = (String, u16, String, String, u32, Vec<u32>);
+/// `(host, port, request_id, engine_id, tp_size, block_ids, grant)` from Python.
+type RemoteTuple = (String, u16, String, String, u32, Vec<u32>, u64);
 
 fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
     r.map(
-        |(host, port, request_id, engine_id, tp_size, block_ids)| RemoteParams {
+        |(host, port, request_id, engine_id, tp_size, block_ids, grant)| RemoteParams {
             host,
             port,
             request_id,
             engine_id,
             tp_size,
             block_ids,
+            grant,
         },
+    )
+}
+
+/// `(host, port, tp_size, request_id, grant)`: where a grant lives.
+type TargetTuple = (String, u16, u32, String, u64);
+
+fn lease_target(
+    (remote_host, remote_port, remote_tp_size, remote_request_id, grant): TargetTuple,
+) -> LeaseTarget {
+    LeaseTarget {
+        remote_host,
+        remote_port,
+        remote_tp_size,
+        remote_request_id,
+        grant,
+    }
+}
+
+fn target_tuple(t: LeaseTarget) -> TargetTuple {
+    (
+        t.remote_host,
+        t.remote_port,
+        t.remote_tp_size,
+        t.remote_request_id,
+        t.grant,
     )
 }
 
@@ -334,7 +382,8 @@ struct Scheduler {
 #[pymethods]
 impl Scheduler {
     #[new]
-    #[pyo3(signature = (engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1))]
+    #[pyo3(signature = (engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         engine_id: String,
         block_size: u32,
@@ -343,8 +392,11 @@ impl Scheduler {
         host: String,
         port: Option<u16>,
         tp_size: u32,
-    ) -> Scheduler {
-        Scheduler {
+        lease_s: f64,
+    ) -> PyResult<Scheduler> {
+        let lease = Duration::try_from_secs_f64(lease_s)
+            .map_err(|_| err(format!("kv_lease_duration = {lease_s} seconds")))?;
+        Ok(Scheduler {
             inner: Mutex::new(SchedInner::new(SchedulerConfig {
                 engine_id,
                 block_size,
@@ -353,8 +405,9 @@ impl Scheduler {
                 host,
                 port,
                 tp_size,
+                lease,
             })),
-        }
+        })
     }
 
     fn set_port(&self, port: u16) {
@@ -447,6 +500,9 @@ impl Scheduler {
                 d.set_item("remote_host", r.host)?;
                 d.set_item("remote_port", r.port)?;
                 d.set_item("tp_size", r.tp_size)?;
+                // NixlConnector's lease fields, and the grant a decoder must release.
+                d.set_item("remote_blocks_expiry_time", o.expires_unix)?;
+                d.set_item("kvferry_grant", format!("{:016x}", r.grant))?;
                 Some(d)
             }
             None => None,
@@ -472,12 +528,16 @@ impl Scheduler {
             p.set_item("remote_port", s.remote_port)?;
             p.set_item("remote_request_id", s.remote_request_id)?;
             p.set_item("tp_size", s.remote_tp_size)?;
+            p.set_item("grant", s.grant)?;
             p.set_item("remote_blocks", s.remote_blocks)?;
             p.set_item("local_blocks", s.local_blocks)?;
             pulls.append((req, p))?;
         }
         d.set_item("pulls", pulls)?;
         d.set_item("finished", step.finished)?;
+        let targets = |ts: Vec<LeaseTarget>| ts.into_iter().map(target_tuple).collect::<Vec<_>>();
+        d.set_item("extends", targets(step.extends))?;
+        d.set_item("aborts", targets(step.aborts))?;
         Ok(d)
     }
 }

@@ -61,8 +61,9 @@ def test_pull_between_two_connectors():
     decode = Connector("py-decode", pd=True, host="127.0.0.1")
     register(prefill, src)
     register(decode, dst)
-    prefill.finish("p", True)
-    decode.pull("d", "127.0.0.1", prefill.listen_port(), "p", 1, [2, 7], [9, 4])
+    grant = 0x1234_0000_0001  # the scheduler's offer generation (instance 0x1234, offer 1)
+    prefill.finish("p", grant)
+    decode.pull("d", "127.0.0.1", prefill.listen_port(), "p", 1, grant, [2, 7], [9, 4])
     s, r, errors = until(decode, lambda g: "d" in g[1])
     assert errors == [], errors
     for layer in (0, 1):
@@ -80,7 +81,7 @@ def test_offload_round_trip_and_events():
     hashes = [bytes([i]) * 32 for i in range(3)]
     before = [block(buf, 1, b) for b in (1, 2, 3)]
     c.save("s", hashes, [1, 2, 3])
-    c.finish("s", False)
+    c.finish("s")
     until(c, lambda g: "s" in g[0])
     assert c.lookup(hashes) == 3
     events = c.take_events()

@@ -38,10 +38,12 @@ pub enum Kind {
     Abort = 5,
     Challenge = 6,
     Hello = 7,
+    Call = 8,
+    Reply = 9,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Metadata,
         Kind::Transfer,
         Kind::Notification,
@@ -49,6 +51,8 @@ impl Kind {
         Kind::Abort,
         Kind::Challenge,
         Kind::Hello,
+        Kind::Call,
+        Kind::Reply,
     ];
 
     pub fn from_u8(v: u8) -> Result<Kind, WireError> {

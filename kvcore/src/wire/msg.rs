@@ -16,6 +16,8 @@ pub const MAX_TRANSPORT_LEN: usize = 64;
 /// Transport blobs: UCX worker addresses and packed rkeys are well under this.
 pub const MAX_BLOB_LEN: usize = 64 << 10;
 pub const MAX_NOTIFICATION_LEN: usize = 1 << 20;
+/// A call or a reply is a small control message (a lease to extend, a grant to confirm).
+pub const MAX_CALL_LEN: usize = 64 << 10;
 pub const MAX_TEXT_LEN: usize = 4096;
 pub const MAX_ENDPOINTS: usize = 64;
 pub const MAX_KEYS_PER_REGION: usize = 16;
@@ -86,6 +88,21 @@ pub struct Notification {
     pub payload: Vec<u8>,
 }
 
+/// A request that wants an answer on the same connection: the served side hands `payload`, with
+/// the name the connection authenticated, to its call handler and sends back its [`Reply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub call_id: u64,
+    pub payload: Vec<u8>,
+}
+
+/// The answer to the [`Call`] of the same id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub call_id: u64,
+    pub payload: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Ok,
@@ -144,6 +161,8 @@ pub enum Message {
     Abort(Abort),
     Challenge(Challenge),
     Hello(Hello),
+    Call(Call),
+    Reply(Reply),
 }
 
 impl Message {
@@ -156,6 +175,8 @@ impl Message {
             Message::Abort(_) => Kind::Abort,
             Message::Challenge(_) => Kind::Challenge,
             Message::Hello(_) => Kind::Hello,
+            Message::Call(_) => Kind::Call,
+            Message::Reply(_) => Kind::Reply,
         }
     }
 
@@ -175,6 +196,14 @@ impl Message {
             Message::Abort(m) => m.write(&mut w),
             Message::Challenge(m) => m.write(&mut w),
             Message::Hello(m) => m.write(&mut w),
+            Message::Call(m) => {
+                w.u64(m.call_id);
+                w.bytes(&m.payload);
+            }
+            Message::Reply(m) => {
+                w.u64(m.call_id);
+                w.bytes(&m.payload);
+            }
         }
         w.buf
     }
@@ -200,6 +229,14 @@ impl Message {
             Kind::Abort => Message::Abort(Abort::read(&mut r)?),
             Kind::Challenge => Message::Challenge(Challenge::read(&mut r)?),
             Kind::Hello => Message::Hello(Hello::read(&mut r)?),
+            Kind::Call => Message::Call(Call {
+                call_id: r.u64("call_id")?,
+                payload: r.bytes("payload", MAX_CALL_LEN)?.to_vec(),
+            }),
+            Kind::Reply => Message::Reply(Reply {
+                call_id: r.u64("call_id")?,
+                payload: r.bytes("payload", MAX_CALL_LEN)?.to_vec(),
+            }),
         };
         r.finish()?;
         Ok(m)
@@ -215,7 +252,15 @@ macro_rules! into_message {
         }
     )*};
 }
-into_message!(Notification, Completion, Abort, Challenge, Hello);
+into_message!(
+    Notification,
+    Completion,
+    Abort,
+    Challenge,
+    Hello,
+    Call,
+    Reply
+);
 
 impl From<AgentMetadata> for Message {
     fn from(m: AgentMetadata) -> Message {
