@@ -59,6 +59,11 @@ pub struct OffloadConfig {
     pub dram_blocks: u32,
     /// G3: a directory for the block files and their capacity in blocks.
     pub nvme: Option<(PathBuf, u64)>,
+    /// What computed the KV (model and weights, dtypes, block-hash scheme, PP rank): G3 lives
+    /// in a subdirectory of the directory per identity, and with it the TP rank and size and
+    /// size (added here), so a restarted engine with other weights, or another
+    /// rank, never loads these blocks.
+    pub identity: String,
 }
 
 #[derive(Clone, Debug)]
@@ -207,6 +212,8 @@ struct State {
     /// Reads that finished before the pull thread recorded them.
     early: HashMap<u64, std::result::Result<u64, NetError>>,
     pulls: HashMap<String, PullState>,
+    /// Requests one of whose saved blocks did not reach the tiers (see `take_failed_saves`).
+    failed_saves: Vec<String>,
     /// Prefill side: grants on finished requests' blocks.
     grants: Option<Grants>,
     /// Prefill engines we pulled from, by address.
@@ -424,6 +431,12 @@ impl Core {
                 let mut tc = TierConfig::new(*layout.geometry(), o.dram_blocks);
                 if let Some((dir, blocks)) = &o.nvme {
                     tc.nvme = Some(NvmeConfig::new(dir.clone(), *blocks));
+                    // The engine's cache layout is not part of it: tier blocks have kvferry's own
+                    // order (in the fingerprint with the geometry), whatever G1's strides.
+                    tc.namespace = Some(format!(
+                        "{} tp_rank={} tp_size={}",
+                        o.identity, self.cfg.tp_rank, self.cfg.tp_size
+                    ));
                 }
                 let t = TierEngine::new(tc)?;
                 // SAFETY: forwarded from this function's contract.
@@ -489,6 +502,18 @@ impl Core {
     /// Drops blocks from the tiers (for engines whose own manager decides eviction).
     pub fn discard(&self, hashes: &[BlockHash]) -> Result<usize> {
         self.tiers(|t, _| Ok(t.discard(hashes)))
+    }
+
+    /// Requests reported in `sending` since the last call whose save failed for some block (so
+    /// those blocks are not in the tiers). Bounded: kept for callers that ask.
+    pub fn take_failed_saves(&self) -> Vec<String> {
+        std::mem::take(&mut self.st.lock().failed_saves)
+    }
+
+    /// Empties G2 and G3 for good (the engine's weights changed, say): see
+    /// [`TierEngine::clear`]. Returns how many blocks were dropped at once.
+    pub fn reset_cache(&self) -> Result<usize> {
+        self.tiers(|t, _| Ok(t.clear()?))
     }
 
     /// Saves blocks `(hash, local block)` of `req` to the tiers, asynchronously.
@@ -969,6 +994,9 @@ impl Core {
                     let failed = c.blocks.iter().filter(|b| b.result.is_err()).count();
                     st.counters.saved_blocks += (blocks - failed) as u64;
                     st.counters.save_failed_blocks += failed as u64;
+                    if failed > 0 && st.failed_saves.len() < MAX_EARLY {
+                        st.failed_saves.push(req.clone());
+                    }
                     if let Some(r) = st.reqs.get_mut(&req) {
                         r.saves -= 1;
                     }

@@ -83,6 +83,8 @@ pub struct StepPlan {
     /// Decode side: grants whose requests went away (or whose offers were refused) before a
     /// pull: the prefill engine may free them now.
     pub aborts: Vec<LeaseTarget>,
+    /// Empty the tiers (the engine reset its prefix cache with the connector's).
+    pub reset: bool,
 }
 
 enum Plan {
@@ -105,6 +107,10 @@ pub struct Scheduler {
     generations: Generations,
     /// Decode side: requests with an accepted offer not yet allocated, and their last heartbeat.
     waiting: HashMap<String, (LeaseTarget, Instant)>,
+    /// Resets asked of the worker, and how many it reported done: in between, `Stored` events
+    /// may name blocks of before the reset, and the mirror ignores them.
+    resets_sent: u64,
+    resets_done: u64,
 }
 
 fn bit(t: Tier) -> u8 {
@@ -124,6 +130,8 @@ impl Scheduler {
             events: Vec::new(),
             generations: Generations::new(),
             waiting: HashMap::new(),
+            resets_sent: 0,
+            resets_done: 0,
         }
     }
 
@@ -136,8 +144,10 @@ impl Scheduler {
 
     /// Updates the mirror of the worker's tiers; the events are kept for [`Scheduler::take_events`].
     pub fn apply(&mut self, events: &[TierEvent]) {
+        let resetting = self.resets_done < self.resets_sent;
         for e in events {
             match *e {
+                TierEvent::Stored { .. } if resetting => {}
                 TierEvent::Stored { hash, tier } => {
                     *self.cached.entry(hash).or_default() |= bit(tier)
                 }
@@ -152,6 +162,51 @@ impl Scheduler {
             }
         }
         self.events.extend_from_slice(events);
+    }
+
+    /// The engine reset its prefix cache and the connector's: nothing in the tiers is loaded
+    /// from now on, and the worker empties them at its next step.
+    pub fn reset(&mut self) {
+        self.cached.clear();
+        self.resets_sent += 1;
+        self.step.reset = true;
+    }
+
+    /// The worker reports it carried out `n` resets in all.
+    pub fn resets_done(&mut self, n: u64) {
+        self.resets_done = self.resets_done.max(n);
+    }
+
+    /// The engine learnt of a new request (vLLM's `on_new_request`): a decode request with an
+    /// offer starts keeping the prefill engine's grant alive from here, however long it waits.
+    pub fn arrived(&mut self, req: &str, remote: Option<&RemoteParams>, prompt_tokens: u32) {
+        if let (true, Some(r)) = (self.cfg.pd, remote) {
+            self.accept(req, r, prompt_tokens);
+        }
+    }
+
+    /// Whether an offer can be pulled: it must cover every prompt block and name its grant;
+    /// anything else (a client's hand-made params, a prompt the prefill tokenized differently)
+    /// would have blocks count as computed that nothing wrote. A refused offer's grant is
+    /// aborted and the prompt is computed here.
+    fn accept(&mut self, req: &str, r: &RemoteParams, prompt_tokens: u32) -> bool {
+        if self.waiting.contains_key(req) {
+            return true;
+        }
+        let need = prompt_tokens.div_ceil(self.cfg.block_size.max(1)) as usize;
+        if r.block_ids.len() < need || r.grant == 0 {
+            log::warn!(
+                "kvferry: refusing the offer for {req}: {} remote blocks for {prompt_tokens} \
+                 prompt tokens ({need} blocks){}; computing the prompt here",
+                r.block_ids.len(),
+                if r.grant == 0 { ", and no grant" } else { "" }
+            );
+            self.step.aborts.push(r.target());
+            return false;
+        }
+        self.waiting
+            .insert(req.to_string(), (r.target(), Instant::now()));
+        true
     }
 
     pub fn take_events(&mut self) -> Vec<TierEvent> {
@@ -181,27 +236,10 @@ impl Scheduler {
         let bs = self.cfg.block_size.max(1);
         let start = (computed / bs) as usize;
         if let (true, Some(r)) = (self.cfg.pd, remote) {
-            // An offer must cover every prompt block and name its grant; anything else (a
-            // client's hand-made params, a prompt the prefill tokenized differently) would have
-            // blocks count as computed that nothing wrote. Refused: the prompt is computed here.
-            let need = prompt_tokens.div_ceil(bs) as usize;
-            if r.block_ids.len() < need || r.grant == 0 {
-                log::warn!(
-                    "kvferry: refusing the offer for {req}: {} remote blocks for {prompt_tokens} \
-                     prompt tokens ({need} blocks){}; computing the prompt here",
-                    r.block_ids.len(),
-                    if r.grant == 0 { ", and no grant" } else { "" }
-                );
-                if !self.waiting.contains_key(req) {
-                    self.step.aborts.push(r.target());
-                }
-                self.waiting.remove(req);
+            if !self.accept(req, r, prompt_tokens) {
                 self.plans.remove(req);
                 return 0;
             }
-            self.waiting
-                .entry(req.to_string())
-                .or_insert_with(|| (r.target(), Instant::now()));
             let count = prompt_tokens.saturating_sub(computed);
             if count > 0 {
                 self.plans.insert(req.to_string(), Plan::Pull { start });
@@ -525,5 +563,26 @@ mod tests {
         d.finished("d2", true, false, &[], &[20, 21, 22], 10);
         let step = d.take_step();
         assert!(step.aborts.is_empty() && step.extends.is_empty());
+    }
+
+    #[test]
+    fn a_reset_empties_the_mirror_and_ignores_stores_until_the_worker_did_it() {
+        let mut s = sched(true, false);
+        let stored = |i| TierEvent::Stored {
+            hash: h(i),
+            tier: Tier::Dram,
+        };
+        s.apply(&[stored(0), stored(1)]);
+        assert_eq!(s.lookup(&[h(0), h(1)]), 2);
+        s.reset();
+        assert_eq!(s.lookup(&[h(0)]), 0);
+        assert!(s.take_step().reset);
+        // A store the worker reported before it carried the reset out: from before the reset.
+        s.apply(&[stored(0)]);
+        assert_eq!(s.lookup(&[h(0)]), 0);
+        s.resets_done(1);
+        s.apply(&[stored(2)]);
+        assert_eq!(s.lookup(&[h(2)]), 1);
+        assert!(!s.take_step().reset);
     }
 }

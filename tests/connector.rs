@@ -66,6 +66,7 @@ fn build_with(
         offload: offload.then_some(OffloadConfig {
             dram_blocks: 32,
             nvme: None,
+            identity: "test-model".into(),
         }),
         pd: pd.map(|(port, lease)| PdConfig {
             listen: format!("127.0.0.1:{port}").parse().expect("addr"),
@@ -249,6 +250,7 @@ fn a_restarted_connector_announces_the_blocks_it_recovered_from_g3() {
         offload: Some(OffloadConfig {
             dram_blocks: 16,
             nvme: Some((dir.path().to_path_buf(), 64)),
+            identity: "test-model".into(),
         }),
         pd: None,
         tp_size: 1,
@@ -553,4 +555,126 @@ fn replicated_kv_heads_map_each_decode_rank_to_its_own_head() {
             "decode rank {r}"
         );
     }
+}
+
+/// An offloading connector over G3 in `dir` for model `identity`, TP rank `r` of `tp`.
+fn g3_engine(dir: &std::path::Path, identity: &str, tp: (u32, u32), seed: u8) -> Engine {
+    let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbhnc).expect("layout");
+    let mut cache: Vec<u8> = (0..layout.span_bytes())
+        .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
+        .collect();
+    let conn = Connector::new(ConnectorConfig {
+        engine_id: format!("g3-{identity}"),
+        offload: Some(OffloadConfig {
+            dram_blocks: 16,
+            nvme: Some((dir.to_path_buf(), 64)),
+            identity: identity.into(),
+        }),
+        pd: None,
+        tp_size: tp.0,
+        tp_rank: tp.1,
+        total_kv_heads: None,
+    })
+    .expect("connector");
+    // SAFETY: `cache` lives in the Engine next to the connector, dropped after it.
+    unsafe { conn.register_cache(layout.clone(), cache.as_mut_ptr()) }
+        .map_err(|e| e.to_string())
+        .expect("register");
+    Engine {
+        conn,
+        cache,
+        layout,
+    }
+}
+
+fn save_and_shutdown(e: &Engine, h: &[BlockHash]) {
+    let items: Vec<(BlockHash, u32)> = h.iter().copied().zip(0..).collect();
+    e.conn.save("r", &items).expect("save");
+    e.conn.finish("r", None);
+    e.until(|f| f.sending.contains(&"r".to_string()));
+    e.conn.shutdown(Duration::from_secs(10)).expect("flush");
+}
+
+#[test]
+fn replaced_weights_over_the_same_nvme_dir_never_load_the_old_models_kv() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = hashes(4, 21);
+    let old = g3_engine(dir.path(), "model=/m weights=v1", (1, 0), 1);
+    save_and_shutdown(&old, &h);
+    drop(old);
+    let new = g3_engine(dir.path(), "model=/m weights=v2", (1, 0), 2);
+    assert_eq!(new.conn.lookup(&h), 0, "the old weights' KV was offered");
+    drop(new);
+    let again = g3_engine(dir.path(), "model=/m weights=v1", (1, 0), 3);
+    assert_eq!(again.conn.lookup(&h), 4);
+}
+
+#[test]
+fn tp_ranks_on_one_nvme_dir_keep_their_own_heads_and_a_second_engine_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = hashes(2, 22);
+    let r0 = g3_engine(dir.path(), "m", (2, 0), 4);
+    let r1 = g3_engine(dir.path(), "m", (2, 1), 5);
+    // A second engine of the same identity and rank on the same directory.
+    let err = Connector::new(ConnectorConfig {
+        engine_id: "dup".into(),
+        offload: Some(OffloadConfig {
+            dram_blocks: 16,
+            nvme: Some((dir.path().to_path_buf(), 64)),
+            identity: "m".into(),
+        }),
+        pd: None,
+        tp_size: 2,
+        tp_rank: 0,
+        total_kv_heads: None,
+    })
+    .expect("connector");
+    let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbhnc).expect("layout");
+    let mut cache = vec![0u8; layout.span_bytes() as usize];
+    // SAFETY: `cache` outlives `err` (dropped at the end of this test, after it).
+    let refused = unsafe { err.register_cache(layout, cache.as_mut_ptr()) };
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("in use")),
+        "{:?}",
+        refused.err()
+    );
+    drop(err);
+    save_and_shutdown(&r0, &h);
+    save_and_shutdown(&r1, &h);
+    let want0: Vec<Vec<u8>> = (0..2).map(|b| r0.block(b)).collect();
+    drop((r0, r1));
+    let mut back = g3_engine(dir.path(), "m", (2, 0), 6);
+    assert_eq!(back.conn.lookup(&h), 2);
+    for b in 40..42 {
+        reuse(&mut back, b, 0);
+    }
+    back.conn.load("l", &[(h[0], 40), (h[1], 41)]);
+    let f = back.until(|f| f.recving.contains(&"l".to_string()));
+    assert!(f.load_errors.is_empty(), "{f:?}");
+    assert_eq!(back.block(40), want0[0], "rank 0 got another rank's bytes");
+    assert_eq!(back.block(41), want0[1]);
+}
+
+#[test]
+fn reset_cache_empties_the_tiers_for_good() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = hashes(3, 23);
+    let e = g3_engine(dir.path(), "m", (1, 0), 7);
+    let items: Vec<(BlockHash, u32)> = h.iter().copied().zip(0..).collect();
+    e.conn.save("r", &items).expect("save");
+    e.conn.finish("r", None);
+    e.until(|f| f.sending.contains(&"r".to_string()));
+    e.conn.flush(Duration::from_secs(10)).expect("flush");
+    assert_eq!(e.conn.lookup(&h), 3);
+    e.conn.reset_cache().expect("reset");
+    assert_eq!(e.conn.lookup(&h), 0);
+    drop(e);
+    let e = g3_engine(dir.path(), "m", (1, 0), 8);
+    assert_eq!(
+        e.conn.lookup(&h),
+        0,
+        "a block from before the reset came back"
+    );
 }

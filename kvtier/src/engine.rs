@@ -54,6 +54,11 @@ pub struct TierConfig {
     /// offloading one is a few large copies per block instead of a transposition cell by cell).
     /// Part of the G3 format: files written with one order are not recovered with the other.
     pub block_order: StrideOrder,
+    /// Who the blocks belong to (model and weights, dtypes, layout, block size, TP size and
+    /// rank, PP rank, block-hash scheme): G3 then lives in a subdirectory of `nvme.dir` named
+    /// for it, and it is folded into every slot's fingerprint, so a slot written under another
+    /// identity is never recovered or read. Without it the directory is used as it is.
+    pub namespace: Option<String>,
 }
 
 impl TierConfig {
@@ -69,6 +74,7 @@ impl TierConfig {
             verify_on_recover: false,
             gpu: None,
             block_order: StrideOrder::Blhnc,
+            namespace: None,
         }
     }
 }
@@ -235,6 +241,17 @@ struct State {
     events: Vec<TierEvent>,
     stats: TierStats,
     shutting_down: bool,
+    /// What every slot header written now carries and every read must match: the geometry,
+    /// block order, namespace and epoch.
+    fingerprint: u64,
+    /// Bumped by [`TierEngine::clear`] (and persisted with G3): slots of an earlier epoch fail
+    /// the fingerprint, in this process and after a restart.
+    epoch: u64,
+    /// Blocks [`TierEngine::clear`] found in use: dropped as soon as their operation ends.
+    doomed: HashSet<BlockHash>,
+    /// Offload requests numbered below this were made before the last `clear`: their blocks
+    /// are not stored.
+    cleared_below: RequestId,
 }
 
 struct Inner {
@@ -247,7 +264,10 @@ struct Inner {
     pool_region: RegionId,
     pool_layout: CacheLayout,
     geometry: Geometry,
-    fingerprint: u64,
+    /// The fingerprint without the namespace and the epoch.
+    base_fingerprint: u64,
+    /// The G3 directory actually used (the namespace's), when G3 is configured.
+    store_dir: Option<std::path::PathBuf>,
     cfg: TierConfig,
     state: Mutex<State>,
     done: Mutex<VecDeque<TierCompletion>>,
@@ -305,9 +325,22 @@ impl TierEngine {
             token_stride,
         )?;
         let (io_tx, io_rx) = unbounded::<IoDone>();
-        let store = match &cfg.nvme {
+        let nvme = match (&cfg.nvme, &cfg.namespace) {
+            (Some(n), Some(ns)) => Some(NvmeConfig {
+                dir: crate::namespace::dir_for(&n.dir, ns)?,
+                ..n.clone()
+            }),
+            (n, _) => n.clone(),
+        };
+        let store = match &nvme {
             Some(n) => Some(NvmeStore::open(n, slot_bytes, Some(&pool), io_tx)?),
             None => None,
+        };
+        let store_dir = nvme.as_ref().map(|n| n.dir.clone());
+        // Read under the store's lock: no other process changes it meanwhile.
+        let epoch = match &store_dir {
+            Some(d) => crate::namespace::read_epoch(d)?,
+            None => 0,
         };
         let copy: Box<dyn CopyEngine> = match &gpu {
             Some(g) => Box::new(CudaCopy::new(g, memory, CudaCopyConfig::default())?),
@@ -339,13 +372,20 @@ impl TierEngine {
             events: Vec::new(),
             stats,
             shutting_down: false,
+            fingerprint: 0,
+            epoch,
+            doomed: HashSet::new(),
+            cleared_below: 0,
         };
         // The default order keeps the fingerprint of files written before the order was a
         // choice; another order changes it, so recovery never reads blocks in the wrong order.
-        let fingerprint = match cfg.block_order {
+        let base_fingerprint = match cfg.block_order {
             StrideOrder::Blhnc => geometry.fingerprint(),
             o => geometry.fingerprint() ^ (u64::from(o.code()) << 56) ^ 0x9e37_79b9_7f4a_7c15,
         };
+        let fingerprint =
+            crate::namespace::fingerprint(base_fingerprint, cfg.namespace.as_deref(), epoch);
+        state.fingerprint = fingerprint;
         if let Some(s) = &store {
             recover(s, &mut state, fingerprint, payload, cfg.verify_on_recover)?;
         }
@@ -357,7 +397,8 @@ impl TierEngine {
             pool_region,
             pool_layout,
             geometry,
-            fingerprint,
+            base_fingerprint,
+            store_dir,
             cfg,
             state: Mutex::new(state),
             done: Mutex::new(VecDeque::new()),
@@ -569,33 +610,45 @@ impl TierEngine {
     pub fn discard(&self, hashes: &[BlockHash]) -> usize {
         let mut st = self.inner.state.lock();
         let st = &mut *st;
+        hashes
+            .iter()
+            .filter(|h| drop_entry(&self.inner, st, h))
+            .count()
+    }
+
+    /// Empties every tier for good (a reset after new weights, say): blocks not in use are
+    /// dropped now, blocks with an operation in flight as soon as it ends, and the epoch is
+    /// bumped — persisted next to G3 before anything is dropped — so no slot written before this
+    /// call is ever read again, in this process or after a restart. Returns how many blocks were
+    /// dropped now.
+    pub fn clear(&self) -> Result<usize, TierError> {
+        let mut st = self.inner.state.lock();
+        let st = &mut *st;
+        let epoch = st.epoch + 1;
+        if let Some(d) = &self.inner.store_dir {
+            crate::namespace::write_epoch(d, epoch)?;
+        }
+        st.epoch = epoch;
+        // Offloads queued to the driver but not yet started copied G1 before the reset.
+        st.cleared_below = self.inner.next_req.load(Ordering::SeqCst);
+        st.fingerprint = crate::namespace::fingerprint(
+            self.inner.base_fingerprint,
+            self.inner.cfg.namespace.as_deref(),
+            epoch,
+        );
+        let mut hashes: Vec<BlockHash> = st.index.resident().into_iter().map(|r| r.0).collect();
+        hashes.extend(st.index.pinned());
+        hashes.sort_unstable();
+        hashes.dedup();
         let mut dropped = 0;
         for h in hashes {
-            let Some(e) = st.index.get(h).copied() else {
-                continue;
-            };
-            if e.refs > 0 {
-                continue;
+            if drop_entry(&self.inner, st, &h) {
+                dropped += 1;
+            } else {
+                st.doomed.insert(h);
             }
-            if let Some(slot) = e.g2 {
-                st.index.set_g2(h, None);
-                self.inner.pool.free(slot);
-                st.events.push(TierEvent::Removed {
-                    hash: *h,
-                    tier: Tier::Dram,
-                });
-            }
-            if let Some(slot) = e.g3 {
-                st.index.set_g3(h, None);
-                st.g3_free.push(slot);
-                st.events.push(TierEvent::Removed {
-                    hash: *h,
-                    tier: Tier::Nvme,
-                });
-            }
-            dropped += 1;
         }
-        dropped
+        Ok(dropped)
     }
 
     /// A `Stored` event for every block the tiers hold now: what a subscriber that starts late
@@ -732,6 +785,7 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
                     Ok(d) => {
                         let mut st = inner.state.lock();
                         on_io(inner, &mut st, d);
+                        reap_doomed(inner, &mut st);
                         after_change(inner, &mut st);
                     }
                     // No store (or it is gone): a closed channel would wake us forever.
@@ -757,12 +811,53 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
             }
             None => {}
         }
+        reap_doomed(inner, &mut st);
         after_change(inner, &mut st);
         if let Some(t) = shutdown_at {
             // Let in-flight copies and I/O finish: they point into memory about to be freed.
             if st.ops.is_empty() || t.elapsed() > Duration::from_secs(30) {
                 return;
             }
+        }
+    }
+}
+
+/// Drops an unpinned block from every tier; `false` (and nothing changed) when it is in use.
+fn drop_entry(inner: &Inner, st: &mut State, h: &BlockHash) -> bool {
+    let Some(e) = st.index.get(h).copied() else {
+        return true;
+    };
+    if e.refs > 0 {
+        return false;
+    }
+    if let Some(slot) = e.g2 {
+        st.index.set_g2(h, None);
+        inner.pool.free(slot);
+        st.events.push(TierEvent::Removed {
+            hash: *h,
+            tier: Tier::Dram,
+        });
+    }
+    if let Some(slot) = e.g3 {
+        st.index.set_g3(h, None);
+        st.g3_free.push(slot);
+        st.events.push(TierEvent::Removed {
+            hash: *h,
+            tier: Tier::Nvme,
+        });
+    }
+    true
+}
+
+/// Blocks a `clear` found in use go once their operations ended.
+fn reap_doomed(inner: &Inner, st: &mut State) {
+    if st.doomed.is_empty() {
+        return;
+    }
+    let doomed: Vec<BlockHash> = st.doomed.iter().copied().collect();
+    for h in doomed {
+        if drop_entry(inner, st, &h) {
+            st.doomed.remove(&h);
         }
     }
 }
@@ -823,6 +918,13 @@ fn start_offload(
     blocks: Vec<(BlockHash, u32)>,
 ) {
     if !begin(inner, st, id, blocks.len()) {
+        return;
+    }
+    if id < st.cleared_below {
+        for (hash, _) in blocks {
+            let e = TierError::Config("the tiers were cleared after this save was made".into());
+            finish_block(inner, st, id, hash, Err(e));
+        }
         return;
     }
     for (hash, block) in blocks {
@@ -1028,7 +1130,7 @@ fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict
     let bytes = unsafe { inner.pool.slot_mut(g2) };
     let header = SlotHeader::new(
         hash,
-        inner.fingerprint,
+        st.fingerprint,
         &bytes[HEADER_PAGE as usize..HEADER_PAGE as usize + payload],
         st.seq,
     );
@@ -1178,6 +1280,7 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
         }
         Some(Op::Read { hash, g2, g3 }) => {
             let waiters = st.loading.remove(&hash).unwrap_or_default();
+            let fingerprint = st.fingerprint;
             let verified = d.result.and_then(|()| {
                 // SAFETY: the read into this slot has completed and the slot is not yet visible
                 // to anyone else.
@@ -1187,7 +1290,7 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
                     .and_then(|h| {
                         h.verify(
                             &hash,
-                            inner.fingerprint,
+                            fingerprint,
                             &bytes[HEADER_PAGE as usize..HEADER_PAGE as usize + payload],
                         )
                     })

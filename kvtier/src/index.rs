@@ -215,6 +215,15 @@ impl BlockIndex {
     }
 
     /// Every block with a complete copy, and the tiers holding it.
+    /// Blocks with an operation in flight.
+    pub fn pinned(&self) -> Vec<BlockHash> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.refs > 0)
+            .map(|(h, _)| *h)
+            .collect()
+    }
+
     pub fn resident(&self) -> Vec<(BlockHash, Tier)> {
         let mut out = Vec::with_capacity(self.entries.len());
         for (h, e) in &self.entries {

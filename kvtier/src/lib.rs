@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod index;
 pub mod memory;
+pub mod namespace;
 pub mod nvme;
 pub mod pool;
 

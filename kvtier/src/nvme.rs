@@ -60,6 +60,45 @@ impl NvmeConfig {
     }
 }
 
+/// The lock file every store holds while open.
+pub const LOCK_FILE: &str = "kvferry-g3.lock";
+
+/// Takes the directory's lock: two processes writing one set of slot files would overwrite each
+/// other's slots (each believes it owns the free ones), and a read could then pass every check
+/// with the other process's bytes. The lock is an `flock` on a file in the directory, released
+/// by the kernel when the process dies, so a crash never leaves the directory locked.
+fn lock_dir(dir: &Path) -> Result<File, TierError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| TierError::io("open", &path, e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut holder = String::new();
+            let _ = std::io::Read::read_to_string(&mut f, &mut holder);
+            return Err(TierError::Config(format!(
+                "{} is in use by another kvferry process ({}); every engine and every TP rank \
+                 needs its own G3 directory (kvferry's connector gives each its own namespace \
+                 under nvme_dir)",
+                dir.display(),
+                holder.trim()
+            )));
+        }
+        return Err(TierError::io("lock", &path, e));
+    }
+    let me = format!("pid {}", std::process::id());
+    let _ = f.set_len(0);
+    let _ = f.write_all_at(me.as_bytes(), 0);
+    Ok(f)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoOp {
     Read,
@@ -92,6 +131,8 @@ struct StoreFile {
 pub type ScannedSlot = (u64, Result<SlotHeader, SlotError>);
 
 pub struct NvmeStore {
+    /// Held (flock'd) for the store's life: one process per directory.
+    _lock: File,
     files: Arc<Vec<StoreFile>>,
     slot_bytes: u64,
     slots: u64,
@@ -121,6 +162,7 @@ impl NvmeStore {
             )));
         }
         std::fs::create_dir_all(&cfg.dir).map_err(|e| TierError::io("create", &cfg.dir, e))?;
+        let lock = lock_dir(&cfg.dir)?;
         let nfiles = u64::from(cfg.files).min(cfg.slots);
         let mut direct = cfg.direct;
         let mut files = Vec::with_capacity(nfiles as usize);
@@ -219,6 +261,7 @@ impl NvmeStore {
             }
         };
         Ok(NvmeStore {
+            _lock: lock,
             files,
             slot_bytes,
             slots: cfg.slots,

@@ -10,9 +10,12 @@ want kvferry's DRAM and NVMe tiers underneath::
 
 The manager (scheduler side) owns the index and eviction, as vLLM's protocol requires: a block it
 reports stored stays loadable until it evicts it, and its evictions reach the worker with the
-next store, which drops them from kvferry's tiers. The tiers hold ``dram_blocks`` blocks in
-DRAM, plus ``nvme_blocks`` on NVMe when a directory is given; the manager admits that many.
-vLLM's connector does not accept failed transfers, so this spec never over-commits the tiers.
+next store, which drops them from kvferry's tiers. vLLM 0.32's connector asserts that every
+transfer succeeds, so the manager admits only as many distinct blocks as the tiers hold without
+evicting anything themselves: ``dram_blocks`` without NVMe; with NVMe, ``nvme_blocks`` (G3 is
+the backing store, DRAM an inclusive cache in front of it, so DRAM adds no distinct capacity).
+A transfer that fails anyway (a disk error) is reported as failed, never as success: vLLM then
+stops the engine rather than compute from blocks that were not loaded.
 
 Scope of this version: one KV cache group, ``blocks_per_chunk`` 1, host KV caches.
 """
@@ -54,6 +57,7 @@ class KVFerrySpec(LoadStoreSpec):
     def __init__(self, keys: list[bytes], evicted: list[bytes] | None = None):
         self.keys = list(keys)
         self.evicted = list(evicted or ())
+        self.reset = False
 
     def __repr__(self) -> str:
         return f"KVFerrySpec({len(self.keys)} keys, {len(self.evicted)} evicted)"
@@ -68,6 +72,18 @@ class KVFerryManager(OffloadingManager):
         self.stored: OrderedDict[bytes, int] = OrderedDict()  # key -> readers
         self.pending: set[bytes] = set()
         self.events: list[OffloadingEvent] = [] if events else None  # type: ignore[assignment]
+        # Set by reset_cache: the next store tells the worker to empty the tiers first.
+        self.reset_pending = False
+
+    def reset_cache(self) -> None:
+        # Nothing is loadable from here; the worker empties the tiers with the next store
+        # (before it stores anything), retiring G3's slots for good.
+        if self.events is not None and self.stored:
+            self.events.append(
+                OffloadingEvent(keys=list(self.stored), medium=self.medium, removed=True)
+            )
+        self.stored.clear()
+        self.reset_pending = True
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         return LookupResult.HIT if key in self.stored else LookupResult.MISS
@@ -106,9 +122,9 @@ class KVFerryManager(OffloadingManager):
             if self.events is not None:
                 self.events.append(OffloadingEvent(keys=evicted, medium=self.medium, removed=True))
         self.pending.update(new)
-        return PrepareStoreOutput(
-            keys_to_store=new, store_spec=KVFerrySpec(new, evicted), evicted_keys=evicted
-        )
+        spec = KVFerrySpec(new, evicted)
+        spec.reset, self.reset_pending = self.reset_pending, False
+        return PrepareStoreOutput(keys_to_store=new, store_spec=spec, evicted_keys=evicted)
 
     def complete_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
@@ -136,6 +152,8 @@ class KVFerryWorker(OffloadingWorker):
     def __init__(self, native: _Native):
         self.native = native
         self.jobs: dict[str, int] = {}
+        # A load job's destination blocks, to attribute load errors to the job they belong to.
+        self.load_blocks: dict[str, set[int]] = {}
         self.done: list[TransferResult] = []
 
     @staticmethod
@@ -147,29 +165,51 @@ class KVFerryWorker(OffloadingWorker):
 
     def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
         assert isinstance(dst_spec, KVFerrySpec)
+        if getattr(dst_spec, "reset", False):
+            self.native.reset_cache()
         if dst_spec.evicted:
             self.native.discard(dst_spec.evicted)
         name = f"store-{job_id}"
-        self.native.save(name, dst_spec.keys, self._blocks(src_spec, dst_spec.keys))
-        self.native.finish(name)
         self.jobs[name] = job_id
+        try:
+            self.native.save(name, dst_spec.keys, self._blocks(src_spec, dst_spec.keys))
+        except Exception as e:  # noqa: BLE001 - reported as the job's failure
+            log.error("kvferry: store job %d did not start: %s", job_id, e)
+            self.jobs.pop(name, None)
+            self.done.append(TransferResult(job_id=job_id, success=False))
+            return True
+        self.native.finish(name)
         return True
 
     def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec) -> bool:
         assert isinstance(src_spec, KVFerrySpec)
         name = f"load-{job_id}"
         self.jobs[name] = job_id
-        self.native.load(name, src_spec.keys, self._blocks(dst_spec, src_spec.keys))
+        blocks = self._blocks(dst_spec, src_spec.keys)
+        self.load_blocks[name] = set(blocks)
+        self.native.load(name, src_spec.keys, blocks)
         return True
 
     def _collect(self):
         sending, recving, errors = self.native.poll()
+        failed_saves = set(self.native.take_failed_saves())
+        # The manager keeps its own events; the core's would only pile up.
+        self.native.take_events()
+        errors = set(errors)
         if errors:
-            log.error("kvferry: %d blocks failed to load through vLLM's offloading connector", len(errors))
+            log.error(
+                "kvferry: %d blocks failed to load through vLLM's offloading connector",
+                len(errors),
+            )
         for name in list(sending) + list(recving):
             job = self.jobs.pop(name, None)
-            if job is not None:
-                self.done.append(TransferResult(job_id=job, success=not (errors and name.startswith("load-"))))
+            blocks = self.load_blocks.pop(name, set())
+            if job is None:
+                continue
+            ok = not (blocks & errors) and name not in failed_saves
+            if not ok:
+                log.error("kvferry: offloading job %s failed", name)
+            self.done.append(TransferResult(job_id=job, success=ok))
 
     def get_finished(self) -> list[TransferResult]:
         self._collect()
@@ -208,7 +248,7 @@ class KVFerryOffloadingSpec(OffloadingSpec):
 
             # Events name the tier blocks enter (G2, DRAM); G3 holds spills of the same blocks.
             self._manager = KVFerryManager(
-                self.dram_blocks + self.nvme_blocks,
+                self.nvme_blocks if self.nvme_dir else self.dram_blocks,
                 Medium.CPU,
                 self.kv_events_config.enable_kv_cache_events,
             )
@@ -230,11 +270,28 @@ class KVFerryOffloadingSpec(OffloadingSpec):
             tokens *= 2
             if page % tokens:
                 raise ValueError(f"page of {page} bytes cannot be described")
+        from kvferry.identity import kv_identity
+
+        try:
+            from vllm.config import get_current_vllm_config
+
+            vllm_config = get_current_vllm_config()
+        except Exception:  # noqa: BLE001 - the identity then names the model from our config
+            vllm_config = None
+        par = self.config.parallel
+        identity = " ".join(
+            [
+                kv_identity(vllm_config, dict(self.extra_config)),
+                f"offload_model={self.config.model.name} offload_dtype={self.config.model.dtype}",
+                f"world_rank={par.rank}/{par.world_size} dp={par.data_parallel_index}",
+            ]
+        )
         native = _Native(
             f"{self.config.engine_id}-offload-{next(_ids)}",
             dram_blocks=self.dram_blocks,
             nvme_dir=self.nvme_dir,
             nvme_blocks=self.nvme_blocks,
+            identity=identity,
         )
         base = min(t.data_ptr() for t in tensors)
         native.register_cache(

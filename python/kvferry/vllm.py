@@ -28,7 +28,10 @@ Extra config (all optional):
   kvferry's counters in Prometheus' text format (``kvferry_pulled_blocks_total{engine=...}``),
   for node_exporter's textfile collector or a look by hand.
 - ``dram_blocks`` (default 0: no offload): G2 capacity in KV blocks. ``nvme_dir`` and
-  ``nvme_blocks``: G3. Full blocks of finished requests are saved by vLLM's block hash, and a
+  ``nvme_blocks``: G3, in a subdirectory of ``nvme_dir`` per model identity and TP rank (see
+  ``kvferry.identity``; ``kv_cache_identity`` adds a weight version of your own), locked by the
+  process using it: a second engine on the same subdirectory is refused at start.
+  ``reset_prefix_cache(reset_connector=True)`` empties G2 and G3 for good. Full blocks of finished requests are saved by vLLM's block hash, and a
   new request's prefix beyond vLLM's own cache is loaded from G2/G3 asynchronously.
 
 Both at once work (a decode engine that also offloads). Loads that fail are reported through
@@ -99,6 +102,7 @@ def _shared(
     tp_size: int,
     tp_rank: int,
     total_kv_heads: int | None = None,
+    identity: str = "",
 ) -> _Native:
     with _LOCK:
         n = _ENGINES.get(engine_id)
@@ -118,6 +122,7 @@ def _shared(
                 tp_size=tp_size,
                 tp_rank=tp_rank,
                 total_kv_heads=total_kv_heads,
+                identity=identity,
             )
             _ENGINES[engine_id] = n
         return n
@@ -157,10 +162,14 @@ class KVFerryWorkerMeta(KVConnectorWorkerMetadata):
 
     # (kind, hash, medium) with kind "stored" or "removed"
     events: list[tuple[str, bytes, str]] = field(default_factory=list)
+    # Resets this worker carried out in all (the scheduler ignores stores until it did).
+    resets: int = 0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVFerryWorkerMeta):
             self.events.extend(other.events)
+            # Every worker must have reset before stores count again.
+            self.resets = min(self.resets, other.resets)
         return self
 
 
@@ -176,6 +185,8 @@ class KVFerryMetadata(KVConnectorMetadata):
     # (host, port, tp_size, request id, grant) of prefill grants to extend / to abort
     extends: list[tuple[str, int, int, str, int]] = field(default_factory=list)
     aborts: list[tuple[str, int, int, str, int]] = field(default_factory=list)
+    # Empty the tiers before anything else this step.
+    reset: bool = False
 
 
 class KVFerryConnector(KVConnectorBase_V1):
@@ -214,7 +225,16 @@ class KVFerryConnector(KVConnectorBase_V1):
                 total_kv_heads = int(vllm_config.model_config.get_total_num_kv_heads())
             except Exception:  # noqa: BLE001 - test set-ups without a model config
                 total_kv_heads = None
-            self.native = _shared(self.engine_id, self.extra, self.tp_size, rank, total_kv_heads)
+            from kvferry.identity import kv_identity
+
+            self.native = _shared(
+                self.engine_id,
+                self.extra,
+                self.tp_size,
+                rank,
+                total_kv_heads,
+                kv_identity(vllm_config, self.extra),
+            )
         # Scheduler side: the decisions live in Rust.
         port = int(self.extra["port"]) if self.extra.get("port") else None
         self.sched = _Scheduler(
@@ -229,6 +249,8 @@ class KVFerryConnector(KVConnectorBase_V1):
         )
         # Worker-side state.
         self._load_errors: set[int] = set()
+        self._resets = 0
+        self._cleared = False
         self._caches: list["torch.Tensor"] = []
         self._reported: dict[str, int] = {}
         self._stats_path: str | None = self.extra.get("stats_path")
@@ -297,13 +319,22 @@ class KVFerryConnector(KVConnectorBase_V1):
         if self.native is None:
             return None
         events = self.native.take_events()
-        return KVFerryWorkerMeta(events=list(events)) if events else None
+        if not events and not self._resets:
+            return None
+        return KVFerryWorkerMeta(events=list(events), resets=self._resets)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVFerryMetadata)
         if self.native is None:
             return
+        if meta.reset:
+            try:
+                dropped = self.native.reset_cache()
+                log.info("kvferry: reset: %d blocks dropped from G2/G3", dropped)
+            except Exception as e:  # noqa: BLE001 - nothing is loaded anyway (the mirror is empty)
+                log.error("kvferry: reset of the tiers failed: %s", e)
+            self._resets += 1
         for req, (hashes, blocks) in meta.saves.items():
             try:
                 self.native.save(req, hashes, blocks)
@@ -408,7 +439,22 @@ class KVFerryConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any):
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVFerryWorkerMeta):
+            self.sched.resets_done(meta.resets)
             self.sched.apply(meta.events)
+
+    def reset_cache(self) -> bool:
+        """``reset_prefix_cache(reset_connector=True)``: from now on nothing in G2/G3 is loaded
+        (the scheduler's mirror is emptied at once), and the worker empties the tiers at its next
+        step, retiring G3's slots so that a restart does not bring them back either."""
+        self.sched.reset()
+        self._cleared = True
+        return True
+
+    def on_new_request(self, request: "Request") -> None:
+        # Heartbeats for the prefill engine's grant start here, however long the request waits.
+        remote = self._remote(request)
+        if remote is not None:
+            self.sched.arrived(request.request_id, remote, len(request.prompt_token_ids or ()))
 
     @staticmethod
     def _remote(request: "Request") -> tuple | None:
@@ -476,8 +522,11 @@ class KVFerryConnector(KVConnectorBase_V1):
     def take_events(self):
         """Blocks stored in / removed from kvferry's tiers, for cache-aware routers; the medium
         is "CPU" for G2 and "DISK" for G3."""
-        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+        from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
+        if self._cleared:
+            self._cleared = False
+            yield AllBlocksCleared()
         for kind, h, medium in self.sched.take_events():
             if kind == "stored":
                 yield BlockStored(

@@ -61,7 +61,8 @@ impl Connector {
     #[pyo3(signature = (
         engine_id, *, dram_blocks = 0, nvme_dir = None, nvme_blocks = 0, pd = false,
         host = "0.0.0.0".to_string(), port = 0, transport = "tcp".to_string(), token = None,
-        lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None
+        lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None,
+        identity = String::new()
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -80,6 +81,7 @@ impl Connector {
         tp_size: u32,
         tp_rank: u32,
         total_kv_heads: Option<u32>,
+        identity: String,
     ) -> PyResult<Connector> {
         let transport = match transport.as_str() {
             "tcp" => Transport::Tcp,
@@ -97,6 +99,7 @@ impl Connector {
             offload: (dram_blocks > 0).then(|| OffloadConfig {
                 dram_blocks,
                 nvme: nvme_dir.map(|d| (d, nvme_blocks)),
+                identity,
             }),
             pd: if pd {
                 Some(PdConfig {
@@ -241,6 +244,16 @@ impl Connector {
         let t = Duration::from_secs_f64(timeout_s.max(0.0));
         let f = py.detach(|| self.inner.drain(t));
         (f.sending, f.recving, f.load_errors)
+    }
+
+    /// Empties G2 and G3 for good (new weights); returns the blocks dropped at once.
+    fn reset_cache(&self, py: Python<'_>) -> PyResult<usize> {
+        py.detach(|| self.inner.reset_cache()).map_err(err)
+    }
+
+    /// Requests finished since the last call whose save failed for some block.
+    fn take_failed_saves(&self, py: Python<'_>) -> Vec<String> {
+        py.detach(|| self.inner.take_failed_saves())
     }
 
     /// Drains in-flight work and writes G2 to G3 (when configured); returns blocks written.
@@ -414,6 +427,22 @@ impl Scheduler {
         self.inner.lock().set_port(port);
     }
 
+    /// The engine reset its prefix cache and the connector's.
+    fn reset(&self) {
+        self.inner.lock().reset();
+    }
+
+    /// How many resets the worker carried out in all.
+    fn resets_done(&self, n: u64) {
+        self.inner.lock().resets_done(n);
+    }
+
+    /// vLLM's `on_new_request`: a decode request with an offer starts its heartbeats.
+    fn arrived(&self, req: &str, remote_: Option<RemoteTuple>, prompt_tokens: u32) {
+        let r = remote(remote_);
+        self.inner.lock().arrived(req, r.as_ref(), prompt_tokens);
+    }
+
     /// Applies the worker's `(kind, hash, medium)` events to the mirror of its tiers.
     fn apply(&self, events: Vec<(String, Vec<u8>, String)>) -> PyResult<()> {
         let mut out = Vec::with_capacity(events.len());
@@ -538,6 +567,7 @@ impl Scheduler {
         let targets = |ts: Vec<LeaseTarget>| ts.into_iter().map(target_tuple).collect::<Vec<_>>();
         d.set_item("extends", targets(step.extends))?;
         d.set_item("aborts", targets(step.aborts))?;
+        d.set_item("reset", step.reset)?;
         Ok(d)
     }
 }
