@@ -147,6 +147,8 @@ pub struct ConnectorCounters {
     pub lease_expired: u64,
     pub lookups: u64,
     pub lookup_hits: u64,
+    /// Times the tiers were emptied by `reset_cache`.
+    pub resets: u64,
 }
 
 #[derive(Default)]
@@ -513,7 +515,9 @@ impl Core {
     /// Empties G2 and G3 for good (the engine's weights changed, say): see
     /// [`TierEngine::clear`]. Returns how many blocks were dropped at once.
     pub fn reset_cache(&self) -> Result<usize> {
-        self.tiers(|t, _| Ok(t.clear()?))
+        let n = self.tiers(|t, _| Ok(t.clear()?))?;
+        self.st.lock().counters.resets += 1;
+        Ok(n)
     }
 
     /// Saves blocks `(hash, local block)` of `req` to the tiers, asynchronously.
@@ -698,8 +702,10 @@ impl Core {
                 }
             }
             LeaseJob::Abort(t) => {
+                // The prefill's worker may not know the grant yet (it learns of finished
+                // requests a step later): ask again until it does, within the deadline.
                 let call = LeaseCall::Abort(t.grant_id());
-                for (rank, r) in self.call_ranks(&t, &call, false) {
+                for (rank, r) in self.call_ranks(&t, &call, true) {
                     if let Err(e) = r {
                         log::debug!(
                             "kvferry: aborting {} on rank {rank}: {e}",

@@ -35,7 +35,7 @@ pub struct SchedulerConfig {
 
 /// A prefill engine's offer, as the decode engine's request carries it (vLLM's
 /// `kv_transfer_params` with `do_remote_prefill`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RemoteParams {
     pub host: String,
     pub port: u16,
@@ -46,6 +46,10 @@ pub struct RemoteParams {
     pub block_ids: Vec<u32>,
     /// The generation of the grant the offer was made under (0: none, which is refused).
     pub grant: u64,
+    /// When the prefill engine said the grant ends unless extended (seconds since the Unix
+    /// epoch; 0: not said). An offer that arrives after it is refused up front, so a late
+    /// request is computed here instead of failing its load.
+    pub expires_unix: f64,
 }
 
 impl RemoteParams {
@@ -105,8 +109,9 @@ pub struct Scheduler {
     step: StepPlan,
     events: Vec<TierEvent>,
     generations: Generations,
-    /// Decode side: requests with an accepted offer not yet allocated, and their last heartbeat.
-    waiting: HashMap<String, (LeaseTarget, Instant)>,
+    /// Decode side: requests with an accepted offer not yet allocated, their last heartbeat,
+    /// and how often they beat.
+    waiting: HashMap<String, (LeaseTarget, Instant, Duration)>,
     /// Resets asked of the worker, and how many it reported done: in between, `Stored` events
     /// may name blocks of before the reset, and the mirror ignores them.
     resets_sent: u64,
@@ -194,18 +199,36 @@ impl Scheduler {
             return true;
         }
         let need = prompt_tokens.div_ceil(self.cfg.block_size.max(1)) as usize;
-        if r.block_ids.len() < need || r.grant == 0 {
-            log::warn!(
-                "kvferry: refusing the offer for {req}: {} remote blocks for {prompt_tokens} \
-                 prompt tokens ({need} blocks){}; computing the prompt here",
-                r.block_ids.len(),
-                if r.grant == 0 { ", and no grant" } else { "" }
-            );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let why = if r.block_ids.len() < need {
+            Some(format!(
+                "{} remote blocks for {prompt_tokens} prompt tokens ({need} blocks)",
+                r.block_ids.len()
+            ))
+        } else if r.grant == 0 {
+            Some("it names no grant".to_string())
+        } else if r.expires_unix > 0.0 && r.expires_unix < now {
+            Some(format!("its lease ended {:.1} s ago", now - r.expires_unix))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            log::warn!("kvferry: refusing the offer for {req}: {why}; computing the prompt here");
             self.step.aborts.push(r.target());
             return false;
         }
+        // The prefill engine's lease may be shorter than ours: beat three times per what is
+        // left of it when the offer arrives (the offer's expiry is the earliest the grant ends).
+        let left = if r.expires_unix > 0.0 {
+            Duration::from_secs_f64((r.expires_unix - now).max(0.0))
+        } else {
+            self.cfg.lease
+        };
+        let every = (left.min(self.cfg.lease) / 3).max(Duration::from_millis(20));
         self.waiting
-            .insert(req.to_string(), (r.target(), Instant::now()));
+            .insert(req.to_string(), (r.target(), Instant::now(), every));
         true
     }
 
@@ -332,7 +355,7 @@ impl Scheduler {
         computed_tokens: u32,
     ) -> (bool, Option<Offer>) {
         self.plans.remove(req);
-        if let Some((t, _)) = self.waiting.remove(req) {
+        if let Some((t, _, _)) = self.waiting.remove(req) {
             // Finished (aborted) while waiting for its pull: the prefill engine may free.
             self.step.aborts.push(t);
         }
@@ -367,6 +390,7 @@ impl Scheduler {
                         tp_size: self.cfg.tp_size,
                         block_ids: blocks.to_vec(),
                         grant: self.generations.issue(),
+                        expires_unix,
                     },
                     expires_unix,
                 });
@@ -386,9 +410,8 @@ impl Scheduler {
     /// heartbeat every third of the lease.
     pub fn take_step(&mut self) -> StepPlan {
         let now = Instant::now();
-        let every = self.cfg.lease / 3;
-        for (t, last) in self.waiting.values_mut() {
-            if now.duration_since(*last) >= every {
+        for (t, last, every) in self.waiting.values_mut() {
+            if now.duration_since(*last) >= *every {
                 *last = now;
                 self.step.extends.push(t.clone());
             }
@@ -514,6 +537,7 @@ mod tests {
             tp_size: 1,
             block_ids: blocks,
             grant,
+            expires_unix: 0.0,
         }
     }
 
@@ -542,13 +566,16 @@ mod tests {
 
     #[test]
     fn waiting_decodes_heartbeat_and_an_abort_before_the_pull_releases_the_grant() {
-        let mut d = Scheduler::new(SchedulerConfig {
-            lease: Duration::ZERO,
-            ..sched(false, true).cfg
-        });
-        let o = offer(vec![5, 6, 7], 9);
+        let mut d = sched(false, true);
+        let mut o = offer(vec![5, 6, 7], 9);
+        // The prefill's lease is what paces the heartbeats: 60 ms left, one every 20 ms.
+        o.expires_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+            + 0.06;
         assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), 10);
-        // Lease 0: every step is due a heartbeat.
+        std::thread::sleep(Duration::from_millis(25));
         assert_eq!(d.take_step().extends, vec![o.target()]);
         assert_eq!(
             d.finished("d1", false, false, &[], &[20, 21, 22], 0),
@@ -584,5 +611,16 @@ mod tests {
         s.apply(&[stored(2)]);
         assert_eq!(s.lookup(&[h(2)]), 1);
         assert!(!s.take_step().reset);
+    }
+
+    #[test]
+    fn an_offer_past_its_lease_is_refused_up_front() {
+        let mut d = sched(false, true);
+        let mut o = offer(vec![5, 6, 7], 9);
+        o.expires_unix = 1.0;
+        assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), 0);
+        assert_eq!(d.take_step().aborts, vec![o.target()]);
+        o.expires_unix = 4e9;
+        assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), 10);
     }
 }

@@ -678,3 +678,122 @@ fn reset_cache_empties_the_tiers_for_good() {
         "a block from before the reset came back"
     );
 }
+
+/// `n` consecutive free ports.
+fn port_run(n: u16) -> u16 {
+    'search: loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = a.local_addr().expect("addr").port();
+        drop(a);
+        if p > 65535 - n {
+            continue;
+        }
+        for q in p..p + n {
+            if std::net::TcpListener::bind(("127.0.0.1", q)).is_err() {
+                continue 'search;
+            }
+        }
+        return p;
+    }
+}
+
+/// What every rank holding global head `g` has in it for block `b` (replicas agree, as real
+/// TP ranks computing the same head do).
+fn fill_heads(e: &mut Engine, heads: std::ops::Range<u32>, blocks: &[u32]) {
+    let g = *e.layout.geometry();
+    for (local, global) in heads.enumerate() {
+        for &b in blocks {
+            for l in 0..g.layers {
+                for (o, n) in e
+                    .layout
+                    .runs(l, b, local as u32..local as u32 + 1, 0..g.block_tokens)
+                    .expect("runs")
+                {
+                    for (i, x) in e.cache[o as usize..(o + n) as usize].iter_mut().enumerate() {
+                        *x = (global as u8)
+                            .wrapping_mul(67)
+                            .wrapping_add((b as u8).wrapping_mul(13))
+                            .wrapping_add((l as u8).wrapping_mul(5))
+                            .wrapping_add(i as u8);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
+    // (total KV heads, per-rank geometry for a TP size); None: MLA (one latent every rank has).
+    let shapes: [Option<u32>; 3] = [Some(2), Some(4), None];
+    let remote = [3u32, 9];
+    let local = [12u32, 40];
+    for total in shapes {
+        let geom = |tp: u32| match total {
+            Some(h) => Geometry::mha(2, (h / tp).max(1), 64, Dtype::F32, 32).expect("geometry"),
+            None => Geometry::mla(2, 128, Dtype::F32, 32).expect("geometry"),
+        };
+        let heads_of = |tp: u32, r: u32| match total {
+            Some(h) => kvferry::kvcore::rank_heads(h, tp, r).expect("heads"),
+            None => 0..1,
+        };
+        for p in [1u32, 2, 4] {
+            for d in [1u32, 2, 4, 8] {
+                let base = port_run(p as u16);
+                let g = Generations::new().issue();
+                let mut pre: Vec<Engine> = (0..p)
+                    .map(|r| {
+                        let mut e = build_with(
+                            "tp-prefill",
+                            geom(p),
+                            false,
+                            Some((base, Duration::from_secs(60))),
+                            (p, r),
+                            total,
+                            1,
+                        );
+                        fill_heads(&mut e, heads_of(p, r), &remote);
+                        e
+                    })
+                    .collect();
+                for e in &pre {
+                    e.conn.finish("req", Some(g));
+                }
+                for r in 0..d {
+                    let dec = build_with(
+                        "tp-decode",
+                        geom(d),
+                        false,
+                        Some((0, Duration::from_secs(60))),
+                        (d, r),
+                        total,
+                        2,
+                    );
+                    dec.conn.pull(
+                        "d",
+                        &spec(("127.0.0.1", base), p, "req", g, &remote, &local),
+                    );
+                    let f = dec.until(|f| f.recving.contains(&"d".to_string()));
+                    let case = format!("{total:?} heads, prefill TP {p} -> decode TP {d} rank {r}");
+                    assert!(f.load_errors.is_empty(), "{case}: {f:?}");
+                    // The expected bytes: a decode-sized engine filled with the right globals.
+                    let mut want = build_with("tp-want", geom(d), false, None, (d, r), total, 3);
+                    fill_heads(&mut want, heads_of(d, r), &remote);
+                    for (&rb, &lb) in remote.iter().zip(&local) {
+                        for h in 0..heads_of(d, r).len() as u32 {
+                            assert_eq!(
+                                head_bytes(&dec, lb, h),
+                                head_bytes(&want, rb, h),
+                                "{case}: local head {h} of block {lb}"
+                            );
+                        }
+                    }
+                }
+                // Every prefill rank frees once all d decode ranks released it.
+                for e in &mut pre {
+                    e.until(|f| f.sending.contains(&"req".to_string()));
+                }
+            }
+        }
+    }
+}

@@ -485,6 +485,10 @@ class KVFerryConnector(KVConnectorBase_V1):
             # A request's params must never crash the scheduler: computed here instead.
             log.warning("kvferry: malformed kv_transfer_params for %s: %s", request.request_id, p)
             return None
+        try:
+            expires = float(p.get("remote_blocks_expiry_time") or 0.0)
+        except (TypeError, ValueError):
+            expires = 0.0
         return (
             str(p["remote_host"]),
             port,
@@ -493,6 +497,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             tp,
             ids,
             grant if 0 < grant < 2**64 else 0,
+            expires,
         )
 
     def get_num_new_matched_tokens(
@@ -550,6 +555,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             finished=list(step["finished"]),
             extends=list(step["extends"]),
             aborts=list(step["aborts"]),
+            reset=bool(step["reset"]),
         )
 
     def request_finished(

@@ -285,6 +285,7 @@ impl Connector {
             lease_expired,
             lookups,
             lookup_hits,
+            resets,
         } = counters;
         for (k, v) in [
             ("saved_blocks", saved_blocks),
@@ -300,6 +301,7 @@ impl Connector {
             ("lease_expired", lease_expired),
             ("lookups", lookups),
             ("lookup_hits", lookup_hits),
+            ("resets", resets),
         ] {
             d.set_item(k, v)?;
         }
@@ -340,19 +342,22 @@ fn event_tuple<'py>(
     (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
 }
 
-/// `(host, port, request_id, engine_id, tp_size, block_ids, grant)` from Python.
-type RemoteTuple = (String, u16, String, String, u32, Vec<u32>, u64);
+/// `(host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix)` from Python.
+type RemoteTuple = (String, u16, String, String, u32, Vec<u32>, u64, f64);
 
 fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
     r.map(
-        |(host, port, request_id, engine_id, tp_size, block_ids, grant)| RemoteParams {
-            host,
-            port,
-            request_id,
-            engine_id,
-            tp_size,
-            block_ids,
-            grant,
+        |(host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix)| {
+            RemoteParams {
+                host,
+                port,
+                request_id,
+                engine_id,
+                tp_size,
+                block_ids,
+                grant,
+                expires_unix,
+            }
         },
     )
 }

@@ -3,11 +3,18 @@
     python engine.py MODEL_DIR CONFIG_JSON
 
 CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...},
-"kv_connector": "KVFerryConnector" (default) | "OffloadingConnector"}. Commands, one
-JSON object per line; each answer is one line starting with "@@ " (vLLM logs on stdout too):
+"kv_connector": "KVFerryConnector" (default) | "OffloadingConnector", "policy": vLLM's
+kv_load_failure_policy ("recompute" by default here; vLLM's own default is "fail"),
+"max_num_seqs": N, "block_size": N}. Commands, one JSON object per line; each answer is one
+line starting with "@@ " (vLLM logs on stdout too):
 
-    {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N,
-     "kv_transfer_params": [dict | null, ...]}      -> {"outputs": [{"token_ids", "kv_transfer_params"}]}
+    {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N or [N, ...],
+     "kv_transfer_params": [dict | null, ...], "ignore_eos": [bool, ...]}      -> {"outputs": [{"token_ids", "kv_transfer_params"}]}
+    {"op": "abort_queued", "prompts": [...], "kv_transfer_params": [...], "busy": [token ids],
+     "busy_tokens": N}  -> adds a long plain request, then the others behind it (max_num_seqs 1
+                           keeps them queued), aborts those, and runs the first to its end
+    {"op": "reset_connector"} -> {"reset": reset_prefix_cache(reset_connector=True)}
+    {"op": "step", "n": N} -> N engine steps (as `vllm serve` runs after requests finish)
     {"op": "settle"}    -> steps the engine until no request holds blocks, then resets vLLM's
                            prefix cache (so the next prompt cannot hit it)
     {"op": "stats"}     -> kvferry's counters for this engine
@@ -46,13 +53,15 @@ def main():
             kv_role="kv_both",
             engine_id=engine_id,
             kv_connector_extra_config=cfg["connector"],
-            kv_load_failure_policy="recompute",
+            kv_load_failure_policy=cfg.get("policy", "recompute"),
         )
+    if cfg.get("max_num_seqs"):
+        kw["max_num_seqs"] = int(cfg["max_num_seqs"])
     t0 = time.time()
     llm = LLM(
         model=model,
         dtype="float32",
-        block_size=32,
+        block_size=int(cfg.get("block_size", 32)),
         max_model_len=2048,
         enforce_eager=True,
         seed=0,
@@ -64,9 +73,12 @@ def main():
         op = cmd["op"]
         if op == "generate":
             params = cmd.get("kv_transfer_params") or [None] * len(cmd["prompts"])
+            mt = cmd["max_tokens"]
+            mts = mt if isinstance(mt, list) else [mt] * len(params)
+            eos = cmd.get("ignore_eos") or [False] * len(params)
             sps = []
-            for p in params:
-                sp = SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"])
+            for p, n, ie in zip(params, mts, eos):
+                sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=bool(ie))
                 if p is not None:
                     sp.extra_args = {"kv_transfer_params": p}
                 sps.append(sp)
@@ -103,6 +115,33 @@ def main():
                 engine.step()
                 time.sleep(0.01)
             answer({"reset": ok})
+        elif op == "abort_queued":
+            engine = llm.llm_engine
+            engine.add_request(
+                "busy",
+                TokensPrompt(prompt_token_ids=cmd["busy"]),
+                SamplingParams(temperature=0.0, max_tokens=int(cmd["busy_tokens"]), ignore_eos=True),
+            )
+            ids = []
+            for i, (ids_, p) in enumerate(zip(cmd["prompts"], cmd["kv_transfer_params"])):
+                sp = SamplingParams(temperature=0.0, max_tokens=4)
+                sp.extra_args = {"kv_transfer_params": p}
+                engine.add_request(f"queued-{i}", TokensPrompt(prompt_token_ids=ids_), sp)
+                ids.append(f"queued-{i}")
+            for _ in range(5):
+                engine.step()
+            engine.abort_request(ids)
+            while engine.has_unfinished_requests():
+                engine.step()
+            answer({"aborted": len(ids)})
+        elif op == "step":
+            # What `vllm serve`'s engine loop does after requests finished: one more step, in
+            # which the worker learns of them (kvferry's prefill then holds their grants).
+            for _ in range(int(cmd.get("n", 2))):
+                llm.llm_engine.step()
+            answer({"stepped": True})
+        elif op == "reset_connector":
+            answer({"reset": llm.reset_prefix_cache(reset_connector=True)})
         elif op == "stats":
             from kvferry.vllm import native
 

@@ -1,10 +1,12 @@
 """Writes a tiny, randomly initialised Llama-style model and a word-level tokenizer to a
 directory, offline (no hub access): the model kvferry's end-to-end tests serve with vLLM on CPU.
 
-usage: python make_tiny_model.py OUT_DIR
+usage: python make_tiny_model.py OUT_DIR [--seed N] [--layers L] [--kv-heads H]
 
-3 layers, 4 query heads and 2 KV heads of size 64 (the CPU attention needs a supported head
-size), float32 so that outputs compare exactly, a fixed seed so every run writes the same weights.
+By default 3 layers, 4 query heads and 2 KV heads of size 64 (the CPU attention needs a supported
+head size), float32 so that outputs compare exactly, a fixed seed so every run writes the same
+weights; another seed makes other weights of the same shape (a "new checkpoint"), other layer
+and head counts another geometry.
 """
 import os
 import sys
@@ -12,8 +14,13 @@ import sys
 VOCAB = 2000
 
 
+def arg(name, default):
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
 def main():
     out = sys.argv[1]
+    seed, layers, kv_heads = arg("--seed", 1234), arg("--layers", 3), arg("--kv-heads", 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -30,14 +37,14 @@ def main():
     )
     fast.save_pretrained(out)
 
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(4, kv_heads),
+        num_key_value_heads=kv_heads,
         head_dim=64,
         max_position_embeddings=4096,
         bos_token_id=1,

@@ -21,6 +21,9 @@ means blocks really moved:
   out-of-tree spec (kvferry's G2 under vLLM's offloading scheduler), across a prefix-cache reset.
 - prefill-down: the decode engine is pointed at a prefill engine that is not running; requests
   complete by recomputing (kv_load_failure_policy=recompute), with the failures counted.
+- and failclosed.py's: late decoders with and without heartbeats, cut-down offers, aborts before
+  the pull, model files replaced over the same nvme_dir, reset_prefix_cache with the connector,
+  two engines on one nvme_dir.
 """
 
 import json
@@ -38,9 +41,12 @@ BS = 32
 
 
 class Engine:
-    def __init__(self, model, name, connector=None, kv_connector="KVFerryConnector"):
+    def __init__(self, model, name, connector=None, kv_connector="KVFerryConnector", **opts):
+        """`opts`: engine.py's other settings (policy, max_num_seqs, block_size)."""
         self.name = name
-        cfg = json.dumps({"name": name, "connector": connector, "kv_connector": kv_connector})
+        cfg = json.dumps(
+            {"name": name, "connector": connector, "kv_connector": kv_connector, **opts}
+        )
         self.log = open(os.path.join(tempfile.gettempdir(), f"kvferry-e2e-{name}.log"), "w")
         self.p = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "engine.py"), model, cfg],
@@ -120,6 +126,7 @@ def pd(model, plain, transport):
         # The proxy's protocol: prefill with max_tokens=1 and do_remote_decode, then decode with
         # the kv_transfer_params the prefill engine returned.
         first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        pre.call(op="step")
         params = [o["kv_transfer_params"] for o in first]
         for p in params:
             assert p and p.get("do_remote_prefill") and p["remote_port"] == port, p
@@ -243,6 +250,9 @@ def prefill_down(model, plain):
                 "remote_host": "127.0.0.1",
                 "remote_port": dead,
                 "tp_size": 1,
+                # A well-formed offer (a grant, a lease not yet over) from an engine that is gone.
+                "kvferry_grant": f"{0x1234 << 32 | i + 1:016x}",
+                "remote_blocks_expiry_time": time.time() + 600,
             }
             for i, x in enumerate(ps)
         ]
@@ -303,6 +313,9 @@ def main():
         ("proxy", lambda: proxy(model)),
         ("proxy-ucx", lambda: proxy(model, "ucx")),
     ]
+    import failclosed
+
+    scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in failclosed.SCENARIOS]
     for name, run in scenarios:
         if only and name not in only:
             continue
