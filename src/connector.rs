@@ -64,6 +64,9 @@ pub struct OffloadConfig {
     /// size (added here), so a restarted engine with other weights, or another
     /// rank, never loads these blocks.
     pub identity: String,
+    /// The tiers drop blocks only when told (`discard`, `reset_cache`): for a scheduler that
+    /// owns eviction (see `SchedulerConfig::capacity`).
+    pub caller_evicts: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -431,6 +434,7 @@ impl Core {
         let tiers = match &self.cfg.offload {
             Some(o) => {
                 let mut tc = TierConfig::new(*layout.geometry(), o.dram_blocks);
+                tc.caller_evicts = o.caller_evicts;
                 if let Some((dir, blocks)) = &o.nvme {
                     tc.nvme = Some(NvmeConfig::new(dir.clone(), *blocks));
                     // The engine's cache layout is not part of it: tier blocks have kvferry's own

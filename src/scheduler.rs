@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvcore::BlockHash;
-use kvtier::{Tier, TierEvent};
+use kvtier::{EvictionPolicy, Tier, TierEvent};
 
 use crate::lease::Generations;
 use crate::{LeaseTarget, PullSpec};
@@ -31,6 +31,14 @@ pub struct SchedulerConfig {
     /// How long a prefill engine holds an offered request's blocks for decoders (NixlConnector's
     /// `kv_lease_duration`); a decode engine extends the leases of requests still waiting.
     pub lease: Duration,
+    /// The scheduler owns eviction: the worker's tiers (with `TierConfig::caller_evicts`) drop
+    /// nothing on their own, and the scheduler keeps at most this many distinct blocks in them
+    /// (G3's capacity, or G2's without G3), discarding its least recently used ones — never one
+    /// it promised to a load still in flight. So a block the mirror shows is a block the worker
+    /// holds, and a planned load cannot miss (vLLM's default failure policy fails requests whose
+    /// loads miss). `None`: the worker evicts, and a load can miss in the window before the
+    /// worker's removal reaches the mirror.
+    pub capacity: Option<u64>,
 }
 
 /// A prefill engine's offer, as the decode engine's request carries it (vLLM's
@@ -89,6 +97,9 @@ pub struct StepPlan {
     pub aborts: Vec<LeaseTarget>,
     /// Empty the tiers (the engine reset its prefix cache with the connector's).
     pub reset: bool,
+    /// Blocks the worker drops from its tiers before this step's saves (scheduler-owned
+    /// eviction).
+    pub discards: Vec<BlockHash>,
 }
 
 enum Plan {
@@ -116,6 +127,12 @@ pub struct Scheduler {
     /// may name blocks of before the reset, and the mirror ignores them.
     resets_sent: u64,
     resets_done: u64,
+    /// Recency of the mirror's blocks (scheduler-owned eviction).
+    lru: kvtier::Lru,
+    /// Blocks of loads in flight, by request: never discarded.
+    loading: HashMap<String, Vec<BlockHash>>,
+    /// Blocks being saved (not yet reported stored), with when: they will take room.
+    saving: HashMap<BlockHash, Instant>,
 }
 
 fn bit(t: Tier) -> u8 {
@@ -137,6 +154,9 @@ impl Scheduler {
             waiting: HashMap::new(),
             resets_sent: 0,
             resets_done: 0,
+            lru: Default::default(),
+            loading: HashMap::new(),
+            saving: HashMap::new(),
         }
     }
 
@@ -154,13 +174,16 @@ impl Scheduler {
             match *e {
                 TierEvent::Stored { .. } if resetting => {}
                 TierEvent::Stored { hash, tier } => {
-                    *self.cached.entry(hash).or_default() |= bit(tier)
+                    self.saving.remove(&hash);
+                    *self.cached.entry(hash).or_default() |= bit(tier);
+                    self.lru.touch(&hash);
                 }
                 TierEvent::Removed { hash, tier } => {
                     if let Some(m) = self.cached.get_mut(&hash) {
                         *m &= !bit(tier);
                         if *m == 0 {
                             self.cached.remove(&hash);
+                            self.lru.remove(&hash);
                         }
                     }
                 }
@@ -173,6 +196,8 @@ impl Scheduler {
     /// from now on, and the worker empties them at its next step.
     pub fn reset(&mut self) {
         self.cached.clear();
+        self.lru = Default::default();
+        self.saving.clear();
         self.resets_sent += 1;
         self.step.reset = true;
     }
@@ -230,6 +255,38 @@ impl Scheduler {
         self.waiting
             .insert(req.to_string(), (r.target(), Instant::now(), every));
         true
+    }
+
+    /// The engine reports `req`'s load over (vLLM's `finished_recving`): its blocks may be
+    /// evicted again.
+    pub fn loaded(&mut self, req: &str) {
+        self.loading.remove(req);
+    }
+
+    /// Makes room for `n` more blocks under scheduler-owned eviction: least recently used
+    /// blocks go (to `discards`), except those of loads in flight.
+    fn make_room(&mut self, n: usize) {
+        let Some(cap) = self.cfg.capacity else { return };
+        let now = Instant::now();
+        // A save that never reported back (it failed) stops holding room after a while.
+        self.saving
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
+        let used = self.cached.len() + self.saving.len() + n;
+        let mut over = used.saturating_sub(cap as usize);
+        if over == 0 {
+            return;
+        }
+        let busy: std::collections::HashSet<BlockHash> =
+            self.loading.values().flatten().copied().collect();
+        while over > 0 {
+            let Some(h) = self.lru.victim(&|h| !busy.contains(h)) else {
+                break;
+            };
+            self.cached.remove(&h);
+            self.lru.remove(&h);
+            self.step.discards.push(h);
+            over -= 1;
+        }
     }
 
     pub fn take_events(&mut self) -> Vec<TierEvent> {
@@ -336,9 +393,12 @@ impl Scheduler {
             let ids = blocks
                 .get(start..(start + n).min(blocks.len()))
                 .unwrap_or(&[]);
-            self.step
-                .loads
-                .push((req.to_string(), hashes[..ids.len()].to_vec(), ids.to_vec()));
+            let hs = hashes[..ids.len()].to_vec();
+            for h in &hs {
+                self.lru.touch(h);
+            }
+            self.loading.insert(req.to_string(), hs.clone());
+            self.step.loads.push((req.to_string(), hs, ids.to_vec()));
         }
     }
 
@@ -355,6 +415,8 @@ impl Scheduler {
         computed_tokens: u32,
     ) -> (bool, Option<Offer>) {
         self.plans.remove(req);
+        // vLLM reports a load over before it finishes the request; an aborted one ends here.
+        self.loading.remove(req);
         if let Some((t, _, _)) = self.waiting.remove(req) {
             // Finished (aborted) while waiting for its pull: the prefill engine may free.
             self.step.aborts.push(t);
@@ -366,6 +428,19 @@ impl Scheduler {
                 .min(blocks.len())
                 .min((computed_tokens / self.cfg.block_size.max(1)) as usize);
             let known = self.lookup(&hashes[..n]);
+            for h in &hashes[..known] {
+                self.lru.touch(h);
+            }
+            let new: Vec<BlockHash> = hashes[known..n]
+                .iter()
+                .filter(|h| !self.saving.contains_key(h))
+                .copied()
+                .collect();
+            self.make_room(new.len());
+            let now = Instant::now();
+            for h in new {
+                self.saving.insert(h, now);
+            }
             if n > known {
                 self.step.saves.push((
                     req.to_string(),
@@ -434,6 +509,7 @@ mod tests {
             port: Some(7000),
             tp_size: 1,
             lease: Duration::from_secs(30),
+            capacity: None,
         })
     }
 
@@ -622,5 +698,35 @@ mod tests {
         assert_eq!(d.take_step().aborts, vec![o.target()]);
         o.expires_unix = 4e9;
         assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), 10);
+    }
+
+    #[test]
+    fn owned_eviction_discards_the_oldest_blocks_but_never_one_being_loaded() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            capacity: Some(4),
+            ..sched(true, false).cfg
+        });
+        let stored = |i| TierEvent::Stored {
+            hash: h(i),
+            tier: Tier::Dram,
+        };
+        s.apply(&[stored(0), stored(1), stored(2), stored(3)]);
+        // A load of blocks 0 and 1 is planned (and so in flight until `loaded`).
+        let hashes: Vec<BlockHash> = (0..3).map(h).collect();
+        assert_eq!(s.matched("l", None, 12, 12, &hashes, 0), 8);
+        s.allocated("l", None, &[10, 11, 12], 8);
+        let _ = s.take_step();
+        // Saving two new blocks needs two slots: 2 and 3 go, not 0 and 1.
+        let new: Vec<BlockHash> = (10..12).map(h).collect();
+        s.finished("r", true, false, &new, &[5, 6], 8);
+        let step = s.take_step();
+        assert_eq!(step.discards, vec![h(2), h(3)]);
+        assert_eq!(s.lookup(&[h(2)]), 0);
+        // Once the load is over, 0 and 1 are fair game again.
+        s.loaded("l");
+        s.apply(&[stored(10), stored(11)]);
+        let more: Vec<BlockHash> = (20..21).map(h).collect();
+        s.finished("q", true, false, &more, &[7], 4);
+        assert_eq!(s.take_step().discards.len(), 1);
     }
 }

@@ -59,6 +59,12 @@ pub struct TierConfig {
     /// for it, and it is folded into every slot's fingerprint, so a slot written under another
     /// identity is never recovered or read. Without it the directory is used as it is.
     pub namespace: Option<String>,
+    /// Blocks leave the tiers only when the caller says so (`discard`, `clear`): a full tier
+    /// refuses new blocks (`Full`) instead of evicting one. G2 copies of blocks G3 holds (or can
+    /// take) still make room, since the block stays loadable. For callers that own eviction —
+    /// a scheduler that promises loads from its own view of the tiers must not see a promised
+    /// block vanish under it.
+    pub caller_evicts: bool,
 }
 
 impl TierConfig {
@@ -75,6 +81,7 @@ impl TierConfig {
             gpu: None,
             block_order: StrideOrder::Blhnc,
             namespace: None,
+            caller_evicts: false,
         }
     }
 }
@@ -604,16 +611,23 @@ impl TierEngine {
 
     /// Stored/removed events since the last call.
     /// Drops blocks from every tier, for callers that own eviction themselves (vLLM's offloading
-    /// manager decides what stays). A block being read or written is kept; returns how many
-    /// were dropped. Freed G3 slots keep their bytes until reused: a restart may recover such a
+    /// manager decides what stays). A block being read or written goes as soon as that ends;
+    /// returns how many were dropped at once. Freed G3 slots keep their bytes until reused: a restart may recover such a
     /// block, which is still the right data for its hash.
     pub fn discard(&self, hashes: &[BlockHash]) -> usize {
         let mut st = self.inner.state.lock();
         let st = &mut *st;
-        hashes
-            .iter()
-            .filter(|h| drop_entry(&self.inner, st, h))
-            .count()
+        let mut dropped = 0;
+        for h in hashes {
+            if drop_entry(&self.inner, st, h) {
+                dropped += 1;
+            } else {
+                // In use: it goes when its operation ends, so a caller that owns eviction
+                // never leaks the slot.
+                st.doomed.insert(*h);
+            }
+        }
+        dropped
     }
 
     /// Empties every tier for good (a reset after new weights, say): blocks not in use are
@@ -934,6 +948,25 @@ fn start_offload(
             finish_block(inner, st, id, hash, Ok(()));
             continue;
         }
+        if inner.cfg.caller_evicts && inner.store.is_some() {
+            // Every block must be able to reach G3: a DRAM tier full of blocks G3 has no room
+            // for could evict nothing, and reads from G3 (which pass through DRAM) would stall.
+            let without_g3 = st.index.len() - st.index.g3_len();
+            if without_g3 >= st.g3_free.len() {
+                let slots = inner.store.as_ref().map_or(0, NvmeStore::slots);
+                finish_block(
+                    inner,
+                    st,
+                    id,
+                    hash,
+                    Err(TierError::Full {
+                        tier: "NVMe",
+                        slots,
+                    }),
+                );
+                continue;
+            }
+        }
         st.index.pin_new(hash);
         st.waiting.push_back(Waiting::Offload {
             req: id,
@@ -1071,11 +1104,21 @@ fn g2_slot(inner: &Inner, st: &mut State) -> Option<u32> {
         if let Some(s) = inner.pool.alloc() {
             return Some(s);
         }
-        let victim = st.index.g2_victim()?;
+        let victim = g2_victim(inner, st)?;
         if !evict_g2(inner, st, victim, false) {
             return None;
         }
     }
+}
+
+/// The next G2 block to make room with. When the caller owns eviction, only one that stays
+/// loadable: already on G3, or spilled to a free G3 slot.
+fn g2_victim(inner: &Inner, st: &mut State) -> Option<BlockHash> {
+    if !inner.cfg.caller_evicts {
+        return st.index.g2_victim();
+    }
+    let g3_room = inner.store.is_some() && !st.g3_free.is_empty();
+    st.index.g2_victim_where(&|e| e.g3.is_some() || g3_room)
 }
 
 /// Makes room in G2 by letting `victim` go: dropped if G3 has it or will not take it, else
@@ -1086,12 +1129,13 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool)
     };
     let Some(slot) = e.g2 else { return false };
     let admitted = force_spill
+        || inner.cfg.caller_evicts
         || match inner.cfg.admission {
             Admission::Always => true,
             Admission::MinHits(n) => e.hits >= n,
         };
     if e.g3.is_none() && admitted && inner.store.is_some() {
-        if let Some(g3) = g3_slot(st) {
+        if let Some(g3) = g3_slot(inner, st) {
             spill(inner, st, victim, slot, g3, true);
             return false;
         }
@@ -1106,9 +1150,12 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool)
     true
 }
 
-fn g3_slot(st: &mut State) -> Option<u64> {
+fn g3_slot(inner: &Inner, st: &mut State) -> Option<u64> {
     if let Some(s) = st.g3_free.pop() {
         return Some(s);
+    }
+    if inner.cfg.caller_evicts {
+        return None;
     }
     let victim = st.index.g3_victim()?;
     let slot = st.index.get(&victim).and_then(|e| e.g3)?;
@@ -1176,7 +1223,7 @@ fn start_flush(inner: &Inner, st: &mut State, reply: Sender<Result<usize, TierEr
     let candidates = st.index.unspilled();
     let mut n = 0;
     for (v, g2) in candidates {
-        let Some(g3) = g3_slot(st) else { break };
+        let Some(g3) = g3_slot(inner, st) else { break };
         spill(inner, st, v, g2, g3, false);
         n += 1;
     }
@@ -1236,6 +1283,7 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
             evict,
         }) => {
             st.spills -= 1;
+            let failed = d.result.is_err();
             match d.result {
                 Ok(()) => {
                     st.stats.nvme.bytes_in += inner.geometry.block_bytes();
@@ -1252,8 +1300,11 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
                 }
             }
             st.index.unpin(&hash);
-            // Spills run under pressure: the G2 copy goes now (it is on G3, or G3 failed).
+            // Spills run under pressure: the G2 copy goes now (it is on G3, or G3 failed). When
+            // the caller owns eviction a failed write keeps it: the block must stay loadable.
+            let keep = inner.cfg.caller_evicts && failed;
             if evict
+                && !keep
                 && st
                     .index
                     .get(&hash)
@@ -1430,8 +1481,12 @@ fn after_change(inner: &Inner, st: &mut State) {
     // Keep some slots free so offloads rarely wait for a spill.
     if st.waiting.is_empty() && inner.store.is_some() {
         while inner.pool.free_slots() + (st.spills as u32) < inner.cfg.spill_free_slots {
-            let Some(v) = st.index.g2_victim() else { break };
-            evict_g2(inner, st, v, false);
+            let Some(v) = g2_victim(inner, st) else { break };
+            let spills = st.spills;
+            let freed = evict_g2(inner, st, v, false);
+            if !freed && st.spills == spills {
+                break;
+            }
         }
     }
 }

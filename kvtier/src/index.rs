@@ -193,6 +193,16 @@ impl BlockIndex {
         })
     }
 
+    /// The G2 block to evict next among those `also` accepts.
+    pub fn g2_victim_where(&mut self, also: &dyn Fn(&Entry) -> bool) -> Option<BlockHash> {
+        let entries = &self.entries;
+        self.g2.victim(&|h| {
+            entries
+                .get(h)
+                .is_some_and(|e| e.refs == 0 && e.g2.is_some() && also(e))
+        })
+    }
+
     /// The G3 block to evict next: resident, unreferenced.
     pub fn g3_victim(&mut self) -> Option<BlockHash> {
         let entries = &self.entries;

@@ -31,18 +31,22 @@ Extra config (all optional):
   ``nvme_blocks``: G3, in a subdirectory of ``nvme_dir`` per model identity and TP rank (see
   ``kvferry.identity``; ``kv_cache_identity`` adds a weight version of your own), locked by the
   process using it: a second engine on the same subdirectory is refused at start.
-  ``reset_prefix_cache(reset_connector=True)`` empties G2 and G3 for good. Full blocks of finished requests are saved by vLLM's block hash, and a
-  new request's prefix beyond vLLM's own cache is loaded from G2/G3 asynchronously.
+  ``reset_prefix_cache(reset_connector=True)`` empties G2 and G3 for good. Full blocks of
+  finished requests are saved by vLLM's block hash, and a new request's prefix beyond vLLM's own
+  cache is loaded from G2/G3 asynchronously.
 
 Both at once work (a decode engine that also offloads). Loads that fail are reported through
-``get_block_ids_with_load_errors``: start vLLM with ``"kv_load_failure_policy": "recompute"`` so
-it recomputes them (vLLM's default, ``"fail"``, fails the request instead).
+``get_block_ids_with_load_errors``. Ordinary events never fail a load: the scheduler owns
+eviction (the worker's tiers drop nothing on their own, and a block promised to a load in flight
+is never evicted), and offers that are short, ungranted or past their lease are refused before
+any token is claimed. What still fails a load is a genuine failure (a prefill engine that died
+mid-pull, a disk error): with vLLM's default ``"kv_load_failure_policy": "fail"`` the request
+fails; with ``"recompute"`` vLLM recomputes. python/README.md has the table.
 
 The Rust core (``kvferry._native.Connector``: tiers, agent, every transfer) lives in the worker;
 the scheduler side keeps a mirror of which block hashes the worker's tiers hold, fed by the
 worker's stored/removed events through vLLM's worker metadata, and learns the worker's port from
-vLLM's handshake metadata — so it works whether the two share a process or not. A block evicted
-between lookup and load fails to load and is recomputed.
+vLLM's handshake metadata — so it works whether the two share a process or not.
 
 Scope of this version: the CPU engine (and any engine whose KV cache tensors are in host
 memory).
@@ -92,6 +96,12 @@ def native(engine_id: str) -> _Native | None:
     return _ENGINES.get(engine_id)
 
 
+def _capacity(extra: dict[str, Any]) -> int:
+    if extra.get("nvme_dir") and int(extra.get("nvme_blocks", 0)) > 0:
+        return int(extra["nvme_blocks"])
+    return int(extra.get("dram_blocks", 0))
+
+
 def lease_seconds(extra: dict[str, Any]) -> float:
     return float(extra.get("kv_lease_duration", extra.get("free_timeout_s", 30.0)))
 
@@ -123,6 +133,8 @@ def _shared(
                 tp_rank=tp_rank,
                 total_kv_heads=total_kv_heads,
                 identity=identity,
+                # The scheduler owns eviction (see capacity in KVFerryConnector.__init__).
+                caller_evicts=True,
             )
             _ENGINES[engine_id] = n
         return n
@@ -187,6 +199,8 @@ class KVFerryMetadata(KVConnectorMetadata):
     aborts: list[tuple[str, int, int, str, int]] = field(default_factory=list)
     # Empty the tiers before anything else this step.
     reset: bool = False
+    # Blocks to drop from the tiers before this step's saves (the scheduler owns eviction).
+    discards: list[bytes] = field(default_factory=list)
 
 
 class KVFerryConnector(KVConnectorBase_V1):
@@ -246,6 +260,10 @@ class KVFerryConnector(KVConnectorBase_V1):
             port=port,
             tp_size=self.tp_size,
             lease_s=lease_seconds(self.extra),
+            # The scheduler owns eviction over as many distinct blocks as the tiers hold (G3,
+            # or G2 without it): a block it promises a load of is never dropped under it, so
+            # vLLM's default kv_load_failure_policy ("fail") does not fail ordinary requests.
+            capacity=_capacity(self.extra) if self.offload else None,
         )
         # Worker-side state.
         self._load_errors: set[int] = set()
@@ -335,6 +353,8 @@ class KVFerryConnector(KVConnectorBase_V1):
             except Exception as e:  # noqa: BLE001 - nothing is loaded anyway (the mirror is empty)
                 log.error("kvferry: reset of the tiers failed: %s", e)
             self._resets += 1
+        if meta.discards:
+            self.native.discard(meta.discards)
         for req, (hashes, blocks) in meta.saves.items():
             try:
                 self.native.save(req, hashes, blocks)
@@ -441,6 +461,8 @@ class KVFerryConnector(KVConnectorBase_V1):
         if isinstance(meta, KVFerryWorkerMeta):
             self.sched.resets_done(meta.resets)
             self.sched.apply(meta.events)
+        for req in getattr(connector_output, "finished_recving", None) or ():
+            self.sched.loaded(req)
 
     def reset_cache(self) -> bool:
         """``reset_prefix_cache(reset_connector=True)``: from now on nothing in G2/G3 is loaded
@@ -556,6 +578,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             extends=list(step["extends"]),
             aborts=list(step["aborts"]),
             reset=bool(step["reset"]),
+            discards=list(step["discards"]),
         )
 
     def request_finished(

@@ -62,7 +62,7 @@ impl Connector {
         engine_id, *, dram_blocks = 0, nvme_dir = None, nvme_blocks = 0, pd = false,
         host = "0.0.0.0".to_string(), port = 0, transport = "tcp".to_string(), token = None,
         lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None,
-        identity = String::new()
+        identity = String::new(), caller_evicts = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -82,6 +82,7 @@ impl Connector {
         tp_rank: u32,
         total_kv_heads: Option<u32>,
         identity: String,
+        caller_evicts: bool,
     ) -> PyResult<Connector> {
         let transport = match transport.as_str() {
             "tcp" => Transport::Tcp,
@@ -100,6 +101,7 @@ impl Connector {
                 dram_blocks,
                 nvme: nvme_dir.map(|d| (d, nvme_blocks)),
                 identity,
+                caller_evicts,
             }),
             pd: if pd {
                 Some(PdConfig {
@@ -400,7 +402,10 @@ struct Scheduler {
 #[pymethods]
 impl Scheduler {
     #[new]
-    #[pyo3(signature = (engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0))]
+    #[pyo3(signature = (
+        engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0,
+        capacity = None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine_id: String,
@@ -411,6 +416,7 @@ impl Scheduler {
         port: Option<u16>,
         tp_size: u32,
         lease_s: f64,
+        capacity: Option<u64>,
     ) -> PyResult<Scheduler> {
         let lease = Duration::try_from_secs_f64(lease_s)
             .map_err(|_| err(format!("kv_lease_duration = {lease_s} seconds")))?;
@@ -424,6 +430,7 @@ impl Scheduler {
                 port,
                 tp_size,
                 lease,
+                capacity,
             })),
         })
     }
@@ -435,6 +442,11 @@ impl Scheduler {
     /// The engine reset its prefix cache and the connector's.
     fn reset(&self) {
         self.inner.lock().reset();
+    }
+
+    /// vLLM reports `req`'s load over (`finished_recving`).
+    fn loaded(&self, req: &str) {
+        self.inner.lock().loaded(req);
     }
 
     /// How many resets the worker carried out in all.
@@ -573,6 +585,7 @@ impl Scheduler {
         d.set_item("extends", targets(step.extends))?;
         d.set_item("aborts", targets(step.aborts))?;
         d.set_item("reset", step.reset)?;
+        d.set_item("discards", hash_list(py, &step.discards))?;
         Ok(d)
     }
 }

@@ -14,6 +14,9 @@ request instead of passing by recomputation.
   old weights' KV is loaded, outputs equal the new model's.
 - reset-connector: reset_prefix_cache(reset_connector=True) empties G2: nothing old is loaded.
 - shared-nvme: a second engine on the same nvme_dir and identity is refused at start.
+- offload-pressure: G2 smaller than the working set, vLLM's default failure policy: no request
+  fails (the scheduler owns eviction, so a block it promised is never dropped under it), every
+  output equals plain vLLM's.
 """
 
 from __future__ import annotations
@@ -256,6 +259,26 @@ def shared_nvme(model, plain):
         shutil.rmtree(nvme, ignore_errors=True)
 
 
+def offload_pressure(model, plain):
+    # Six prompts of seven full blocks sharing six: twelve distinct blocks through eight slots,
+    # so every round evicts, and refuses, while later rounds still find the shared prefix.
+    e = Engine(model, "offload-pressure", {"pd": False, "dram_blocks": 8}, policy="fail")
+    try:
+        for rnd in range(3):
+            out, _ = e.generate(prompts(), 16)
+            check_same(f"offload-pressure round {rnd}", out, plain)
+            assert e.call(op="settle")["reset"]
+        s = e.stats()
+        assert s["onboard_failed_blocks"] == 0, s
+        assert s["onboarded_blocks"] > 0 and s["dram_blocks"] <= 8, s
+        return (
+            f"3 rounds of 12 distinct blocks through 8 DRAM blocks: {s['onboarded_blocks']} "
+            f"onboarded, {s['save_failed_blocks']} saves refused for room, no load failed"
+        )
+    finally:
+        e.close()
+
+
 SCENARIOS = [
     ("lease-late", lease_late),
     ("lease-heartbeat", lease_heartbeat),
@@ -264,4 +287,5 @@ SCENARIOS = [
     ("model-replaced", model_replaced),
     ("reset-connector", reset_connector),
     ("shared-nvme", shared_nvme),
+    ("offload-pressure", offload_pressure),
 ]

@@ -1,0 +1,63 @@
+//! `TierConfig::caller_evicts`: a full tier refuses new blocks instead of dropping one, so a
+//! caller that promised a load from its own view of the tiers never finds the block gone.
+
+mod common;
+
+use common::*;
+use kvtier::{IoMode, NvmeConfig, TierConfig, TierEngine};
+
+fn offload(t: &TierEngine, g1: kvtier::G1Id, range: std::ops::Range<u64>) -> (usize, usize) {
+    let blocks: Vec<_> = range.map(|i| (hash(i), (i % 16) as u32)).collect();
+    let c = wait(t, t.offload(g1, &blocks).expect("queued"));
+    let ok = c.blocks.iter().filter(|b| b.result.is_ok()).count();
+    (ok, c.blocks.len() - ok)
+}
+
+fn loadable(t: &TierEngine, g1: kvtier::G1Id, range: std::ops::Range<u64>) -> bool {
+    let blocks: Vec<_> = range.map(|i| (hash(i), 20 + (i % 8) as u32)).collect();
+    wait(t, t.onboard(g1, &blocks).expect("queued")).all_ok()
+}
+
+#[test]
+fn a_full_dram_tier_refuses_instead_of_evicting() {
+    let mut cfg = TierConfig::new(geometry(), 8);
+    cfg.caller_evicts = true;
+    let t = TierEngine::new(cfg).expect("engine");
+    let mut g = G1::new(geometry(), 32, 1);
+    let g1 = g.register(&t);
+    assert_eq!(offload(&t, g1, 0..8), (8, 0));
+    assert_eq!(offload(&t, g1, 8..12), (0, 4), "no room: refused");
+    assert!(loadable(&t, g1, 0..8), "a block was dropped");
+    assert_eq!(t.discard(&[hash(0), hash(1)]), 2);
+    assert_eq!(offload(&t, g1, 8..10), (2, 0));
+    t.check_consistent().expect("consistent");
+}
+
+#[test]
+fn with_nvme_dram_copies_make_room_but_no_block_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TierConfig::new(geometry(), 4);
+    let mut n = NvmeConfig::new(dir.path(), 8);
+    n.io = IoMode::Auto;
+    cfg.nvme = Some(n);
+    cfg.caller_evicts = true;
+    let t = TierEngine::new(cfg).expect("engine");
+    let mut g = G1::new(geometry(), 32, 2);
+    let g1 = g.register(&t);
+    let mut stored = 0;
+    for chunk in 0..8u64 {
+        stored += offload(&t, g1, chunk * 2..chunk * 2 + 2).0;
+    }
+    // As many distinct blocks as G3 holds (DRAM is a cache in front of it, so reads from G3
+    // always find room there); the other 8 are refused, and none of the 8 is dropped.
+    assert_eq!(stored, 8, "{:?}", t.stats());
+    let held: Vec<u64> = (0..16u64)
+        .filter(|&i| t.lookup(&[hash(i)]).hits == 1)
+        .collect();
+    assert_eq!(held.len(), 8, "{held:?}");
+    for i in held {
+        assert!(loadable(&t, g1, i..i + 1), "block {i} was dropped");
+    }
+    assert_eq!(t.stats().nvme.evictions, 0);
+    t.check_consistent().expect("consistent");
+}
