@@ -21,9 +21,10 @@ use kvcore::wire::ExportedCache;
 use kvcore::{
     tp_reads, BlockHash, CacheLayout, Descriptor, MemKind, PlanBuilder, Region, RegionId,
 };
-use kvnet::{Agent, AgentConfig, NetError, Transport};
+use kvnet::{Agent, AgentConfig, NetError, Transport, Verdict};
 
 use crate::lease::{Ended, GrantId, Grants, LeaseCall, LeaseReply};
+use crate::served::Granted;
 use kvtier::{G1Id, NvmeConfig, Tier, TierConfig, TierEngine, TierError, TierEvent};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -221,6 +222,10 @@ struct State {
     failed_saves: Vec<String>,
     /// Prefill side: grants on finished requests' blocks.
     grants: Option<Grants>,
+    /// Prefill side: the byte runs of granted blocks (what TCP peers may read), and each
+    /// request's share of them.
+    granted: Granted,
+    grant_runs: HashMap<String, Vec<(u64, u64)>>,
     /// Prefill engines we pulled from, by address.
     peers: HashMap<SocketAddr, String>,
     done: Finished,
@@ -254,6 +259,13 @@ impl Connector {
         let core = Arc::new(Core::new(cfg, lease_tx)?);
         if let Some(a) = &core.agent {
             // Weak: the agent's runtime must not keep the connector alive.
+            let weak = Arc::downgrade(&core);
+            a.set_serve_check(Arc::new(
+                move |peer: &str, op, descs: &[Descriptor]| match weak.upgrade() {
+                    Some(c) => c.may_serve(peer, op, descs),
+                    None => Verdict::Refuse("shutting down".into()),
+                },
+            ));
             let weak = Arc::downgrade(&core);
             a.set_call_handler(Arc::new(move |peer: &str, payload: &[u8]| {
                 match weak.upgrade() {
@@ -823,6 +835,35 @@ impl Core {
             .collect()
     }
 
+    /// Prefill side, before the TCP transport serves a peer: only READs, and only of blocks
+    /// under a live grant. (UCX reads cannot be refused by the target; the release after them
+    /// is what proves them, see [`crate::lease`].)
+    fn may_serve(&self, peer: &str, op: kvcore::wire::Op, descs: &[Descriptor]) -> Verdict {
+        if op != kvcore::wire::Op::Read {
+            return Verdict::Refuse(format!("{peer} may not write into this engine's KV cache"));
+        }
+        let region = self.cache.lock().as_ref().and_then(|c| c.region);
+        let st = self.st.lock();
+        for (i, d) in descs.iter().enumerate() {
+            let why = || {
+                format!(
+                    "descriptor {i} ({} bytes at {} of region {}) is not part of a block under a \
+                     live grant",
+                    d.len, d.offset, d.region
+                )
+            };
+            if Some(d.region) != region {
+                return Verdict::Refuse(why());
+            }
+            if !st.granted.covers(d.offset, d.len) {
+                // The engine learns of a finished request's grant a step after the offer went
+                // out: a fast decoder may be here first.
+                return Verdict::NotYet(why());
+            }
+        }
+        Verdict::Serve
+    }
+
     /// Prefill side: a decoder's lease call, from the authenticated peer `peer`.
     fn answer_lease(&self, peer: &str, payload: &[u8]) -> Vec<u8> {
         let Some(call) = LeaseCall::decode(payload) else {
@@ -843,6 +884,7 @@ impl Core {
             if let Some(r) = st.reqs.get_mut(req) {
                 r.granted = false;
             }
+            end_runs(st, req);
             match how {
                 Ended::Released => st.counters.pulls_served += 1,
                 Ended::Aborted => st.counters.pulls_aborted += 1,
@@ -964,16 +1006,29 @@ impl Core {
     }
 
     /// The engine finished `req`: report it in `sending` once its saves are done and, on the
-    /// prefill side (`grant`: the offer's generation), once its grant ended (every decode rank
-    /// released it, a decoder aborted it, or the lease ran out).
-    pub fn finish(&self, req: &str, grant: Option<u64>) {
+    /// prefill side (`grant`: the offer's generation and the blocks it offers), once its grant
+    /// ended (every decode rank released it, a decoder aborted it, or the lease ran out). Until
+    /// then decoders may read those blocks, and only those.
+    pub fn finish(&self, req: &str, grant: Option<(u64, &[u32])>) {
+        let runs: Vec<(u64, u64)> = match (grant, self.cache.lock().as_ref()) {
+            (Some((_, blocks)), Some(c)) => blocks
+                .iter()
+                .filter_map(|&b| c.layout.block_runs(b).ok())
+                .flatten()
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut st = self.st.lock();
         let st = &mut *st;
         let r = st.reqs.entry(req.to_string()).or_default();
         r.finishing = true;
-        if let (Some(g), Some(grants)) = (grant, st.grants.as_mut()) {
+        if let (Some((g, _)), Some(grants)) = (grant, st.grants.as_mut()) {
             grants.grant(req, g, Instant::now());
             r.granted = true;
+            // A request id offered again replaces its earlier grant, and that grant's runs.
+            end_runs(st, req);
+            st.granted.add(&runs);
+            st.grant_runs.insert(req.to_string(), runs);
         }
     }
 
@@ -1040,6 +1095,7 @@ impl Core {
                 if let Some(r) = st.reqs.get_mut(&id) {
                     r.granted = false;
                 }
+                end_runs(st, &id);
             }
         }
         let mut ready = Vec::new();
@@ -1111,6 +1167,13 @@ impl Core {
     /// Writes every G2 block to G3 (when configured), so a restart finds them.
     pub fn flush(&self, timeout: Duration) -> Result<usize> {
         self.tiers(|t, _| Ok(t.flush(timeout)?))
+    }
+}
+
+/// A grant ended: its blocks are no longer readable by peers (unless another grant holds them).
+fn end_runs(st: &mut State, req: &str) {
+    if let Some(runs) = st.grant_runs.remove(req) {
+        st.granted.remove(&runs);
     }
 }
 

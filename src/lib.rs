@@ -15,6 +15,7 @@
 pub mod connector;
 pub mod lease;
 pub mod scheduler;
+mod served;
 
 pub use connector::{
     Connector, ConnectorConfig, Finished, LeaseTarget, OffloadConfig, PdConfig, PullSpec,

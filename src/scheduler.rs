@@ -88,8 +88,8 @@ pub struct StepPlan {
     pub loads: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
     pub pulls: Vec<(String, PullSpec)>,
     /// Requests whose blocks the worker frees only when it says so: (request, the grant's
-    /// generation when decoders are to pull it).
-    pub finished: Vec<(String, Option<u64>)>,
+    /// generation and the blocks offered, when decoders are to pull it).
+    pub finished: Vec<(String, Option<(u64, Vec<u32>)>)>,
     /// Decode side: grants to keep alive (their requests still wait to be scheduled).
     pub extends: Vec<LeaseTarget>,
     /// Decode side: grants whose requests went away (or whose offers were refused) before a
@@ -475,7 +475,9 @@ impl Scheduler {
             }
         }
         if delay {
-            let grant = offer.as_ref().map(|o| o.remote.grant);
+            let grant = offer
+                .as_ref()
+                .map(|o| (o.remote.grant, o.remote.block_ids.clone()));
             self.step.finished.push((req.to_string(), grant));
         }
         (delay, offer)
@@ -580,7 +582,7 @@ mod tests {
         );
         assert_eq!(
             p.take_step().finished,
-            vec![("p1".into(), Some(offer.remote.grant))]
+            vec![("p1".into(), Some((offer.remote.grant, vec![5, 6, 7])))]
         );
         assert_ne!(offer.remote.grant, 0);
 

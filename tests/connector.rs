@@ -57,6 +57,29 @@ fn build_with(
     total_kv_heads: Option<u32>,
     seed: u8,
 ) -> Engine {
+    build_on(
+        Transport::Tcp,
+        name,
+        g,
+        offload,
+        pd,
+        tp,
+        total_kv_heads,
+        seed,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_on(
+    transport: Transport,
+    name: &str,
+    g: Geometry,
+    offload: bool,
+    pd: Option<(u16, Duration)>,
+    tp: (u32, u32),
+    total_kv_heads: Option<u32>,
+    seed: u8,
+) -> Engine {
     let layout = CacheLayout::named(g, BLOCKS, StrideOrder::Lbhnc).expect("layout");
     let mut cache: Vec<u8> = (0..layout.span_bytes())
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -71,7 +94,7 @@ fn build_with(
         }),
         pd: pd.map(|(port, lease)| PdConfig {
             listen: format!("127.0.0.1:{port}").parse().expect("addr"),
-            transport: Transport::Tcp,
+            transport,
             token: None,
             lease,
             timeout: Duration::from_secs(5),
@@ -152,7 +175,7 @@ fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
     let remote = vec![5u32, 9, 10, 11, 40];
     let local = vec![0u32, 1, 2, 30, 63];
     let g = Generations::new().issue();
-    prefill.conn.finish("p-req", Some(g));
+    prefill.conn.finish("p-req", Some((g, &remote)));
     let host = addr.ip().to_string();
     decode.conn.pull(
         "d-req",
@@ -178,7 +201,7 @@ fn a_prefill_request_nobody_pulls_is_freed_when_its_lease_ends() {
     let prefill = engine("lonely", false, true, 3);
     prefill
         .conn
-        .finish("orphan", Some(Generations::new().issue()));
+        .finish("orphan", Some((Generations::new().issue(), &[1])));
     assert!(prefill.conn.poll().sending.is_empty(), "freed too early");
     let f = prefill.until(|f| !f.sending.is_empty());
     assert_eq!(f.sending, vec!["orphan".to_string()]);
@@ -334,7 +357,7 @@ fn decode_tp1_pulls_from_prefill_tp2_and_both_ranks_free() {
     let d = rank("d-tp1", 2, 1, 0, 0, 3);
     let g = Generations::new().issue();
     for p in [&p0, &p1] {
-        p.conn.finish("req", Some(g));
+        p.conn.finish("req", Some((g, &[3, 4])));
     }
     d.conn.pull(
         "dreq",
@@ -362,7 +385,7 @@ fn prefill_tp1_frees_only_after_both_decode_ranks_pulled() {
     let d0 = rank("d-tp2", 1, 2, 0, 0, 5);
     let d1 = rank("d-tp2", 1, 2, 1, 0, 6);
     let g = Generations::new().issue();
-    p.conn.finish("req", Some(g));
+    p.conn.finish("req", Some((g, &[7])));
     let spec = spec(("127.0.0.1", base), 1, "req", g, &[7], &[8]);
     d0.conn.pull("x", &spec);
     d0.until(|f| f.recving.contains(&"x".to_string()));
@@ -395,7 +418,7 @@ fn a_decoder_that_reads_before_the_prefill_worker_heard_of_the_offer_waits_for_i
         decode.conn.poll().recving.is_empty(),
         "reported before the grant was confirmed"
     );
-    prefill.conn.finish("p", Some(g));
+    prefill.conn.finish("p", Some((g, &[1])));
     let f = decode.until(|f| f.recving.contains(&"d".to_string()));
     assert!(f.load_errors.is_empty(), "{f:?}");
     assert_eq!(decode.block(2), prefill.block(1));
@@ -410,14 +433,20 @@ fn reuse(e: &mut Engine, b: u32, byte: u8) {
     }
 }
 
-#[test]
-fn a_late_decoder_after_the_lease_ended_and_the_blocks_were_reused_gets_load_errors() {
-    let mut prefill = engine("late-prefill", false, true, 9);
-    let decode = engine("late-decode", false, true, 10);
+/// Over TCP the prefill refuses to serve blocks whose grant ended; over UCX it cannot refuse a
+/// one-sided read, and the release after the reads is what catches it.
+fn late_decoder(transport: Transport) -> Option<ConnectorCounters> {
+    if transport == Transport::Ucx && !ucx_loads() {
+        return None;
+    }
+    let lease = Some((0, Duration::from_millis(300)));
+    let g0 = geometry();
+    let mut prefill = build_on(transport, "late-prefill", g0, false, lease, (1, 0), None, 9);
+    let decode = build_on(transport, "late-decode", g0, false, lease, (1, 0), None, 10);
     let addr = prefill.conn.listen_addr().expect("listening");
     let host = addr.ip().to_string();
     let g = Generations::new().issue();
-    prefill.conn.finish("p", Some(g));
+    prefill.conn.finish("p", Some((g, &[3, 4])));
     // Nobody extends the lease: the engine gets the blocks back and reuses them.
     prefill.until(|f| f.sending == vec!["p".to_string()]);
     reuse(&mut prefill, 3, 0xAB);
@@ -427,11 +456,27 @@ fn a_late_decoder_after_the_lease_ended_and_the_blocks_were_reused_gets_load_err
         &spec((&host, addr.port()), 1, "p", g, &[3, 4], &[5, 6]),
     );
     let f = decode.until(|f| f.recving.contains(&"d".to_string()));
-    // The bytes were read (the region is still exported) but never reported as loaded.
-    assert_eq!(f.load_errors, vec![5, 6], "{f:?}");
-    let c = decode.conn.counters();
-    assert_eq!((c.pulls_stale, c.pulled_blocks), (1, 0));
+    assert_eq!(f.load_errors, vec![5, 6], "{transport:?}: {f:?}");
     assert_eq!(prefill.conn.counters().lease_expired, 1);
+    Some(decode.conn.counters())
+}
+
+fn ucx_loads() -> bool {
+    let mut cfg = kvferry::kvnet::AgentConfig::new("ucx-probe");
+    cfg.transports = vec![Transport::Ucx];
+    kvferry::kvnet::Agent::new(cfg).is_ok_and(|a| a.ucx_library().is_some())
+}
+
+#[test]
+fn a_late_decoder_after_the_lease_ended_and_the_blocks_were_reused_gets_load_errors() {
+    // TCP: the serving side refuses the reads (no live grant covers those blocks).
+    let c = late_decoder(Transport::Tcp).expect("tcp");
+    assert_eq!((c.pull_failures, c.pulls_stale, c.pulled_blocks), (1, 0, 0));
+    // UCX: the bytes are read, but the release says the grant is gone: never reported loaded.
+    match late_decoder(Transport::Ucx) {
+        Some(c) => assert_eq!((c.pulls_stale, c.pulled_blocks), (1, 0)),
+        None => println!("kvferry-test skipped late decoder over UCX: no libucp loads here"),
+    }
 }
 
 #[test]
@@ -441,7 +486,7 @@ fn heartbeats_keep_a_waiting_decoders_blocks_past_the_lease() {
     let addr = prefill.conn.listen_addr().expect("listening");
     let host = addr.ip().to_string();
     let g = Generations::new().issue();
-    prefill.conn.finish("p", Some(g));
+    prefill.conn.finish("p", Some((g, &[7, 8])));
     let s = spec((&host, addr.port()), 1, "p", g, &[7, 8], &[9, 10]);
     // Four leases' worth of waiting, extended every 100 ms (the lease is 300 ms).
     for _ in 0..12 {
@@ -475,7 +520,7 @@ fn a_decoder_abort_frees_the_prefill_blocks_at_once() {
     let addr = prefill.conn.listen_addr().expect("listening");
     let host = addr.ip().to_string();
     let g = Generations::new().issue();
-    prefill.conn.finish("p", Some(g));
+    prefill.conn.finish("p", Some((g, &[1])));
     decode
         .conn
         .abort_remote(&spec((&host, addr.port()), 1, "p", g, &[1], &[1]).target());
@@ -491,15 +536,15 @@ fn a_pull_whose_second_rank_fails_is_reported_only_after_every_posted_read_ended
     let p1 = rank("pf-tp2", 1, 2, 1, base, 16);
     let d = rank("df-tp1", 2, 1, 0, 0, 17);
     let g = Generations::new().issue();
-    p0.conn.finish("req", Some(g));
-    p1.conn.finish("req", Some(g));
+    let remote: Vec<u32> = (0..20).collect();
+    p0.conn.finish("req", Some((g, &remote)));
+    p1.conn.finish("req", Some((g, &remote)));
     // Connect both ranks, then take rank 1 away: its read fails, rank 0's goes through.
     let warm = spec(("127.0.0.1", base), 2, "warm", 0, &[], &[]);
     d.conn.pull("warm", &warm);
     d.until(|f| f.recving.contains(&"warm".to_string()));
     drop(p1);
     let local: Vec<u32> = (20..40).collect();
-    let remote: Vec<u32> = (0..20).collect();
     d.conn.pull(
         "dreq",
         &spec(("127.0.0.1", base), 2, "req", g, &remote, &local),
@@ -536,7 +581,7 @@ fn replicated_kv_heads_map_each_decode_rank_to_its_own_head() {
     let host = addr.ip().to_string();
     let g1 = Geometry::mha(2, 1, 64, Dtype::F32, 32).expect("geometry");
     let g = Generations::new().issue();
-    p.conn.finish("req", Some(g));
+    p.conn.finish("req", Some((g, &[5])));
     for (r, head) in [(1u32, 0u32), (2, 1)] {
         let d = build_with(
             "rep-decode",
@@ -761,7 +806,7 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                     })
                     .collect();
                 for e in &pre {
-                    e.conn.finish("req", Some(g));
+                    e.conn.finish("req", Some((g, &remote)));
                 }
                 for r in 0..d {
                     let dec = build_with(
@@ -800,4 +845,63 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
             }
         }
     }
+}
+
+#[test]
+fn a_peer_reads_only_granted_blocks_and_never_writes() {
+    let prefill = engine("guarded-prefill", false, true, 20);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    // Declared before the agent, so dropped after it on every path (a failed assertion too).
+    let mut mine = vec![0u8; 1 << 16];
+    let mut cfg = kvferry::kvnet::AgentConfig::new("snoop");
+    cfg.transports = vec![Transport::Tcp];
+    let snoop = kvferry::kvnet::Agent::new(cfg).expect("agent");
+    // SAFETY: `mine` outlives `snoop`: declared before it, so dropped after it.
+    let local = unsafe {
+        snoop.register(Region {
+            kind: MemKind::Host,
+            base: mine.as_mut_ptr() as u64,
+            len: mine.len() as u64,
+        })
+    }
+    .expect("register");
+    let peer = snoop.connect(addr).expect("connect");
+    let md = snoop.peer_metadata(&peer).expect("metadata");
+    let cache = &md.caches[0];
+    let run = |b: u32| cache.layout.block_runs(b).expect("runs")[0];
+    let desc = |(off, len): (u64, u64)| Descriptor {
+        region: cache.region,
+        offset: off,
+        len: len.min(1 << 16),
+    };
+    let dst = |len: u64| Descriptor {
+        region: local,
+        offset: 0,
+        len: len.min(1 << 16),
+    };
+    let wait = |id| {
+        snoop
+            .wait(id, Duration::from_secs(10))
+            .expect("completes")
+            .result
+    };
+    // Block 7 is under no grant: refused (after the bounded wait for a grant to appear).
+    let (off, len) = run(7);
+    let id = snoop
+        .read(&[dst(len)], &peer, &[desc((off, len))], None)
+        .expect("posted");
+    assert!(wait(id).is_err(), "an ungranted block was served");
+    // Granted: served, and only while the grant lives.
+    prefill
+        .conn
+        .finish("p", Some((Generations::new().issue(), &[7])));
+    let id = snoop
+        .read(&[dst(len)], &peer, &[desc((off, len))], None)
+        .expect("posted");
+    assert!(wait(id).is_ok());
+    // Writes into the engine's cache are refused, granted or not.
+    let id = snoop
+        .write(&[dst(len)], &peer, &[desc((off, len))], None)
+        .expect("posted");
+    assert!(wait(id).is_err(), "a peer wrote into the KV cache");
 }

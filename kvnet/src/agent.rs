@@ -127,6 +127,24 @@ pub(crate) struct Shared {
     pub ucx_address: RwLock<Option<Vec<u8>>>,
     pub ucx_keys: RwLock<HashMap<RegionId, Vec<u8>>>,
     pub calls: RwLock<Option<CallHandler>>,
+    pub serve_check: RwLock<Option<ServeCheck>>,
+}
+
+/// Decides, before the TCP transport serves a peer's READ or WRITE, whether that peer may touch
+/// those descriptors now (`Err` says why not). It runs after the bounds check against our
+/// exports, on the network runtime, so it must not block. One-sided UCX operations never ask
+/// the target: a check cannot refuse those (see kvferry's leases for how the reading side
+/// proves its bytes were still the ones granted).
+pub type ServeCheck = Arc<dyn Fn(&str, Op, &[Descriptor]) -> Verdict + Send + Sync>;
+
+/// A [`ServeCheck`]'s answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Serve,
+    Refuse(String),
+    /// Not yet: ask again shortly, up to a bounded wait, then refuse with this reason (what
+    /// would allow it may be on its way, as a grant the engine learns of a step later).
+    NotYet(String),
 }
 
 /// Answers a peer's [`Agent::call`]: `(authenticated peer name, payload) -> reply`. It runs on
@@ -313,6 +331,7 @@ impl Agent {
             ucx_address: RwLock::new(None),
             ucx_keys: RwLock::new(HashMap::new()),
             calls: RwLock::new(None),
+            serve_check: RwLock::new(None),
         });
         rt.spawn(tcp::serve(shared.clone(), listener));
         let nixl_listen = match cfg.nixl_listen {
@@ -580,7 +599,17 @@ impl Agent {
         }
         let p = self.peer(peer)?;
         // Both lists are checked here, before anything moves; the peer checks its side again.
-        let resolved: Vec<Resolved> = self.shared.regions.read().resolve_all(local)?;
+        // The use-hold is taken under the same read lock as the bounds check: `deregister`
+        // removes a region under the write lock and then waits for holds, so it either sees
+        // this hold or this check fails — never a transfer into memory already given back.
+        let (resolved, held) = {
+            let regions = self.shared.regions.read();
+            let resolved: Vec<Resolved> = regions.resolve_all(local)?;
+            (
+                resolved,
+                self.shared.uses.hold(local.iter().map(|d| d.region)),
+            )
+        };
         p.regions.resolve_all(remote)?;
         if let Some(i) = local.iter().zip(remote).position(|(l, r)| l.len != r.len) {
             return Err(NetError::Descriptors(format!(
@@ -588,7 +617,6 @@ impl Agent {
                 local[i].len, remote[i].len
             )));
         }
-        let held = self.shared.uses.hold(local.iter().map(|d| d.region));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
         if let (true, Some(u), Some(addr)) = (self.use_ucx(&p), &self.ucx, &p.ucx_address) {
@@ -792,6 +820,12 @@ impl Agent {
         let shared = self.shared.clone();
         self.runtime()?
             .block_on(async move { tcp::notify(&shared, &p, payload).await })
+    }
+
+    /// Sets what decides which of the TCP transport's READs and WRITEs a peer may have served
+    /// (replacing any earlier check). Without one, anything inside our exports is served.
+    pub fn set_serve_check(&self, check: ServeCheck) {
+        *self.shared.serve_check.write() = Some(check);
     }
 
     /// Sets what answers peers' calls (replacing any earlier handler). Without one, every call

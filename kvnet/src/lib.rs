@@ -38,7 +38,9 @@ mod mem;
 mod nixl;
 mod tcp;
 
-pub use agent::{Agent, AgentConfig, CallHandler, TransferDone, TransferId, Transport};
+pub use agent::{
+    Agent, AgentConfig, CallHandler, ServeCheck, TransferDone, TransferId, Transport, Verdict,
+};
 pub use error::NetError;
 pub use kvcore;
 pub(crate) mod ucx;

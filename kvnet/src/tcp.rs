@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-use crate::agent::{Peer, Shared};
+use crate::agent::{Peer, Shared, Verdict};
 use crate::error::{code, NetError};
 use crate::framing::{io, read_message, write_message};
 use crate::mem;
@@ -573,22 +573,46 @@ async fn serve_transfer(
     peer: &str,
     n: TransferNotice,
 ) -> Result<(), NetError> {
-    let total: u64 = n.descriptors.iter().map(|d| d.len).sum();
+    // Saturating: a peer's lengths could sum past u64 (each fits its region, the sum need not).
+    let total: u64 = n
+        .descriptors
+        .iter()
+        .fold(0u64, |a, d| a.saturating_add(d.len));
     let limit = shared.timeout + Duration::from_secs_f64(total as f64 / 100e6);
-    let resolved = shared
-        .regions
-        .read()
-        .resolve_all(&n.descriptors)
-        .map_err(|e| e.to_string())
-        .and_then(|rs| {
-            mem::host_only(&rs, "requested")
-                .map(|()| rs)
-                .map_err(|e| e.to_string())
-        });
-    let held = resolved
-        .as_ref()
-        .ok()
-        .map(|_| shared.uses.hold(n.descriptors.iter().map(|d| d.region)));
+    // Resolved and held under one read lock, so `deregister` (write lock, then wait for holds)
+    // cannot give the memory back between the bounds check and the use.
+    let (resolved, held) = {
+        let regions = shared.regions.read();
+        let resolved = regions
+            .resolve_all(&n.descriptors)
+            .map_err(|e| e.to_string())
+            .and_then(|rs| {
+                mem::host_only(&rs, "requested")
+                    .map(|()| rs)
+                    .map_err(|e| e.to_string())
+            });
+        let held = resolved
+            .as_ref()
+            .ok()
+            .map(|_| shared.uses.hold(n.descriptors.iter().map(|d| d.region)));
+        (resolved, held)
+    };
+    let check = shared.serve_check.read().clone();
+    let resolved = match (resolved, check) {
+        (Ok(rs), Some(c)) => {
+            // Bounded: a peer can hold this connection for at most this long.
+            let until = std::time::Instant::now() + shared.timeout.min(Duration::from_secs(2));
+            loop {
+                match c(peer, n.op, &n.descriptors) {
+                    Verdict::Serve => break Ok(rs),
+                    Verdict::Refuse(why) => break Err(why),
+                    Verdict::NotYet(why) if std::time::Instant::now() >= until => break Err(why),
+                    Verdict::NotYet(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
+        (r, _) => r,
+    };
     let id = n.transfer_id;
     let ok = Message::Completion(Completion {
         transfer_id: id,
@@ -615,19 +639,6 @@ async fn serve_transfer(
             }
             (op, Err(e)) => {
                 log::warn!("kvferry: refusing a transfer from {peer}: {e}");
-                if op == Op::Write {
-                    // Drain the bytes that follow so the connection stays usable.
-                    let mut left = total;
-                    let mut sink = vec![0u8; 64 << 10];
-                    while left > 0 {
-                        let k = left.min(sink.len() as u64) as usize;
-                        stream
-                            .read_exact(&mut sink[..k])
-                            .await
-                            .map_err(|e| io("receive", peer, e))?;
-                        left -= k as u64;
-                    }
-                }
                 let m = Message::Completion(Completion {
                     transfer_id: id,
                     status: Status::Failed {
@@ -636,6 +647,14 @@ async fn serve_transfer(
                     },
                 });
                 write_message(stream, peer, &m).await?;
+                if op == Op::Write {
+                    // The refused bytes follow on this connection, as many as the peer claims:
+                    // close it rather than read them (a claim is no bound).
+                    return Err(NetError::Unexpected {
+                        peer: peer.to_string(),
+                        expected: "a write we could accept",
+                    });
+                }
                 return Ok(());
             }
         }

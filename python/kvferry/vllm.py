@@ -192,8 +192,8 @@ class KVFerryMetadata(KVConnectorMetadata):
     saves: dict[str, tuple[list[bytes], list[int]]] = field(default_factory=dict)
     loads: dict[str, tuple[list[bytes], list[int]]] = field(default_factory=dict)
     pulls: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # (request id, generation of the grant decoders pull it under, or None)
-    finished: list[tuple[str, int | None]] = field(default_factory=list)
+    # (request id, generation of the grant decoders pull it under or None, blocks offered)
+    finished: list[tuple[str, int | None, list[int]]] = field(default_factory=list)
     # (host, port, tp_size, request id, grant) of prefill grants to extend / to abort
     extends: list[tuple[str, int, int, str, int]] = field(default_factory=list)
     aborts: list[tuple[str, int, int, str, int]] = field(default_factory=list)
@@ -373,8 +373,8 @@ class KVFerryConnector(KVConnectorBase_V1):
                 p["remote_blocks"],
                 p["local_blocks"],
             )
-        for req, grant in meta.finished:
-            self.native.finish(req, grant)
+        for req, grant, blocks in meta.finished:
+            self.native.finish(req, grant, blocks)
         for t in meta.extends:
             self.native.extend(t)
         for t in meta.aborts:

@@ -229,10 +229,14 @@ impl Connector {
         py.detach(|| self.inner.abort_remote(&t));
     }
 
-    /// The engine finished `req`; `grant`: the generation of its offer to decoders, if any.
-    #[pyo3(signature = (req, grant = None))]
-    fn finish(&self, py: Python<'_>, req: &str, grant: Option<u64>) {
-        py.detach(|| self.inner.finish(req, grant));
+    /// The engine finished `req`; `grant`: the generation of its offer to decoders, if any,
+    /// and `blocks` the blocks it offers (the only ones decoders may read).
+    #[pyo3(signature = (req, grant = None, blocks = Vec::new()))]
+    fn finish(&self, py: Python<'_>, req: &str, grant: Option<u64>, blocks: Vec<u32>) {
+        py.detach(|| {
+            self.inner
+                .finish(req, grant.map(|g| (g, blocks.as_slice())))
+        });
     }
 
     /// `(finished_sending, finished_recving, failed_block_ids)` since the last call.
@@ -580,7 +584,15 @@ impl Scheduler {
             pulls.append((req, p))?;
         }
         d.set_item("pulls", pulls)?;
-        d.set_item("finished", step.finished)?;
+        let finished: Vec<(String, Option<u64>, Vec<u32>)> = step
+            .finished
+            .into_iter()
+            .map(|(req, g)| match g {
+                Some((gen, blocks)) => (req, Some(gen), blocks),
+                None => (req, None, Vec::new()),
+            })
+            .collect();
+        d.set_item("finished", finished)?;
         let targets = |ts: Vec<LeaseTarget>| ts.into_iter().map(target_tuple).collect::<Vec<_>>();
         d.set_item("extends", targets(step.extends))?;
         d.set_item("aborts", targets(step.aborts))?;
