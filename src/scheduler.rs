@@ -81,6 +81,9 @@ pub struct Offer {
     pub expires_unix: f64,
 }
 
+/// A grant's generation and the blocks it offers.
+pub type OfferedGrant = (u64, Vec<u32>);
+
 /// One step's decisions for the worker.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StepPlan {
@@ -89,7 +92,7 @@ pub struct StepPlan {
     pub pulls: Vec<(String, PullSpec)>,
     /// Requests whose blocks the worker frees only when it says so: (request, the grant's
     /// generation and the blocks offered, when decoders are to pull it).
-    pub finished: Vec<(String, Option<(u64, Vec<u32>)>)>,
+    pub finished: Vec<(String, Option<OfferedGrant>)>,
     /// Decode side: grants to keep alive (their requests still wait to be scheduled).
     pub extends: Vec<LeaseTarget>,
     /// Decode side: grants whose requests went away (or whose offers were refused) before a
