@@ -254,7 +254,38 @@ async fn part(
     local: Vec<Resolved>,
     remote: Vec<Descriptor>,
 ) -> Result<(), NetError> {
-    let mut c = conn_for(shared, p).await?;
+    // A pooled connection the peer closed while it sat idle (the peer restarted, or dropped
+    // it) fails before the peer answered anything: then a fresh connection carries the part.
+    // Once the peer's completion came, bytes moved, and a failure is the transfer's.
+    for fresh in [false, true] {
+        let (mut c, pooled) = conn_or_fresh(shared, p, fresh).await?;
+        match part_on(shared, &mut c, id, op, &local, &remote).await {
+            Ok(()) => {
+                p.conns.put(c);
+                return Ok(());
+            }
+            Err((e, false)) if pooled && is_dead_connection(&e) => {
+                log::debug!(
+                    "kvferry: a pooled connection to {} was dead ({e}); redialing",
+                    c.peer
+                );
+                continue;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+    Err(NetError::Shutdown)
+}
+
+/// One part on one connection; the flag says whether the peer's completion had arrived.
+async fn part_on(
+    shared: &Shared,
+    c: &mut Conn,
+    id: u64,
+    op: Op,
+    local: &[Resolved],
+    remote: &[Descriptor],
+) -> Result<(), (NetError, bool)> {
     let peer = c.peer.clone();
     let bytes: u64 = local.iter().map(|r| r.len).sum();
     // Room for the data at ≥ 100 MB/s on top of the per-step timeout.
@@ -263,10 +294,11 @@ async fn part(
         transfer_id: id,
         op,
         initiator: shared.name.clone(),
-        descriptors: remote,
+        descriptors: remote.to_vec(),
         notification: None,
     });
-    step(
+    let mut answered = false;
+    let r = step(
         limit,
         if op == Op::Read { "read" } else { "write" },
         &peer,
@@ -285,8 +317,9 @@ async fn part(
                 }) if transfer_id == id => {}
                 other => return Err(refusal(&peer, other, "completion")),
             }
+            answered = true;
             if op == Op::Read {
-                for r in &local {
+                for r in local {
                     // SAFETY: as above; nothing else touches memory a transfer writes.
                     let dst = unsafe { mem::bytes_mut(r) };
                     c.stream
@@ -298,9 +331,8 @@ async fn part(
             Ok(())
         },
     )
-    .await?;
-    p.conns.put(c);
-    Ok(())
+    .await;
+    r.map_err(|e| (e, answered))
 }
 
 /// Sends our current metadata to a peer, so it stops using regions we no longer export.

@@ -392,3 +392,53 @@ fn device_memory_is_refused_where_no_cuda_transport_can_move_it() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_peer_restarted_on_the_same_address_is_redialed_not_a_broken_pipe() {
+    let mut first = Local::new("restarting", 1 << 20, None);
+    let port = first.agent.listen_addr().port();
+    let l = Local::new("reader", 1 << 20, None);
+    l.agent
+        .connect(first.agent.listen_addr())
+        .expect("handshake");
+    let region = first.region;
+    let read = |l: &Local| {
+        let remote = Descriptor {
+            region,
+            offset: 0,
+            len: 4096,
+        };
+        let id = l
+            .agent
+            .read(&[l.desc(0, 4096)], "restarting", &[remote], None)
+            .expect("posted");
+        l.wait(id)
+    };
+    first.buf[..4096].fill(1);
+    assert_eq!(read(&l).expect("first read"), 4096);
+    // The peer goes away and comes back on the same port under the same name: every pooled
+    // connection to it is dead.
+    drop(first);
+    let mut cfg = AgentConfig::new("restarting");
+    cfg.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    cfg.transports = vec![kvnet::Transport::Tcp];
+    let mut buf = vec![2u8; 1 << 20];
+    let again = Agent::new(cfg).expect("same port");
+    // SAFETY: `buf` outlives nothing it must not: `again` is dropped first (declared after).
+    let id = unsafe {
+        again.register(Region {
+            kind: MemKind::Host,
+            base: buf.as_mut_ptr() as u64,
+            len: buf.len() as u64,
+        })
+    }
+    .expect("register");
+    assert_eq!(id, region, "the restarted peer exports under the same id");
+    // Reads redial instead of failing on the dead pooled connections.
+    for _ in 0..3 {
+        assert_eq!(read(&l).expect("read after the restart"), 4096);
+        assert!(l.buf[..4096].iter().all(|&b| b == 2));
+    }
+    drop(again);
+    drop(buf);
+}

@@ -50,7 +50,15 @@ def stats(path: str) -> dict[str, int]:
 class Server:
     """One `vllm serve` with kvferry as its KV connector."""
 
-    def __init__(self, model: str, name: str, extra: dict, workdir: str):
+    def __init__(
+        self,
+        model: str,
+        name: str,
+        extra: dict,
+        workdir: str,
+        block_size: int = 32,
+        policy: str | None = "recompute",
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stats_path = os.path.join(workdir, f"{name}.prom")
@@ -61,8 +69,9 @@ class Server:
             "kv_role": "kv_both",
             "engine_id": name,
             "kv_connector_extra_config": extra,
-            "kv_load_failure_policy": "recompute",
         }
+        if policy:  # None: vLLM's default ("fail")
+            cfg["kv_load_failure_policy"] = policy
         env = dict(
             os.environ,
             VLLM_CPU_KVCACHE_SPACE="1",
@@ -75,7 +84,7 @@ class Server:
             [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", model, "--port", str(self.port), "--host", "127.0.0.1",
-                "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048",
+                "--dtype", "float32", "--block-size", str(block_size), "--max-model-len", "2048",
                 "--enforce-eager", "--seed", "0", "--served-model-name", "tiny",
                 "--kv-transfer-config", json.dumps(cfg),
             ],
@@ -149,15 +158,23 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(10, 1990) for _ in range(length)] for _ in range(n)]
 
 
-def run(model: str, transport: str = "tcp", quiet: bool = False) -> dict:
+def run(
+    model: str,
+    transport: str = "tcp",
+    quiet: bool = False,
+    block_size: int = 32,
+    policy: str | None = "recompute",
+) -> dict:
+    """`policy`: vLLM's kv_load_failure_policy for both servers (None: vLLM's default)."""
     from kvferry.proxy import serve
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     work = tempfile.mkdtemp(prefix="kvferry-demo-")
-    prefill = Server(model, "prefill", {"pd": True, "transport": transport}, work)
+    opts = {"block_size": block_size, "policy": policy}
+    prefill = Server(model, "prefill", {"pd": True, "transport": transport}, work, **opts)
     # The decode server also offloads: both roles in one connector.
     decode = Server(
-        model, "decode", {"pd": True, "transport": transport, "dram_blocks": 1024}, work
+        model, "decode", {"pd": True, "transport": transport, "dram_blocks": 1024}, work, **opts
     )
     proxy = serve([prefill.url], [decode.url], "127.0.0.1", 0)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()

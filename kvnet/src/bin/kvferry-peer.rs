@@ -66,10 +66,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     cfg.token = token;
     cfg.transports = transports;
     cfg.ucx_peer_errors = peer_errors;
-    let agent = Agent::new(cfg)?;
+    // Declared before the agent, so dropped after it on every path out of this function (an
+    // error returned with `?` included): no peer or UCX operation can outlive the memory.
     let mut buf: Vec<u8> = (0..bytes).map(|i| pattern(seed, i)).collect();
-    // SAFETY: `buf` lives until the end of this function, after `agent` is dropped, and this
-    // program never touches it again while serving.
+    let agent = Agent::new(cfg)?;
+    // SAFETY: `buf` is dropped after `agent` (declared before it), and this program never
+    // touches it again while serving.
     let region = unsafe {
         agent.register(Region {
             kind: MemKind::Host,

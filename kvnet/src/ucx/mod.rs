@@ -92,9 +92,15 @@ fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
     }
 }
 
-fn zeroed<T: Copy>() -> T {
-    // SAFETY: only used for bindgen's plain C parameter structs, for which all-zero bytes are
-    // the documented "no fields set" value (null pointers, zero masks, `None` callbacks).
+/// All-zero bytes as a `T`.
+///
+/// # Safety
+/// All-zero bytes must be a valid `T`. Every caller passes one of bindgen's plain C parameter
+/// structs (integers, raw pointers, `Option` of function pointers), for which zero is valid and
+/// is UCX's documented "no fields set" value. It is `unsafe` because `T: Copy` alone does not
+/// make it so (`&T`, `NonNull`, plain function pointers are `Copy` and never zero).
+unsafe fn zeroed<T: Copy>() -> T {
+    // SAFETY: forwarded from this function's contract.
     unsafe { std::mem::zeroed() }
 }
 
@@ -732,7 +738,8 @@ impl Worker {
                 return;
             }
         };
-        let param: ucp_request_param_t = zeroed();
+        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
+        let param: ucp_request_param_t = unsafe { zeroed() };
         for o in ops {
             let rk = match Self::rkey(lib, ep, &o.key) {
                 Ok(r) => r,
@@ -916,7 +923,8 @@ impl Worker {
     fn post_flush(&mut self, i: usize) -> Result<(), String> {
         let peer = self.inflight[i].peer.clone();
         let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
-        let param: ucp_request_param_t = zeroed();
+        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
+        let param: ucp_request_param_t = unsafe { zeroed() };
         // SAFETY: a live endpoint of our worker; the request is polled in `advance`.
         let r = unsafe { self.lib.ucp_ep_flush_nbx(ep, &param) };
         self.track(i, r, "ucp_ep_flush_nbx")
@@ -926,7 +934,8 @@ impl Worker {
         let peer = self.inflight[i].peer.clone();
         let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
         let frame = self.inflight[i].notification.take().unwrap_or_default();
-        let mut param: ucp_request_param_t = zeroed();
+        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
+        let mut param: ucp_request_param_t = unsafe { zeroed() };
         param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
         param.flags = ucp_send_am_flags_UCP_AM_SEND_FLAG_EAGER;
         // The payload must outlive the request: keep it with the transfer until completion.
@@ -966,6 +975,7 @@ impl Worker {
             for (_, rk) in e.rkeys {
                 lib.ucp_rkey_destroy(rk);
             }
+            // All-zero is this bindgen C struct's "no fields set" value.
             let mut param: ucp_request_param_t = zeroed();
             if force {
                 param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;

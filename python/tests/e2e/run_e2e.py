@@ -261,19 +261,19 @@ def prefill_down(model, plain):
         dec.close()
 
 
-def proxy(model, transport="tcp"):
+def proxy(model, transport="tcp", block_size=BS, policy="recompute"):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples"))
     import vllm_demo
 
     # Plain outputs for the demo's prompts, from an engine without kvferry.
-    base = Engine(model, "plain-proxy")
+    base = Engine(model, "plain-proxy", block_size=block_size)
     try:
         want, _ = base.generate(vllm_demo.prompts(4, 300, seed=11), 16)
         want_long, _ = base.generate(vllm_demo.prompts(1, 1500, seed=12), 8)
     finally:
         base.close()
-    r = vllm_demo.run(model, transport, quiet=True)
-    result_note = f"over {transport}: "
+    r = vllm_demo.run(model, transport, quiet=True, block_size=block_size, policy=policy)
+    result_note = f"over {transport}, block size {block_size}, policy {policy or 'fail'}: "
     got = [{"token_ids": o} for o in r["pd_outputs"]]
     assert all(isinstance(o, list) for o in r["pd_outputs"]), "the server returned no token ids"
     check_same("proxy P/D", got, want)
@@ -312,6 +312,8 @@ def main():
         ("prefill-killed", lambda: prefill_killed(model, plain)),
         ("proxy", lambda: proxy(model)),
         ("proxy-ucx", lambda: proxy(model, "ucx")),
+        # Another geometry (6 layers, 4 KV heads), block size 64, vLLM's default failure policy.
+        ("proxy-geometry", lambda: proxy(second_model(tmp), "tcp", 64, None)),
     ]
     import failclosed
 
@@ -337,6 +339,18 @@ def main():
     skipped = sum(1 for _, r in results if r == "skipped")
     print(f"e2e: {ok} passed, {failed} failed, {skipped} skipped in {time.time() - t0:.0f} s")
     sys.exit(1 if failed else 0)
+
+
+def second_model(tmp):
+    path = os.path.join(tmp, "model-6x4")
+    if not os.path.isdir(path):
+        subprocess.run(
+            [sys.executable, os.path.join(HERE, "make_tiny_model.py"), path,
+             "--layers", "6", "--kv-heads", "4"],
+            check=True,
+            capture_output=True,
+        )
+    return path
 
 
 def ucx_available():
