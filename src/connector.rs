@@ -76,6 +76,8 @@ pub struct PdConfig {
     pub listen: SocketAddr,
     pub transport: Transport,
     pub token: Option<String>,
+    /// Accept unauthenticated peers on a non-loopback address (see `AgentConfig::insecure`).
+    pub insecure: bool,
     /// How long a prefill request's blocks are held for decoders that have not released them
     /// (vLLM NixlConnector's `kv_lease_duration`); decoders extend it while their request waits.
     pub lease: Duration,
@@ -391,6 +393,7 @@ impl Core {
                     a.listen.set_port(port);
                 }
                 a.token = pd.token.clone();
+                a.insecure = pd.insecure;
                 a.timeout = pd.timeout;
                 a.transports = match pd.transport {
                     Transport::Tcp => vec![Transport::Tcp],

@@ -96,6 +96,7 @@ fn build_on(
             listen: format!("127.0.0.1:{port}").parse().expect("addr"),
             transport,
             token: None,
+            insecure: false,
             lease,
             timeout: Duration::from_secs(5),
         }),

@@ -108,12 +108,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write(
         "challenge",
         "seed",
-        &Message::Challenge(kvcore::wire::Challenge { nonce }).encode_body(),
+        &Message::Challenge(kvcore::wire::Challenge {
+            nonce,
+            name: "prefill-1".into(),
+        })
+        .encode_body(),
     )?;
+    let dialer_nonce = [6u8; 32];
+    let proof = kvcore::auth::Transcript {
+        listener_nonce: &nonce,
+        dialer_nonce: &dialer_nonce,
+        listener_name: "prefill-1",
+        dialer_name: "decode-1",
+    }
+    .mac(b"secret", kvcore::auth::Role::Dialer)
+    .map(|p| p.to_vec())
+    .unwrap_or_default();
     let hello = kvcore::wire::Hello {
         name: "decode-1".into(),
         protocol_version: PROTOCOL_VERSION,
-        proof: kvcore::wire::Hello::proof(b"secret", &nonce, "decode-1"),
+        nonce: dialer_nonce,
+        proof,
     };
     write("hello", "seed", &Message::Hello(hello).encode_body())?;
     write("geometry", "mla", &encode_geometry(&mla))?;

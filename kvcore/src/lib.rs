@@ -12,6 +12,7 @@
 //! - [`nixl`]: NIXL's own bytes (serializer, metadata, notifications, side channel) for interop.
 //! - [`wire`]: versioned, checksummed frames for everything agents say to each other.
 
+pub mod auth;
 pub mod error;
 pub mod geometry;
 pub mod hash;

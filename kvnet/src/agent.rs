@@ -42,8 +42,12 @@ pub struct AgentConfig {
     pub name: String,
     /// Where the side channel (and the TCP transport) listens. Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Peers must prove this shared token; none means no authentication.
+    /// Peers must prove this shared token, and we prove it to them; none means no
+    /// authentication, which is refused on addresses other than loopback unless `insecure`.
     pub token: Option<String>,
+    /// Serve unauthenticated peers on a non-loopback address. Anyone who reaches the port can
+    /// then read the exported memory; the agent says so in the log at start.
+    pub insecure: bool,
     /// Bound on every network step (connect, handshake, each frame and each bulk transfer).
     pub timeout: Duration,
     /// TCP connections per peer a transfer is spread over.
@@ -70,6 +74,7 @@ impl AgentConfig {
             name: name.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: None,
+            insecure: false,
             timeout: Duration::from_secs(10),
             connections_per_peer: 4,
             transports: vec![Transport::Ucx, Transport::Tcp],
@@ -302,6 +307,27 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent: binds the listener and serves peers on it.
     pub fn new(cfg: AgentConfig) -> Result<Agent, NetError> {
+        let open = !cfg.listen.ip().is_loopback();
+        match (&cfg.token, open, cfg.insecure) {
+            (Some(t), _, _) if t.is_empty() => {
+                return Err(NetError::Config("the token is empty".into()));
+            }
+            (None, true, false) => {
+                return Err(NetError::Config(format!(
+                    "{} would listen on {} without a token: anyone who reaches it could read the \
+                     exported memory. Set a token (the same on every peer), or set insecure to \
+                     accept unauthenticated peers",
+                    cfg.name, cfg.listen
+                )));
+            }
+            (None, true, true) => log::warn!(
+                "kvferry: INSECURE: {} listens on {} without a token; any host that reaches this \
+                 port can read its exported memory",
+                cfg.name,
+                cfg.listen
+            ),
+            _ => {}
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kvferry-net")

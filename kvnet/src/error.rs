@@ -55,6 +55,8 @@ pub enum NetError {
     Unavailable(String),
     #[error("agent is shut down")]
     Shutdown,
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Error codes carried in `Completion::Failed` frames.

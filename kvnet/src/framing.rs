@@ -9,21 +9,33 @@ use crate::error::NetError;
 /// Control frames are small; bulk data travels outside frames.
 pub(crate) const MAX_CONTROL_PAYLOAD: u32 = 16 << 20;
 
+/// Frames before the peer authenticated (challenge, hello, proof) are tiny: a connection that
+/// has proved nothing gets no bigger buffer than this.
+pub(crate) const PRE_AUTH_PAYLOAD: u32 = 4 << 10;
+
 pub(crate) async fn read_message<S: AsyncRead + Unpin>(
     s: &mut S,
     peer: &str,
+) -> Result<Message, NetError> {
+    read_message_capped(s, peer, MAX_CONTROL_PAYLOAD).await
+}
+
+pub(crate) async fn read_message_capped<S: AsyncRead + Unpin>(
+    s: &mut S,
+    peer: &str,
+    cap: u32,
 ) -> Result<Message, NetError> {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head)
         .await
         .map_err(|e| io("read frame", peer, e))?;
-    let h = Header::parse(&head, MAX_CONTROL_PAYLOAD)?;
+    let h = Header::parse(&head, cap)?;
     let mut frame = vec![0u8; h.frame_len()];
     frame[..HEADER_LEN].copy_from_slice(&head);
     s.read_exact(&mut frame[HEADER_LEN..HEADER_LEN + h.payload_len as usize + TRAILER_LEN])
         .await
         .map_err(|e| io("read frame", peer, e))?;
-    Ok(Message::decode_with_limit(&frame, MAX_CONTROL_PAYLOAD)?)
+    Ok(Message::decode_with_limit(&frame, cap)?)
 }
 
 pub(crate) async fn write_message<S: AsyncWrite + Unpin>(

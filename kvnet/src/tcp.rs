@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvcore::wire::{
-    AgentMetadata, Call, Challenge, Completion, Hello, Message, Notification, Op, Reply, Status,
-    TransferNotice, PROTOCOL_VERSION,
+    AgentMetadata, Call, Challenge, Completion, Hello, Message, Notification, Op, Proof, Reply,
+    Status, TransferNotice, PROTOCOL_VERSION,
 };
 use kvcore::{Descriptor, Resolved};
 use parking_lot::Mutex;
@@ -25,8 +25,9 @@ use tokio::time::timeout;
 
 use crate::agent::{Peer, Shared, Verdict};
 use crate::error::{code, NetError};
-use crate::framing::{io, read_message, write_message};
+use crate::framing::{io, read_message, read_message_capped, write_message, PRE_AUTH_PAYLOAD};
 use crate::mem;
+use kvcore::auth::{Role, Transcript};
 
 /// An authenticated connection to a peer.
 pub(crate) struct Conn {
@@ -103,8 +104,10 @@ pub(crate) async fn dial(
     .await?;
     let _ = stream.set_nodelay(true);
     step(t, "handshake", &peer, async {
-        let nonce = match read_message(&mut stream, &peer).await? {
-            Message::Challenge(c) => c.nonce,
+        // Nothing about us goes out before the listener proved the token: a listener that
+        // does not hold it learns our name and nonce, no metadata, keys or addresses.
+        let challenge = match read_message_capped(&mut stream, &peer, PRE_AUTH_PAYLOAD).await? {
+            Message::Challenge(c) => c,
             _ => {
                 return Err(NetError::Unexpected {
                     peer: peer.clone(),
@@ -112,17 +115,45 @@ pub(crate) async fn dial(
                 })
             }
         };
-        let proof = shared
-            .token
-            .as_ref()
-            .map(|tok| Hello::proof(tok, &nonce, &shared.name))
-            .unwrap_or_default();
+        let my_nonce = nonce();
+        let transcript = Transcript {
+            listener_nonce: &challenge.nonce,
+            dialer_nonce: &my_nonce,
+            listener_name: &challenge.name,
+            dialer_name: &shared.name,
+        };
+        let proof = match &shared.token {
+            Some(tok) => transcript
+                .mac(tok, Role::Dialer)
+                .map(|p| p.to_vec())
+                .ok_or_else(|| auth_error(&peer, "cannot compute a proof"))?,
+            None => Vec::new(),
+        };
         let hello = Message::Hello(Hello {
             name: shared.name.clone(),
             protocol_version: PROTOCOL_VERSION,
+            nonce: my_nonce,
             proof,
         });
         write_message(&mut stream, &peer, &hello).await?;
+        let theirs = match read_message_capped(&mut stream, &peer, PRE_AUTH_PAYLOAD).await? {
+            Message::Proof(p) => p.proof,
+            other => return Err(refusal(&peer, other, "proof")),
+        };
+        if let Some(tok) = &shared.token {
+            if !transcript.verify(tok, Role::Listener, &theirs) {
+                let why = if theirs.is_empty() {
+                    "the listener proved no token (it has none)"
+                } else {
+                    "the listener's proof is wrong (another token, or a relay)"
+                };
+                log::warn!(
+                    "kvferry: not talking to {} at {peer}: {why}",
+                    challenge.name
+                );
+                return Err(auth_error(&challenge.name, why));
+            }
+        }
         let md = match read_message(&mut stream, &peer).await? {
             Message::Metadata(md) => md,
             other => return Err(refusal(&peer, other, "metadata")),
@@ -133,6 +164,15 @@ pub(crate) async fn dial(
                 ours: PROTOCOL_VERSION,
                 theirs: md.protocol_version,
             });
+        }
+        if md.name != challenge.name {
+            return Err(auth_error(
+                &peer,
+                &format!(
+                    "authenticated as {} but its metadata names {}",
+                    challenge.name, md.name
+                ),
+            ));
         }
         write_message(&mut stream, &peer, &Message::Metadata(shared.metadata())).await?;
         Ok((
@@ -478,8 +518,11 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn auth_error(peer: &str, reason: &str) -> NetError {
+    NetError::Auth {
+        peer: peer.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 async fn refuse(stream: &mut TcpStream, peer: &str, code: u16, message: String) {
@@ -500,8 +543,13 @@ async fn serve_conn(
     let who = addr.to_string();
     let nonce = nonce();
     let peer = step(t, "handshake", &who, async {
-        write_message(&mut stream, &who, &Message::Challenge(Challenge { nonce })).await?;
-        let hello = match read_message(&mut stream, &who).await? {
+        let challenge = Message::Challenge(Challenge {
+            nonce,
+            name: shared.name.clone(),
+        });
+        write_message(&mut stream, &who, &challenge).await?;
+        // Before the peer proved itself it gets no more than a small frame's buffer.
+        let hello = match read_message_capped(&mut stream, &who, PRE_AUTH_PAYLOAD).await? {
             Message::Hello(h) => h,
             _ => {
                 return Err(NetError::Unexpected {
@@ -523,9 +571,24 @@ async fn serve_conn(
                 theirs: hello.protocol_version,
             });
         }
+        let transcript = Transcript {
+            listener_nonce: &nonce,
+            dialer_nonce: &hello.nonce,
+            listener_name: &shared.name,
+            dialer_name: &hello.name,
+        };
+        if hello.name == shared.name {
+            refuse(
+                &mut stream,
+                &who,
+                code::BAD_REQUEST,
+                "a peer may not use our name".into(),
+            )
+            .await;
+            return Err(auth_error(&who, "the peer claims our own name"));
+        }
         if let Some(tok) = &shared.token {
-            let want = Hello::proof(tok, &nonce, &hello.name);
-            if !constant_time_eq(&want, &hello.proof) {
+            if !transcript.verify(tok, Role::Dialer, &hello.proof) {
                 let reason = if hello.proof.is_empty() {
                     "no token given"
                 } else {
@@ -545,6 +608,14 @@ async fn serve_conn(
                 });
             }
         }
+        let proof = match &shared.token {
+            Some(tok) => transcript
+                .mac(tok, Role::Listener)
+                .map(|p| p.to_vec())
+                .ok_or_else(|| auth_error(&who, "cannot compute a proof"))?,
+            None => Vec::new(),
+        };
+        write_message(&mut stream, &who, &Message::Proof(Proof { proof })).await?;
         write_message(&mut stream, &who, &Message::Metadata(shared.metadata())).await?;
         match read_message(&mut stream, &who).await? {
             Message::Metadata(md) if md.name == hello.name => {

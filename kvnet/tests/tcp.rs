@@ -8,7 +8,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use kvnet::kvcore::wire::{Hello, Kind, Message, Op, TransferNotice};
+use kvnet::kvcore::auth::{Role, Transcript};
+use kvnet::kvcore::wire::{
+    Challenge, Hello, Kind, Message, Op, Proof, TransferNotice, PROTOCOL_VERSION,
+};
 use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
 use kvnet::{Agent, AgentConfig, NetError};
 
@@ -254,13 +257,22 @@ fn raw_handshake(
     let Message::Challenge(c) = challenge else {
         panic!("expected a challenge")
     };
+    let nonce = [7u8; 32];
+    let transcript = Transcript {
+        listener_nonce: &c.nonce,
+        dialer_nonce: &nonce,
+        listener_name: &c.name,
+        dialer_name: name,
+    };
     let proof = token
-        .map(|t| Hello::proof(t, &c.nonce, name))
+        .and_then(|t| transcript.mac(t, Role::Dialer))
+        .map(|p| p.to_vec())
         .unwrap_or_default();
     s.write_all(
         &Message::Hello(Hello {
             name: name.into(),
             protocol_version: version,
+            nonce,
             proof,
         })
         .encode(),
@@ -287,7 +299,8 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
         &b"GET / HTTP/1.1\r\n\r\n"[..],
         &Message::Hello(Hello {
             name: "x".into(),
-            protocol_version: 1,
+            protocol_version: PROTOCOL_VERSION,
+            nonce: [0; 32],
             proof: vec![],
         })
         .encode()[..9],
@@ -313,7 +326,7 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
     }
     // Wrong token and no token: refused.
     for tok in [Some(&b"guess"[..]), None] {
-        let (_, reply) = raw_handshake(p.addr, "intruder", 1, tok);
+        let (_, reply) = raw_handshake(p.addr, "intruder", PROTOCOL_VERSION, tok);
         assert!(
             matches!(reply, Message::Completion(_)),
             "refused: {:?}",
@@ -324,7 +337,13 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
     let err = wrong.agent.connect(p.addr).expect_err("wrong token");
     assert!(err.to_string().contains("authentication failed"), "{err}");
     // A correctly authenticated raw client forging a descriptor outside the export.
-    let (mut s, reply) = raw_handshake(p.addr, "forger", 1, Some(b"s3cret"));
+    let (mut s, reply) = raw_handshake(p.addr, "forger", PROTOCOL_VERSION, Some(b"s3cret"));
+    assert_eq!(
+        reply.kind(),
+        Kind::Proof,
+        "the listener proves itself first"
+    );
+    let reply = read_frame(&mut s);
     assert_eq!(reply.kind(), Kind::Metadata);
     let Message::Metadata(md) = reply else {
         unreachable!()
@@ -441,4 +460,127 @@ fn a_peer_restarted_on_the_same_address_is_redialed_not_a_broken_pipe() {
     }
     drop(again);
     drop(buf);
+}
+
+/// A listener that does not hold the token (or relays a wrong proof): the dialer refuses it
+/// and sends it nothing about itself — no metadata, no keys, no addresses.
+#[test]
+fn a_dialer_with_a_token_refuses_a_listener_that_cannot_prove_it() {
+    for proof in [Vec::new(), vec![0xAB; 32]] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let fake = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(
+                &Message::Challenge(Challenge {
+                    nonce: [3; 32],
+                    name: "prefill".into(),
+                })
+                .encode(),
+            )
+            .expect("challenge");
+            let hello = read_frame(&mut s);
+            assert_eq!(hello.kind(), Kind::Hello);
+            s.write_all(&Message::Proof(Proof { proof }).encode())
+                .expect("proof");
+            // Whatever the dialer sends now: it must not be its metadata.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest
+        });
+        let c = Local::new("decode", 4096, Some("s3cret"));
+        let err = c.agent.connect(addr).expect_err("an unproven listener");
+        assert!(matches!(err, NetError::Auth { .. }), "{err}");
+        let sent = fake.join().expect("fake listener");
+        assert!(
+            sent.is_empty(),
+            "the dialer sent {} bytes after a bad proof",
+            sent.len()
+        );
+    }
+}
+
+/// The listener's own challenge reflected back at it: a proof for the dialer role never passes
+/// as the listener's, so an agent cannot be made to authenticate to itself.
+#[test]
+fn reflected_and_replayed_proofs_are_refused() {
+    let p = Peer::start("prefill", 1 << 20, 4, &["--token", "s3cret"], &[]);
+    // Replay: a proof made for one challenge, sent against another.
+    let mut s1 = TcpStream::connect(p.addr).expect("connect");
+    s1.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let Message::Challenge(c1) = read_frame(&mut s1) else {
+        panic!("challenge")
+    };
+    let nonce = [9u8; 32];
+    let old = Transcript {
+        listener_nonce: &c1.nonce,
+        dialer_nonce: &nonce,
+        listener_name: &c1.name,
+        dialer_name: "decode",
+    }
+    .mac(b"s3cret", Role::Dialer)
+    .expect("mac");
+    let mut s2 = TcpStream::connect(p.addr).expect("connect");
+    s2.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let Message::Challenge(c2) = read_frame(&mut s2) else {
+        panic!("challenge")
+    };
+    assert_ne!(c1.nonce, c2.nonce, "every connection gets a fresh nonce");
+    for proof in [old.to_vec(), {
+        // Reflection: the listener's role proof for this very transcript.
+        Transcript {
+            listener_nonce: &c2.nonce,
+            dialer_nonce: &nonce,
+            listener_name: &c2.name,
+            dialer_name: "decode",
+        }
+        .mac(b"s3cret", Role::Listener)
+        .expect("mac")
+        .to_vec()
+    }] {
+        let mut s = TcpStream::connect(p.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let Message::Challenge(_) = read_frame(&mut s) else {
+            panic!("challenge")
+        };
+        s.write_all(
+            &Message::Hello(Hello {
+                name: "decode".into(),
+                protocol_version: PROTOCOL_VERSION,
+                nonce,
+                proof,
+            })
+            .encode(),
+        )
+        .expect("send");
+        assert!(
+            matches!(read_frame(&mut s), Message::Completion(_)),
+            "a replayed or reflected proof was accepted"
+        );
+    }
+    drop((s1, s2));
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_token_is_refused_unless_insecure_is_said() {
+    let mut cfg = AgentConfig::new("open");
+    cfg.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+    cfg.transports = vec![kvnet::Transport::Tcp];
+    let err = match Agent::new(cfg.clone()) {
+        Ok(_) => panic!("an unauthenticated agent listened on every interface"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("without a token"), "{err}");
+    cfg.token = Some(String::new());
+    assert!(Agent::new(cfg.clone()).is_err(), "an empty token");
+    cfg.token = Some("s3cret".into());
+    Agent::new(cfg.clone()).expect("with a token");
+    cfg.token = None;
+    cfg.insecure = true;
+    Agent::new(cfg).expect("insecure, said out loud");
 }

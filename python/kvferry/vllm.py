@@ -18,7 +18,9 @@ Extra config (all optional):
   what they advertise to decoders. Prefill and decode may have different TP sizes: each decode
   rank reads its heads from the prefill ranks that hold them and tells every prefill rank, which
   frees the request's blocks once all decode ranks did. ``transport``: ``"tcp"`` (default) or
-  ``"ucx"``. ``token``: a shared secret for the handshake. ``kv_lease_duration`` (seconds,
+  ``"ucx"``. ``token`` (or the environment variable ``KVFERRY_TOKEN``): a shared secret both
+  sides prove to each other; required when ``host`` is not a loopback address, unless
+  ``"insecure": true`` (then anyone who reaches the port can read the exported KV). ``kv_lease_duration`` (seconds,
   default 30, NixlConnector's name; ``free_timeout_s`` is read as an alias): a prefill request's
   blocks are held under a grant for this long; a decode engine whose request still waits extends
   it every third of it, and releases it after reading. A decoder only reports blocks loaded once
@@ -126,7 +128,10 @@ def _shared(
                 host=str(extra.get("bind_host", extra.get("host", "127.0.0.1"))),
                 port=int(extra.get("port", 0)),
                 transport=str(extra.get("transport", "tcp")),
-                token=extra.get("token"),
+                # The shared secret: the extra config's, else the environment's (so it need not
+                # be written into a command line or a manifest).
+                token=extra.get("token") or os.environ.get("KVFERRY_TOKEN") or None,
+                insecure=bool(extra.get("insecure", False)),
                 lease_s=lease_seconds(extra),
                 timeout_s=float(extra.get("timeout_s", 10.0)),
                 tp_size=tp_size,

@@ -60,7 +60,8 @@ impl Connector {
     #[new]
     #[pyo3(signature = (
         engine_id, *, dram_blocks = 0, nvme_dir = None, nvme_blocks = 0, pd = false,
-        host = "0.0.0.0".to_string(), port = 0, transport = "tcp".to_string(), token = None,
+        host = "127.0.0.1".to_string(), port = 0, transport = "tcp".to_string(), token = None,
+        insecure = false,
         lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None,
         identity = String::new(), caller_evicts = false
     ))]
@@ -76,6 +77,7 @@ impl Connector {
         port: u16,
         transport: String,
         token: Option<String>,
+        insecure: bool,
         lease_s: f64,
         timeout_s: f64,
         tp_size: u32,
@@ -108,6 +110,7 @@ impl Connector {
                     listen,
                     transport,
                     token,
+                    insecure,
                     lease: secs(lease_s, "kv_lease_duration")?,
                     timeout: secs(timeout_s, "timeout")?,
                 })

@@ -40,10 +40,11 @@ pub enum Kind {
     Hello = 7,
     Call = 8,
     Reply = 9,
+    Proof = 10,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Metadata,
         Kind::Transfer,
         Kind::Notification,
@@ -53,6 +54,7 @@ impl Kind {
         Kind::Hello,
         Kind::Call,
         Kind::Reply,
+        Kind::Proof,
     ];
 
     pub fn from_u8(v: u8) -> Result<Kind, WireError> {

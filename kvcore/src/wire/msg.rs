@@ -10,7 +10,9 @@ use crate::layout::{CacheLayout, LayerPlacement, StrideOrder};
 use crate::region::{Descriptor, MemKind, Region, RegionId, RegionTable};
 
 /// Version of the agent protocol carried in metadata (distinct from the frame format's version).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: mutual authentication (the listener names itself in its challenge, the dialer sends a
+/// nonce of its own, the listener proves the token too; see [`crate::auth`]), calls and replies.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_TRANSPORT_LEN: usize = 64;
 /// Transport blobs: UCX worker addresses and packed rkeys are well under this.
@@ -127,29 +129,25 @@ pub struct Abort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Challenge {
     pub nonce: [u8; 32],
+    /// The listener's agent name (bound into both proofs).
+    pub name: String,
 }
 
-/// The connecting agent's answer: who it is, which protocol it speaks, and, when a token is
-/// configured, `SHA-256("kvferry-auth-v1" ‖ token ‖ nonce ‖ name)` (else empty).
+/// The dialing agent's answer: who it is, which protocol it speaks, its own nonce, and, when a
+/// token is configured, the dialer's proof over both nonces and both names (else empty).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub name: String,
     pub protocol_version: u16,
+    pub nonce: [u8; 32],
     pub proof: Vec<u8>,
 }
 
-impl Hello {
-    /// The proof a holder of `token` gives for `nonce` under `name`.
-    pub fn proof(token: &[u8], nonce: &[u8; 32], name: &str) -> Vec<u8> {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(b"kvferry-auth-v1");
-        h.update((token.len() as u64).to_le_bytes());
-        h.update(token);
-        h.update(nonce);
-        h.update(name.as_bytes());
-        h.finalize().to_vec()
-    }
+/// The listener's proof, sent after it checked the dialer's and before its metadata (empty
+/// without a token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proof {
+    pub proof: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +161,7 @@ pub enum Message {
     Hello(Hello),
     Call(Call),
     Reply(Reply),
+    Proof(Proof),
 }
 
 impl Message {
@@ -177,6 +176,7 @@ impl Message {
             Message::Hello(_) => Kind::Hello,
             Message::Call(_) => Kind::Call,
             Message::Reply(_) => Kind::Reply,
+            Message::Proof(_) => Kind::Proof,
         }
     }
 
@@ -204,6 +204,7 @@ impl Message {
                 w.u64(m.call_id);
                 w.bytes(&m.payload);
             }
+            Message::Proof(m) => w.bytes(&m.proof),
         }
         w.buf
     }
@@ -237,6 +238,9 @@ impl Message {
                 call_id: r.u64("call_id")?,
                 payload: r.bytes("payload", MAX_CALL_LEN)?.to_vec(),
             }),
+            Kind::Proof => Message::Proof(Proof {
+                proof: read_proof(&mut r)?,
+            }),
         };
         r.finish()?;
         Ok(m)
@@ -259,8 +263,29 @@ into_message!(
     Challenge,
     Hello,
     Call,
-    Reply
+    Reply,
+    Proof
 );
+
+/// A proof: empty (no token) or one HMAC-SHA256.
+fn read_proof(r: &mut Reader<'_>) -> Result<Vec<u8>, WireError> {
+    let proof = r.bytes("proof", 64)?.to_vec();
+    if !(proof.is_empty() || proof.len() == 32) {
+        return Err(WireError::Invalid {
+            field: "proof",
+            reason: format!("{} bytes; expected 0 or 32", proof.len()),
+        });
+    }
+    Ok(proof)
+}
+
+fn read_nonce(r: &mut Reader<'_>) -> Result<[u8; 32], WireError> {
+    let mut nonce = [0u8; 32];
+    for b in nonce.iter_mut() {
+        *b = r.u8("nonce")?;
+    }
+    Ok(nonce)
+}
 
 impl From<AgentMetadata> for Message {
     fn from(m: AgentMetadata) -> Message {
@@ -694,14 +719,13 @@ impl Abort {
 impl Challenge {
     fn write(&self, w: &mut Writer) {
         w.buf.extend_from_slice(&self.nonce);
+        w.str(&self.name);
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Challenge, WireError> {
-        let mut nonce = [0u8; 32];
-        for b in nonce.iter_mut() {
-            *b = r.u8("nonce")?;
-        }
-        Ok(Challenge { nonce })
+        let nonce = read_nonce(r)?;
+        let name = nonempty_name("name", r.string("name", MAX_NAME_LEN)?)?;
+        Ok(Challenge { nonce, name })
     }
 }
 
@@ -709,22 +733,19 @@ impl Hello {
     fn write(&self, w: &mut Writer) {
         w.str(&self.name);
         w.u16(self.protocol_version);
+        w.buf.extend_from_slice(&self.nonce);
         w.bytes(&self.proof);
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Hello, WireError> {
         let name = nonempty_name("name", r.string("name", MAX_NAME_LEN)?)?;
         let protocol_version = r.u16("protocol_version")?;
-        let proof = r.bytes("proof", 64)?.to_vec();
-        if !(proof.is_empty() || proof.len() == 32) {
-            return Err(WireError::Invalid {
-                field: "proof",
-                reason: format!("{} bytes; expected 0 or 32", proof.len()),
-            });
-        }
+        let nonce = read_nonce(r)?;
+        let proof = read_proof(r)?;
         Ok(Hello {
             name,
             protocol_version,
+            nonce,
             proof,
         })
     }

@@ -2,8 +2,9 @@
 //! closes. Handy to test a node's network path, and the far side of kvnet's two-process tests.
 //!
 //! ```text
-//! kvferry-peer --name NAME [--bytes N] [--seed S] [--listen ADDR] [--token T] [--transports ucx,tcp]
-//!              [--ucx-no-peer-errors]
+//! kvferry-peer --name NAME [--bytes N] [--seed S] [--listen ADDR] [--token T] [--insecure]
+//!              [--transports ucx,tcp] [--ucx-no-peer-errors]
+//! (a non-loopback --listen needs --token, or --insecure to serve anyone who connects)
 //! stdout:  READY <listen addr> <region id> <bytes>
 //!          NOTIF <from> <payload as text>       (for every notification received)
 //! stdin:   dereg | connect <addr> | notify <peer> <text> | quit
@@ -34,6 +35,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut seed = 1u64;
     let mut cfg_listen = None;
     let mut token = None;
+    let mut insecure = false;
     let mut peer_errors = true;
     let mut transports = vec![Transport::Ucx, Transport::Tcp];
     let mut args = std::env::args().skip(1);
@@ -45,6 +47,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--seed" => seed = val()?.parse()?,
             "--listen" => cfg_listen = Some(val()?.parse()?),
             "--token" => token = Some(val()?),
+            "--insecure" => insecure = true,
             "--ucx-no-peer-errors" => peer_errors = false,
             "--transports" => {
                 transports = val()?
@@ -64,6 +67,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         cfg.listen = l;
     }
     cfg.token = token;
+    cfg.insecure = insecure;
     cfg.transports = transports;
     cfg.ucx_peer_errors = peer_errors;
     // Declared before the agent, so dropped after it on every path out of this function (an
