@@ -878,7 +878,7 @@ impl Core {
         let Some(grants) = st.grants.as_mut() else {
             return LeaseReply::Gone.encode();
         };
-        let (reply, ended) = grants.answer(&call, Instant::now());
+        let (reply, ended) = grants.answer(&call, crate::lease::engine_of(peer), Instant::now());
         if let Some(how) = ended {
             let req = match &call {
                 LeaseCall::Extend(g) | LeaseCall::Abort(g) => &g.request,

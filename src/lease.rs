@@ -17,6 +17,11 @@
 //! does the decoder report the blocks loaded; any other answer (`gone`, `pending` past the
 //! deadline, an error) makes them load errors, and vLLM recomputes them.
 //!
+//! The first decode engine that calls about a grant owns it (calls arrive on authenticated
+//! connections, so the caller's name is the one it proved): another engine's calls about it are
+//! answered `gone`, so a second decoder (a router's retry) can neither free the blocks under the
+//! first one nor read them as good.
+//!
 //! `pending` means the prefill's worker has not yet heard that the request finished (its
 //! scheduler made the offer, the worker learns it a step later): the blocks are held meanwhile,
 //! and the decoder asks again until its deadline.
@@ -168,6 +173,16 @@ struct Grant {
     generation: u64,
     expires: Instant,
     released: BTreeSet<u32>,
+    /// The decode engine that first called about it.
+    owner: Option<String>,
+}
+
+/// The engine an agent name belongs to: the connector names its agents `<engine>-rank<r>`.
+pub fn engine_of(agent: &str) -> &str {
+    match agent.rsplit_once("-rank") {
+        Some((engine, r)) if !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()) => engine,
+        _ => agent,
+    }
 }
 
 /// Why a grant ended.
@@ -216,6 +231,7 @@ impl Grants {
                 generation,
                 expires: now + self.lease,
                 released: BTreeSet::new(),
+                owner: None,
             },
         );
     }
@@ -224,8 +240,14 @@ impl Grants {
         self.live.contains_key(request)
     }
 
-    /// Answers a decoder's call; returns the reply and, when the call ended the grant, why.
-    pub fn answer(&mut self, call: &LeaseCall, now: Instant) -> (LeaseReply, Option<Ended>) {
+    /// Answers a decoder's call from the engine `caller`; returns the reply and, when the call
+    /// ended the grant, why.
+    pub fn answer(
+        &mut self,
+        call: &LeaseCall,
+        caller: &str,
+        now: Instant,
+    ) -> (LeaseReply, Option<Ended>) {
         let g = match call {
             LeaseCall::Extend(g) | LeaseCall::Abort(g) => g,
             LeaseCall::Release { grant, .. } => grant,
@@ -237,6 +259,11 @@ impl Grants {
         let Some(l) = live else {
             return (self.unknown(g), None);
         };
+        match &l.owner {
+            None => l.owner = Some(caller.to_string()),
+            Some(o) if o != caller => return (LeaseReply::Gone, None),
+            Some(_) => {}
+        }
         match call {
             LeaseCall::Extend(_) => {
                 l.expires = l.expires.max(now + self.lease);
@@ -358,26 +385,26 @@ mod tests {
             rank,
             ranks: 2,
         };
-        assert_eq!(t.answer(&rel(g1, 0), now).0, LeaseReply::Pending);
+        assert_eq!(t.answer(&rel(g1, 0), "d", now).0, LeaseReply::Pending);
         t.grant("r", g1, now);
-        assert_eq!(t.answer(&rel(g1, 0), now), (LeaseReply::Live, None));
+        assert_eq!(t.answer(&rel(g1, 0), "d", now), (LeaseReply::Live, None));
         // A duplicate release of rank 0 does not count as rank 1.
-        assert_eq!(t.answer(&rel(g1, 0), now), (LeaseReply::Live, None));
+        assert_eq!(t.answer(&rel(g1, 0), "d", now), (LeaseReply::Live, None));
         assert_eq!(
-            t.answer(&rel(g1, 1), now),
+            t.answer(&rel(g1, 1), "d", now),
             (LeaseReply::Live, Some(Ended::Released))
         );
-        assert_eq!(t.answer(&rel(g1, 1), now).0, LeaseReply::Gone);
+        assert_eq!(t.answer(&rel(g1, 1), "d", now).0, LeaseReply::Gone);
         assert_eq!(
-            t.answer(&LeaseCall::Extend(gid("r", g1)), now).0,
+            t.answer(&LeaseCall::Extend(gid("r", g1)), "d", now).0,
             LeaseReply::Gone
         );
         // The same request id offered again gets a new generation; the old one stays gone.
         t.grant("r", g2, now);
-        assert_eq!(t.answer(&rel(g1, 0), now).0, LeaseReply::Gone);
-        assert_eq!(t.answer(&rel(g2, 0), now).0, LeaseReply::Live);
+        assert_eq!(t.answer(&rel(g1, 0), "d", now).0, LeaseReply::Gone);
+        assert_eq!(t.answer(&rel(g2, 0), "d", now).0, LeaseReply::Live);
         // A generation below the newest one seen, never granted here: gone, not pending.
-        assert_eq!(t.answer(&rel(g1 - 1, 0), now).0, LeaseReply::Gone);
+        assert_eq!(t.answer(&rel(g1 - 1, 0), "d", now).0, LeaseReply::Gone);
     }
 
     #[test]
@@ -391,7 +418,7 @@ mod tests {
         t.grant("b", b, now);
         let later = now + Duration::from_secs(8);
         assert_eq!(
-            t.answer(&LeaseCall::Extend(gid("a", a)), later).0,
+            t.answer(&LeaseCall::Extend(gid("a", a)), "d", later).0,
             LeaseReply::Live
         );
         let expired = t.expire(now + Duration::from_secs(11));
@@ -399,16 +426,35 @@ mod tests {
         assert!(t.is_live("a"));
         // An expired grant answers gone even before expire() ran.
         assert_eq!(
-            t.answer(&LeaseCall::Extend(gid("a", a)), later + lease + lease)
+            t.answer(&LeaseCall::Extend(gid("a", a)), "d", later + lease + lease)
                 .0,
             LeaseReply::Gone
         );
         let mut t = Grants::new(lease);
         t.grant("c", a, now);
         assert_eq!(
-            t.answer(&LeaseCall::Abort(gid("c", a)), now),
+            t.answer(&LeaseCall::Abort(gid("c", a)), "d", now),
             (LeaseReply::Live, Some(Ended::Aborted))
         );
         assert!(!t.is_live("c"));
+    }
+
+    #[test]
+    fn a_grant_belongs_to_the_first_decode_engine_that_calls() {
+        assert_eq!(engine_of("decode-a-rank3"), "decode-a");
+        assert_eq!(engine_of("decode-rankx"), "decode-rankx");
+        assert_eq!(engine_of("plain"), "plain");
+        let now = Instant::now();
+        let mut t = Grants::new(Duration::from_secs(30));
+        let g = Generations::new().issue();
+        t.grant("r", g, now);
+        let ext = LeaseCall::Extend(gid("r", g));
+        assert_eq!(t.answer(&ext, "decode-a", now).0, LeaseReply::Live);
+        // A second engine (a retried request elsewhere) can neither extend, release nor abort.
+        assert_eq!(t.answer(&ext, "decode-b", now).0, LeaseReply::Gone);
+        let abort = LeaseCall::Abort(gid("r", g));
+        assert_eq!(t.answer(&abort, "decode-b", now), (LeaseReply::Gone, None));
+        assert!(t.is_live("r"));
+        assert_eq!(t.answer(&abort, "decode-a", now).1, Some(Ended::Aborted));
     }
 }
