@@ -87,6 +87,19 @@ impl AgentConfig {
 
 pub type TransferId = u64;
 
+/// Peers an agent keeps metadata for. A new name beyond it is refused (the handshake fails),
+/// so a flood of handshakes under fresh names cannot grow our memory without bound.
+pub const MAX_PEERS: usize = 4096;
+
+/// Notifications queued and not yet taken, in number and in payload bytes; beyond either the
+/// oldest are dropped (and counted).
+pub const MAX_QUEUED_NOTIFICATIONS: usize = 65536;
+pub const MAX_QUEUED_NOTIFICATION_BYTES: usize = 64 << 20;
+
+/// Metadata bytes kept per peer (its encoded size): a region table of 65k regions with keys
+/// fits; more is refused.
+pub const MAX_PEER_METADATA: usize = 8 << 20;
+
 #[derive(Debug)]
 pub struct TransferDone {
     pub id: TransferId,
@@ -113,6 +126,8 @@ pub(crate) struct Peer {
     pub conns: Arc<tcp::ConnPool>,
     pub ucx_address: Option<Arc<Vec<u8>>>,
     pub ucx_keys: HashMap<RegionId, Arc<Vec<u8>>>,
+    /// When its metadata was (last) loaded: the oldest idle peer makes room for a new one.
+    pub loaded_at: Instant,
 }
 
 pub(crate) struct Shared {
@@ -133,6 +148,9 @@ pub(crate) struct Shared {
     pub ucx_keys: RwLock<HashMap<RegionId, Vec<u8>>>,
     pub calls: RwLock<Option<CallHandler>>,
     pub serve_check: RwLock<Option<ServeCheck>>,
+    pub dropped_notifications: AtomicU64,
+    /// Payload bytes in `notifications` (changed only under its lock).
+    pub queued_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// Decides, before the TCP transport serves a peer's READ or WRITE, whether that peer may touch
@@ -238,8 +256,44 @@ impl Shared {
                 Some((r.id, Arc::new(k.key.clone())))
             })
             .collect();
+        let size: usize = md
+            .regions
+            .iter()
+            .map(|r| 64 + r.keys.iter().map(|k| k.key.len() + 16).sum::<usize>())
+            .sum::<usize>()
+            + md.endpoints
+                .iter()
+                .map(|e| e.address.len() + 16)
+                .sum::<usize>()
+            + md.caches.len() * 256;
+        if size > MAX_PEER_METADATA {
+            return Err(NetError::Descriptors(format!(
+                "peer {:?} sends {size} bytes of metadata; at most {MAX_PEER_METADATA} are kept",
+                md.name
+            )));
+        }
         let name = md.name.clone();
         let mut peers = self.peers.write();
+        if !peers.contains_key(&name) && peers.len() >= MAX_PEERS {
+            // Room for a new peer: the one loaded longest ago that nothing uses right now (no
+            // transfer or call holds its entry). It reconnects if it comes back.
+            let idle = peers
+                .iter()
+                .filter(|(_, p)| Arc::strong_count(p) == 1)
+                .min_by_key(|(_, p)| p.loaded_at)
+                .map(|(n, _)| n.clone());
+            match idle {
+                Some(old) => {
+                    log::info!("kvferry: {MAX_PEERS} peers known; forgetting {old} for {name}");
+                    peers.remove(&old);
+                }
+                None => {
+                    return Err(NetError::Descriptors(format!(
+                        "{MAX_PEERS} peers known and all in use; {name:?} is refused"
+                    )))
+                }
+            }
+        }
         // NIXL's side channel is unauthenticated: it must not replace a kvferry peer's entry.
         if let Some(old) = peers.get(&name) {
             if std::mem::discriminant(&old.flavour) != std::mem::discriminant(&flavour) {
@@ -263,6 +317,7 @@ impl Shared {
                 conns,
                 ucx_address,
                 ucx_keys,
+                loaded_at: Instant::now(),
             }),
         );
         Ok(name)
@@ -290,8 +345,32 @@ impl Shared {
     }
 
     pub fn deliver(&self, n: Notification) {
-        self.notifications.lock().push_back(n);
+        let mut q = self.notifications.lock();
+        let mut bytes = self.queued_bytes.load(Ordering::Relaxed) + n.payload.len();
+        while !q.is_empty()
+            && (q.len() >= MAX_QUEUED_NOTIFICATIONS || bytes > MAX_QUEUED_NOTIFICATION_BYTES)
+        {
+            if let Some(old) = q.pop_front() {
+                bytes -= old.payload.len();
+            }
+            let dropped = self.dropped_notifications.fetch_add(1, Ordering::Relaxed);
+            if dropped.is_power_of_two() {
+                log::warn!(
+                    "kvferry: {} notifications dropped: nobody takes them ({MAX_QUEUED_NOTIFICATIONS} queued)",
+                    dropped + 1
+                );
+            }
+        }
+        q.push_back(n);
+        self.queued_bytes.store(bytes, Ordering::Relaxed);
+        drop(q);
         self.notif_cv.notify_all();
+    }
+
+    /// Takes every queued notification.
+    pub fn take_notifications(&self, q: &mut VecDeque<Notification>) -> Vec<Notification> {
+        self.queued_bytes.store(0, Ordering::Relaxed);
+        q.drain(..).collect()
     }
 }
 
@@ -358,6 +437,8 @@ impl Agent {
             ucx_keys: RwLock::new(HashMap::new()),
             calls: RwLock::new(None),
             serve_check: RwLock::new(None),
+            dropped_notifications: AtomicU64::new(0),
+            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
         });
         rt.spawn(tcp::serve(shared.clone(), listener));
         let nixl_listen = match cfg.nixl_listen {
@@ -432,14 +513,19 @@ impl Agent {
                 }
             )));
         }
-        let id = self.shared.regions.write().insert(region)?;
+        // The table stays write-locked until the transport mapped the region: no peer can see
+        // it (metadata and bounds checks take the read lock, and use-holds are taken under it)
+        // before its registration fully succeeded, so a failed one is removed untouched. The
+        // UCX thread never takes this lock, so waiting for it here cannot deadlock.
+        let mut regions = self.shared.regions.write();
+        let id = regions.insert(region)?;
         if let Some(u) = &self.ucx {
             match u.map(id, region.base, region.len, device) {
                 Ok(key) => {
                     self.shared.ucx_keys.write().insert(id, key);
                 }
                 Err(e) => {
-                    self.shared.regions.write().remove(id)?;
+                    regions.remove(id)?;
                     return Err(e);
                 }
             }
@@ -490,8 +576,9 @@ impl Agent {
             return Err(NetError::Busy(id.0));
         }
         if let Some(u) = &self.ucx {
-            u.unmap(id);
             self.shared.ucx_keys.write().remove(&id);
+            // Done, not queued: after this the rkey peers hold no longer reaches the memory.
+            u.unmap(id, self.shared.timeout)?;
         }
         self.publish();
         Ok(r)
@@ -546,6 +633,11 @@ impl Agent {
     }
 
     /// The metadata of a loaded peer.
+    /// How many peers' metadata this agent keeps (at most [`MAX_PEERS`]).
+    pub fn peer_count(&self) -> usize {
+        self.shared.peers.read().len()
+    }
+
     pub fn peer_metadata(&self, peer: &str) -> Option<AgentMetadata> {
         self.shared
             .peers
@@ -879,7 +971,8 @@ impl Agent {
 
     /// Notifications received since the last call, as `(sender, bytes)`.
     pub fn notifications(&self) -> Vec<Notification> {
-        self.shared.notifications.lock().drain(..).collect()
+        let mut q = self.shared.notifications.lock();
+        self.shared.take_notifications(&mut q)
     }
 
     /// Waits until at least one notification is queued (or the timeout passes), then drains.
@@ -896,7 +989,7 @@ impl Agent {
                 break;
             }
         }
-        q.drain(..).collect()
+        self.shared.take_notifications(&mut q)
     }
 }
 

@@ -119,12 +119,8 @@ impl Shared {
                 }],
             });
         };
-        if let Some(p) = &old {
-            for r in &p.metadata.regions {
-                let key = r.keys.first().map(|k| k.key.clone()).unwrap_or_default();
-                add(r.region, key);
-            }
-        }
+        // What this blob says first: a range NIXL registered again comes with its new rkey,
+        // which must win over the one we knew (the old key is for a registration NIXL dropped).
         for s in md.sections.iter().filter(|s| s.backend == UCX_BACKEND) {
             for d in &s.descs {
                 let Some(kind) = mem_kind(s.mem, d.dev_id)? else {
@@ -136,6 +132,12 @@ impl Shared {
                     len: d.len,
                 };
                 add(region, d.meta.clone());
+            }
+        }
+        if let Some(p) = &old {
+            for r in &p.metadata.regions {
+                let key = r.keys.first().map(|k| k.key.clone()).unwrap_or_default();
+                add(r.region, key);
             }
         }
         let side_channel = side_channel.or(match old.map(|p| p.flavour) {
@@ -295,8 +297,11 @@ pub(crate) async fn fetch(shared: &Shared, addr: SocketAddr) -> Result<String, N
     let mut s = dial(shared, addr).await?;
     let peer = addr.to_string();
     write_comm(&mut s, shared.timeout, &peer, &NixlComm::Send).await?;
+    // One deadline for the whole exchange: a listener that keeps sending other commands does
+    // not keep us here.
+    let deadline = tokio::time::Instant::now() + shared.timeout;
     loop {
-        let reply = timeout(shared.timeout, read_comm(&mut s, shared.timeout, &peer))
+        let reply = tokio::time::timeout_at(deadline, read_comm(&mut s, shared.timeout, &peer))
             .await
             .map_err(|_| NetError::Timeout {
                 op: "fetch NIXL metadata",

@@ -489,11 +489,23 @@ fn is_dead_connection(e: &NetError) -> bool {
     }
 }
 
+/// Connections served at once; a connection beyond it is closed at once.
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+
+/// An authenticated connection with no request for this long is closed (the peer redials).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Accepts connections until the runtime shuts down.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, addr)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            log::warn!("kvferry: {MAX_CONNECTIONS} connections open; closing one from {addr}");
+            drop(stream);
             continue;
         };
         let shared = shared.clone();
@@ -501,6 +513,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             if let Err(e) = serve_conn(&shared, stream, addr).await {
                 log::debug!("kvferry: connection from {addr} ended: {e}");
             }
+            drop(slot);
         });
     }
 }
@@ -632,8 +645,12 @@ async fn serve_conn(
     })
     .await?;
     loop {
-        // Idle connections wait for the next request without a deadline; a dead peer shows as EOF.
-        let m = read_message(&mut stream, &peer).await?;
+        // An idle connection is closed after a while: a peer that vanished without a FIN (its
+        // host died, a link went down) does not hold a connection slot for ever.
+        let m = match timeout(IDLE_TIMEOUT, read_message(&mut stream, &peer)).await {
+            Ok(m) => m?,
+            Err(_) => return Ok(()),
+        };
         match m {
             Message::Transfer(n) => serve_transfer(shared, &mut stream, &peer, n).await?,
             Message::Notification(n) => shared.deliver(Notification {

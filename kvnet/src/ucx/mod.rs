@@ -50,6 +50,7 @@ enum Cmd {
     },
     Unmap {
         id: RegionId,
+        done: Sender<()>,
     },
     Transfer {
         op: Op,
@@ -91,6 +92,9 @@ fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
         std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
     }
 }
+
+/// `ucp_worker_progress` calls per turn of the UCX thread's loop.
+const PROGRESS_BURST: usize = 256;
 
 /// All-zero bytes as a `T`.
 ///
@@ -279,8 +283,18 @@ impl Ucx {
         rx.recv().map_err(|_| NetError::Shutdown)?
     }
 
-    pub fn unmap(&self, id: RegionId) {
-        let _ = self.send(Cmd::Unmap { id });
+    /// Unmaps a region and waits until UCX did. A UCX thread that is gone took the whole
+    /// context (and every mapping) with it; one that does not answer in `timeout` leaves the
+    /// region mapped, and the caller must keep the memory until the agent drops.
+    pub fn unmap(&self, id: RegionId, timeout: Duration) -> Result<(), NetError> {
+        let (done, rx) = channel();
+        if self.send(Cmd::Unmap { id, done }).is_err() {
+            return Ok(());
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Ok(()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(NetError::Busy(id.0)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -567,8 +581,14 @@ impl Worker {
                     }
                 }
             }
-            // SAFETY: the worker is ours and used only on this thread.
-            unsafe { while self.lib.ucp_worker_progress(self.worker) != 0 {} }
+            // Bounded: a peer flooding us with active messages must not starve commands and
+            // deadlines (each call makes progress; what is left waits for the next turn).
+            for _ in 0..PROGRESS_BURST {
+                // SAFETY: the worker is ours and used only on this thread.
+                if unsafe { self.lib.ucp_worker_progress(self.worker) } == 0 {
+                    break;
+                }
+            }
             self.advance();
             if !self.inflight.is_empty() {
                 continue;
@@ -595,11 +615,12 @@ impl Worker {
             } => {
                 let _ = reply.send(self.map(id, base, len, device));
             }
-            Cmd::Unmap { id } => {
+            Cmd::Unmap { id, done } => {
                 if let Some(m) = self.memh.remove(&id) {
                     // SAFETY: the handle came from ucp_mem_map on this context.
                     unsafe { self.lib.ucp_mem_unmap(self.ctx, m) };
                 }
+                let _ = done.send(());
             }
             Cmd::Transfer {
                 op,

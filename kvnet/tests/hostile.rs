@@ -1,0 +1,171 @@
+//! Hostile peers against a `kvferry-peer` process over real sockets: floods of handshakes under
+//! fresh names, of notifications, of half-open and oversized connections. The peer's memory
+//! stays bounded (its RSS is read before and after), and it keeps serving a legitimate peer.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use kvnet::kvcore::auth::{Role, Transcript};
+use kvnet::kvcore::wire::{AgentMetadata, Hello, Message, Notification, PROTOCOL_VERSION};
+use kvnet::kvcore::{MemKind, Region};
+use kvnet::{Agent, AgentConfig};
+
+mod common;
+
+use common::{pattern, Peer};
+
+const TOKEN: &str = "s3cret";
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+fn read_frame(s: &mut TcpStream) -> Option<Message> {
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    let mut rest = vec![0u8; len + 8];
+    s.read_exact(&mut rest).ok()?;
+    Message::decode(&[&head[..], &rest].concat()).ok()
+}
+
+/// A full handshake as `name` with the token; returns the authenticated stream.
+fn handshake(addr: SocketAddr, name: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let Some(Message::Challenge(c)) = read_frame(&mut s) else {
+        panic!("challenge")
+    };
+    let nonce = [1u8; 32];
+    let proof = Transcript {
+        listener_nonce: &c.nonce,
+        dialer_nonce: &nonce,
+        listener_name: &c.name,
+        dialer_name: name,
+    }
+    .mac(TOKEN.as_bytes(), Role::Dialer)
+    .expect("mac")
+    .to_vec();
+    let hello = Message::Hello(Hello {
+        name: name.into(),
+        protocol_version: PROTOCOL_VERSION,
+        nonce,
+        proof,
+    });
+    s.write_all(&hello.encode()).expect("hello");
+    assert!(matches!(read_frame(&mut s), Some(Message::Proof(_))));
+    assert!(matches!(read_frame(&mut s), Some(Message::Metadata(_))));
+    let md = AgentMetadata {
+        name: name.into(),
+        protocol_version: PROTOCOL_VERSION,
+        endpoints: Vec::new(),
+        regions: Vec::new(),
+        caches: Vec::new(),
+    };
+    s.write_all(&Message::Metadata(md).encode())
+        .expect("metadata");
+    s
+}
+
+/// A legitimate agent still reads bit-exact bytes from the peer.
+fn still_serves(p: &Peer) {
+    let mut buf = vec![0u8; 4096];
+    let mut cfg = AgentConfig::new("legit");
+    cfg.token = Some(TOKEN.into());
+    cfg.transports = vec![kvnet::Transport::Tcp];
+    let a = Agent::new(cfg).expect("agent");
+    // SAFETY: `buf` is declared before `a`, so it outlives it.
+    let local = unsafe {
+        a.register(Region {
+            kind: MemKind::Host,
+            base: buf.as_mut_ptr() as u64,
+            len: 4096,
+        })
+    }
+    .expect("register");
+    let name = a.connect(p.addr).expect("a legitimate peer connects");
+    let id = a
+        .read(
+            &[kvnet::kvcore::Descriptor {
+                region: local,
+                offset: 0,
+                len: 4096,
+            }],
+            &name,
+            &[p.desc(0, 4096)],
+            None,
+        )
+        .expect("posted");
+    a.wait(id, Duration::from_secs(30))
+        .expect("done")
+        .result
+        .expect("read");
+    drop(a);
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern(3, i as u64)));
+}
+
+#[test]
+fn floods_of_names_notifications_and_half_open_connections_stay_bounded() {
+    let p = Peer::start("target", 1 << 20, 3, &["--token", TOKEN], &[]);
+    let pid = p.child.id();
+    still_serves(&p);
+    let before = rss_kib(pid);
+    let started = Instant::now();
+    // 5000 handshakes under fresh names: more than the peer table holds (4096).
+    for i in 0..5000 {
+        drop(handshake(p.addr, &format!("fresh-{i}")));
+    }
+    // 256 MiB of notifications nobody takes (the peer prints each, and nobody reads its
+    // output): the queue keeps at most 64 MiB of them.
+    let mut s = handshake(p.addr, "chatty");
+    let note = Message::Notification(Notification {
+        from: "chatty".into(),
+        payload: vec![7u8; 64 << 10],
+    })
+    .encode();
+    for _ in 0..4096 {
+        if s.write_all(&note).is_err() {
+            break;
+        }
+    }
+    drop(s);
+    // Half-open connections that never say hello, and one claiming a 256 MiB frame.
+    let mut idle: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(p.addr).ok())
+        .collect();
+    let mut big = TcpStream::connect(p.addr).expect("connect");
+    let _ = read_frame(&mut big);
+    let mut head = Message::Hello(Hello {
+        name: "big".into(),
+        protocol_version: PROTOCOL_VERSION,
+        nonce: [0; 32],
+        proof: Vec::new(),
+    })
+    .encode();
+    head[8..12].copy_from_slice(&(256u32 << 20).to_le_bytes());
+    let _ = big.write_all(&head[..12]);
+    std::thread::sleep(Duration::from_millis(500));
+    still_serves(&p);
+    let after = rss_kib(pid);
+    idle.clear();
+    // The bound: 4096 small peer entries, 64 MiB of queued notifications, buffers for 200
+    // unauthenticated connections of at most 4 KiB each (without the bounds: 256 MiB more).
+    assert!(
+        after < before + 128 * 1024,
+        "peer RSS grew from {before} KiB to {after} KiB"
+    );
+    println!(
+        "hostile floods in {:.1} s: RSS {before} KiB -> {after} KiB",
+        started.elapsed().as_secs_f64()
+    );
+}
