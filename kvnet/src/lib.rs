@@ -24,12 +24,19 @@
 //! messages. Transfers are the UCX backend's, with NIXL's settings (error mode PEER, flush before
 //! the notification). UCX versions must be close: load a recent libucp (the `libucx-cu12` wheel).
 //! - Regions carry ids; descriptors name `(region id, offset, len)` rather than raw addresses,
-//!   so a peer can only name memory inside what was exported to it, and stale ids after
+//!   so a TCP peer can only name memory inside what was exported to it, and stale ids after
 //!   deregistration fail the bounds check.
 //! - Metadata may carry KV cache layouts (geometry, strides, TP rank) so the reading side plans
 //!   its copies without another round trip; NIXL leaves that to the engine.
-//! - The side channel authenticates with a challenge and a SHA-256 proof of a shared token;
-//!   NIXL's socket side channel has no authentication.
+//! - The side channel authenticates both ways: each side proves the shared token with an
+//!   HMAC-SHA256 over its role, both nonces and both names (`kvcore::auth`), and the dialer
+//!   sends nothing about itself before the listener proved itself. NIXL's socket side channel
+//!   has no authentication.
+//! - Over TCP the serving side checks every descriptor against its exports, and then asks the
+//!   owner (`Agent::set_serve_check`: kvferry's connector allows READs of granted blocks only).
+//!   UCX one-sided operations are never checked at the target: UCX's software RMA serves any
+//!   address of the process to any endpoint, and its wire-up is unauthenticated, so a UCX
+//!   agent trusts the fabric (the README says what that means for an operator).
 
 pub mod agent;
 pub mod error;
