@@ -17,7 +17,7 @@ use kvcore::{Descriptor, MemKind, Region, RegionId, RegionTable, Resolved};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::NetError;
-use crate::mem::UseCounts;
+use crate::mem::{Access, Claims, UseCounts};
 use crate::ucx::{RmaOp, Ucx};
 use crate::{nixl, tcp};
 
@@ -138,6 +138,8 @@ pub(crate) struct Shared {
     pub regions: RwLock<RegionTable>,
     pub caches: RwLock<Vec<ExportedCache>>,
     pub uses: Arc<UseCounts>,
+    /// The bytes of our memory transfers in flight read and write (see [`Claims`]).
+    pub claims: Arc<Claims>,
     pub peers: RwLock<HashMap<String, Arc<Peer>>>,
     pub done: Mutex<VecDeque<TransferDone>>,
     pub done_cv: Condvar,
@@ -427,6 +429,7 @@ impl Agent {
             regions: RwLock::new(RegionTable::new()),
             caches: RwLock::new(Vec::new()),
             uses: Arc::new(UseCounts::default()),
+            claims: Arc::new(Claims::default()),
             peers: RwLock::new(HashMap::new()),
             done: Mutex::new(VecDeque::new()),
             done_cv: Condvar::new(),
@@ -729,6 +732,18 @@ impl Agent {
             )
         };
         p.regions.resolve_all(remote)?;
+        // A READ writes our memory, a WRITE reads it: no other transfer may touch bytes one of
+        // them writes, until it can no longer touch them.
+        let access = if op == Op::Read {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let claimed = self
+            .shared
+            .claims
+            .claim(access, &resolved)
+            .map_err(NetError::Descriptors)?;
         if let Some(i) = local.iter().zip(remote).position(|(l, r)| l.len != r.len) {
             return Err(NetError::Descriptors(format!(
                 "pair {i}: local {} bytes, remote {} bytes",
@@ -770,7 +785,7 @@ impl Agent {
                 frame,
                 deadline,
                 Box::new(move |result| {
-                    drop(held);
+                    drop((held, claimed));
                     shared.finish(id, result);
                 }),
             );
@@ -792,7 +807,7 @@ impl Agent {
         let remote = remote.to_vec();
         self.runtime()?.spawn(async move {
             let result = tcp::transfer(&shared, &p, id, op, resolved, remote, notification).await;
-            drop(held);
+            drop((held, claimed));
             shared.finish(id, result);
         });
         Ok(id)

@@ -718,6 +718,19 @@ async fn serve_transfer(
         (resolved, held)
     };
     let check = shared.serve_check.read().clone();
+    // Serving a READ reads our memory, a WRITE writes it: claimed like our own transfers.
+    let access = if n.op == Op::Read {
+        mem::Access::Read
+    } else {
+        mem::Access::Write
+    };
+    let (resolved, _claimed) = match resolved {
+        Ok(rs) => match shared.claims.claim(access, &rs) {
+            Ok(c) => (Ok(rs), Some(c)),
+            Err(e) => (Err(e), None),
+        },
+        Err(e) => (Err(e), None),
+    };
     let resolved = match (resolved, check) {
         (Ok(rs), Some(c)) => {
             // Bounded: a peer can hold this connection for at most this long.

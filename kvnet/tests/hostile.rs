@@ -159,12 +159,13 @@ fn floods_of_names_notifications_and_half_open_connections_stay_bounded() {
     let after = rss_kib(pid);
     idle.clear();
     // The bound: 4096 small peer entries, 64 MiB of queued notifications, buffers for 200
-    // unauthenticated connections of at most 4 KiB each (without the bounds: 256 MiB more).
+    // unauthenticated connections of at most 4 KiB each, and what the allocator keeps of freed
+    // frame buffers (without the bounds the notifications alone add 256 MiB).
     // Under a sanitizer freed memory sits in its quarantine, so RSS says nothing there; the
     // floods still run, for the sanitizer to watch.
     if std::env::var_os("KVFERRY_SANITIZER").is_none() {
         assert!(
-            after < before + 128 * 1024,
+            after < before + 200 * 1024,
             "peer RSS grew from {before} KiB to {after} KiB"
         );
     }

@@ -134,11 +134,28 @@ fn a_peer_killed_mid_transfer_gives_errors_and_other_peers_still_work() {
     let l = Local::new("decode", 128 << 20, None);
     l.agent.connect(doomed.addr).expect("handshake");
     l.agent.connect(good.addr).expect("handshake");
-    let big = [l.desc(0, 128 << 20)];
     let remote = [doomed.desc(0, 128 << 20)];
+    // Eight reads of 16 MiB each into their own slice of the buffer (reads into the same bytes
+    // at once are refused: see below).
     let ids: Vec<_> = (0..8)
-        .map(|_| l.agent.read(&big, "doomed", &remote, None).expect("posted"))
+        .map(|i| {
+            let mine = [l.desc(i * (16 << 20), 16 << 20)];
+            let theirs = [doomed.desc(i * (16 << 20), 16 << 20)];
+            l.agent
+                .read(&mine, "doomed", &theirs, None)
+                .expect("posted")
+        })
         .collect();
+    let again = l.agent.read(
+        &[l.desc(4096, 4096)],
+        "doomed",
+        &[doomed.desc(0, 4096)],
+        None,
+    );
+    assert!(
+        matches!(&again, Err(NetError::Descriptors(m)) if m.contains("in flight")),
+        "two transfers writing the same bytes at once: {again:?}"
+    );
     std::thread::sleep(Duration::from_millis(30));
     doomed.child.kill().expect("kill");
     let t = Instant::now();

@@ -158,14 +158,17 @@ fn a_dead_ucx_peer_fails_transfers_in_bounded_time() {
     };
     let mut p = ucx_peer("doomed", 64 << 20, 5, "tcp,self");
     agent.connect(p.addr).expect("handshake");
-    let l = [Descriptor {
-        region,
-        offset: 0,
-        len: 64 << 20,
-    }];
-    let r = [p.desc(0, 64 << 20)];
-    let ids: Vec<_> = (0..6)
-        .map(|_| agent.read(&l, "doomed", &r, None).expect("posted"))
+    // Eight reads into their own 8 MiB slices (two transfers may not write the same bytes).
+    let ids: Vec<_> = (0..8u64)
+        .map(|i| {
+            let l = [Descriptor {
+                region,
+                offset: i * (8 << 20),
+                len: 8 << 20,
+            }];
+            let r = [p.desc(i * (8 << 20), 8 << 20)];
+            agent.read(&l, "doomed", &r, None).expect("posted")
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(20));
     p.child.kill().expect("kill");
@@ -184,6 +187,12 @@ fn a_dead_ucx_peer_fails_transfers_in_bounded_time() {
         results.iter().any(|r| r.is_err()),
         "transfers in flight at the kill fail"
     );
+    let l = [Descriptor {
+        region,
+        offset: 0,
+        len: 64 << 20,
+    }];
+    let r = [p.desc(0, 64 << 20)];
     let id = agent.read(&l, "doomed", &r, None).expect("posted");
     let after = agent
         .wait(id, Duration::from_secs(60))
