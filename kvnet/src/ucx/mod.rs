@@ -93,6 +93,17 @@ fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
     }
 }
 
+/// Zero bytes after a peer-supplied blob that UCX parses without a length (worker addresses,
+/// packed rkeys): more than any field UCX reads in one step of its parse.
+const BLOB_PAD: usize = 4096;
+
+fn padded(blob: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(blob.len() + BLOB_PAD);
+    v.extend_from_slice(blob);
+    v.resize(blob.len() + BLOB_PAD, 0);
+    v
+}
+
 /// `ucp_worker_progress` calls per turn of the UCX thread's loop.
 const PROGRESS_BURST: usize = 256;
 
@@ -712,8 +723,13 @@ impl Worker {
             return Ok(*r);
         }
         let mut rk: ucp_rkey_h = ptr::null_mut();
-        // SAFETY: the key bytes came from the peer's metadata; UCX validates them while unpacking.
-        let s = unsafe { lib.ucp_ep_rkey_unpack(e.ep, key.as_ptr() as *const c_void, &mut rk) };
+        let padded = padded(key);
+        // SAFETY: `ucp_ep_rkey_unpack` takes no length and parses the buffer by the format it
+        // finds in it, so a short or malformed key from a peer could make it read past the
+        // peer's bytes. It reads `padded`, the key followed by `BLOB_PAD` zero bytes, which
+        // live until the call returns: a parse that runs past the key reads zeros inside our
+        // allocation (and fails on them), not memory beyond it. UCX copies what it keeps.
+        let s = unsafe { lib.ucp_ep_rkey_unpack(e.ep, padded.as_ptr() as *const c_void, &mut rk) };
         if s != ucs_status_t_UCS_OK {
             return Err(format!("ucp_ep_rkey_unpack: {}", status_str(lib, s)));
         }
@@ -832,15 +848,20 @@ impl Worker {
         }
         if !eps.contains_key(peer) {
             let failed = Box::new(AtomicBool::new(false));
-            // SAFETY: the address bytes are a worker address from the peer's (authenticated)
-            // metadata; the error-handler argument is the boxed flag kept with the endpoint.
+            let padded_address = padded(address);
+            // SAFETY: `address` is a peer-supplied worker address, which `ucp_ep_create` parses
+            // without a length: it reads `padded_address` (the address then `BLOB_PAD` zero
+            // bytes, alive for the call; UCX copies what it keeps), so a malformed one fails on
+            // zeros inside our allocation instead of reading past it. The parameter struct is
+            // all-zero (no fields) before the ones set here, and the error-handler argument
+            // points into `failed`, which the endpoint entry keeps alive.
             let ep = unsafe {
                 let mut p: ucp_ep_params_t = zeroed();
                 p.field_mask = (ucp_ep_params_field_UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
                     | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
                     | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER)
                     as u64;
-                p.address = address.as_ptr() as *const ucp_address_t;
+                p.address = padded_address.as_ptr() as *const ucp_address_t;
                 p.err_mode = if peer_errors {
                     ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER
                 } else {
