@@ -406,6 +406,8 @@ struct Worker {
     eps: HashMap<String, Endpoint>,
     memh: HashMap<RegionId, ucp_mem_h>,
     inflight: Vec<Inflight>,
+    /// Peers forgotten while transfers to them were in flight: closed when the last one ends.
+    forgotten: std::collections::HashSet<String>,
     /// The context supports CUDA memory (UCX built with its cuda transports).
     cuda: bool,
     /// Owned by the worker for the AM handler's lifetime.
@@ -552,6 +554,7 @@ impl Worker {
                 eps: HashMap::new(),
                 memh: HashMap::new(),
                 inflight: Vec::new(),
+                forgotten: Default::default(),
                 cuda: false,
                 sink,
             };
@@ -657,7 +660,7 @@ impl Worker {
                 deadline,
                 done,
             ),
-            Cmd::Forget { peer } => self.close(&peer, false),
+            Cmd::Forget { peer } => self.forget(&peer),
         }
     }
 
@@ -843,7 +846,7 @@ impl Worker {
             .is_some_and(|e| e.address != *address || e.failed.load(Ordering::Acquire));
         if stale {
             if let Some(e) = eps.remove(peer) {
-                Self::destroy(lib, worker, e, true);
+                Self::destroy(lib, worker, e, true, peer_errors);
             }
         }
         if !eps.contains_key(peer) {
@@ -959,6 +962,10 @@ impl Worker {
             if let Some(done) = t.done.take() {
                 done(result);
             }
+            if self.forgotten.contains(&t.peer) && !self.inflight.iter().any(|o| o.peer == t.peer) {
+                self.forgotten.remove(&t.peer);
+                self.close(&t.peer, false);
+            }
         }
     }
 
@@ -1006,25 +1013,47 @@ impl Worker {
 
     fn close(&mut self, peer: &str, force: bool) {
         if let Some(e) = self.eps.remove(peer) {
-            Self::destroy(&self.lib, self.worker, e, force);
+            Self::destroy(&self.lib, self.worker, e, force, self.peer_errors);
         }
     }
 
-    fn destroy(lib: &UcpLib, worker: ucp_worker_h, e: Endpoint, force: bool) {
-        // SAFETY: the rkeys and endpoint belong to our worker; after a (forced) close request
-        // completes, UCX has failed every operation still on the endpoint.
+    /// The agent forgets a peer: its endpoint goes once no transfer to it is in flight (those
+    /// keep using it, and their rkeys, until they end).
+    fn forget(&mut self, peer: &str) {
+        if self.inflight.iter().any(|t| t.peer == peer) {
+            self.forgotten.insert(peer.to_string());
+        } else {
+            self.close(peer, false);
+        }
+    }
+
+    /// Closes an endpoint, then destroys its rkeys: UCX forbids destroying an rkey while an
+    /// operation on it is outstanding, and a completed close (forced: UCX fails what is left;
+    /// flushing: it waits for it) is what guarantees none is. With error mode NONE a forced
+    /// close is refused by UCX, so those endpoints are flushed. If the close does not complete
+    /// in time, the rkeys and the error flag (UCX may still write it) are leaked, never freed
+    /// under UCX.
+    fn destroy(lib: &UcpLib, worker: ucp_worker_h, e: Endpoint, force: bool, peer_errors: bool) {
+        // SAFETY: the endpoint belongs to our worker and is used only on this thread; the rkeys
+        // are destroyed only once its close completed (argued above).
         unsafe {
-            for (_, rk) in e.rkeys {
-                lib.ucp_rkey_destroy(rk);
-            }
             // All-zero is this bindgen C struct's "no fields set" value.
             let mut param: ucp_request_param_t = zeroed();
-            if force {
+            if force && peer_errors {
                 param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
                 param.flags = ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
             }
             let r = lib.ucp_ep_close_nbx(e.ep, &param);
-            if !r.is_null() && ptr_status(r).is_none() {
+            let closed = if r.is_null() {
+                true
+            } else if let Some(s) = ptr_status(r) {
+                // An immediate error: UCX did not take the close.
+                log::warn!(
+                    "kvferry: closing a UCX endpoint failed: {}",
+                    status_str(lib, s)
+                );
+                false
+            } else {
                 let deadline = Instant::now() + Duration::from_secs(2);
                 while lib.ucp_request_check_status(r) == ucs_status_t_UCS_INPROGRESS
                     && Instant::now() < deadline
@@ -1033,11 +1062,22 @@ impl Worker {
                 }
                 if lib.ucp_request_check_status(r) != ucs_status_t_UCS_INPROGRESS {
                     lib.ucp_request_free(r);
+                    true
+                } else {
+                    false
                 }
+            };
+            if closed {
+                for (_, rk) in e.rkeys {
+                    lib.ucp_rkey_destroy(rk);
+                }
+                drop(e.failed);
+            } else {
+                log::warn!("kvferry: a UCX endpoint did not close in time; keeping its keys");
+                std::mem::forget(e.rkeys);
+                Box::leak(e.failed);
             }
         }
-        // The error flag may be written by UCX until the close completes; it lives until here.
-        drop(e.failed);
     }
 
     fn shutdown(mut self) {
