@@ -709,31 +709,21 @@ impl Core {
     fn run_lease(&self, job: LeaseJob) {
         match job {
             LeaseJob::Confirm { req } => self.confirm(&req),
-            LeaseJob::Extend(t) => {
-                let call = LeaseCall::Extend(t.grant_id());
-                for (rank, r) in self.call_ranks(&t, &call, false) {
-                    if let Err(e) = r {
-                        log::debug!(
-                            "kvferry: extending {} on rank {rank}: {e}",
-                            t.remote_request_id
-                        );
-                    }
-                }
-            }
-            LeaseJob::Abort(t) => {
-                // The prefill's worker may not know the grant yet (it learns of finished
-                // requests a step later): ask again until it does, within the deadline.
-                let call = LeaseCall::Abort(t.grant_id());
-                for (rank, r) in self.call_ranks(&t, &call, true) {
-                    if let Err(e) = r {
-                        log::debug!(
-                            "kvferry: aborting {} on rank {rank}: {e}",
-                            t.remote_request_id
-                        );
-                    }
-                }
-            }
+            // Extends are fire and forget (the next one comes a third of a lease later); an
+            // abort asks again while the prefill's worker does not know the grant yet (it learns
+            // of finished requests a step later), within the deadline.
+            LeaseJob::Extend(t) => self.tell(&t, LeaseCall::Extend(t.grant_id()), false),
+            LeaseJob::Abort(t) => self.tell(&t, LeaseCall::Abort(t.grant_id()), true),
             LeaseJob::Stop => {}
+        }
+    }
+
+    /// Sends a lease call whose answer only matters for the log.
+    fn tell(&self, t: &LeaseTarget, call: LeaseCall, wait_pending: bool) {
+        for (rank, r) in self.call_ranks(t, &call, wait_pending) {
+            if let Err(e) = r {
+                log::debug!("kvferry: {call:?} on prefill rank {rank}: {e}");
+            }
         }
     }
 

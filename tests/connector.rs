@@ -45,28 +45,7 @@ fn build(
     tp: (u32, u32),
     seed: u8,
 ) -> Engine {
-    build_with(name, g, offload, pd, tp, None, seed)
-}
-
-fn build_with(
-    name: &str,
-    g: Geometry,
-    offload: bool,
-    pd: Option<(u16, Duration)>,
-    tp: (u32, u32),
-    total_kv_heads: Option<u32>,
-    seed: u8,
-) -> Engine {
-    build_on(
-        Transport::Tcp,
-        name,
-        g,
-        offload,
-        pd,
-        tp,
-        total_kv_heads,
-        seed,
-    )
+    build_on(Transport::Tcp, name, g, offload, pd, tp, None, seed)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -584,7 +563,8 @@ fn replicated_kv_heads_map_each_decode_rank_to_its_own_head() {
     let g = Generations::new().issue();
     p.conn.finish("req", Some((g, &[5])));
     for (r, head) in [(1u32, 0u32), (2, 1)] {
-        let d = build_with(
+        let d = build_on(
+            Transport::Tcp,
             "rep-decode",
             g1,
             false,
@@ -793,7 +773,8 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                 let g = Generations::new().issue();
                 let mut pre: Vec<Engine> = (0..p)
                     .map(|r| {
-                        let mut e = build_with(
+                        let mut e = build_on(
+                            Transport::Tcp,
                             "tp-prefill",
                             geom(p),
                             false,
@@ -810,7 +791,8 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                     e.conn.finish("req", Some((g, &remote)));
                 }
                 for r in 0..d {
-                    let dec = build_with(
+                    let dec = build_on(
+                        Transport::Tcp,
                         "tp-decode",
                         geom(d),
                         false,
@@ -827,7 +809,16 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                     let case = format!("{total:?} heads, prefill TP {p} -> decode TP {d} rank {r}");
                     assert!(f.load_errors.is_empty(), "{case}: {f:?}");
                     // The expected bytes: a decode-sized engine filled with the right globals.
-                    let mut want = build_with("tp-want", geom(d), false, None, (d, r), total, 3);
+                    let mut want = build_on(
+                        Transport::Tcp,
+                        "tp-want",
+                        geom(d),
+                        false,
+                        None,
+                        (d, r),
+                        total,
+                        3,
+                    );
                     fill_heads(&mut want, heads_of(d, r), &remote);
                     for (&rb, &lb) in remote.iter().zip(&local) {
                         for h in 0..heads_of(d, r).len() as u32 {

@@ -122,13 +122,7 @@ pub(crate) async fn dial(
             listener_name: &challenge.name,
             dialer_name: &shared.name,
         };
-        let proof = match &shared.token {
-            Some(tok) => transcript
-                .mac(tok, Role::Dialer)
-                .map(|p| p.to_vec())
-                .ok_or_else(|| auth_error(&peer, "cannot compute a proof"))?,
-            None => Vec::new(),
-        };
+        let proof = our_proof(shared, &transcript, Role::Dialer, &peer)?;
         let hello = Message::Hello(Hello {
             name: shared.name.clone(),
             protocol_version: PROTOCOL_VERSION,
@@ -531,6 +525,22 @@ fn nonce() -> [u8; 32] {
     n
 }
 
+/// Our proof in `role` (empty without a token).
+fn our_proof(
+    shared: &Shared,
+    t: &Transcript<'_>,
+    role: Role,
+    peer: &str,
+) -> Result<Vec<u8>, NetError> {
+    match &shared.token {
+        Some(tok) => t
+            .mac(tok, role)
+            .map(|p| p.to_vec())
+            .ok_or_else(|| auth_error(peer, "cannot compute a proof")),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn auth_error(peer: &str, reason: &str) -> NetError {
     NetError::Auth {
         peer: peer.to_string(),
@@ -621,13 +631,7 @@ async fn serve_conn(
                 });
             }
         }
-        let proof = match &shared.token {
-            Some(tok) => transcript
-                .mac(tok, Role::Listener)
-                .map(|p| p.to_vec())
-                .ok_or_else(|| auth_error(&who, "cannot compute a proof"))?,
-            None => Vec::new(),
-        };
+        let proof = our_proof(shared, &transcript, Role::Listener, &who)?;
         write_message(&mut stream, &who, &Message::Proof(Proof { proof })).await?;
         write_message(&mut stream, &who, &Message::Metadata(shared.metadata())).await?;
         match read_message(&mut stream, &who).await? {

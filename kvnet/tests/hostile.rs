@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use kvnet::kvcore::auth::{Role, Transcript};
 use kvnet::kvcore::wire::{AgentMetadata, Hello, Message, Notification, PROTOCOL_VERSION};
 use kvnet::kvcore::{MemKind, Region};
 use kvnet::{Agent, AgentConfig};
@@ -43,22 +42,7 @@ fn handshake(addr: SocketAddr, name: &str) -> TcpStream {
     let Some(Message::Challenge(c)) = read_frame(&mut s) else {
         panic!("challenge")
     };
-    let nonce = [1u8; 32];
-    let proof = Transcript {
-        listener_nonce: &c.nonce,
-        dialer_nonce: &nonce,
-        listener_name: &c.name,
-        dialer_name: name,
-    }
-    .mac(TOKEN.as_bytes(), Role::Dialer)
-    .expect("mac")
-    .to_vec();
-    let hello = Message::Hello(Hello {
-        name: name.into(),
-        protocol_version: PROTOCOL_VERSION,
-        nonce,
-        proof,
-    });
+    let hello = common::hello_for(&c, name, PROTOCOL_VERSION, Some(TOKEN.as_bytes()));
     s.write_all(&hello.encode()).expect("hello");
     assert!(matches!(read_frame(&mut s), Some(Message::Proof(_))));
     assert!(matches!(read_frame(&mut s), Some(Message::Metadata(_))));

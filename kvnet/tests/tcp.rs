@@ -278,27 +278,8 @@ fn raw_handshake(
     let Message::Challenge(c) = challenge else {
         panic!("expected a challenge")
     };
-    let nonce = [7u8; 32];
-    let transcript = Transcript {
-        listener_nonce: &c.nonce,
-        dialer_nonce: &nonce,
-        listener_name: &c.name,
-        dialer_name: name,
-    };
-    let proof = token
-        .and_then(|t| transcript.mac(t, Role::Dialer))
-        .map(|p| p.to_vec())
-        .unwrap_or_default();
-    s.write_all(
-        &Message::Hello(Hello {
-            name: name.into(),
-            protocol_version: version,
-            nonce,
-            proof,
-        })
-        .encode(),
-    )
-    .expect("send");
+    s.write_all(&common::hello_for(&c, name, version, token).encode())
+        .expect("send");
     let reply = read_frame(&mut s);
     (s, reply)
 }

@@ -92,3 +92,31 @@ impl Drop for Peer {
         let _ = self.child.wait();
     }
 }
+
+/// The hello a dialer named `name` sends to `challenge`, with its proof of `token` (none: an
+/// empty proof), for tests that speak the handshake by hand.
+pub fn hello_for(
+    challenge: &kvnet::kvcore::wire::Challenge,
+    name: &str,
+    version: u16,
+    token: Option<&[u8]>,
+) -> kvnet::kvcore::wire::Message {
+    use kvnet::kvcore::auth::{Role, Transcript};
+    let nonce = [7u8; 32];
+    let transcript = Transcript {
+        listener_nonce: &challenge.nonce,
+        dialer_nonce: &nonce,
+        listener_name: &challenge.name,
+        dialer_name: name,
+    };
+    let proof = token
+        .and_then(|t| transcript.mac(t, Role::Dialer))
+        .map(|p| p.to_vec())
+        .unwrap_or_default();
+    kvnet::kvcore::wire::Message::Hello(kvnet::kvcore::wire::Hello {
+        name: name.into(),
+        protocol_version: version,
+        nonce,
+        proof,
+    })
+}
