@@ -158,3 +158,68 @@ fn floods_of_names_notifications_and_half_open_connections_stay_bounded() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Deregistration racing transfers into the same memory, thousands of times: `deregister`
+/// returns `Ok` only once nothing can touch the region, and the test then frees the memory at
+/// once — a transfer still writing it would be a use-after-free (AddressSanitizer runs this in
+/// CI). When it returns `Busy`, the memory is kept, as its contract says.
+#[test]
+fn deregistration_racing_transfers_never_frees_memory_in_use() {
+    let p = Peer::start("source", 1 << 20, 5, &["--token", TOKEN], &[]);
+    let mut cfg = AgentConfig::new("racer");
+    cfg.token = Some(TOKEN.into());
+    cfg.transports = vec![kvnet::Transport::Tcp];
+    cfg.timeout = Duration::from_secs(5);
+    // Buffers the contract says to keep (deregistration said Busy) outlive the agent.
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    let a = Agent::new(cfg).expect("agent");
+    let name = a.connect(p.addr).expect("connect");
+    let (mut freed, mut busy, mut refused) = (0, 0, 0);
+    for i in 0..2000u64 {
+        let mut buf = vec![0u8; 64 << 10];
+        // SAFETY: `buf` is freed only after `deregister` returned Ok (nothing uses it any
+        // more), or kept in `kept`, which outlives the agent.
+        let id = unsafe {
+            a.register(Region {
+                kind: MemKind::Host,
+                base: buf.as_mut_ptr() as u64,
+                len: buf.len() as u64,
+            })
+        }
+        .expect("register");
+        let local = kvnet::kvcore::Descriptor {
+            region: id,
+            offset: 0,
+            len: 64 << 10,
+        };
+        let posted = a.read(
+            &[local],
+            &name,
+            &[p.desc((i % 16) * (64 << 10), 64 << 10)],
+            None,
+        );
+        if i % 3 == 0 {
+            std::thread::yield_now();
+        }
+        match a.deregister(id) {
+            Ok(_) => {
+                drop(buf);
+                freed += 1;
+            }
+            Err(kvnet::NetError::Busy(_)) => {
+                kept.push(buf);
+                busy += 1;
+            }
+            Err(e) => panic!("deregister: {e}"),
+        }
+        if let Ok(t) = posted {
+            let _ = a.wait(t, Duration::from_secs(30)).expect("bounded");
+        } else {
+            refused += 1;
+        }
+    }
+    drop(a);
+    drop(kept);
+    println!("2000 races: {freed} freed after deregister, {busy} busy, {refused} refused at post");
+    assert_eq!(freed + busy, 2000);
+}
