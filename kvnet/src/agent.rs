@@ -819,27 +819,43 @@ impl Agent {
     pub fn publish(&self) {
         let peers: Vec<Arc<Peer>> = self.shared.peers.read().values().cloned().collect();
         let Ok(rt) = self.runtime() else { return };
-        let shared = self.shared.clone();
-        rt.block_on(async move {
-            for p in peers {
-                let r = match p.flavour {
-                    Flavour::Kvferry => tcp::publish(&shared, &p).await,
-                    // NIXL adds what it loads to what it knew: forget us first, then reload.
-                    Flavour::Nixl {
-                        side_channel: Some(addr),
-                    } => {
-                        let invl = NixlComm::Invalidate(shared.name.clone());
-                        let load = NixlComm::Load(shared.nixl_metadata().encode());
-                        nixl::send(&shared, addr, &[invl, load]).await
+        // Every peer at once, under one deadline: a deregistration waits for one timeout at
+        // most, not one per peer (a peer that does not answer hears of it when it reconnects).
+        let limit = self.shared.timeout;
+        let tasks: Vec<_> = peers
+            .into_iter()
+            .map(|p| {
+                let shared = self.shared.clone();
+                rt.spawn(async move {
+                    let r = match p.flavour {
+                        Flavour::Kvferry => tcp::publish(&shared, &p).await,
+                        // NIXL adds what it loads to what it knew: forget us first, then reload.
+                        Flavour::Nixl {
+                            side_channel: Some(addr),
+                        } => {
+                            let invl = NixlComm::Invalidate(shared.name.clone());
+                            let load = NixlComm::Load(shared.nixl_metadata().encode());
+                            nixl::send(&shared, addr, &[invl, load]).await
+                        }
+                        Flavour::Nixl { side_channel: None } => Ok(()),
+                    };
+                    if let Err(e) = r {
+                        log::warn!(
+                            "kvferry: cannot update {} about our exports: {e}",
+                            p.metadata.name
+                        );
                     }
-                    Flavour::Nixl { side_channel: None } => continue,
-                };
-                if let Err(e) = r {
-                    log::warn!(
-                        "kvferry: cannot update {} about our exports: {e}",
-                        p.metadata.name
-                    );
+                })
+            })
+            .collect();
+        rt.block_on(async move {
+            let all = async {
+                for t in tasks {
+                    let _ = t.await;
                 }
+            };
+            if tokio::time::timeout(limit, all).await.is_err() {
+                log::warn!("kvferry: not every peer heard of our exports within {limit:?}");
             }
         });
     }
