@@ -784,8 +784,14 @@ impl Agent {
                 ops,
                 frame,
                 deadline,
-                Box::new(move |result| {
-                    drop((held, claimed));
+                Box::new(move |result, released| {
+                    if released == crate::ucx::Released::Never {
+                        // UCX may still write this memory: its holds are never given back,
+                        // so deregistering it reports Busy and the memory is kept.
+                        std::mem::forget((held, claimed));
+                    } else {
+                        drop((held, claimed));
+                    }
                     shared.finish(id, result);
                 }),
             );
@@ -953,7 +959,7 @@ impl Agent {
                 addr.clone(),
                 frame,
                 Instant::now() + limit,
-                Box::new(move |r| {
+                Box::new(move |r, _| {
                     let _ = tx.send(r);
                 }),
             );

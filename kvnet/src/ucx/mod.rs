@@ -38,7 +38,17 @@ pub(crate) struct RmaOp {
     pub key: Arc<Vec<u8>>,
 }
 
-pub(crate) type Done = Box<dyn FnOnce(Result<u64, NetError>) + Send>;
+/// Called once when an operation ended: its result, and whether the memory it used may be
+/// released (`false` only after the UCX thread panicked, when UCX may still be writing it).
+pub(crate) type Done = Box<dyn FnOnce(Result<u64, NetError>, Released) + Send>;
+
+/// Whether an operation's memory is no longer touched by UCX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Released {
+    Yes,
+    /// The UCX thread panicked with the operation in flight: keep the memory held for ever.
+    Never,
+}
 
 enum Cmd {
     Map {
@@ -235,7 +245,18 @@ impl Ucx {
             .spawn(move || match Worker::new(shared, peer_errors, &options) {
                 Ok((w, address, library)) => {
                     let _ = ready_tx.send(Ok((address, library, w.cuda)));
-                    w.run(rx, &stop_w);
+                    // A panic must not drop what the worker owns: dropping an in-flight
+                    // operation's completion would release its memory while UCX may still
+                    // write it. The worker is kept (never dropped), every operation in flight
+                    // fails without releasing its memory, and the UCX resources are leaked.
+                    let mut w = std::mem::ManuallyDrop::new(w);
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        w.serve(&rx, &stop_w)
+                    }));
+                    match served {
+                        Ok(()) => std::mem::ManuallyDrop::into_inner(w).shutdown(),
+                        Err(_) => w.fail_after_panic(),
+                    }
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -329,7 +350,7 @@ impl Ucx {
             done,
         };
         if let Err(std::sync::mpsc::SendError(Cmd::Transfer { done, .. })) = self.send(cmd) {
-            done(Err(NetError::Shutdown));
+            done(Err(NetError::Shutdown), Released::Yes);
         }
     }
 
@@ -349,7 +370,7 @@ impl Ucx {
             done,
         };
         if let Err(std::sync::mpsc::SendError(Cmd::Notify { done, .. })) = self.send(cmd) {
-            done(Err(NetError::Shutdown));
+            done(Err(NetError::Shutdown), Released::Yes);
         }
     }
 
@@ -583,16 +604,14 @@ impl Worker {
         }
     }
 
-    fn run(mut self, rx: Receiver<Cmd>, stop: &AtomicBool) {
+    /// Serves commands until told to stop or the agent went away; the caller shuts down.
+    fn serve(&mut self, rx: &Receiver<Cmd>, stop: &AtomicBool) {
         while !stop.load(Ordering::Acquire) {
             loop {
                 match rx.try_recv() {
                     Ok(c) => self.handle(c),
                     Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        self.shutdown();
-                        return;
-                    }
+                    Err(TryRecvError::Disconnected) => return,
                 }
             }
             // Bounded: a peer flooding us with active messages must not starve commands and
@@ -615,7 +634,22 @@ impl Worker {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        self.shutdown();
+    }
+
+    /// After a panic on this thread: every operation in flight fails, keeping its memory held
+    /// (its completion is told `Released::Never`), and nothing UCX owns is freed.
+    fn fail_after_panic(&mut self) {
+        log::error!(
+            "kvferry: the UCX thread panicked; {} transfers in flight fail, and the memory they \
+             use stays held (deregistering it reports Busy) because UCX may still write it",
+            self.inflight.len()
+        );
+        for t in &mut self.inflight {
+            if let Some(done) = t.done.take() {
+                let e = NetError::Unavailable("the UCX thread panicked".into());
+                done(Err(e), Released::Never);
+            }
+        }
     }
 
     fn handle(&mut self, c: Cmd) {
@@ -960,7 +994,7 @@ impl Worker {
                 }),
             };
             if let Some(done) = t.done.take() {
-                done(result);
+                done(result, Released::Yes);
             }
             if self.forgotten.contains(&t.peer) && !self.inflight.iter().any(|o| o.peer == t.peer) {
                 self.forgotten.remove(&t.peer);
