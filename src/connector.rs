@@ -34,6 +34,9 @@ use std::thread::JoinHandle;
 /// a release waits for its answer, so one slow prefill engine must not hold up the others.
 const LEASE_THREADS: usize = 4;
 
+/// How long a failed connect is remembered (see `State::unreachable`).
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
+
 /// Reads that finished before the pull thread recorded them are kept at most this many (each is
 /// recorded right after its post returns, so only a handful are ever here).
 const MAX_EARLY: usize = 1 << 16;
@@ -117,6 +120,9 @@ pub struct PullSpec {
     pub remote_tp_size: u32,
     /// The offer's grant generation.
     pub grant: u64,
+    /// [`crate::lease::blocks_digest`] of every block the offer named (not only those pulled):
+    /// the release proves the grant was over exactly those.
+    pub offer_blocks: u64,
     /// Blocks on the prefill side, and where each lands here (same length; a full local prefix
     /// hit leaves both empty and only notifies the prefill side).
     pub remote_blocks: Vec<u32>,
@@ -230,6 +236,10 @@ struct State {
     grant_runs: HashMap<String, Vec<(u64, u64)>>,
     /// Prefill engines we pulled from, by address.
     peers: HashMap<SocketAddr, String>,
+    /// Addresses a connect to failed, and when: asked again only after `RECONNECT_AFTER`, so
+    /// one dead prefill engine (or a client's made-up one) costs one connect timeout, not one
+    /// per request and rank.
+    unreachable: HashMap<SocketAddr, Instant>,
     done: Finished,
     counters: ConnectorCounters,
     events: Vec<TierEvent>,
@@ -744,6 +754,7 @@ impl Core {
             grant: spec.target().grant_id(),
             rank: self.cfg.tp_rank,
             ranks: self.cfg.tp_size,
+            blocks: spec.offer_blocks,
         };
         let replies = self.call_ranks(&spec.target(), &call, true);
         let mut stale = None;
@@ -893,12 +904,33 @@ impl Core {
             .map_err(|e| ConnectorError::Config(format!("{host}:{port}: {e}")))?
             .next()
             .ok_or_else(|| ConnectorError::Config(format!("{host}:{port} resolves to nothing")))?;
-        if let Some(p) = self.st.lock().peers.get(&addr) {
-            return Ok(p.clone());
+        {
+            let mut st = self.st.lock();
+            if let Some(p) = st.peers.get(&addr) {
+                return Ok(p.clone());
+            }
+            let now = Instant::now();
+            st.unreachable
+                .retain(|_, t| now.duration_since(*t) < RECONNECT_AFTER);
+            if st.unreachable.contains_key(&addr) {
+                return Err(ConnectorError::Config(format!(
+                    "{addr} did not answer a moment ago; not asking again yet"
+                )));
+            }
         }
-        let p = agent.connect(addr)?;
-        self.st.lock().peers.insert(addr, p.clone());
-        Ok(p)
+        match agent.connect(addr) {
+            Ok(p) => {
+                self.st.lock().peers.insert(addr, p.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                let mut st = self.st.lock();
+                if st.unreachable.len() < MAX_EARLY {
+                    st.unreachable.insert(addr, Instant::now());
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Connects to every prefill rank and plans every read, posting nothing: returns the ranks'
@@ -1015,8 +1047,9 @@ impl Core {
         let st = &mut *st;
         let r = st.reqs.entry(req.to_string()).or_default();
         r.finishing = true;
-        if let (Some((g, _)), Some(grants)) = (grant, st.grants.as_mut()) {
-            grants.grant(req, g, Instant::now());
+        if let (Some((g, blocks)), Some(grants)) = (grant, st.grants.as_mut()) {
+            let digest = crate::lease::blocks_digest(blocks);
+            grants.grant(req, g, digest, Instant::now());
             r.granted = true;
             // A request id offered again replaces its earlier grant, and that grant's runs.
             end_runs(st, req);

@@ -17,6 +17,10 @@
 //! does the decoder report the blocks loaded; any other answer (`gone`, `pending` past the
 //! deadline, an error) makes them load errors, and vLLM recomputes them.
 //!
+//! A release also names the offer's blocks (a digest of their ids): a decoder whose request
+//! carried someone else's block ids under a live grant (a client's hand-made params) is answered
+//! `gone`, so it never reports another request's KV as its own.
+//!
 //! The first decode engine that calls about a grant owns it (calls arrive on authenticated
 //! connections, so the caller's name is the one it proved): another engine's calls about it are
 //! answered `gone`, so a second decoder (a router's retry) can neither free the blocks under the
@@ -51,11 +55,13 @@ pub struct GrantId {
 pub enum LeaseCall {
     /// Keep the blocks for another lease period (the decode request is still waiting).
     Extend(GrantId),
-    /// Decode rank `rank` of `ranks` is done with the blocks; answer whether the grant was live.
+    /// Decode rank `rank` of `ranks` is done with the blocks named by `blocks` (see
+    /// [`blocks_digest`]); answer whether the grant over those blocks was live.
     Release {
         grant: GrantId,
         rank: u32,
         ranks: u32,
+        blocks: u64,
     },
     /// The decode request is gone: free the blocks now.
     Abort(GrantId),
@@ -74,14 +80,19 @@ pub enum LeaseReply {
 
 impl LeaseCall {
     pub fn encode(&self) -> Vec<u8> {
-        let (op, g, rank, ranks) = match self {
-            LeaseCall::Extend(g) => ("extend", g, 0, 0),
-            LeaseCall::Release { grant, rank, ranks } => ("release", grant, *rank, *ranks),
-            LeaseCall::Abort(g) => ("abort", g, 0, 0),
+        let (op, g, rank, ranks, blocks) = match self {
+            LeaseCall::Extend(g) => ("extend", g, 0, 0, 0),
+            LeaseCall::Release {
+                grant,
+                rank,
+                ranks,
+                blocks,
+            } => ("release", grant, *rank, *ranks, *blocks),
+            LeaseCall::Abort(g) => ("abort", g, 0, 0, 0),
         };
         // The request id goes last: it may contain spaces.
         format!(
-            "{TAG} {op} {:016x} {rank} {ranks} {}",
+            "{TAG} {op} {:016x} {rank} {ranks} {blocks:016x} {}",
             g.generation, g.request
         )
         .into_bytes()
@@ -90,7 +101,7 @@ impl LeaseCall {
     /// Parses a call; anything malformed is `None` (and answered `Gone`).
     pub fn decode(b: &[u8]) -> Option<LeaseCall> {
         let s = std::str::from_utf8(b).ok()?;
-        let mut it = s.splitn(6, ' ');
+        let mut it = s.splitn(7, ' ');
         if it.next()? != TAG {
             return None;
         }
@@ -98,6 +109,7 @@ impl LeaseCall {
         let generation = u64::from_str_radix(it.next()?, 16).ok()?;
         let rank: u32 = it.next()?.parse().ok()?;
         let ranks: u32 = it.next()?.parse().ok()?;
+        let blocks = u64::from_str_radix(it.next()?, 16).ok()?;
         let request = it.next()?.to_string();
         if request.is_empty() {
             return None;
@@ -113,6 +125,7 @@ impl LeaseCall {
                     grant: g,
                     rank,
                     ranks,
+                    blocks,
                 })
             }
             "abort" => Some(LeaseCall::Abort(g)),
@@ -169,8 +182,16 @@ impl Generations {
     }
 }
 
+/// What a release names the offered blocks by: xxh3 of their ids, in order.
+pub fn blocks_digest(blocks: &[u32]) -> u64 {
+    let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
 struct Grant {
     generation: u64,
+    /// [`blocks_digest`] of the blocks offered under it.
+    blocks: u64,
     expires: Instant,
     released: BTreeSet<u32>,
     /// The decode engine that first called about it.
@@ -218,8 +239,9 @@ impl Grants {
         self.lease
     }
 
-    /// The engine finished `request` and offered it under `generation`: hold its blocks.
-    pub fn grant(&mut self, request: &str, generation: u64, now: Instant) {
+    /// The engine finished `request` and offered `blocks` (a [`blocks_digest`]) under
+    /// `generation`: hold them.
+    pub fn grant(&mut self, request: &str, generation: u64, blocks: u64, now: Instant) {
         let n = self.newest.entry(generation >> 32).or_insert(0);
         *n = (*n).max(generation);
         if let Some(old) = self.live.remove(request) {
@@ -229,6 +251,7 @@ impl Grants {
             request.to_string(),
             Grant {
                 generation,
+                blocks,
                 expires: now + self.lease,
                 released: BTreeSet::new(),
                 owner: None,
@@ -269,6 +292,7 @@ impl Grants {
                 l.expires = l.expires.max(now + self.lease);
                 (LeaseReply::Live, None)
             }
+            LeaseCall::Release { blocks, .. } if *blocks != l.blocks => (LeaseReply::Gone, None),
             LeaseCall::Release { rank, ranks, .. } => {
                 l.released.insert(*rank);
                 if l.released.len() as u32 >= *ranks {
@@ -355,6 +379,7 @@ mod tests {
                 grant: gid("r", u64::MAX),
                 rank: 3,
                 ranks: 4,
+                blocks: 0xfeed,
             },
             LeaseCall::Abort(gid("x", 1)),
         ] {
@@ -362,11 +387,12 @@ mod tests {
         }
         for bad in [
             &b""[..],
-            b"kvferry-lease/1 release 01 4 4 r",
-            b"kvferry-lease/1 release 01 0 0 r",
-            b"kvferry-lease/1 extend zz 0 0 r",
-            b"kvferry-lease/1 extend 01 0 0 ",
-            b"kvferry-lease/2 extend 01 0 0 r",
+            b"kvferry-lease/1 release 01 4 4 00 r",
+            b"kvferry-lease/1 release 01 0 0 00 r",
+            b"kvferry-lease/1 release 01 0 1 r",
+            b"kvferry-lease/1 extend zz 0 0 00 r",
+            b"kvferry-lease/1 extend 01 0 0 00 ",
+            b"kvferry-lease/2 extend 01 0 0 00 r",
             b"\xff\xfe",
         ] {
             assert_eq!(LeaseCall::decode(bad), None, "{bad:?}");
@@ -384,9 +410,10 @@ mod tests {
             grant: gid("r", g),
             rank,
             ranks: 2,
+            blocks: 0,
         };
         assert_eq!(t.answer(&rel(g1, 0), "d", now).0, LeaseReply::Pending);
-        t.grant("r", g1, now);
+        t.grant("r", g1, 0, now);
         assert_eq!(t.answer(&rel(g1, 0), "d", now), (LeaseReply::Live, None));
         // A duplicate release of rank 0 does not count as rank 1.
         assert_eq!(t.answer(&rel(g1, 0), "d", now), (LeaseReply::Live, None));
@@ -400,7 +427,7 @@ mod tests {
             LeaseReply::Gone
         );
         // The same request id offered again gets a new generation; the old one stays gone.
-        t.grant("r", g2, now);
+        t.grant("r", g2, 0, now);
         assert_eq!(t.answer(&rel(g1, 0), "d", now).0, LeaseReply::Gone);
         assert_eq!(t.answer(&rel(g2, 0), "d", now).0, LeaseReply::Live);
         // A generation below the newest one seen, never granted here: gone, not pending.
@@ -414,8 +441,8 @@ mod tests {
         let mut t = Grants::new(lease);
         let mut gens = Generations::new();
         let (a, b) = (gens.issue(), gens.issue());
-        t.grant("a", a, now);
-        t.grant("b", b, now);
+        t.grant("a", a, 0, now);
+        t.grant("b", b, 0, now);
         let later = now + Duration::from_secs(8);
         assert_eq!(
             t.answer(&LeaseCall::Extend(gid("a", a)), "d", later).0,
@@ -431,7 +458,7 @@ mod tests {
             LeaseReply::Gone
         );
         let mut t = Grants::new(lease);
-        t.grant("c", a, now);
+        t.grant("c", a, 0, now);
         assert_eq!(
             t.answer(&LeaseCall::Abort(gid("c", a)), "d", now),
             (LeaseReply::Live, Some(Ended::Aborted))
@@ -447,7 +474,7 @@ mod tests {
         let now = Instant::now();
         let mut t = Grants::new(Duration::from_secs(30));
         let g = Generations::new().issue();
-        t.grant("r", g, now);
+        t.grant("r", g, 0, now);
         let ext = LeaseCall::Extend(gid("r", g));
         assert_eq!(t.answer(&ext, "decode-a", now).0, LeaseReply::Live);
         // A second engine (a retried request elsewhere) can neither extend, release nor abort.
@@ -456,5 +483,32 @@ mod tests {
         assert_eq!(t.answer(&abort, "decode-b", now), (LeaseReply::Gone, None));
         assert!(t.is_live("r"));
         assert_eq!(t.answer(&abort, "decode-a", now).1, Some(Ended::Aborted));
+    }
+
+    #[test]
+    fn a_release_naming_other_blocks_than_the_offer_is_answered_gone() {
+        let now = Instant::now();
+        let mut t = Grants::new(Duration::from_secs(30));
+        let g = Generations::new().issue();
+        t.grant("r", g, blocks_digest(&[5, 6, 7]), now);
+        let rel = |blocks| LeaseCall::Release {
+            grant: gid("r", g),
+            rank: 0,
+            ranks: 1,
+            blocks,
+        };
+        assert_eq!(
+            t.answer(&rel(blocks_digest(&[5, 6, 9])), "d", now).0,
+            LeaseReply::Gone
+        );
+        assert_eq!(
+            t.answer(&rel(blocks_digest(&[5, 6])), "d", now).0,
+            LeaseReply::Gone
+        );
+        assert!(t.is_live("r"));
+        assert_eq!(
+            t.answer(&rel(blocks_digest(&[5, 6, 7])), "d", now),
+            (LeaseReply::Live, Some(Ended::Released))
+        );
     }
 }

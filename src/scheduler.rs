@@ -136,7 +136,13 @@ pub struct Scheduler {
     loading: HashMap<String, Vec<BlockHash>>,
     /// Blocks being saved (not yet reported stored), with when: they will take room.
     saving: HashMap<BlockHash, Instant>,
+    /// Blocks discarded and not yet reported removed: a `Stored` event for one of them was
+    /// emitted before the worker dropped it, and must not bring it back into the mirror.
+    discarded: HashMap<BlockHash, Instant>,
 }
+
+/// The most prefill ranks an offer may name (every rank is connected to and called).
+pub const MAX_REMOTE_TP: u32 = 256;
 
 fn bit(t: Tier) -> u8 {
     match t {
@@ -160,6 +166,7 @@ impl Scheduler {
             lru: Default::default(),
             loading: HashMap::new(),
             saving: HashMap::new(),
+            discarded: HashMap::new(),
         }
     }
 
@@ -176,12 +183,14 @@ impl Scheduler {
         for e in events {
             match *e {
                 TierEvent::Stored { .. } if resetting => {}
+                TierEvent::Stored { hash, .. } if self.discarded.contains_key(&hash) => {}
                 TierEvent::Stored { hash, tier } => {
                     self.saving.remove(&hash);
                     *self.cached.entry(hash).or_default() |= bit(tier);
                     self.lru.touch(&hash);
                 }
                 TierEvent::Removed { hash, tier } => {
+                    self.discarded.remove(&hash);
                     if let Some(m) = self.cached.get_mut(&hash) {
                         *m &= !bit(tier);
                         if *m == 0 {
@@ -230,7 +239,9 @@ impl Scheduler {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let why = if r.block_ids.len() < need {
+        let why = if r.tp_size == 0 || r.tp_size > MAX_REMOTE_TP {
+            Some(format!("a prefill TP size of {}", r.tp_size))
+        } else if r.block_ids.len() < need {
             Some(format!(
                 "{} remote blocks for {prompt_tokens} prompt tokens ({need} blocks)",
                 r.block_ids.len()
@@ -250,7 +261,7 @@ impl Scheduler {
         // The prefill engine's lease may be shorter than ours: beat three times per what is
         // left of it when the offer arrives (the offer's expiry is the earliest the grant ends).
         let left = if r.expires_unix > 0.0 {
-            Duration::from_secs_f64((r.expires_unix - now).max(0.0))
+            Duration::try_from_secs_f64((r.expires_unix - now).max(0.0)).unwrap_or(self.cfg.lease)
         } else {
             self.cfg.lease
         };
@@ -274,6 +285,8 @@ impl Scheduler {
         // A save that never reported back (it failed) stops holding room after a while.
         self.saving
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
+        self.discarded
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
         let used = self.cached.len() + self.saving.len() + n;
         let mut over = used.saturating_sub(cap as usize);
         if over == 0 {
@@ -287,6 +300,7 @@ impl Scheduler {
             };
             self.cached.remove(&h);
             self.lru.remove(&h);
+            self.discarded.insert(h, now);
             self.step.discards.push(h);
             over -= 1;
         }
@@ -360,6 +374,13 @@ impl Scheduler {
         let plan = self.plans.remove(req);
         let bs = self.cfg.block_size.max(1);
         let accepted = self.waiting.remove(req).is_some();
+        if let (true, Some(r), true, 0) = (self.cfg.pd, remote, accepted, external) {
+            // Nothing to load (a full local hit, or vLLM skipping external KV for prompt
+            // logprobs): no pull, whose end vLLM would be told of for a request it never
+            // waited for; the prefill engine may free now.
+            self.step.aborts.push(r.target());
+            return;
+        }
         if let (true, Some(r), true) = (self.cfg.pd, remote, accepted) {
             let (mut local, mut start) = (Vec::new(), 0);
             if let (true, Some(Plan::Pull { start: s })) = (external > 0, &plan) {
@@ -385,6 +406,7 @@ impl Scheduler {
                     remote_request_id: r.request_id.clone(),
                     remote_tp_size: r.tp_size,
                     grant: r.grant,
+                    offer_blocks: crate::lease::blocks_digest(&r.block_ids),
                     remote_blocks,
                     local_blocks: local,
                 },
@@ -436,7 +458,7 @@ impl Scheduler {
             }
             let new: Vec<BlockHash> = hashes[known..n]
                 .iter()
-                .filter(|h| !self.saving.contains_key(h))
+                .filter(|h| !self.saving.contains_key(h) && !self.cached.contains_key(h))
                 .copied()
                 .collect();
             self.make_room(new.len());
@@ -600,13 +622,13 @@ mod tests {
             (spec.remote_blocks.clone(), spec.local_blocks.clone()),
             (vec![6, 7], vec![21, 22])
         );
-        // A full local hit pulls nothing but still tells the prefill engine.
+        // A full local hit pulls nothing (vLLM must not hear of a load it did not wait for)
+        // and tells the prefill engine it may free.
         assert_eq!(d.matched("d2", Some(&offer.remote), 10, 10, &[], 10), 0);
         d.allocated("d2", Some(&offer.remote), &[20, 21, 22], 0);
         let step = d.take_step();
-        assert!(
-            step.pulls[0].1.local_blocks.is_empty() && step.pulls[0].1.remote_blocks.is_empty()
-        );
+        assert!(step.pulls.is_empty(), "{:?}", step.pulls);
+        assert_eq!(step.aborts, vec![offer.remote.target()]);
     }
 
     fn offer(blocks: Vec<u32>, grant: u64) -> RemoteParams {

@@ -136,6 +136,8 @@ fn spec(
         remote_request_id: req.into(),
         remote_tp_size: tp,
         grant,
+        // The tests' offers name exactly the blocks pulled.
+        offer_blocks: kvferry::lease::blocks_digest(remote),
         remote_blocks: remote.to_vec(),
         local_blocks: local.to_vec(),
     }
@@ -896,4 +898,26 @@ fn a_peer_reads_only_granted_blocks_and_never_writes() {
         .write(&[dst(len)], &peer, &[desc((off, len))], None)
         .expect("posted");
     assert!(wait(id).is_err(), "a peer wrote into the KV cache");
+}
+
+#[test]
+fn a_decoder_pulling_another_requests_blocks_under_its_grant_gets_load_errors() {
+    let prefill = engine("mixed-prefill", false, true, 21);
+    let decode = engine("mixed-decode", false, true, 22);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let mut gens = Generations::new();
+    let (mine, victims) = (gens.issue(), gens.issue());
+    prefill.conn.finish("mine", Some((mine, &[1, 2])));
+    prefill.conn.finish("victim", Some((victims, &[5, 6])));
+    // Params naming the victim's blocks under our grant: the serving side has both granted,
+    // so the bytes move, but the release names other blocks than our offer's.
+    decode.conn.pull(
+        "d",
+        &spec((&host, addr.port()), 1, "mine", mine, &[5, 6], &[9, 10]),
+    );
+    let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+    assert_eq!(f.load_errors, vec![9, 10], "{f:?}");
+    let c = decode.conn.counters();
+    assert_eq!((c.pulls_stale, c.pulled_blocks), (1, 0));
 }

@@ -563,7 +563,18 @@ impl TierEngine {
     /// How many leading blocks of `hashes` are cached, and in which tier.
     pub fn lookup(&self, hashes: &[BlockHash]) -> Lookup {
         let st = self.inner.state.lock();
-        let tiers: Vec<Tier> = hashes.iter().map_while(|h| st.index.tier_of(h)).collect();
+        // A block a clear or discard doomed is gone already, even while its last operation
+        // runs.
+        let tiers: Vec<Tier> = hashes
+            .iter()
+            .map_while(|h| {
+                if st.doomed.contains(h) {
+                    None
+                } else {
+                    st.index.tier_of(h)
+                }
+            })
+            .collect();
         Lookup {
             hits: tiers.len(),
             tiers,
@@ -942,6 +953,13 @@ fn start_offload(
         return;
     }
     for (hash, block) in blocks {
+        if st.doomed.contains(&hash) {
+            // The old copy is still in use and goes when that ends: this save cannot take
+            // its place yet (it would be "already cached" as the doomed bytes).
+            let e = TierError::Config(format!("block {hash} is being dropped; saved later"));
+            finish_block(inner, st, id, hash, Err(e));
+            continue;
+        }
         if st.index.get(&hash).is_some() {
             // Already cached, or being cached by an earlier offload.
             st.index.touch(&hash);
@@ -989,6 +1007,11 @@ fn start_onboard(
     }
     let mut ready = Vec::new();
     for (hash, block) in blocks {
+        if st.doomed.contains(&hash) {
+            // Its bytes are from before a clear (or its owner discarded it): never served.
+            finish_block(inner, st, id, hash, Err(TierError::Miss(hash.to_string())));
+            continue;
+        }
         if let Some(waiters) = st.loading.get_mut(&hash) {
             waiters.push((id, g1, block));
             continue;

@@ -83,7 +83,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TierError> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| TierError::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TierError::io("rename", path, e))
+    std::fs::rename(&tmp, path).map_err(|e| TierError::io("rename", path, e))?;
+    // The rename is durable only once the directory is.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| TierError::io("sync", dir, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

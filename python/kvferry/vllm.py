@@ -57,6 +57,7 @@ memory).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -375,6 +376,7 @@ class KVFerryConnector(KVConnectorBase_V1):
                 p["remote_request_id"],
                 int(p.get("tp_size") or 1),
                 int(p["grant"]),
+                int(p["offer_blocks"]),
                 p["remote_blocks"],
                 p["local_blocks"],
             )
@@ -485,36 +487,41 @@ class KVFerryConnector(KVConnectorBase_V1):
 
     @staticmethod
     def _remote(request: "Request") -> tuple | None:
-        """The prefill engine's offer in a decode request's kv_transfer_params, if complete."""
+        """The prefill engine's offer in a decode request's kv_transfer_params, if well formed.
+        Any API client can send these params: nothing in them may raise here (the scheduler
+        would die); a malformed offer is None, and the prompt is computed locally."""
         p = request.kv_transfer_params or {}
-        if not p.get("do_remote_prefill"):
+        if not isinstance(p, dict) or not p.get("do_remote_prefill"):
             return None
+        try:
+            return KVFerryConnector._parse_offer(p)
+        except (TypeError, ValueError, OverflowError, KeyError) as e:
+            log.warning(
+                "kvferry: malformed kv_transfer_params for %s (%s): %s", request.request_id, e, p
+            )
+            return None
+
+    @staticmethod
+    def _parse_offer(p: dict[str, Any]) -> tuple | None:
         if not all(k in p for k in _PD_KEYS):
-            log.warning("kvferry: incomplete kv_transfer_params for %s: %s", request.request_id, p)
-            return None
-        blocks = list(p.get("remote_block_ids") or [])
+            raise KeyError(f"missing one of {_PD_KEYS}")
+        blocks = p.get("remote_block_ids") or []
+        if not isinstance(blocks, (list, tuple)):
+            raise TypeError("remote_block_ids is not a list")
         if blocks and isinstance(blocks[0], (list, tuple)):
-            blocks = list(blocks[0])
+            blocks = blocks[0]
+        ids = [int(b) for b in blocks]
+        if any(not 0 <= b < 2**32 for b in ids):
+            raise ValueError("a block id out of range")
         try:
             grant = int(str(p.get("kvferry_grant") or "0"), 16)
         except ValueError:
             grant = 0  # refused by the scheduler: the prompt is computed here
-        try:
-            ids = [int(b) for b in blocks]
-        except (TypeError, ValueError):
-            log.warning("kvferry: malformed remote_block_ids for %s", request.request_id)
-            ids = []
-        try:
-            port, tp = int(p["remote_port"]), int(p.get("tp_size") or 1)
-        except (TypeError, ValueError):
-            port, tp = -1, -1
+        port, tp = int(p["remote_port"]), int(p.get("tp_size") or 1)
         if not (0 < port < 65536 and 0 < tp <= 4096):
-            # A request's params must never crash the scheduler: computed here instead.
-            log.warning("kvferry: malformed kv_transfer_params for %s: %s", request.request_id, p)
-            return None
-        try:
-            expires = float(p.get("remote_blocks_expiry_time") or 0.0)
-        except (TypeError, ValueError):
+            raise ValueError("port or tp_size out of range")
+        expires = float(p.get("remote_blocks_expiry_time") or 0.0)
+        if not math.isfinite(expires) or not 0.0 <= expires < 1e11:
             expires = 0.0
         return (
             str(p["remote_host"]),

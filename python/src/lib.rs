@@ -205,6 +205,7 @@ impl Connector {
         remote_request_id: String,
         remote_tp_size: u32,
         grant: u64,
+        offer_blocks: u64,
         remote_blocks: Vec<u32>,
         local_blocks: Vec<u32>,
     ) {
@@ -214,6 +215,7 @@ impl Connector {
             remote_request_id,
             remote_tp_size,
             grant,
+            offer_blocks,
             remote_blocks,
             local_blocks,
         };
@@ -582,6 +584,7 @@ impl Scheduler {
             p.set_item("remote_request_id", s.remote_request_id)?;
             p.set_item("tp_size", s.remote_tp_size)?;
             p.set_item("grant", s.grant)?;
+            p.set_item("offer_blocks", s.offer_blocks)?;
             p.set_item("remote_blocks", s.remote_blocks)?;
             p.set_item("local_blocks", s.local_blocks)?;
             pulls.append((req, p))?;
@@ -605,6 +608,12 @@ impl Scheduler {
     }
 }
 
+/// What a pull's release names an offer's blocks by (the same on both engines).
+#[pyfunction]
+fn blocks_digest(blocks: Vec<u32>) -> u64 {
+    kvferry::lease::blocks_digest(&blocks)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust log records (a failed pull, an unlocked pool, a dropped G3 slot) go to Python's
@@ -612,6 +621,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let _ = pyo3_log::try_init();
     m.add_class::<Connector>()?;
     m.add_class::<Scheduler>()?;
+    m.add_function(wrap_pyfunction!(blocks_digest, m)?)?;
     m.add("KvferryError", m.py().get_type::<KvferryError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

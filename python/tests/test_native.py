@@ -63,7 +63,11 @@ def test_pull_between_two_connectors():
     register(decode, dst)
     grant = 0x1234_0000_0001  # the scheduler's offer generation (instance 0x1234, offer 1)
     prefill.finish("p", grant, [2, 7])
-    decode.pull("d", "127.0.0.1", prefill.listen_port(), "p", 1, grant, [2, 7], [9, 4])
+    from kvferry._native import blocks_digest
+
+    decode.pull(
+        "d", "127.0.0.1", prefill.listen_port(), "p", 1, grant, blocks_digest([2, 7]), [2, 7], [9, 4]
+    )
     s, r, errors = until(decode, lambda g: "d" in g[1])
     assert errors == [], errors
     for layer in (0, 1):
