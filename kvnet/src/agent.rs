@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub insecure: bool,
     /// Bound on every network step (connect, handshake, each frame and each bulk transfer).
     pub timeout: Duration,
+    /// A served connection with no request for this long is closed (the peer redials).
+    pub idle_timeout: Duration,
     /// TCP connections per peer a transfer is spread over.
     pub connections_per_peer: usize,
     /// Transports in order of preference; the first both sides offer is used.
@@ -76,6 +78,7 @@ impl AgentConfig {
             token: None,
             insecure: false,
             timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
             connections_per_peer: 4,
             transports: vec![Transport::Ucx, Transport::Tcp],
             ucx_peer_errors: true,
@@ -134,6 +137,7 @@ pub(crate) struct Shared {
     pub name: String,
     pub token: Option<Vec<u8>>,
     pub timeout: Duration,
+    pub idle_timeout: Duration,
     pub conns_per_peer: usize,
     pub regions: RwLock<RegionTable>,
     pub caches: RwLock<Vec<ExportedCache>>,
@@ -425,6 +429,7 @@ impl Agent {
             name: cfg.name,
             token: cfg.token.map(String::into_bytes),
             timeout: cfg.timeout,
+            idle_timeout: cfg.idle_timeout,
             conns_per_peer: cfg.connections_per_peer.max(1),
             regions: RwLock::new(RegionTable::new()),
             caches: RwLock::new(Vec::new()),
@@ -1034,7 +1039,15 @@ impl Drop for Agent {
     fn drop(&mut self) {
         // Cancels every task at its next await: after this, nothing touches registered memory.
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Dropped on a runtime thread (the last owner let go inside a callback the
+                // runtime ran): tokio refuses to shut a runtime down from there, so another
+                // thread does, and this one waits for it (bounded by the shutdown's timeout).
+                let t = std::thread::spawn(move || rt.shutdown_timeout(Duration::from_secs(1)));
+                let _ = t.join();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(1));
+            }
         }
         // Cancels UCX operations in flight and frees the worker.
         self.ucx = None;

@@ -33,6 +33,8 @@ use kvcore::auth::{Role, Transcript};
 pub(crate) struct Conn {
     stream: TcpStream,
     peer: String,
+    /// When it went back to the pool.
+    idle_since: std::time::Instant,
 }
 
 /// Idle connections to one peer, reused across transfers.
@@ -42,15 +44,20 @@ pub(crate) struct ConnPool {
 }
 
 impl ConnPool {
-    pub fn put(&self, c: Conn) {
+    pub fn put(&self, mut c: Conn) {
+        c.idle_since = std::time::Instant::now();
         let mut idle = self.idle.lock();
         if idle.len() < 64 {
             idle.push(c);
         }
     }
 
+    /// An idle connection, never one idle for so long that the peer may have closed it (it
+    /// closes after `IDLE_TIMEOUT`): a call sent on such a one would be lost with it.
     fn take(&self) -> Option<Conn> {
-        self.idle.lock().pop()
+        let mut idle = self.idle.lock();
+        idle.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT / 2);
+        idle.pop()
     }
 }
 
@@ -173,6 +180,7 @@ pub(crate) async fn dial(
             Conn {
                 stream,
                 peer: md.name.clone(),
+                idle_since: std::time::Instant::now(),
             },
             md,
         ))
@@ -200,6 +208,16 @@ async fn conn_for(shared: &Shared, p: &Peer) -> Result<Conn, NetError> {
             peer: p.metadata.name.clone(),
             reason: format!("the agent at {addr} is now {}", md.name),
         });
+    }
+    if md.regions != p.metadata.regions {
+        // Same name, other exports: the peer restarted (or re-registered) since we planned
+        // against its metadata. Our descriptors name its old regions: learn the new ones for
+        // the next transfer, and fail this one rather than touch whatever now sits there.
+        let name = md.name.clone();
+        shared.load(md)?;
+        return Err(NetError::Unavailable(format!(
+            "{name} changed its exports since this transfer was planned (it restarted?)"
+        )));
     }
     Ok(c)
 }
@@ -486,7 +504,8 @@ fn is_dead_connection(e: &NetError) -> bool {
 /// Connections served at once; a connection beyond it is closed at once.
 pub(crate) const MAX_CONNECTIONS: usize = 4096;
 
-/// An authenticated connection with no request for this long is closed (the peer redials).
+/// Pooled connections are not reused after this long idle: by then the peer may have closed
+/// them (it closes after its `AgentConfig::idle_timeout`, 10 minutes by default).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Accepts connections until the runtime shuts down.
@@ -651,7 +670,7 @@ async fn serve_conn(
     loop {
         // An idle connection is closed after a while: a peer that vanished without a FIN (its
         // host died, a link went down) does not hold a connection slot for ever.
-        let m = match timeout(IDLE_TIMEOUT, read_message(&mut stream, &peer)).await {
+        let m = match timeout(shared.idle_timeout, read_message(&mut stream, &peer)).await {
             Ok(m) => m?,
             Err(_) => return Ok(()),
         };
