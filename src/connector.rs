@@ -24,7 +24,7 @@ use kvcore::{
 use kvnet::{Agent, AgentConfig, NetError, Transport, Verdict};
 
 use crate::lease::{Ended, GrantId, Grants, LeaseCall, LeaseReply};
-use crate::served::Granted;
+use crate::served::{Granted, ServeGuard, Serving};
 use kvtier::{G1Id, NvmeConfig, Tier, TierConfig, TierEngine, TierError, TierEvent};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -234,6 +234,8 @@ struct State {
     /// request's share of them.
     granted: Granted,
     grant_runs: HashMap<String, Vec<(u64, u64)>>,
+    /// Runs of grants that ended, kept until no serve of them is in flight.
+    draining: HashMap<String, Vec<(u64, u64)>>,
     /// Prefill engines we pulled from, by address.
     peers: HashMap<SocketAddr, String>,
     /// Addresses a connect to failed, and when: asked again only after `RECONNECT_AFTER`, so
@@ -379,6 +381,8 @@ pub struct Core {
     cache: Mutex<Option<Cache>>,
     st: Mutex<State>,
     lease_tx: Sender<LeaseJob>,
+    /// Granted runs being served to peers now (see [`crate::served::ServeGuard`]).
+    serving: Serving,
 }
 
 impl Core {
@@ -431,6 +435,7 @@ impl Core {
             cache: Mutex::new(None),
             st: Mutex::new(st),
             lease_tx,
+            serving: Default::default(),
         })
     }
 
@@ -848,6 +853,7 @@ impl Core {
         }
         let region = self.cache.lock().as_ref().and_then(|c| c.region);
         let st = self.st.lock();
+        let mut runs = Vec::new();
         for (i, d) in descs.iter().enumerate() {
             let why = || {
                 format!(
@@ -859,13 +865,18 @@ impl Core {
             if Some(d.region) != region {
                 return Verdict::Refuse(why());
             }
-            if !st.granted.covers(d.offset, d.len) {
+            match st.granted.covering(d.offset, d.len) {
+                Some(r) => runs.extend(r),
                 // The engine learns of a finished request's grant a step after the offer went
                 // out: a fast decoder may be here first.
-                return Verdict::NotYet(why());
+                None => return Verdict::NotYet(why()),
             }
         }
-        Verdict::Serve
+        runs.sort_unstable();
+        runs.dedup();
+        // Counted under the state lock, in which grants end: a grant that ends after this
+        // point keeps its request from the engine until the serve is over.
+        Verdict::Serve(Some(Box::new(ServeGuard::new(&self.serving, runs))))
     }
 
     /// Prefill side: a decoder's lease call, from the authenticated peer `peer`.
@@ -1125,8 +1136,13 @@ impl Core {
             }
         }
         let mut ready = Vec::new();
+        let serving = self.serving.lock();
+        st.draining
+            .retain(|_, runs| runs.iter().any(|(start, _)| serving.contains_key(start)));
+        drop(serving);
         for (id, r) in st.reqs.iter() {
-            if r.finishing && r.saves == 0 && !r.granted && r.loads == 0 {
+            let drained = !st.draining.contains_key(id);
+            if r.finishing && r.saves == 0 && !r.granted && r.loads == 0 && drained {
                 ready.push(id.clone());
             }
         }
@@ -1200,6 +1216,8 @@ impl Core {
 fn end_runs(st: &mut State, req: &str) {
     if let Some(runs) = st.grant_runs.remove(req) {
         st.granted.remove(&runs);
+        // Serves that began under the grant may still be reading: `poll` waits for them.
+        st.draining.insert(req.to_string(), runs);
     }
 }
 

@@ -11,6 +11,44 @@ pub struct Granted {
     runs: BTreeMap<u64, (u64, u32)>,
 }
 
+/// Runs being served right now, by start, counted: a request whose grant ended is handed back
+/// to the engine only once none of its runs is (the engine would write what a peer reads).
+pub type Serving = std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<u64, u32>>>;
+
+/// Counts its runs as being served until dropped (when the transfer is over).
+pub struct ServeGuard {
+    serving: Serving,
+    runs: Vec<u64>,
+}
+
+impl ServeGuard {
+    pub fn new(serving: &Serving, runs: Vec<u64>) -> ServeGuard {
+        let mut s = serving.lock();
+        for r in &runs {
+            *s.entry(*r).or_default() += 1;
+        }
+        drop(s);
+        ServeGuard {
+            serving: serving.clone(),
+            runs,
+        }
+    }
+}
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        let mut s = self.serving.lock();
+        for r in &self.runs {
+            if let Some(n) = s.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    s.remove(r);
+                }
+            }
+        }
+    }
+}
+
 impl Granted {
     pub fn add(&mut self, runs: &[(u64, u64)]) {
         for &(off, len) in runs {
@@ -32,18 +70,29 @@ impl Granted {
     }
 
     /// Whether `[off, off + len)` lies wholly inside granted runs (adjacent runs count as one).
+    #[cfg(test)]
     pub fn covers(&self, off: u64, len: u64) -> bool {
-        let Some(end) = off.checked_add(len) else {
-            return false;
-        };
+        self.covering(off, len).is_some()
+    }
+
+    /// The starts of the granted runs `[off, off + len)` lies in, if it lies wholly in them.
+    pub fn covering(&self, off: u64, len: u64) -> Option<Vec<u64>> {
+        let end = off.checked_add(len)?;
+        if len == 0 {
+            return None;
+        }
         let mut pos = off;
+        let mut starts = Vec::new();
         while pos < end {
             match self.runs.range(..=pos).next_back() {
-                Some((_, &(run_end, _))) if run_end > pos => pos = run_end,
-                _ => return false,
+                Some((&start, &(run_end, _))) if run_end > pos => {
+                    starts.push(start);
+                    pos = run_end;
+                }
+                _ => return None,
             }
         }
-        len > 0
+        Some(starts)
     }
 
     #[cfg(test)]
@@ -76,5 +125,22 @@ mod tests {
         assert!(!g.covers(400, 10));
         g.remove(&[(100, 50), (150, 50)]);
         assert!(g.is_empty());
+    }
+
+    #[test]
+    fn serve_guards_count_the_runs_they_use_until_dropped() {
+        let mut g = Granted::default();
+        g.add(&[(0, 10), (10, 10), (40, 10)]);
+        assert_eq!(g.covering(5, 10), Some(vec![0, 10]));
+        assert_eq!(g.covering(20, 1), None);
+        let serving = Serving::default();
+        let a = ServeGuard::new(&serving, vec![0, 10]);
+        let b = ServeGuard::new(&serving, vec![10]);
+        assert_eq!(serving.lock().get(&10), Some(&2));
+        drop(a);
+        assert_eq!(serving.lock().get(&0), None);
+        assert_eq!(serving.lock().get(&10), Some(&1));
+        drop(b);
+        assert!(serving.lock().is_empty());
     }
 }

@@ -167,9 +167,10 @@ pub(crate) struct Shared {
 pub type ServeCheck = Arc<dyn Fn(&str, Op, &[Descriptor]) -> Verdict + Send + Sync>;
 
 /// A [`ServeCheck`]'s answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    Serve,
+    /// Serve it; the guard, if any, is held until the bytes are sent or received (so what the
+    /// check allowed cannot be taken back while the memory is being used).
+    Serve(Option<Box<dyn Send>>),
     Refuse(String),
     /// Not yet: ask again shortly, up to a bounded wait, then refuse with this reason (what
     /// would allow it may be on its way, as a grant the engine learns of a step later).

@@ -754,13 +754,17 @@ async fn serve_transfer(
         },
         Err(e) => (Err(e), None),
     };
+    let mut _allowed = None;
     let resolved = match (resolved, check) {
         (Ok(rs), Some(c)) => {
             // Bounded: a peer can hold this connection for at most this long.
             let until = std::time::Instant::now() + shared.timeout.min(Duration::from_secs(2));
             loop {
                 match c(peer, n.op, &n.descriptors) {
-                    Verdict::Serve => break Ok(rs),
+                    Verdict::Serve(guard) => {
+                        _allowed = guard;
+                        break Ok(rs);
+                    }
                     Verdict::Refuse(why) => break Err(why),
                     Verdict::NotYet(why) if std::time::Instant::now() >= until => break Err(why),
                     Verdict::NotYet(_) => tokio::time::sleep(Duration::from_millis(5)).await,
