@@ -117,8 +117,9 @@ enum Plan {
 
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    /// Block hash -> tiers holding it (bit 0: DRAM, bit 1: NVMe).
-    cached: HashMap<BlockHash, u8>,
+    /// Block hash -> per tier (DRAM, NVMe), the TP ranks whose worker holds it (bit r). A
+    /// block is loadable only when every rank holds it: each rank loads its own heads.
+    cached: HashMap<BlockHash, [u64; 2]>,
     plans: HashMap<String, Plan>,
     step: StepPlan,
     events: Vec<TierEvent>,
@@ -144,10 +145,10 @@ pub struct Scheduler {
 /// The most prefill ranks an offer may name (every rank is connected to and called).
 pub const MAX_REMOTE_TP: u32 = 256;
 
-fn bit(t: Tier) -> u8 {
+fn tier_index(t: Tier) -> usize {
     match t {
-        Tier::Dram => 1,
-        Tier::Nvme => 2,
+        Tier::Dram => 0,
+        Tier::Nvme => 1,
     }
 }
 
@@ -177,23 +178,32 @@ impl Scheduler {
         }
     }
 
-    /// Updates the mirror of the worker's tiers; the events are kept for [`Scheduler::take_events`].
+    /// Updates the mirror from TP rank 0's worker (the only one without tensor parallelism).
     pub fn apply(&mut self, events: &[TierEvent]) {
+        self.apply_from(0, events);
+    }
+
+    /// Updates the mirror of TP rank `rank`'s tiers; rank 0's events are kept for
+    /// [`Scheduler::take_events`] (one event per block, not one per rank).
+    pub fn apply_from(&mut self, rank: u32, events: &[TierEvent]) {
         let resetting = self.resets_done < self.resets_sent;
+        let me = 1u64 << rank.min(63);
         for e in events {
             match *e {
                 TierEvent::Stored { .. } if resetting => {}
                 TierEvent::Stored { hash, .. } if self.discarded.contains_key(&hash) => {}
                 TierEvent::Stored { hash, tier } => {
-                    self.saving.remove(&hash);
-                    *self.cached.entry(hash).or_default() |= bit(tier);
+                    self.cached.entry(hash).or_default()[tier_index(tier)] |= me;
+                    if self.loadable(&hash) {
+                        self.saving.remove(&hash);
+                    }
                     self.lru.touch(&hash);
                 }
                 TierEvent::Removed { hash, tier } => {
                     self.discarded.remove(&hash);
                     if let Some(m) = self.cached.get_mut(&hash) {
-                        *m &= !bit(tier);
-                        if *m == 0 {
+                        m[tier_index(tier)] &= !me;
+                        if m[0] | m[1] == 0 {
                             self.cached.remove(&hash);
                             self.lru.remove(&hash);
                         }
@@ -201,7 +211,18 @@ impl Scheduler {
                 }
             }
         }
-        self.events.extend_from_slice(events);
+        if rank == 0 {
+            self.events.extend_from_slice(events);
+        }
+    }
+
+    /// Whether every TP rank's worker holds `h`.
+    fn loadable(&self, h: &BlockHash) -> bool {
+        let tp = self.cfg.tp_size.clamp(1, 64);
+        let all = if tp == 64 { u64::MAX } else { (1u64 << tp) - 1 };
+        self.cached
+            .get(h)
+            .is_some_and(|m| (m[0] | m[1]) & all == all)
     }
 
     /// The engine reset its prefix cache and the connector's: nothing in the tiers is loaded
@@ -310,12 +331,9 @@ impl Scheduler {
         std::mem::take(&mut self.events)
     }
 
-    /// Leading blocks of `hashes` the tiers hold, as far as the mirror knows.
+    /// Leading blocks of `hashes` every rank's tiers hold, as far as the mirror knows.
     pub fn lookup(&self, hashes: &[BlockHash]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| self.cached.contains_key(h))
-            .count()
+        hashes.iter().take_while(|h| self.loadable(h)).count()
     }
 
     /// Tokens beyond the `computed` ones (the engine's own prefix cache) that can be loaded,
@@ -458,7 +476,7 @@ impl Scheduler {
             }
             let new: Vec<BlockHash> = hashes[known..n]
                 .iter()
-                .filter(|h| !self.saving.contains_key(h) && !self.cached.contains_key(h))
+                .filter(|h| !self.saving.contains_key(h) && !self.loadable(h))
                 .copied()
                 .collect();
             self.make_room(new.len());
@@ -755,5 +773,38 @@ mod tests {
         let more: Vec<BlockHash> = (20..21).map(h).collect();
         s.finished("q", true, false, &more, &[7], 4);
         assert_eq!(s.take_step().discards.len(), 1);
+    }
+
+    #[test]
+    fn with_tensor_parallelism_a_block_loads_only_once_every_rank_holds_it() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            tp_size: 2,
+            ..sched(true, false).cfg
+        });
+        let stored = |i| TierEvent::Stored {
+            hash: h(i),
+            tier: Tier::Dram,
+        };
+        s.apply_from(0, &[stored(0), stored(1)]);
+        assert_eq!(s.lookup(&[h(0), h(1)]), 0, "rank 1 has not stored them yet");
+        s.apply_from(1, &[stored(0)]);
+        assert_eq!(s.lookup(&[h(0), h(1)]), 1);
+        // Rank 1 spilled block 0 to NVMe and dropped its DRAM copy: still held.
+        s.apply_from(
+            1,
+            &[
+                TierEvent::Stored {
+                    hash: h(0),
+                    tier: Tier::Nvme,
+                },
+                TierEvent::Removed {
+                    hash: h(0),
+                    tier: Tier::Dram,
+                },
+            ],
+        );
+        assert_eq!(s.lookup(&[h(0)]), 1);
+        // Only rank 0's events are published (one per block, not one per rank).
+        assert_eq!(s.take_events().len(), 2);
     }
 }

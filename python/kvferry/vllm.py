@@ -176,16 +176,18 @@ class KVFerryHandshake(KVConnectorHandshakeMetadata):
 
 @dataclass
 class KVFerryWorkerMeta(KVConnectorWorkerMetadata):
-    """Worker -> scheduler each step: blocks stored in / removed from the tiers."""
+    """Worker -> scheduler each step: blocks stored in / removed from the tiers, by TP rank
+    (a block loads only once every rank holds its heads)."""
 
-    # (kind, hash, medium) with kind "stored" or "removed"
-    events: list[tuple[str, bytes, str]] = field(default_factory=list)
+    # TP rank -> [(kind, hash, medium)] with kind "stored" or "removed"
+    events: dict[int, list[tuple[str, bytes, str]]] = field(default_factory=dict)
     # Resets this worker carried out in all (the scheduler ignores stores until it did).
     resets: int = 0
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVFerryWorkerMeta):
-            self.events.extend(other.events)
+            for rank, evs in other.events.items():
+                self.events.setdefault(rank, []).extend(evs)
             # Every worker must have reset before stores count again.
             self.resets = min(self.resets, other.resets)
         return self
@@ -232,6 +234,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             )
         # The Rust core runs in the worker only.
         self.native: _Native | None = None
+        self._rank = 0
         if role == KVConnectorRole.WORKER:
             rank = 0
             try:
@@ -240,6 +243,7 @@ class KVFerryConnector(KVConnectorBase_V1):
                 rank = get_tensor_model_parallel_rank()
             except Exception:  # noqa: BLE001 - no parallel state in some test set-ups
                 rank = 0
+            self._rank = rank
             total_kv_heads = None
             try:
                 total_kv_heads = int(vllm_config.model_config.get_total_num_kv_heads())
@@ -345,7 +349,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         events = self.native.take_events()
         if not events and not self._resets:
             return None
-        return KVFerryWorkerMeta(events=list(events), resets=self._resets)
+        return KVFerryWorkerMeta(events={self._rank: list(events)}, resets=self._resets)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -457,17 +461,21 @@ class KVFerryConnector(KVConnectorBase_V1):
     # ---- scheduler side: decisions in the Rust Scheduler; this translates vLLM's objects ----
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
-        md = metadata.get(0)
-        if isinstance(md, KVFerryHandshake):
-            if md.port:
+        # One handshake per TP rank: rank 0's port is the one offers name; every rank's
+        # recovered blocks count (a block loads once all ranks hold it).
+        for rank, md in sorted(metadata.items()):
+            if not isinstance(md, KVFerryHandshake):
+                continue
+            if rank == 0 and md.port:
                 self.sched.set_port(md.port)
-            self.sched.apply(md.events)
+            self.sched.apply(md.events, int(rank))
 
     def update_connector_output(self, connector_output: Any):
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVFerryWorkerMeta):
             self.sched.resets_done(meta.resets)
-            self.sched.apply(meta.events)
+            for rank, events in sorted(meta.events.items()):
+                self.sched.apply(events, rank)
         for req in getattr(connector_output, "finished_recving", None) or ():
             self.sched.loaded(req)
 

@@ -469,8 +469,9 @@ impl Scheduler {
         self.inner.lock().arrived(req, r.as_ref(), prompt_tokens);
     }
 
-    /// Applies the worker's `(kind, hash, medium)` events to the mirror of its tiers.
-    fn apply(&self, events: Vec<(String, Vec<u8>, String)>) -> PyResult<()> {
+    /// Applies TP rank `rank`'s worker's `(kind, hash, medium)` events to the mirror.
+    #[pyo3(signature = (events, rank = 0))]
+    fn apply(&self, events: Vec<(String, Vec<u8>, String)>, rank: u32) -> PyResult<()> {
         let mut out = Vec::with_capacity(events.len());
         for (kind, h, m) in events {
             let hash = BlockHash::from_bytes(&h).map_err(err)?;
@@ -485,7 +486,7 @@ impl Scheduler {
                 other => return Err(err(format!("event kind {other:?}"))),
             });
         }
-        self.inner.lock().apply(&out);
+        self.inner.lock().apply_from(rank, &out);
         Ok(())
     }
 
