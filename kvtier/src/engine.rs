@@ -254,8 +254,12 @@ struct State {
     /// Bumped by [`TierEngine::clear`] (and persisted with G3): slots of an earlier epoch fail
     /// the fingerprint, in this process and after a restart.
     epoch: u64,
-    /// Blocks [`TierEngine::clear`] found in use: dropped as soon as their operation ends.
+    /// Blocks [`TierEngine::clear`] found in use: dropped as soon as their operation ends, and
+    /// never served meanwhile (their bytes are from before the clear).
     doomed: HashSet<BlockHash>,
+    /// Blocks `discard` found in use: dropped when their operation ends, unless saved again
+    /// meanwhile (their bytes are still right for their hash; the caller changed its mind).
+    discarded: HashSet<BlockHash>,
     /// Offload requests numbered below this were made before the last `clear`: their blocks
     /// are not stored.
     cleared_below: RequestId,
@@ -382,6 +386,7 @@ impl TierEngine {
             fingerprint: 0,
             epoch,
             doomed: HashSet::new(),
+            discarded: HashSet::new(),
             cleared_below: 0,
         };
         // The default order keeps the fingerprint of files written before the order was a
@@ -568,7 +573,7 @@ impl TierEngine {
         let tiers: Vec<Tier> = hashes
             .iter()
             .map_while(|h| {
-                if st.doomed.contains(h) {
+                if st.doomed.contains(h) || st.discarded.contains(h) {
                     None
                 } else {
                     st.index.tier_of(h)
@@ -635,7 +640,7 @@ impl TierEngine {
             } else {
                 // In use: it goes when its operation ends, so a caller that owns eviction
                 // never leaks the slot.
-                st.doomed.insert(*h);
+                st.discarded.insert(*h);
             }
         }
         dropped
@@ -876,13 +881,19 @@ fn drop_entry(inner: &Inner, st: &mut State, h: &BlockHash) -> bool {
 
 /// Blocks a `clear` found in use go once their operations ended.
 fn reap_doomed(inner: &Inner, st: &mut State) {
-    if st.doomed.is_empty() {
+    if st.doomed.is_empty() && st.discarded.is_empty() {
         return;
     }
     let doomed: Vec<BlockHash> = st.doomed.iter().copied().collect();
     for h in doomed {
         if drop_entry(inner, st, &h) {
             st.doomed.remove(&h);
+        }
+    }
+    let discarded: Vec<BlockHash> = st.discarded.iter().copied().collect();
+    for h in discarded {
+        if drop_entry(inner, st, &h) {
+            st.discarded.remove(&h);
         }
     }
 }
@@ -960,6 +971,8 @@ fn start_offload(
             finish_block(inner, st, id, hash, Err(e));
             continue;
         }
+        // Discarded while in use and saved again: the copy is right for its hash; keep it.
+        st.discarded.remove(&hash);
         if st.index.get(&hash).is_some() {
             // Already cached, or being cached by an earlier offload.
             st.index.touch(&hash);
@@ -969,8 +982,9 @@ fn start_offload(
         if inner.cfg.caller_evicts && inner.store.is_some() {
             // Every block must be able to reach G3: a DRAM tier full of blocks G3 has no room
             // for could evict nothing, and reads from G3 (which pass through DRAM) would stall.
-            let without_g3 = st.index.len() - st.index.g3_len();
-            if without_g3 >= st.g3_free.len() {
+            // A block being spilled already has its G3 slot (out of the free list).
+            let need = (st.index.len() - st.index.g3_len()).saturating_sub(st.spills);
+            if need >= st.g3_free.len() {
                 let slots = inner.store.as_ref().map_or(0, NvmeStore::slots);
                 finish_block(
                     inner,
@@ -1007,8 +1021,8 @@ fn start_onboard(
     }
     let mut ready = Vec::new();
     for (hash, block) in blocks {
-        if st.doomed.contains(&hash) {
-            // Its bytes are from before a clear (or its owner discarded it): never served.
+        if st.doomed.contains(&hash) || st.discarded.contains(&hash) {
+            // Its bytes are from before a clear, or its owner discarded it: never served.
             finish_block(inner, st, id, hash, Err(TierError::Miss(hash.to_string())));
             continue;
         }
