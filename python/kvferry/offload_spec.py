@@ -292,9 +292,9 @@ class KVFerryOffloadingSpec(OffloadingSpec):
             nvme_dir=self.nvme_dir,
             nvme_blocks=self.nvme_blocks,
             identity=identity,
-            # The manager owns eviction: the tiers must not drop a block it counts as stored
-            # (a full tier refuses, which is reported, instead of a silent loss).
-            caller_evicts=True,
+            # Not `caller_evicts`: there a full tier refuses saves, and vLLM 0.32 stops the
+            # engine on any failed transfer; the manager's capacity (G3's) keeps the tiers from
+            # evicting on their own in normal operation.
         )
         base = min(t.data_ptr() for t in tensors)
         native.register_cache(
