@@ -464,7 +464,8 @@ fn connections_the_peer_closed_are_redialed_and_a_restarted_peer_is_not_read_bli
     drop(first);
     drop(first_buf);
     cfg.listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut buf = vec![2u8; 1 << 20];
+    // Twice the size: its exports differ even if the allocator hands back the same address.
+    let mut buf = vec![2u8; 2 << 20];
     let again = Agent::new(cfg).expect("same port");
     // SAFETY: `buf` is declared before `again`, so it outlives it.
     let id = unsafe {
