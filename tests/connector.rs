@@ -463,15 +463,23 @@ fn a_late_decoder_after_the_lease_ended_and_the_blocks_were_reused_gets_load_err
 
 #[test]
 fn heartbeats_keep_a_waiting_decoders_blocks_past_the_lease() {
-    let prefill = engine("beat-prefill", false, true, 11);
+    // A lease of 1 s and a heartbeat every 100 ms: slack for a loaded machine.
+    let prefill = build(
+        "beat-prefill",
+        geometry(),
+        false,
+        Some((0, Duration::from_secs(1))),
+        (1, 0),
+        11,
+    );
     let decode = engine("beat-decode", false, true, 12);
     let addr = prefill.conn.listen_addr().expect("listening");
     let host = addr.ip().to_string();
     let g = Generations::new().issue();
     prefill.conn.finish("p", Some((g, &[7, 8])));
     let s = spec((&host, addr.port()), 1, "p", g, &[7, 8], &[9, 10]);
-    // Four leases' worth of waiting, extended every 100 ms (the lease is 300 ms).
-    for _ in 0..12 {
+    // Two and a half leases' worth of waiting, extended every 100 ms.
+    for _ in 0..25 {
         decode.conn.extend(&s.target());
         std::thread::sleep(Duration::from_millis(100));
         assert!(
