@@ -180,7 +180,8 @@ fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
 
 #[test]
 fn a_prefill_request_nobody_pulls_is_freed_when_its_lease_ends() {
-    let prefill = engine("lonely", false, true, 3);
+    let lease = Some((0, Duration::from_secs(1)));
+    let prefill = build("lonely", geometry(), false, lease, (1, 0), 3);
     prefill
         .conn
         .finish("orphan", Some((Generations::new().issue(), &[1])));
