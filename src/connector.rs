@@ -123,8 +123,8 @@ pub struct PullSpec {
     /// [`crate::lease::blocks_digest`] of every block the offer named (not only those pulled):
     /// the release proves the grant was over exactly those.
     pub offer_blocks: u64,
-    /// Blocks on the prefill side, and where each lands here (same length; a full local prefix
-    /// hit leaves both empty and only notifies the prefill side).
+    /// Blocks on the prefill side, and where each lands here (same length; empty pulls nothing
+    /// and only releases the grant).
     pub remote_blocks: Vec<u32>,
     pub local_blocks: Vec<u32>,
 }
@@ -334,7 +334,8 @@ impl Connector {
         let _ = self.core.lease_tx.send(LeaseJob::Abort(target.clone()));
     }
 
-    /// Decode side: pulls a request's blocks from its prefill engine, then notifies it; returns
+    /// Decode side: pulls a request's blocks from its prefill engine, then releases its grant
+    /// (the blocks count as loaded only if it was live throughout); returns
     /// at once (the connect and the posting happen on the pull thread). Every failure (prefill
     /// engine down, geometry mismatch, peer dying mid-transfer) ends as load errors for the
     /// local blocks, so the engine recomputes them.
@@ -903,7 +904,6 @@ impl Core {
             match how {
                 Ended::Released => st.counters.pulls_served += 1,
                 Ended::Aborted => st.counters.pulls_aborted += 1,
-                Ended::Expired => st.counters.lease_expired += 1,
             }
         }
         reply.encode()

@@ -30,7 +30,7 @@
 //! scheduler made the offer, the worker learns it a step later): the blocks are held meanwhile,
 //! and the decoder asks again until its deadline.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
@@ -211,14 +211,13 @@ pub fn engine_of(agent: &str) -> &str {
 pub enum Ended {
     Released,
     Aborted,
-    Expired,
 }
 
 /// The prefill side's live grants.
 pub struct Grants {
     lease: Duration,
     live: HashMap<String, Grant>,
-    ended: HashMap<GrantId, Instant>,
+    ended: HashSet<GrantId>,
     ended_order: VecDeque<GrantId>,
     /// The newest generation per scheduler instance the worker was told of.
     newest: HashMap<u64, u64>,
@@ -229,14 +228,10 @@ impl Grants {
         Grants {
             lease,
             live: HashMap::new(),
-            ended: HashMap::new(),
+            ended: HashSet::new(),
             ended_order: VecDeque::new(),
             newest: HashMap::new(),
         }
-    }
-
-    pub fn lease(&self) -> Duration {
-        self.lease
     }
 
     /// The engine finished `request` and offered `blocks` (a [`blocks_digest`]) under
@@ -313,7 +308,7 @@ impl Grants {
     /// the worker (a generation newer than any it was told of).
     fn unknown(&self, g: &GrantId) -> LeaseReply {
         // Generation 0 is never issued (instances start at 1).
-        if self.ended.contains_key(g) || g.generation >> 32 == 0 {
+        if self.ended.contains(g) || g.generation >> 32 == 0 {
             return LeaseReply::Gone;
         }
         match self.newest.get(&(g.generation >> 32)) {
@@ -355,7 +350,7 @@ impl Grants {
                 self.ended.remove(&old);
             }
         }
-        self.ended.insert(id.clone(), Instant::now());
+        self.ended.insert(id.clone());
         self.ended_order.push_back(id);
     }
 }

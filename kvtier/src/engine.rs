@@ -884,16 +884,14 @@ fn reap_doomed(inner: &Inner, st: &mut State) {
     if st.doomed.is_empty() && st.discarded.is_empty() {
         return;
     }
-    let doomed: Vec<BlockHash> = st.doomed.iter().copied().collect();
-    for h in doomed {
-        if drop_entry(inner, st, &h) {
-            st.doomed.remove(&h);
-        }
-    }
-    let discarded: Vec<BlockHash> = st.discarded.iter().copied().collect();
-    for h in discarded {
-        if drop_entry(inner, st, &h) {
-            st.discarded.remove(&h);
+    let sets: [fn(&mut State) -> &mut HashSet<BlockHash>; 2] =
+        [|st| &mut st.doomed, |st| &mut st.discarded];
+    for set in sets {
+        let hashes: Vec<BlockHash> = set(st).iter().copied().collect();
+        for h in hashes {
+            if drop_entry(inner, st, &h) {
+                set(st).remove(&h);
+            }
         }
     }
 }
