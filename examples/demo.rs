@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvferry::kvcore::wire::ExportedCache;
-use kvferry::kvnet::{Agent, AgentConfig, Transport};
+use kvferry::kvnet::{Agent, AgentConfig, TransportKind};
 use kvferry::kvtier::{NvmeConfig, TierConfig, TierEngine};
 use kvferry::prelude::*;
 
@@ -109,11 +109,11 @@ fn decode() -> Res<()> {
         n
     );
 
-    for transport in [Transport::Tcp, Transport::Ucx] {
+    for transport in [TransportKind::Tcp, TransportKind::Ucx] {
         let mut cfg = AgentConfig::new(format!("decode-{}", transport.name()));
         cfg.transports = vec![transport];
         let agent = Agent::new(cfg)?;
-        if transport == Transport::Ucx && agent.ucx_library().is_none() {
+        if transport == TransportKind::Ucx && agent.ucx_library().is_none() {
             println!("ucx: no libucp found here (install libucx0 or set KVFERRY_UCX_LIB); skipped");
             continue;
         }

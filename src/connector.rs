@@ -21,7 +21,7 @@ use kvcore::wire::ExportedCache;
 use kvcore::{
     tp_reads, BlockHash, CacheLayout, Descriptor, MemKind, PlanBuilder, Region, RegionId,
 };
-use kvnet::{Agent, AgentConfig, NetError, Transport, Verdict};
+use kvnet::{Agent, AgentConfig, NetError, TransportKind, Verdict};
 
 use crate::lease::{Ended, GrantId, Grants, LeaseCall, LeaseReply};
 use crate::served::{Granted, ServeGuard, Serving};
@@ -77,7 +77,7 @@ pub struct OffloadConfig {
 pub struct PdConfig {
     /// Where this engine's agent listens for decoders (port 0: any free port).
     pub listen: SocketAddr,
-    pub transport: Transport,
+    pub transport: TransportKind,
     pub token: Option<String>,
     /// Accept unauthenticated peers on a non-loopback address (see `AgentConfig::insecure`).
     pub insecure: bool,
@@ -411,11 +411,11 @@ impl Core {
                 a.insecure = pd.insecure;
                 a.timeout = pd.timeout;
                 a.transports = match pd.transport {
-                    Transport::Tcp => vec![Transport::Tcp],
-                    Transport::Ucx => vec![Transport::Ucx, Transport::Tcp],
+                    TransportKind::Tcp => vec![TransportKind::Tcp],
+                    TransportKind::Ucx => vec![TransportKind::Ucx, TransportKind::Tcp],
                 };
                 let agent = Agent::new(a)?;
-                if pd.transport == Transport::Ucx && agent.ucx_library().is_none() {
+                if pd.transport == TransportKind::Ucx && agent.ucx_library().is_none() {
                     return Err(ConnectorError::Config(
                         "transport \"ucx\" was asked for but no libucp loads here (install UCX, \
                          e.g. the libucx-cu12 wheel, or set KVFERRY_UCX_LIB)"

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kvferry::connector::{ConnectorCounters, Finished};
-use kvferry::kvnet::Transport;
+use kvferry::kvnet::TransportKind;
 use kvferry::lease::Generations;
 use kvferry::prelude::*;
 use kvferry::{Connector, ConnectorConfig, OffloadConfig, PdConfig, PullSpec};
@@ -45,12 +45,12 @@ fn build(
     tp: (u32, u32),
     seed: u8,
 ) -> Engine {
-    build_on(Transport::Tcp, name, g, offload, pd, tp, None, seed)
+    build_on(TransportKind::Tcp, name, g, offload, pd, tp, None, seed)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn build_on(
-    transport: Transport,
+    transport: TransportKind,
     name: &str,
     g: Geometry,
     offload: bool,
@@ -418,8 +418,8 @@ fn reuse(e: &mut Engine, b: u32, byte: u8) {
 
 /// Over TCP the prefill refuses to serve blocks whose grant ended; over UCX it cannot refuse a
 /// one-sided read, and the release after the reads is what catches it.
-fn late_decoder(transport: Transport) -> Option<ConnectorCounters> {
-    if transport == Transport::Ucx && !ucx_loads() {
+fn late_decoder(transport: TransportKind) -> Option<ConnectorCounters> {
+    if transport == TransportKind::Ucx && !ucx_loads() {
         return None;
     }
     let lease = Some((0, Duration::from_millis(300)));
@@ -446,17 +446,17 @@ fn late_decoder(transport: Transport) -> Option<ConnectorCounters> {
 
 fn ucx_loads() -> bool {
     let mut cfg = kvferry::kvnet::AgentConfig::new("ucx-probe");
-    cfg.transports = vec![Transport::Ucx];
+    cfg.transports = vec![TransportKind::Ucx];
     kvferry::kvnet::Agent::new(cfg).is_ok_and(|a| a.ucx_library().is_some())
 }
 
 #[test]
 fn a_late_decoder_after_the_lease_ended_and_the_blocks_were_reused_gets_load_errors() {
     // TCP: the serving side refuses the reads (no live grant covers those blocks).
-    let c = late_decoder(Transport::Tcp).expect("tcp");
+    let c = late_decoder(TransportKind::Tcp).expect("tcp");
     assert_eq!((c.pull_failures, c.pulls_stale, c.pulled_blocks), (1, 0, 0));
     // UCX: the bytes are read, but the release says the grant is gone: never reported loaded.
-    match late_decoder(Transport::Ucx) {
+    match late_decoder(TransportKind::Ucx) {
         Some(c) => assert_eq!((c.pulls_stale, c.pulled_blocks), (1, 0)),
         None => println!("kvferry-test skipped late decoder over UCX: no libucp loads here"),
     }
@@ -575,7 +575,7 @@ fn replicated_kv_heads_map_each_decode_rank_to_its_own_head() {
     p.conn.finish("req", Some((g, &[5])));
     for (r, head) in [(1u32, 0u32), (2, 1)] {
         let d = build_on(
-            Transport::Tcp,
+            TransportKind::Tcp,
             "rep-decode",
             g1,
             false,
@@ -785,7 +785,7 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                 let mut pre: Vec<Engine> = (0..p)
                     .map(|r| {
                         let mut e = build_on(
-                            Transport::Tcp,
+                            TransportKind::Tcp,
                             "tp-prefill",
                             geom(p),
                             false,
@@ -803,7 +803,7 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                 }
                 for r in 0..d {
                     let dec = build_on(
-                        Transport::Tcp,
+                        TransportKind::Tcp,
                         "tp-decode",
                         geom(d),
                         false,
@@ -821,7 +821,7 @@ fn every_prefill_and_decode_tp_size_maps_every_head_exactly() {
                     assert!(f.load_errors.is_empty(), "{case}: {f:?}");
                     // The expected bytes: a decode-sized engine filled with the right globals.
                     let mut want = build_on(
-                        Transport::Tcp,
+                        TransportKind::Tcp,
                         "tp-want",
                         geom(d),
                         false,
@@ -857,7 +857,7 @@ fn a_peer_reads_only_granted_blocks_and_never_writes() {
     // Declared before the agent, so dropped after it on every path (a failed assertion too).
     let mut mine = vec![0u8; 1 << 16];
     let mut cfg = kvferry::kvnet::AgentConfig::new("snoop");
-    cfg.transports = vec![Transport::Tcp];
+    cfg.transports = vec![TransportKind::Tcp];
     let snoop = kvferry::kvnet::Agent::new(cfg).expect("agent");
     // SAFETY: `mine` outlives `snoop`: declared before it, so dropped after it.
     let local = unsafe {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use kvferry::kvcore::{Descriptor, MemKind, Region, RegionId};
-use kvferry::kvnet::{Agent, AgentConfig, Transport};
+use kvferry::kvnet::{Agent, AgentConfig, TransportKind};
 use kvferry::kvtier::cuda::{pinned_pool, CudaCopy, CudaCopyConfig, DeviceBuffer, Gpu};
 use kvferry::kvtier::{CopyEngine, CopyPair, MemoryRegistry, PinnedPool};
 
@@ -117,7 +117,7 @@ fn device_memory_crosses_ucx_bit_exact() {
         return skip("no libucp found (install libucx0 or set KVFERRY_UCX_LIB)");
     };
     let mut cfg = AgentConfig::new("gpu-decode");
-    cfg.transports = vec![Transport::Ucx];
+    cfg.transports = vec![TransportKind::Ucx];
     let decode = Agent::new(cfg).expect("agent");
     let (src, dst) = (side(&gpu), side(&gpu));
     let data: Vec<u8> = {
@@ -147,7 +147,7 @@ fn device_memory_crosses_ucx_bit_exact() {
         }
     );
     let peer = decode.connect(prefill.listen_addr()).expect("connect");
-    assert_eq!(decode.transport_for(&peer), Some(Transport::Ucx));
+    assert_eq!(decode.transport_for(&peer), Some(TransportKind::Ucx));
     // Scattered pieces, in shuffled order, each landing where it came from.
     let mut order: Vec<u64> = (0..PIECES).collect();
     order.sort_by_key(|i| (i * 0x9E37_79B9) % 1009);

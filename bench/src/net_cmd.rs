@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use kvferry::kvcore::{Descriptor, MemKind, Region, RegionId};
-use kvferry::kvnet::{Agent, AgentConfig, Transport};
+use kvferry::kvnet::{Agent, AgentConfig, TransportKind};
 
 use crate::limits::median;
 use crate::report::{Row, Value};
@@ -49,7 +49,7 @@ struct Pair {
     _bufs: (Vec<u8>, Vec<u8>),
 }
 
-fn pair(t: Transport, bytes: u64, peer_errors: bool) -> Result<Pair, String> {
+fn pair(t: TransportKind, bytes: u64, peer_errors: bool) -> Result<Pair, String> {
     let cfg = |name: &str| {
         let mut c = AgentConfig::new(name);
         c.transports = vec![t];
@@ -59,7 +59,7 @@ fn pair(t: Transport, bytes: u64, peer_errors: bool) -> Result<Pair, String> {
     };
     let init = Agent::new(cfg("bench-initiator")).map_err(|e| e.to_string())?;
     let target = Agent::new(cfg("bench-target")).map_err(|e| e.to_string())?;
-    if t == Transport::Ucx && init.ucx_library().is_none() {
+    if t == TransportKind::Ucx && init.ucx_library().is_none() {
         return Err("UCX is not available here (install libucx0 or set KVFERRY_UCX_LIB)".into());
     }
     let mut a = vec![1u8; bytes as usize];
@@ -305,13 +305,13 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     for tname in &a.transports {
         let t = match tname.as_str() {
-            "tcp" => Transport::Tcp,
-            "ucx" => Transport::Ucx,
+            "tcp" => TransportKind::Tcp,
+            "ucx" => TransportKind::Ucx,
             o => return Err(format!("unknown transport {o}")),
         };
         let pe = !a.ucx_no_peer_errors;
         // The TCP backend is compared with UCX's own TCP transport.
-        let tls = if t == Transport::Tcp {
+        let tls = if t == TransportKind::Tcp {
             Some("tcp")
         } else {
             None
@@ -329,9 +329,9 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             eprintln!("net: kvferry's UCX transport uses {lib}");
         }
         let label = match (t, std::env::var("UCX_TLS")) {
-            (Transport::Tcp, _) => "kvferry-tcp".to_string(),
-            (Transport::Ucx, Ok(tls)) => format!("ucx[{tls}]"),
-            (Transport::Ucx, Err(_)) => "ucx".to_string(),
+            (TransportKind::Tcp, _) => "kvferry-tcp".to_string(),
+            (TransportKind::Ucx, Ok(tls)) => format!("ucx[{tls}]"),
+            (TransportKind::Ucx, Err(_)) => "ucx".to_string(),
         };
         // Latency: one 8-byte READ.
         let secs = time_transfer(&p, true, 8, 1, a.repeat.max(20))?;
@@ -379,7 +379,7 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
                     let secs = time_transfer(&p, read, block, batch, a.repeat)?;
                     let bytes = block * u64::from(batch);
                     let op = if read { "read" } else { "write" };
-                    if t == Transport::Ucx {
+                    if t == TransportKind::Ucx {
                         if let Some(n) = nixl
                             .iter()
                             .find(|n| n.0 == op && n.1 == block && n.2 == u64::from(batch))

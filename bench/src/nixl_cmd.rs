@@ -10,7 +10,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use kvferry::kvcore::{Descriptor, MemKind, Region};
-use kvferry::kvnet::{Agent, AgentConfig, Transport};
+use kvferry::kvnet::{Agent, AgentConfig, TransportKind};
 
 use crate::limits::median;
 use crate::report::{Row, Value};
@@ -122,7 +122,7 @@ pub fn rows(s: &Sweep) -> Result<Vec<Row>, String> {
     nixl_init.ok(&format!("fetch nixl-target {}", target.port))?;
 
     let mut cfg = AgentConfig::new("kvferry-initiator");
-    cfg.transports = vec![Transport::Ucx];
+    cfg.transports = vec![TransportKind::Ucx];
     cfg.timeout = Duration::from_secs(30);
     if std::env::var_os("UCX_NET_DEVICES").is_none() {
         cfg.ucx_options = vec![("NET_DEVICES".into(), "lo".into())];

@@ -39,15 +39,22 @@
 //!   agent trusts the fabric (the README says what that means for an operator).
 
 pub mod agent;
+mod ctx;
 pub mod error;
 mod framing;
+mod inbox;
 mod mem;
 mod nixl;
+mod peers;
+mod registry;
 mod tcp;
-
-pub use agent::{
-    Agent, AgentConfig, CallHandler, ServeCheck, TransferDone, TransferId, Transport, Verdict,
-};
-pub use error::NetError;
-pub use kvcore;
+mod transport;
 pub(crate) mod ucx;
+
+pub use agent::{Agent, AgentConfig};
+pub use error::NetError;
+pub use inbox::{MAX_QUEUED_NOTIFICATIONS, MAX_QUEUED_NOTIFICATION_BYTES};
+pub use kvcore;
+pub use peers::{MAX_PEERS, MAX_PEER_METADATA};
+pub use tcp::{CallHandler, ServeCheck, Verdict};
+pub use transport::{TransferDone, TransferId, TransportKind};

@@ -16,9 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-use crate::agent::{Flavour, Shared, Transport};
+use crate::ctx::Ctx;
 use crate::error::NetError;
 use crate::framing::io;
+use crate::peers::Flavour;
+use crate::transport::TransportKind;
 
 /// NIXL's name for its UCX backend (sections and connection info are keyed by it).
 pub const UCX_BACKEND: &str = "UCX";
@@ -44,13 +46,18 @@ fn mem_kind(mem: NixlMem, dev_id: u64) -> Result<Option<MemKind>, NetError> {
     })
 }
 
-impl Shared {
+impl Ctx {
     pub fn nixl_metadata(&self) -> NixlMetadata {
-        let regions = self.regions.read();
-        let keys = self.ucx_keys.read();
+        let (regions, _) = self.exports.snapshot();
         let mut sections: Vec<NixlSection> = Vec::new();
-        for (id, r) in regions.iter() {
-            let (Some((mem, dev_id)), Some(key)) = (nixl_mem(r.kind), keys.get(&id)) else {
+        for e in &regions {
+            let r = &e.region;
+            let key = e
+                .keys
+                .iter()
+                .find(|k| k.transport == TransportKind::Ucx.name())
+                .map(|k| &k.key);
+            let (Some((mem, dev_id)), Some(key)) = (nixl_mem(r.kind), key) else {
                 continue;
             };
             let desc = NixlDesc {
@@ -71,8 +78,7 @@ impl Shared {
         NixlMetadata {
             agent: self.name.clone(),
             conns: self
-                .ucx_address
-                .read()
+                .endpoint(TransportKind::Ucx)
                 .iter()
                 .map(|a| NixlConn {
                     backend: UCX_BACKEND.into(),
@@ -92,7 +98,8 @@ impl Shared {
         side_channel: Option<SocketAddr>,
     ) -> Result<String, NetError> {
         let md = NixlMetadata::decode(blob)?;
-        let old = self.peers.read().get(&md.agent).cloned();
+        self.enable_nixl();
+        let old = self.peers.get(&md.agent);
         let old = old.filter(|p| matches!(p.flavour, Flavour::Nixl { .. }));
         let address = match (md.conn(UCX_BACKEND), &old) {
             (Some(a), _) => a.to_vec(),
@@ -114,7 +121,7 @@ impl Shared {
                 id: RegionId(regions.len() as u32),
                 region,
                 keys: vec![TransportKey {
-                    transport: Transport::Ucx.name().into(),
+                    transport: TransportKind::Ucx.name().into(),
                     key,
                 }],
             });
@@ -148,23 +155,22 @@ impl Shared {
             name: md.agent,
             protocol_version: PROTOCOL_VERSION,
             endpoints: vec![Endpoint {
-                transport: Transport::Ucx.name().into(),
+                transport: TransportKind::Ucx.name().into(),
                 address,
             }],
             regions,
             caches: Vec::new(),
         };
-        self.load_peer(am, Flavour::Nixl { side_channel })
+        self.peers
+            .load(&self.name, am, Flavour::Nixl { side_channel })
     }
 
     /// NIXL's INVL: forgets a NIXL peer (never a kvferry one: the channel is unauthenticated).
     fn invalidate_nixl(&self, name: &str) {
-        let mut peers = self.peers.write();
-        if peers
-            .get(name)
-            .is_some_and(|p| matches!(p.flavour, Flavour::Nixl { .. }))
+        if self
+            .peers
+            .remove_if(name, |p| matches!(p.flavour, Flavour::Nixl { .. }))
         {
-            peers.remove(name);
             log::info!("kvferry: NIXL agent {name} invalidated its metadata");
         }
     }
@@ -230,44 +236,44 @@ async fn write_comm(
     bounded(limit, "write NIXL frame", peer, s.write_all(&c.encode())).await
 }
 
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
     loop {
         let Ok((stream, addr)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
-        let shared = shared.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(&shared, stream, addr).await {
+            if let Err(e) = serve_conn(&ctx, stream, addr).await {
                 log::warn!("kvferry: NIXL side channel from {addr}: {e}");
             }
         });
     }
 }
 
-async fn serve_conn(shared: &Shared, mut s: TcpStream, addr: SocketAddr) -> Result<(), NetError> {
+async fn serve_conn(ctx: &Ctx, mut s: TcpStream, addr: SocketAddr) -> Result<(), NetError> {
     let peer = addr.to_string();
-    while let Some(cmd) = read_comm(&mut s, shared.timeout, &peer).await? {
+    while let Some(cmd) = read_comm(&mut s, ctx.timeout, &peer).await? {
         match cmd {
             // A bad blob is refused (and said so); the connection stays, as in NIXL.
-            NixlComm::Load(blob) => match shared.load_nixl(&blob, None) {
+            NixlComm::Load(blob) => match ctx.load_nixl(&blob, None) {
                 Ok(name) => log::info!("kvferry: loaded NIXL agent {name} from {peer}"),
                 Err(e) => log::warn!("kvferry: NIXL metadata from {peer} refused: {e}"),
             },
             NixlComm::Send => {
-                let md = NixlComm::Load(shared.nixl_metadata().encode());
-                write_comm(&mut s, shared.timeout, &peer, &md).await?;
+                let md = NixlComm::Load(ctx.nixl_metadata().encode());
+                write_comm(&mut s, ctx.timeout, &peer, &md).await?;
             }
-            NixlComm::Invalidate(name) => shared.invalidate_nixl(&name),
+            NixlComm::Invalidate(name) => ctx.invalidate_nixl(&name),
         }
     }
     Ok(())
 }
 
-async fn dial(shared: &Shared, addr: SocketAddr) -> Result<TcpStream, NetError> {
+async fn dial(ctx: &Ctx, addr: SocketAddr) -> Result<TcpStream, NetError> {
     let peer = addr.to_string();
     let s = bounded(
-        shared.timeout,
+        ctx.timeout,
         "connect (NIXL side channel)",
         &peer,
         TcpStream::connect(addr),
@@ -278,38 +284,34 @@ async fn dial(shared: &Shared, addr: SocketAddr) -> Result<TcpStream, NetError> 
 }
 
 /// Sends commands to a NIXL listener, in order, on one connection.
-pub(crate) async fn send(
-    shared: &Shared,
-    addr: SocketAddr,
-    cmds: &[NixlComm],
-) -> Result<(), NetError> {
-    let mut s = dial(shared, addr).await?;
+pub(crate) async fn send(ctx: &Ctx, addr: SocketAddr, cmds: &[NixlComm]) -> Result<(), NetError> {
+    let mut s = dial(ctx, addr).await?;
     let peer = addr.to_string();
     for c in cmds {
-        write_comm(&mut s, shared.timeout, &peer, c).await?;
+        write_comm(&mut s, ctx.timeout, &peer, c).await?;
     }
     let _ = s.shutdown().await;
     Ok(())
 }
 
 /// Asks a NIXL listener for its metadata and loads it.
-pub(crate) async fn fetch(shared: &Shared, addr: SocketAddr) -> Result<String, NetError> {
-    let mut s = dial(shared, addr).await?;
+pub(crate) async fn fetch(ctx: &Ctx, addr: SocketAddr) -> Result<String, NetError> {
+    let mut s = dial(ctx, addr).await?;
     let peer = addr.to_string();
-    write_comm(&mut s, shared.timeout, &peer, &NixlComm::Send).await?;
+    write_comm(&mut s, ctx.timeout, &peer, &NixlComm::Send).await?;
     // One deadline for the whole exchange: a listener that keeps sending other commands does
     // not keep us here.
-    let deadline = tokio::time::Instant::now() + shared.timeout;
+    let deadline = tokio::time::Instant::now() + ctx.timeout;
     loop {
-        let reply = tokio::time::timeout_at(deadline, read_comm(&mut s, shared.timeout, &peer))
+        let reply = tokio::time::timeout_at(deadline, read_comm(&mut s, ctx.timeout, &peer))
             .await
             .map_err(|_| NetError::Timeout {
                 op: "fetch NIXL metadata",
                 peer: peer.clone(),
-                secs: shared.timeout.as_secs_f64(),
+                secs: ctx.timeout.as_secs_f64(),
             })??;
         match reply {
-            Some(NixlComm::Load(blob)) => return shared.load_nixl(&blob, Some(addr)),
+            Some(NixlComm::Load(blob)) => return ctx.load_nixl(&blob, Some(addr)),
             // Anything else is not the answer; NIXL sends nothing else here.
             Some(other) => log::debug!("kvferry: NIXL listener {peer} sent {other:?}"),
             None => {

@@ -23,11 +23,148 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-use crate::agent::{Peer, Shared, Verdict};
+use crate::ctx::Ctx;
 use crate::error::{code, NetError};
 use crate::framing::{io, read_message, read_message_capped, write_message, PRE_AUTH_PAYLOAD};
 use crate::mem;
+use crate::peers::{Peer, MAX_PEERS};
+use crate::transport::{Refused, Transfer, TransportKind};
 use kvcore::auth::{Role, Transcript};
+use kvcore::{Region, RegionId};
+use parking_lot::RwLock;
+
+/// Decides, before the TCP transport serves a peer's READ or WRITE, whether that peer may touch
+/// those descriptors now (`Err` says why not). It runs after the bounds check against our
+/// exports, on the network runtime, so it must not block. One-sided UCX operations never ask
+/// the target: a check cannot refuse those (see kvferry's leases for how the reading side
+/// proves its bytes were still the ones granted).
+pub type ServeCheck = Arc<dyn Fn(&str, Op, &[Descriptor]) -> Verdict + Send + Sync>;
+
+/// A [`ServeCheck`]'s answer.
+pub enum Verdict {
+    /// Serve it; the guard, if any, is held until the bytes are sent or received (so what the
+    /// check allowed cannot be taken back while the memory is being used).
+    Serve(Option<Box<dyn Send>>),
+    Refuse(String),
+    /// Not yet: ask again shortly, up to a bounded wait, then refuse with this reason (what
+    /// would allow it may be on its way, as a grant the engine learns of a step later).
+    NotYet(String),
+}
+
+/// Answers a peer's [`crate::Agent::call`]: `(authenticated peer name, payload) -> reply`. It
+/// runs on the network runtime, so it must not block.
+pub type CallHandler = Arc<dyn Fn(&str, &[u8]) -> Vec<u8> + Send + Sync>;
+
+/// The TCP transport and the side channel it shares a listener with: its connection pools, the
+/// hooks that decide what peers may have served, and the runtime its tasks run on.
+pub(crate) struct Tcp {
+    pub ctx: Arc<Ctx>,
+    pub rt: tokio::runtime::Handle,
+    me: std::sync::Weak<Tcp>,
+    /// Idle connections per peer name.
+    pools: Mutex<std::collections::HashMap<String, Arc<ConnPool>>>,
+    pub calls: RwLock<Option<CallHandler>>,
+    pub serve_check: RwLock<Option<ServeCheck>>,
+}
+
+impl Tcp {
+    pub fn new(ctx: Arc<Ctx>, rt: tokio::runtime::Handle) -> Arc<Tcp> {
+        Arc::new_cyclic(|me| Tcp {
+            ctx,
+            rt,
+            me: me.clone(),
+            pools: Mutex::new(Default::default()),
+            calls: RwLock::new(None),
+            serve_check: RwLock::new(None),
+        })
+    }
+
+    fn me(&self) -> Result<Arc<Tcp>, NetError> {
+        self.me.upgrade().ok_or(NetError::Shutdown)
+    }
+
+    /// The pool of connections to `p` at its current address (a peer that moved gets a new,
+    /// empty one).
+    pub fn pool(&self, p: &Peer) -> Arc<ConnPool> {
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get(p.name()) {
+            if Some(pool.addr) == p.tcp_addr {
+                return pool.clone();
+            }
+        }
+        if pools.len() >= MAX_PEERS {
+            // Pools of peers no longer known go first; the bound follows the peer table's.
+            pools.retain(|n, _| self.ctx.peers.get(n).is_some());
+        }
+        let pool = Arc::new(ConnPool {
+            addr: p
+                .tcp_addr
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            idle: Mutex::new(Vec::new()),
+        });
+        pools.insert(p.name().to_string(), pool.clone());
+        pool
+    }
+}
+
+impl crate::transport::Transport for Tcp {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn map(&self, _id: RegionId, _region: &Region) -> Result<Option<Vec<u8>>, NetError> {
+        // Served from the registry's holds: nothing to map, no key to present.
+        Ok(None)
+    }
+
+    fn unmap(&self, _id: RegionId, _timeout: Duration) -> Result<(), NetError> {
+        Ok(())
+    }
+
+    fn reaches(&self, p: &Peer) -> bool {
+        p.tcp_addr.is_some()
+    }
+
+    fn post(&self, t: Transfer) -> Result<(), Refused> {
+        // The TCP transport moves bytes with the CPU: device memory on either side would be
+        // dereferenced as host memory.
+        if let Err(e) = mem::host_only(t.local(), "local") {
+            return Err(Box::new((e, t)));
+        }
+        if let Some(i) = t.remote.iter().position(|d| {
+            t.peer
+                .regions
+                .get(d.region)
+                .is_some_and(|r| matches!(r.kind, kvcore::MemKind::Device { .. }))
+        }) {
+            let e = NetError::Descriptors(format!(
+                "remote descriptor {i} names device memory, which {} serves only over UCX with \
+                 CUDA; no such UCX path is available",
+                t.peer.name()
+            ));
+            return Err(Box::new((e, t)));
+        }
+        let tcp = match self.me() {
+            Ok(tcp) => tcp,
+            Err(e) => return Err(Box::new((e, t))),
+        };
+        self.rt.spawn(async move {
+            let result = transfer(&tcp, &t).await;
+            t.finish(result);
+        });
+        Ok(())
+    }
+
+    fn notify(&self, p: &Arc<Peer>, payload: Vec<u8>) -> Result<(), NetError> {
+        let (tcp, p) = (self.me()?, p.clone());
+        self.rt
+            .block_on(async move { notify(&tcp, &p, payload).await })
+    }
+
+    fn close(&self, peer: &str) {
+        self.pools.lock().remove(peer);
+    }
+}
 
 /// An authenticated connection to a peer.
 pub(crate) struct Conn {
@@ -37,9 +174,9 @@ pub(crate) struct Conn {
     idle_since: std::time::Instant,
 }
 
-/// Idle connections to one peer, reused across transfers.
-#[derive(Default)]
+/// Idle connections to one peer at one address, reused across transfers.
 pub(crate) struct ConnPool {
+    addr: SocketAddr,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -97,12 +234,9 @@ fn refusal(peer: &str, m: Message, expected: &'static str) -> NetError {
 
 /// Connects and runs the client half of the handshake. Returns the connection and the peer's
 /// metadata.
-pub(crate) async fn dial(
-    shared: &Shared,
-    addr: SocketAddr,
-) -> Result<(Conn, AgentMetadata), NetError> {
+pub(crate) async fn dial(tcp: &Tcp, addr: SocketAddr) -> Result<(Conn, AgentMetadata), NetError> {
     let peer = addr.to_string();
-    let t = shared.timeout;
+    let t = tcp.ctx.timeout;
     let mut stream = step(t, "connect", &peer, async {
         TcpStream::connect(addr)
             .await
@@ -127,11 +261,11 @@ pub(crate) async fn dial(
             listener_nonce: &challenge.nonce,
             dialer_nonce: &my_nonce,
             listener_name: &challenge.name,
-            dialer_name: &shared.name,
+            dialer_name: &tcp.ctx.name,
         };
-        let proof = our_proof(shared, &transcript, Role::Dialer, &peer)?;
+        let proof = our_proof(tcp, &transcript, Role::Dialer, &peer)?;
         let hello = Message::Hello(Hello {
-            name: shared.name.clone(),
+            name: tcp.ctx.name.clone(),
             protocol_version: PROTOCOL_VERSION,
             nonce: my_nonce,
             proof,
@@ -141,7 +275,7 @@ pub(crate) async fn dial(
             Message::Proof(p) => p.proof,
             other => return Err(refusal(&peer, other, "proof")),
         };
-        if let Some(tok) = &shared.token {
+        if let Some(tok) = &tcp.ctx.token {
             if !transcript.verify(tok, Role::Listener, &theirs) {
                 let why = if theirs.is_empty() {
                     "the listener proved no token (it has none)"
@@ -175,7 +309,7 @@ pub(crate) async fn dial(
                 ),
             ));
         }
-        write_message(&mut stream, &peer, &Message::Metadata(shared.metadata())).await?;
+        write_message(&mut stream, &peer, &Message::Metadata(tcp.ctx.metadata())).await?;
         Ok((
             Conn {
                 stream,
@@ -188,8 +322,8 @@ pub(crate) async fn dial(
     .await
 }
 
-async fn conn_for(shared: &Shared, p: &Peer) -> Result<Conn, NetError> {
-    if let Some(c) = p.conns.take() {
+async fn conn_for(tcp: &Tcp, p: &Peer) -> Result<Conn, NetError> {
+    if let Some(c) = tcp.pool(p).take() {
         return Ok(c);
     }
     let addr = p.tcp_addr.ok_or_else(|| NetError::NoTransport {
@@ -202,7 +336,7 @@ async fn conn_for(shared: &Shared, p: &Peer) -> Result<Conn, NetError> {
             .collect::<Vec<_>>()
             .join(","),
     })?;
-    let (c, md) = dial(shared, addr).await?;
+    let (c, md) = dial(tcp, addr).await?;
     if md.name != p.metadata.name {
         return Err(NetError::Auth {
             peer: p.metadata.name.clone(),
@@ -214,7 +348,7 @@ async fn conn_for(shared: &Shared, p: &Peer) -> Result<Conn, NetError> {
         // against its metadata. Our descriptors name its old regions: learn the new ones for
         // the next transfer, and fail this one rather than touch whatever now sits there.
         let name = md.name.clone();
-        shared.load(md)?;
+        tcp.ctx.load(md)?;
         return Err(NetError::Unavailable(format!(
             "{name} changed its exports since this transfer was planned (it restarted?)"
         )));
@@ -246,17 +380,11 @@ async fn write_all_vectored(
 }
 
 /// Moves one transfer over up to `conns_per_peer` connections; Ok only if every part succeeded.
-pub(crate) async fn transfer(
-    shared: &Arc<Shared>,
-    p: &Arc<Peer>,
-    id: u64,
-    op: Op,
-    local: Vec<Resolved>,
-    remote: Vec<Descriptor>,
-    notification: Option<Vec<u8>>,
-) -> Result<u64, NetError> {
+/// The parts borrow the transfer's hold, which `t` keeps until its owner finishes it.
+async fn transfer(tcp: &Arc<Tcp>, t: &Transfer) -> Result<u64, NetError> {
+    let (p, id, op, local, remote) = (&t.peer, t.id, t.op, t.local(), &t.remote);
     let total: u64 = local.iter().map(|r| r.len).sum();
-    let parts = shared.conns_per_peer.min(local.len()).max(1);
+    let parts = tcp.ctx.conns_per_peer.min(local.len()).max(1);
     let share = total.div_ceil(parts as u64).max(1);
     // Contiguous runs of pairs of roughly `share` bytes each.
     let mut cuts = vec![0usize];
@@ -273,12 +401,12 @@ pub(crate) async fn transfer(
         if w[0] == w[1] {
             continue;
         }
-        let (shared, p) = (shared.clone(), p.clone());
+        let (tcp, p) = (tcp.clone(), p.clone());
         let l = local[w[0]..w[1]].to_vec();
         let r = remote[w[0]..w[1]].to_vec();
-        tasks.push(tokio::spawn(async move {
-            part(&shared, &p, id, op, l, r).await
-        }));
+        tasks.push(tokio::spawn(
+            async move { part(&tcp, &p, id, op, l, r).await },
+        ));
     }
     let mut first_err = None;
     for t in tasks {
@@ -292,14 +420,14 @@ pub(crate) async fn transfer(
     if let Some(e) = first_err {
         return Err(e);
     }
-    if let Some(payload) = notification {
-        notify(shared, p, payload).await?;
+    if let Some(payload) = t.notification.clone() {
+        notify(tcp, p, payload).await?;
     }
     Ok(total)
 }
 
 async fn part(
-    shared: &Shared,
+    tcp: &Tcp,
     p: &Peer,
     id: u64,
     op: Op,
@@ -310,10 +438,10 @@ async fn part(
     // it) fails before the peer answered anything: then a fresh connection carries the part.
     // Once the peer's completion came, bytes moved, and a failure is the transfer's.
     for fresh in [false, true] {
-        let (mut c, pooled) = conn_or_fresh(shared, p, fresh).await?;
-        match part_on(shared, &mut c, id, op, &local, &remote).await {
+        let (mut c, pooled) = conn_or_fresh(tcp, p, fresh).await?;
+        match part_on(tcp, &mut c, id, op, &local, &remote).await {
             Ok(()) => {
-                p.conns.put(c);
+                tcp.pool(p).put(c);
                 return Ok(());
             }
             Err((e, false)) if pooled && is_dead_connection(&e) => {
@@ -331,7 +459,7 @@ async fn part(
 
 /// One part on one connection; the flag says whether the peer's completion had arrived.
 async fn part_on(
-    shared: &Shared,
+    tcp: &Tcp,
     c: &mut Conn,
     id: u64,
     op: Op,
@@ -341,11 +469,11 @@ async fn part_on(
     let peer = c.peer.clone();
     let bytes: u64 = local.iter().map(|r| r.len).sum();
     // Room for the data at ≥ 100 MB/s on top of the per-step timeout.
-    let limit = shared.timeout + Duration::from_secs_f64(bytes as f64 / 100e6);
+    let limit = tcp.ctx.timeout + Duration::from_secs_f64(bytes as f64 / 100e6);
     let notice = Message::Transfer(TransferNotice {
         transfer_id: id,
         op,
-        initiator: shared.name.clone(),
+        initiator: tcp.ctx.name.clone(),
         descriptors: remote.to_vec(),
         notification: None,
     });
@@ -357,8 +485,8 @@ async fn part_on(
         async {
             write_message(&mut c.stream, &peer, &notice).await?;
             if op == Op::Write {
-                // SAFETY: `local` was resolved against our table and its regions are held in use by
-                // the posting call for the whole transfer.
+                // SAFETY: `local` is a slice of the `Transfer`'s hold, which `transfer` keeps
+                // until every part's task ended (it awaits them all, failed or not).
                 let slices: Vec<&[u8]> = local.iter().map(|r| unsafe { mem::bytes(r) }).collect();
                 write_all_vectored(&mut c.stream, &peer, &slices).await?;
             }
@@ -372,7 +500,8 @@ async fn part_on(
             answered = true;
             if op == Op::Read {
                 for r in local {
-                    // SAFETY: as above; nothing else touches memory a transfer writes.
+                    // SAFETY: as above, and the hold is a write hold whose parts are disjoint
+                    // (each part writes its own descriptors, claimed without overlap).
                     let dst = unsafe { mem::bytes_mut(r) };
                     c.stream
                         .read_exact(dst)
@@ -388,34 +517,34 @@ async fn part_on(
 }
 
 /// Sends our current metadata to a peer, so it stops using regions we no longer export.
-pub(crate) async fn publish(shared: &Shared, p: &Peer) -> Result<(), NetError> {
-    let mut c = conn_for(shared, p).await?;
+pub(crate) async fn publish(tcp: &Tcp, p: &Peer) -> Result<(), NetError> {
+    let mut c = conn_for(tcp, p).await?;
     let peer = c.peer.clone();
-    let m = Message::Metadata(shared.metadata());
+    let m = Message::Metadata(tcp.ctx.metadata());
     step(
-        shared.timeout,
+        tcp.ctx.timeout,
         "publish metadata",
         &peer,
         write_message(&mut c.stream, &peer, &m),
     )
     .await?;
-    p.conns.put(c);
+    tcp.pool(p).put(c);
     Ok(())
 }
 
-pub(crate) async fn notify(shared: &Shared, p: &Peer, payload: Vec<u8>) -> Result<(), NetError> {
+pub(crate) async fn notify(tcp: &Tcp, p: &Peer, payload: Vec<u8>) -> Result<(), NetError> {
     let m = Message::Notification(Notification {
-        from: shared.name.clone(),
+        from: tcp.ctx.name.clone(),
         payload,
     });
     // A pooled connection the peer closed while idle fails the write; a fresh one carries it.
     // Sending a notification twice is impossible here: a failed write was not delivered whole,
     // and the peer's decoder drops a partial frame.
     for fresh in [false, true] {
-        let (mut c, pooled) = conn_or_fresh(shared, p, fresh).await?;
+        let (mut c, pooled) = conn_or_fresh(tcp, p, fresh).await?;
         let peer = c.peer.clone();
         match step(
-            shared.timeout,
+            tcp.ctx.timeout,
             "notify",
             &peer,
             write_message(&mut c.stream, &peer, &m),
@@ -423,7 +552,7 @@ pub(crate) async fn notify(shared: &Shared, p: &Peer, payload: Vec<u8>) -> Resul
         .await
         {
             Ok(()) => {
-                p.conns.put(c);
+                tcp.pool(p).put(c);
                 return Ok(());
             }
             Err(e) if pooled && is_dead_connection(&e) => continue,
@@ -437,17 +566,17 @@ pub(crate) async fn notify(shared: &Shared, p: &Peer, payload: Vec<u8>) -> Resul
 /// (the peer closed it while idle, or restarted) is replaced once; a call whose request went out
 /// is never resent, so a handler never sees one call twice.
 pub(crate) async fn call(
-    shared: &Shared,
+    tcp: &Tcp,
     p: &Peer,
     call_id: u64,
     payload: Vec<u8>,
 ) -> Result<Vec<u8>, NetError> {
     let m = Message::Call(Call { call_id, payload });
     for fresh in [false, true] {
-        let (mut c, pooled) = conn_or_fresh(shared, p, fresh).await?;
+        let (mut c, pooled) = conn_or_fresh(tcp, p, fresh).await?;
         let peer = c.peer.clone();
         let sent = step(
-            shared.timeout,
+            tcp.ctx.timeout,
             "call",
             &peer,
             write_message(&mut c.stream, &peer, &m),
@@ -458,32 +587,32 @@ pub(crate) async fn call(
             Err(e) if pooled && is_dead_connection(&e) => continue,
             Err(e) => return Err(e),
         }
-        let reply = step(shared.timeout, "call reply", &peer, async {
+        let reply = step(tcp.ctx.timeout, "call reply", &peer, async {
             match read_message(&mut c.stream, &peer).await? {
                 Message::Reply(r) if r.call_id == call_id => Ok(r.payload),
                 other => Err(refusal(&peer, other, "reply")),
             }
         })
         .await?;
-        p.conns.put(c);
+        tcp.pool(p).put(c);
         return Ok(reply);
     }
     Err(NetError::Shutdown)
 }
 
 /// A pooled connection (`true` with it), or a fresh one when `fresh` or none is idle.
-async fn conn_or_fresh(shared: &Shared, p: &Peer, fresh: bool) -> Result<(Conn, bool), NetError> {
+async fn conn_or_fresh(tcp: &Tcp, p: &Peer, fresh: bool) -> Result<(Conn, bool), NetError> {
     if !fresh {
-        if let Some(c) = p.conns.take() {
+        if let Some(c) = tcp.pool(p).take() {
             return Ok((c, true));
         }
     }
     // Drop every idle connection: if one was dead, its siblings from the same peer process are
     // too.
     if fresh {
-        while p.conns.take().is_some() {}
+        while tcp.pool(p).take().is_some() {}
     }
-    Ok((conn_for(shared, p).await?, false))
+    Ok((conn_for(tcp, p).await?, false))
 }
 
 /// Errors a connection the peer already closed gives on its next use.
@@ -509,7 +638,7 @@ pub(crate) const MAX_CONNECTIONS: usize = 4096;
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Accepts connections until the runtime shuts down.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve(tcp: Arc<Tcp>, listener: TcpListener) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, addr)) = listener.accept().await else {
@@ -521,9 +650,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             drop(stream);
             continue;
         };
-        let shared = shared.clone();
+        let tcp = tcp.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(&shared, stream, addr).await {
+            if let Err(e) = serve_conn(&tcp, stream, addr).await {
                 log::debug!("kvferry: connection from {addr} ended: {e}");
             }
             drop(slot);
@@ -545,13 +674,8 @@ fn nonce() -> [u8; 32] {
 }
 
 /// Our proof in `role` (empty without a token).
-fn our_proof(
-    shared: &Shared,
-    t: &Transcript<'_>,
-    role: Role,
-    peer: &str,
-) -> Result<Vec<u8>, NetError> {
-    match &shared.token {
+fn our_proof(tcp: &Tcp, t: &Transcript<'_>, role: Role, peer: &str) -> Result<Vec<u8>, NetError> {
+    match &tcp.ctx.token {
         Some(tok) => t
             .mac(tok, role)
             .map(|p| p.to_vec())
@@ -576,18 +700,18 @@ async fn refuse(stream: &mut TcpStream, peer: &str, code: u16, message: String) 
 }
 
 async fn serve_conn(
-    shared: &Arc<Shared>,
+    tcp: &Arc<Tcp>,
     mut stream: TcpStream,
     addr: SocketAddr,
 ) -> Result<(), NetError> {
     let _ = stream.set_nodelay(true);
-    let t = shared.timeout;
+    let t = tcp.ctx.timeout;
     let who = addr.to_string();
     let nonce = nonce();
     let peer = step(t, "handshake", &who, async {
         let challenge = Message::Challenge(Challenge {
             nonce,
-            name: shared.name.clone(),
+            name: tcp.ctx.name.clone(),
         });
         write_message(&mut stream, &who, &challenge).await?;
         // Before the peer proved itself it gets no more than a small frame's buffer.
@@ -616,10 +740,10 @@ async fn serve_conn(
         let transcript = Transcript {
             listener_nonce: &nonce,
             dialer_nonce: &hello.nonce,
-            listener_name: &shared.name,
+            listener_name: &tcp.ctx.name,
             dialer_name: &hello.name,
         };
-        if hello.name == shared.name {
+        if hello.name == tcp.ctx.name {
             refuse(
                 &mut stream,
                 &who,
@@ -629,7 +753,7 @@ async fn serve_conn(
             .await;
             return Err(auth_error(&who, "the peer claims our own name"));
         }
-        if let Some(tok) = &shared.token {
+        if let Some(tok) = &tcp.ctx.token {
             if !transcript.verify(tok, Role::Dialer, &hello.proof) {
                 let reason = if hello.proof.is_empty() {
                     "no token given"
@@ -650,12 +774,12 @@ async fn serve_conn(
                 });
             }
         }
-        let proof = our_proof(shared, &transcript, Role::Listener, &who)?;
+        let proof = our_proof(tcp, &transcript, Role::Listener, &who)?;
         write_message(&mut stream, &who, &Message::Proof(Proof { proof })).await?;
-        write_message(&mut stream, &who, &Message::Metadata(shared.metadata())).await?;
+        write_message(&mut stream, &who, &Message::Metadata(tcp.ctx.metadata())).await?;
         match read_message(&mut stream, &who).await? {
             Message::Metadata(md) if md.name == hello.name => {
-                shared.load(md)?;
+                tcp.ctx.load(md)?;
             }
             _ => {
                 return Err(NetError::Unexpected {
@@ -670,26 +794,26 @@ async fn serve_conn(
     loop {
         // An idle connection is closed after a while: a peer that vanished without a FIN (its
         // host died, a link went down) does not hold a connection slot for ever.
-        let m = match timeout(shared.idle_timeout, read_message(&mut stream, &peer)).await {
+        let m = match timeout(tcp.ctx.idle_timeout, read_message(&mut stream, &peer)).await {
             Ok(m) => m?,
             Err(_) => return Ok(()),
         };
         match m {
-            Message::Transfer(n) => serve_transfer(shared, &mut stream, &peer, n).await?,
-            Message::Notification(n) => shared.deliver(Notification {
+            Message::Transfer(n) => serve_transfer(tcp, &mut stream, &peer, n).await?,
+            Message::Notification(n) => tcp.ctx.inbox.deliver(Notification {
                 from: peer.clone(),
                 payload: n.payload,
             }),
             Message::Abort(_) => {}
             Message::Call(c) => {
-                let handler = shared.calls.read().clone();
+                let handler = tcp.calls.read().clone();
                 let payload = handler.map(|h| h(&peer, &c.payload)).unwrap_or_default();
                 let reply = Message::Reply(Reply {
                     call_id: c.call_id,
                     payload,
                 });
                 step(
-                    shared.timeout,
+                    tcp.ctx.timeout,
                     "reply",
                     &peer,
                     write_message(&mut stream, &peer, &reply),
@@ -698,7 +822,7 @@ async fn serve_conn(
             }
             // A peer re-publishes its metadata when its exports change (deregistration).
             Message::Metadata(md) if md.name == peer => {
-                shared.load(md)?;
+                tcp.ctx.load(md)?;
             }
             _ => {
                 return Err(NetError::Unexpected {
@@ -711,7 +835,7 @@ async fn serve_conn(
 }
 
 async fn serve_transfer(
-    shared: &Arc<Shared>,
+    tcp: &Arc<Tcp>,
     stream: &mut TcpStream,
     peer: &str,
     n: TransferNotice,
@@ -721,49 +845,31 @@ async fn serve_transfer(
         .descriptors
         .iter()
         .fold(0u64, |a, d| a.saturating_add(d.len));
-    let limit = shared.timeout + Duration::from_secs_f64(total as f64 / 100e6);
-    // Resolved and held under one read lock, so `deregister` (write lock, then wait for holds)
-    // cannot give the memory back between the bounds check and the use.
-    let (resolved, held) = {
-        let regions = shared.regions.read();
-        let resolved = regions
-            .resolve_all(&n.descriptors)
-            .map_err(|e| e.to_string())
-            .and_then(|rs| {
-                mem::host_only(&rs, "requested")
-                    .map(|()| rs)
-                    .map_err(|e| e.to_string())
-            });
-        let held = resolved
-            .as_ref()
-            .ok()
-            .map(|_| shared.uses.hold(n.descriptors.iter().map(|d| d.region)));
-        (resolved, held)
-    };
-    let check = shared.serve_check.read().clone();
-    // Serving a READ reads our memory, a WRITE writes it: claimed like our own transfers.
+    let limit = tcp.ctx.timeout + Duration::from_secs_f64(total as f64 / 100e6);
+    // Serving a READ reads our memory, a WRITE writes it: held and claimed like our own
+    // transfers, in the registry's one critical section with the bounds check.
     let access = if n.op == Op::Read {
         mem::Access::Read
     } else {
         mem::Access::Write
     };
-    let (resolved, _claimed) = match resolved {
-        Ok(rs) => match shared.claims.claim(access, &rs) {
-            Ok(c) => (Ok(rs), Some(c)),
-            Err(e) => (Err(e), None),
-        },
-        Err(e) => (Err(e), None),
-    };
+    let held = tcp
+        .ctx
+        .exports
+        .hold(access, &n.descriptors)
+        .and_then(|h| mem::host_only(h.resolved(), "requested").map(|()| h))
+        .map_err(|e| e.to_string());
+    let check = tcp.serve_check.read().clone();
     let mut _allowed = None;
-    let resolved = match (resolved, check) {
-        (Ok(rs), Some(c)) => {
+    let held = match (held, check) {
+        (Ok(h), Some(c)) => {
             // Bounded: a peer can hold this connection for at most this long.
-            let until = std::time::Instant::now() + shared.timeout.min(Duration::from_secs(2));
+            let until = std::time::Instant::now() + tcp.ctx.timeout.min(Duration::from_secs(2));
             loop {
                 match c(peer, n.op, &n.descriptors) {
                     Verdict::Serve(guard) => {
                         _allowed = guard;
-                        break Ok(rs);
+                        break Ok(h);
                     }
                     Verdict::Refuse(why) => break Err(why),
                     Verdict::NotYet(why) if std::time::Instant::now() >= until => break Err(why),
@@ -779,16 +885,21 @@ async fn serve_transfer(
         status: Status::Ok,
     });
     step(limit, "serve transfer", peer, async {
-        match (n.op, resolved) {
-            (Op::Read, Ok(rs)) => {
+        match (n.op, &held) {
+            (Op::Read, Ok(h)) => {
                 write_message(stream, peer, &ok).await?;
-                // SAFETY: resolved against our exported regions, held in use until `held` drops.
-                let slices: Vec<&[u8]> = rs.iter().map(|r| unsafe { mem::bytes(r) }).collect();
+                // SAFETY: `h` is a live read hold on these descriptors, kept until this
+                // function returns, after the last byte went out.
+                let slices: Vec<&[u8]> = h
+                    .resolved()
+                    .iter()
+                    .map(|r| unsafe { mem::bytes(r) })
+                    .collect();
                 write_all_vectored(stream, peer, &slices).await?;
             }
-            (Op::Write, Ok(rs)) => {
-                for r in &rs {
-                    // SAFETY: as above; the registrant promised exclusive access during transfers.
+            (Op::Write, Ok(h)) => {
+                for r in h.resolved() {
+                    // SAFETY: `h` is a live write hold, used by this task alone.
                     let dst = unsafe { mem::bytes_mut(r) };
                     stream
                         .read_exact(dst)
@@ -819,7 +930,7 @@ async fn serve_transfer(
             }
         }
         if let Some(payload) = n.notification {
-            shared.deliver(Notification {
+            tcp.ctx.inbox.deliver(Notification {
                 from: peer.to_string(),
                 payload,
             });

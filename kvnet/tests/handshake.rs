@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use kvnet::kvcore::wire::ExportedCache;
 use kvnet::kvcore::{CacheLayout, Dtype, Geometry, MemKind, Region, StrideOrder};
-use kvnet::{Agent, AgentConfig, NetError, Transport};
+use kvnet::{Agent, AgentConfig, NetError, TransportKind};
 
 fn agent(name: &str) -> Agent {
     let mut cfg = AgentConfig::new(name);
-    cfg.transports = vec![Transport::Tcp];
+    cfg.transports = vec![TransportKind::Tcp];
     cfg.timeout = Duration::from_secs(5);
     Agent::new(cfg).expect("agent")
 }

@@ -63,7 +63,7 @@ fn still_serves(p: &Peer) {
     let mut buf = vec![0u8; 4096];
     let mut cfg = AgentConfig::new("legit");
     cfg.token = Some(TOKEN.into());
-    cfg.transports = vec![kvnet::Transport::Tcp];
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
     let a = Agent::new(cfg).expect("agent");
     // SAFETY: `buf` is declared before `a`, so it outlives it.
     let local = unsafe {
@@ -168,7 +168,7 @@ fn deregistration_racing_transfers_never_frees_memory_in_use() {
     let p = Peer::start("source", 1 << 20, 5, &["--token", TOKEN], &[]);
     let mut cfg = AgentConfig::new("racer");
     cfg.token = Some(TOKEN.into());
-    cfg.transports = vec![kvnet::Transport::Tcp];
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
     cfg.timeout = Duration::from_secs(5);
     // Buffers the contract says to keep (deregistration said Busy) outlive the agent.
     let mut kept: Vec<Vec<u8>> = Vec::new();

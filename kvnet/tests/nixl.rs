@@ -13,7 +13,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
-use kvnet::{Agent, AgentConfig, NetError, Transport};
+use kvnet::{Agent, AgentConfig, NetError, TransportKind};
 use sha2::{Digest, Sha256};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nixl_agent.py");
@@ -163,7 +163,7 @@ impl Local {
 
 fn local(name: &str, buf: Vec<u8>, tls: Option<&str>) -> Option<Local> {
     let mut cfg = AgentConfig::new(name);
-    cfg.transports = vec![Transport::Ucx];
+    cfg.transports = vec![TransportKind::Ucx];
     cfg.timeout = Duration::from_secs(5);
     cfg.nixl_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg.ucx_options = vec![("NET_DEVICES".into(), "lo".into())];

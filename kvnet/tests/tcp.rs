@@ -31,7 +31,7 @@ impl Local {
         let mut cfg = AgentConfig::new(name);
         cfg.token = token.map(str::to_string);
         cfg.timeout = Duration::from_secs(5);
-        cfg.transports = vec![kvnet::Transport::Tcp];
+        cfg.transports = vec![kvnet::TransportKind::Tcp];
         let agent = Agent::new(cfg).expect("agent");
         let mut buf = vec![0u8; bytes];
         // SAFETY: `buf` is only read by the test after transfers complete, and the struct drops
@@ -423,7 +423,7 @@ fn device_memory_is_refused_where_no_cuda_transport_can_move_it() {
 fn connections_the_peer_closed_are_redialed_and_a_restarted_peer_is_not_read_blindly() {
     // The serving side closes idle connections after 100 ms.
     let mut cfg = AgentConfig::new("restarting");
-    cfg.transports = vec![kvnet::Transport::Tcp];
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
     cfg.idle_timeout = Duration::from_millis(100);
     let mut first_buf = vec![1u8; 1 << 20];
     let first = Agent::new(cfg.clone()).expect("agent");
@@ -591,7 +591,7 @@ fn reflected_and_replayed_proofs_are_refused() {
 fn listening_beyond_loopback_without_a_token_is_refused_unless_insecure_is_said() {
     let mut cfg = AgentConfig::new("open");
     cfg.listen = SocketAddr::from(([0, 0, 0, 0], 0));
-    cfg.transports = vec![kvnet::Transport::Tcp];
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
     let err = match Agent::new(cfg.clone()) {
         Ok(_) => panic!("an unauthenticated agent listened on every interface"),
         Err(e) => e.to_string(),

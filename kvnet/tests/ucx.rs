@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use kvnet::kvcore::{Descriptor, MemKind, Region, RegionId};
-use kvnet::{Agent, AgentConfig, NetError, Transport};
+use kvnet::{Agent, AgentConfig, NetError, TransportKind};
 
 mod common;
 
@@ -23,7 +23,7 @@ fn ucx_peer(name: &str, bytes: u64, seed: u64, tls: &str) -> Peer {
 
 fn local(name: &str, bytes: usize) -> Option<(Agent, RegionId, Vec<u8>)> {
     let mut cfg = AgentConfig::new(name);
-    cfg.transports = vec![Transport::Ucx];
+    cfg.transports = vec![TransportKind::Ucx];
     cfg.timeout = Duration::from_secs(5);
     let agent = Agent::new(cfg).expect("agent");
     if agent.ucx_library().is_none() {
@@ -58,7 +58,7 @@ fn round_trip(tls: &str) {
     };
     let mut p = ucx_peer("prefill", 16 << 20, 11, tls);
     assert_eq!(agent.connect(p.addr).expect("handshake"), "prefill");
-    assert_eq!(agent.transport_for("prefill"), Some(Transport::Ucx));
+    assert_eq!(agent.transport_for("prefill"), Some(TransportKind::Ucx));
     let bs: u64 = 256 << 10;
     let order: Vec<u64> = (0..32).map(|i| (i * 13) % 64).collect();
     let l: Vec<_> = (0..32)
@@ -124,7 +124,8 @@ fn round_trip(tls: &str) {
         .result
         .expect("read back");
     assert_eq!(buf[..1 << 20], buf[8 << 20..9 << 20], "{tls}");
-    // The peer notifies us over UCX too.
+    // The peer notifies us: over the side channel, whatever carries the data (a UCX active
+    // message names no authenticated sender).
     writeln!(p.stdin, "connect {}", agent.listen_addr()).expect("cmd");
     assert_eq!(p.line(), "CONNECTED decode");
     writeln!(p.stdin, "notify decode over ucx").expect("cmd");
@@ -135,6 +136,79 @@ fn round_trip(tls: &str) {
         Some(&b"over ucx"[..])
     );
     drop(agent);
+    drop(buf);
+}
+
+/// A UCX active message carries whatever sender name its author wrote, and UCX's wire-up
+/// authenticates nobody: whoever learns our worker address (it is in our metadata, and on the
+/// fabric) can send one. Such a notification must never count as coming from a kvferry peer we
+/// authenticated; only a stock NIXL agent we chose to load may notify us that way.
+#[test]
+fn a_ucx_notification_under_an_authenticated_peers_name_is_dropped() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("UCX_TLS", "sm,tcp,self");
+    std::env::set_var("UCX_NET_DEVICES", "lo");
+    let Some((agent, _region, buf)) = local("decode", 1 << 20) else {
+        return;
+    };
+    let mut p = ucx_peer("prefill", 1 << 20, 3, "sm,tcp,self");
+    assert_eq!(agent.connect(p.addr).expect("handshake"), "prefill");
+    let ucx_agent = |name: &str| {
+        let mut cfg = AgentConfig::new(name);
+        cfg.transports = vec![TransportKind::Ucx];
+        Agent::new(cfg).expect("agent")
+    };
+    // NIXL interop is on here (we load a stock NIXL agent), so NIXL-shaped notifications are
+    // taken, but never under a kvferry peer's name.
+    let nixl = ucx_agent("nixl-peer");
+    agent
+        .load_nixl_metadata(&nixl.nixl_metadata())
+        .expect("load the NIXL peer");
+    // The impostor takes the authenticated peer's name and our NIXL-shaped metadata (worker
+    // address only), and notifies us over UCX as a NIXL agent would.
+    let impostor = ucx_agent("prefill");
+    let us = impostor
+        .load_nixl_metadata(&agent.nixl_metadata())
+        .expect("our metadata");
+    impostor
+        .notify(&us, b"forged release".to_vec())
+        .expect("UCX sends it");
+    // The NIXL agent gets through the same way: the channel works, so the silence below is
+    // the refusal.
+    let us = nixl
+        .load_nixl_metadata(&agent.nixl_metadata())
+        .expect("our metadata");
+    nixl.notify(&us, b"genuine".to_vec()).expect("sent");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got
+        .iter()
+        .any(|n: &kvnet::kvcore::wire::Notification| n.from == "nixl-peer")
+        && Instant::now() < deadline
+    {
+        got.extend(agent.wait_notifications(Duration::from_millis(100)));
+    }
+    // The forged one was sent first; give it as long again to (not) arrive.
+    got.extend(agent.wait_notifications(Duration::from_millis(500)));
+    assert!(
+        got.iter()
+            .any(|n| n.from == "nixl-peer" && n.payload == b"genuine"),
+        "the loaded NIXL peer's notification arrives: {got:?}"
+    );
+    assert!(
+        !got.iter().any(|n| n.from == "prefill"),
+        "a UCX message claiming an authenticated peer's name is dropped: {got:?}"
+    );
+    // The real peer still notifies us (over the side channel).
+    writeln!(p.stdin, "connect {}", agent.listen_addr()).expect("cmd");
+    assert_eq!(p.line(), "CONNECTED decode");
+    writeln!(p.stdin, "notify decode genuine").expect("cmd");
+    assert_eq!(p.line(), "NOTIFIED");
+    let n = agent.wait_notifications(Duration::from_secs(5));
+    assert!(n
+        .iter()
+        .any(|n| n.from == "prefill" && n.payload == b"genuine"));
+    drop((agent, impostor, nixl));
     drop(buf);
 }
 

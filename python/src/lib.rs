@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kvferry::connector::{medium, ConnectorCounters};
 use kvferry::kvcore::{BlockHash, CacheLayout, Dtype, Geometry};
-use kvferry::kvnet::Transport;
+use kvferry::kvnet::TransportKind;
 use kvferry::kvtier::{Tier, TierEvent};
 use kvferry::{
     Connector as Inner, ConnectorConfig, LeaseTarget, OffloadConfig, PdConfig, PullSpec,
@@ -87,8 +87,8 @@ impl Connector {
         caller_evicts: bool,
     ) -> PyResult<Connector> {
         let transport = match transport.as_str() {
-            "tcp" => Transport::Tcp,
-            "ucx" => Transport::Ucx,
+            "tcp" => TransportKind::Tcp,
+            "ucx" => TransportKind::Ucx,
             other => return Err(err(format!("transport {other:?}: use \"tcp\" or \"ucx\""))),
         };
         let secs = |s: f64, what: &str| {

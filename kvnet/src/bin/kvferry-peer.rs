@@ -14,7 +14,7 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use kvnet::kvcore::{MemKind, Region, RegionId};
-use kvnet::{Agent, AgentConfig, Transport};
+use kvnet::{Agent, AgentConfig, TransportKind};
 
 /// The byte at offset `i` of a buffer made with `seed`: both sides of a test compute it.
 fn pattern(seed: u64, i: u64) -> u8 {
@@ -37,7 +37,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut token = None;
     let mut insecure = false;
     let mut peer_errors = true;
-    let mut transports = vec![Transport::Ucx, Transport::Tcp];
+    let mut transports = vec![TransportKind::Ucx, TransportKind::Tcp];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -53,8 +53,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 transports = val()?
                     .split(',')
                     .map(|t| match t {
-                        "tcp" => Ok(Transport::Tcp),
-                        "ucx" => Ok(Transport::Ucx),
+                        "tcp" => Ok(TransportKind::Tcp),
+                        "ucx" => Ok(TransportKind::Ucx),
                         o => Err(format!("unknown transport {o}")),
                     })
                     .collect::<Result<_, _>>()?

@@ -20,11 +20,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvcore::wire::{Message, Notification, Op};
+use kvcore::wire::{Notification, Op};
 use kvcore::RegionId;
 
-use crate::agent::Shared;
+use crate::ctx::Ctx;
+use crate::peers::{Flavour, Peer};
+
 use crate::error::NetError;
+use crate::transport::{Refused, Transfer, Transport, TransportKind};
 use kvferry_ucx_sys::*;
 
 /// Active-message id of notifications (NIXL uses 0 too).
@@ -84,6 +87,9 @@ enum Cmd {
 }
 
 pub(crate) struct Ucx {
+    /// Our agent's name (the sender of notifications) and its per-step timeout.
+    name: String,
+    timeout: Duration,
     tx: Sender<Cmd>,
     address: Vec<u8>,
     library: String,
@@ -231,18 +237,19 @@ fn load() -> Result<(UcpLib, String), NetError> {
 impl Ucx {
     /// Loads libucp, creates the context and worker on a new thread, returns once they work.
     pub fn start(
-        shared: Arc<Shared>,
+        ctx: Arc<Ctx>,
         peer_errors: bool,
         options: &[(String, String)],
     ) -> Result<Ucx, NetError> {
         let options = options.to_vec();
+        let (name, timeout) = (ctx.name.clone(), ctx.timeout);
         let (tx, rx) = channel();
         let (ready_tx, ready_rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_w = stop.clone();
         let thread = std::thread::Builder::new()
             .name("kvferry-ucx".into())
-            .spawn(move || match Worker::new(shared, peer_errors, &options) {
+            .spawn(move || match Worker::new(ctx, peer_errors, &options) {
                 Ok((w, address, library)) => {
                     let _ = ready_tx.send(Ok((address, library, w.cuda)));
                     // A panic must not drop what the worker owns: dropping an in-flight
@@ -267,6 +274,8 @@ impl Ucx {
             .recv()
             .map_err(|_| NetError::Unavailable("the UCX thread died while starting".into()))??;
         Ok(Ucx {
+            name,
+            timeout,
             tx,
             address,
             library,
@@ -296,7 +305,7 @@ impl Ucx {
     }
 
     /// Maps a region for remote access (`device`: CUDA device memory); returns its packed rkey.
-    pub fn map(
+    fn mem_map(
         &self,
         id: RegionId,
         base: u64,
@@ -318,7 +327,7 @@ impl Ucx {
     /// Unmaps a region and waits until UCX did. A UCX thread that is gone took the whole
     /// context (and every mapping) with it; one that does not answer in `timeout` leaves the
     /// region mapped, and the caller must keep the memory until the agent drops.
-    pub fn unmap(&self, id: RegionId, timeout: Duration) -> Result<(), NetError> {
+    fn mem_unmap(&self, id: RegionId, timeout: Duration) -> Result<(), NetError> {
         let (done, rx) = channel();
         if self.send(Cmd::Unmap { id, done }).is_err() {
             return Ok(());
@@ -330,7 +339,7 @@ impl Ucx {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn transfer(
+    fn transfer(
         &self,
         op: Op,
         peer: String,
@@ -354,7 +363,7 @@ impl Ucx {
         }
     }
 
-    pub fn notify(
+    fn send_am(
         &self,
         peer: String,
         address: Arc<Vec<u8>>,
@@ -374,11 +383,130 @@ impl Ucx {
         }
     }
 
-    pub fn forget(&self, peer: &str) {
+    fn forget(&self, peer: &str) {
         let _ = self.send(Cmd::Forget {
             peer: peer.to_string(),
         });
     }
+}
+
+impl Transport for Ucx {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Ucx
+    }
+
+    fn map(&self, id: RegionId, region: &kvcore::Region) -> Result<Option<Vec<u8>>, NetError> {
+        let device = matches!(region.kind, kvcore::MemKind::Device { .. });
+        self.mem_map(id, region.base, region.len, device).map(Some)
+    }
+
+    fn unmap(&self, id: RegionId, timeout: Duration) -> Result<(), NetError> {
+        self.mem_unmap(id, timeout)
+    }
+
+    fn reaches(&self, p: &Peer) -> bool {
+        p.ucx_address.is_some()
+    }
+
+    fn post(&self, mut t: Transfer) -> Result<(), Refused> {
+        let p = t.peer.clone();
+        let Some(address) = p.ucx_address.clone() else {
+            return Err(Box::new((no_ucx(p.name(), "it offers no UCX address"), t)));
+        };
+        let mut ops = Vec::with_capacity(t.remote.len());
+        for (l, r) in t.local().iter().zip(&t.remote) {
+            let Some(key) = p.ucx_keys.get(&r.region).cloned() else {
+                let why = format!("no UCX key for region {}", r.region);
+                return Err(Box::new((no_ucx(p.name(), &why), t)));
+            };
+            // Checked against the peer's regions when posted: base + offset is in range.
+            let base = p.regions.get(r.region).map_or(0, |g| g.base);
+            ops.push(RmaOp {
+                local: l.addr,
+                remote: base + r.offset,
+                len: l.len,
+                key,
+            });
+        }
+        let frame = match (t.notification.take(), p.flavour) {
+            (None, _) => None,
+            (Some(payload), Flavour::Nixl { .. }) => Some(nixl_notification(&self.name, payload)),
+            (Some(payload), Flavour::Kvferry) => {
+                // The agent sends kvferry peers' notifications over the side channel.
+                t.notification = Some(payload);
+                let why = "kvferry peers are notified over the side channel";
+                return Err(Box::new((no_ucx(p.name(), why), t)));
+            }
+        };
+        let deadline =
+            Instant::now() + self.timeout + Duration::from_secs_f64(t.bytes() as f64 / 100e6);
+        self.transfer(
+            t.op,
+            p.name().to_string(),
+            address,
+            ops,
+            frame,
+            deadline,
+            Box::new(move |result, released| match released {
+                Released::Yes => t.finish(result),
+                // UCX may still write this memory: its hold is never given back, so
+                // deregistering it reports Busy and the memory is kept.
+                Released::Never => t.abandon(result),
+            }),
+        );
+        Ok(())
+    }
+
+    fn notify(&self, p: &Arc<Peer>, payload: Vec<u8>) -> Result<(), NetError> {
+        if !matches!(p.flavour, Flavour::Nixl { .. }) {
+            return Err(no_ucx(
+                p.name(),
+                "kvferry peers are notified over the side channel",
+            ));
+        }
+        let address = p
+            .ucx_address
+            .clone()
+            .ok_or_else(|| no_ucx(p.name(), "it offers no UCX address"))?;
+        let (tx, rx) = channel();
+        let limit = self.timeout;
+        self.send_am(
+            p.name().to_string(),
+            address,
+            nixl_notification(&self.name, payload),
+            Instant::now() + limit,
+            Box::new(move |r, _| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv_timeout(limit + Duration::from_secs(3))
+            .map_err(|_| NetError::Timeout {
+                op: "notify",
+                peer: p.name().to_string(),
+                secs: limit.as_secs_f64(),
+            })?
+            .map(|_| ())
+    }
+
+    fn close(&self, peer: &str) {
+        self.forget(peer);
+    }
+}
+
+fn no_ucx(peer: &str, why: &str) -> NetError {
+    NetError::NoTransport {
+        peer: peer.to_string(),
+        offered: why.to_string(),
+    }
+}
+
+/// A notification in the bytes a stock NIXL agent reads.
+fn nixl_notification(from: &str, payload: Vec<u8>) -> Vec<u8> {
+    kvcore::nixl::NixlNotif {
+        from: from.to_string(),
+        msg: payload,
+    }
+    .encode()
 }
 
 impl Drop for Ucx {
@@ -432,13 +560,44 @@ struct Worker {
     /// The context supports CUDA memory (UCX built with its cuda transports).
     cuda: bool,
     /// Owned by the worker for the AM handler's lifetime.
-    sink: *mut Arc<Shared>,
+    sink: *mut Arc<Ctx>,
 }
 
 unsafe extern "C" fn on_peer_error(arg: *mut c_void, _ep: ucp_ep_h, _status: ucs_status_t) {
     if !arg.is_null() {
         // SAFETY: `arg` is the endpoint's boxed flag, alive until the endpoint is destroyed.
         unsafe { (*(arg as *const AtomicBool)).store(true, Ordering::Release) };
+    }
+}
+
+/// UCX's wire-up is unauthenticated and an active message names no verified sender, so one
+/// counts only as what stock NIXL agents send (NIXL's own trust model), only once NIXL interop
+/// was opted into (a NIXL side channel served, or a NIXL agent's metadata loaded), and never
+/// under the name of a kvferry peer: those authenticated on the side channel and notify over
+/// its connections, so a kvferry frame, or a NIXL one claiming a kvferry peer's name, arriving
+/// here is somebody's forgery.
+fn accept_notification(ctx: &Ctx, bytes: &[u8]) {
+    if !bytes.starts_with(kvcore::nixl::SERDES_PREFIX) {
+        log::warn!("kvferry: dropping a UCX active message that is not a NIXL notification");
+        return;
+    }
+    if !ctx.nixl_enabled() {
+        log::warn!("kvferry: dropping a NIXL notification: NIXL interop is not enabled here");
+        return;
+    }
+    match kvcore::nixl::NixlNotif::decode(bytes) {
+        Ok(n) => match ctx.peers.get(&n.from) {
+            Some(p) if p.flavour == Flavour::Kvferry => log::warn!(
+                "kvferry: dropping a UCX notification claiming to be from {:?}, an authenticated \
+                 kvferry peer (they notify over the side channel)",
+                n.from
+            ),
+            _ => ctx.inbox.deliver(Notification {
+                from: n.from,
+                payload: n.msg,
+            }),
+        },
+        Err(e) => log::warn!("kvferry: dropping a malformed NIXL notification: {e}"),
     }
 }
 
@@ -464,23 +623,8 @@ unsafe extern "C" fn on_notification(
                 return;
             }
             let bytes = std::slice::from_raw_parts(data as *const u8, len);
-            let sink = &*(arg as *const Arc<Shared>);
-            // Stock NIXL agents send NIXL's serializer on the same active-message id.
-            if bytes.starts_with(kvcore::nixl::SERDES_PREFIX) {
-                match kvcore::nixl::NixlNotif::decode(bytes) {
-                    Ok(n) => sink.deliver(Notification {
-                        from: n.from,
-                        payload: n.msg,
-                    }),
-                    Err(e) => log::warn!("kvferry: dropping a malformed NIXL notification: {e}"),
-                }
-                return;
-            }
-            match Message::decode(bytes) {
-                Ok(Message::Notification(n)) => sink.deliver(n),
-                Ok(_) => log::warn!("kvferry: UCX active message is not a notification"),
-                Err(e) => log::warn!("kvferry: dropping a malformed UCX notification: {e}"),
-            }
+            let ctx = &*(arg as *const Arc<Ctx>);
+            accept_notification(ctx, bytes);
         }
     });
     ucs_status_t_UCS_OK
@@ -488,7 +632,7 @@ unsafe extern "C" fn on_notification(
 
 impl Worker {
     fn new(
-        shared: Arc<Shared>,
+        sink_ctx: Arc<Ctx>,
         peer_errors: bool,
         options: &[(String, String)],
     ) -> Result<(Worker, Vec<u8>, String), NetError> {
@@ -558,7 +702,7 @@ impl Worker {
                 lib.ucp_cleanup(ctx);
                 return Err(fail("ucp_worker_create", s, &lib));
             }
-            let sink = Box::into_raw(Box::new(shared));
+            let sink = Box::into_raw(Box::new(sink_ctx));
             let mut am: ucp_am_handler_param_t = zeroed();
             am.field_mask = (ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ID
                 | ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_CB

@@ -1,0 +1,94 @@
+//! What the agent's components share: who we are, the export registry, the peer table and the
+//! inbox. Each part keeps its own invariants under its own lock (the registry all of memory's);
+//! no transport is reachable from here, so transports and the side channels depend on this and
+//! never on each other or on the agent.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kvcore::wire::{AgentMetadata, Endpoint, PROTOCOL_VERSION};
+use parking_lot::RwLock;
+
+use crate::error::NetError;
+use crate::inbox::Inbox;
+use crate::peers::{Flavour, Peers};
+use crate::registry::Exports;
+use crate::transport::TransportKind;
+
+pub(crate) struct Ctx {
+    pub name: String,
+    pub token: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub conns_per_peer: usize,
+    pub exports: Exports,
+    pub peers: Peers,
+    pub inbox: Inbox,
+    /// How peers reach us, one per transport running (set while the agent starts).
+    endpoints: RwLock<Vec<Endpoint>>,
+    /// NIXL interop was opted into (its side channel served, or a NIXL agent loaded): only then
+    /// are stock NIXL agents' unauthenticated notifications taken.
+    nixl: AtomicBool,
+}
+
+impl Ctx {
+    pub fn new(
+        name: String,
+        token: Option<Vec<u8>>,
+        timeout: Duration,
+        idle_timeout: Duration,
+        conns_per_peer: usize,
+    ) -> Ctx {
+        Ctx {
+            name,
+            token,
+            timeout,
+            idle_timeout,
+            conns_per_peer: conns_per_peer.max(1),
+            exports: Exports::default(),
+            peers: Peers::default(),
+            inbox: Inbox::default(),
+            endpoints: RwLock::new(Vec::new()),
+            nixl: AtomicBool::new(false),
+        }
+    }
+
+    pub fn enable_nixl(&self) {
+        self.nixl.store(true, Ordering::Release);
+    }
+
+    pub fn nixl_enabled(&self) -> bool {
+        self.nixl.load(Ordering::Acquire)
+    }
+
+    pub fn add_endpoint(&self, kind: TransportKind, address: Vec<u8>) {
+        self.endpoints.write().push(Endpoint {
+            transport: kind.name().into(),
+            address,
+        });
+    }
+
+    pub fn endpoint(&self, kind: TransportKind) -> Option<Vec<u8>> {
+        self.endpoints
+            .read()
+            .iter()
+            .find(|e| e.transport == kind.name())
+            .map(|e| e.address.clone())
+    }
+
+    pub fn metadata(&self) -> AgentMetadata {
+        let (regions, caches) = self.exports.snapshot();
+        AgentMetadata {
+            name: self.name.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            endpoints: self.endpoints.read().clone(),
+            regions,
+            caches,
+        }
+    }
+
+    /// Loads (or refreshes) a kvferry peer from its metadata; returns its name.
+    pub fn load(&self, md: AgentMetadata) -> Result<String, NetError> {
+        self.peers.load(&self.name, md, Flavour::Kvferry)
+    }
+}
