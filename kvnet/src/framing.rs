@@ -25,6 +25,16 @@ pub(crate) async fn read_message_capped<S: AsyncRead + Unpin>(
     peer: &str,
     cap: u32,
 ) -> Result<Message, NetError> {
+    let frame = read_frame(s, peer, cap).await?;
+    Ok(Message::decode_with_limit(&frame, cap)?)
+}
+
+/// One frame's bytes, its length judged by the header before the rest is read; not decoded.
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
+    s: &mut S,
+    peer: &str,
+    cap: u32,
+) -> Result<Vec<u8>, NetError> {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head)
         .await
@@ -35,7 +45,7 @@ pub(crate) async fn read_message_capped<S: AsyncRead + Unpin>(
     s.read_exact(&mut frame[HEADER_LEN..HEADER_LEN + h.payload_len as usize + TRAILER_LEN])
         .await
         .map_err(|e| io("read frame", peer, e))?;
-    Ok(Message::decode_with_limit(&frame, cap)?)
+    Ok(frame)
 }
 
 pub(crate) async fn write_message<S: AsyncWrite + Unpin>(

@@ -30,8 +30,19 @@
 //!   its copies without another round trip; NIXL leaves that to the engine.
 //! - The side channel authenticates both ways: each side proves the shared token with an
 //!   HMAC-SHA256 over its role, both nonces and both names (`kvcore::auth`), and the dialer
-//!   sends nothing about itself before the listener proved itself. NIXL's socket side channel
-//!   has no authentication.
+//!   sends nothing about itself before the listener proved itself; everything after is sealed
+//!   under the session key (frames and bulk bytes). NIXL's socket side channel has no
+//!   authentication.
+//! - Notifications between kvferry agents travel on the side channel only (after the data,
+//!   when UCX moved it): a UCX active message names no authenticated sender, so one counts only
+//!   as a stock NIXL agent's, where NIXL interop is enabled, never under a kvferry peer's name.
+//!
+//! ## Inside
+//!
+//! `registry` owns every exported region's life (holds, claims, map/unmap order); `transport`
+//! is the trait the TCP and UCX transports implement, each with its own state; `ctx` is what
+//! they share (registry, peer table, inbox); `agent` composes them. No transport imports the
+//! agent or another transport.
 //! - Over TCP the serving side checks every descriptor against its exports, and then asks the
 //!   owner (`Agent::set_serve_check`: kvferry's connector allows READs of granted blocks only).
 //!   UCX one-sided operations are never checked at the target: UCX's software RMA serves any

@@ -2,7 +2,7 @@
 //! fresh names, of notifications, of half-open and oversized connections. The peer's memory
 //! stays bounded (its RSS is read before and after), and it keeps serving a legitimate peer.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -26,26 +26,15 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn read_frame(s: &mut TcpStream) -> Option<Message> {
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
-    let mut rest = vec![0u8; len + 8];
-    s.read_exact(&mut rest).ok()?;
-    Message::decode(&[&head[..], &rest].concat()).ok()
+    common::read_plain(s)
 }
 
-/// A full handshake as `name` with the token; returns the authenticated stream.
-fn handshake(addr: SocketAddr, name: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let Some(Message::Challenge(c)) = read_frame(&mut s) else {
-        panic!("challenge")
-    };
-    let hello = common::hello_for(&c, name, PROTOCOL_VERSION, Some(TOKEN.as_bytes()));
-    s.write_all(&hello.encode()).expect("hello");
-    assert!(matches!(read_frame(&mut s), Some(Message::Proof(_))));
-    assert!(matches!(read_frame(&mut s), Some(Message::Metadata(_))));
+/// A full handshake as `name` with the token; returns the authenticated connection.
+fn handshake(addr: SocketAddr, name: &str) -> common::RawConn {
+    let (mut c, reply) =
+        common::RawConn::dial(addr, name, PROTOCOL_VERSION, Some(TOKEN.as_bytes()));
+    assert!(matches!(reply, Some(Message::Proof(_))));
+    assert!(matches!(c.recv(), Some(Message::Metadata(_))));
     let md = AgentMetadata {
         name: name.into(),
         protocol_version: PROTOCOL_VERSION,
@@ -53,9 +42,8 @@ fn handshake(addr: SocketAddr, name: &str) -> TcpStream {
         regions: Vec::new(),
         caches: Vec::new(),
     };
-    s.write_all(&Message::Metadata(md).encode())
-        .expect("metadata");
-    s
+    c.send(&Message::Metadata(md)).expect("metadata");
+    c
 }
 
 /// A legitimate agent still reads bit-exact bytes from the peer.
@@ -115,10 +103,9 @@ fn floods_of_names_notifications_and_half_open_connections_stay_bounded() {
     let note = Message::Notification(Notification {
         from: "chatty".into(),
         payload: vec![7u8; 64 << 10],
-    })
-    .encode();
+    });
     for _ in 0..4096 {
-        if s.write_all(&note).is_err() {
+        if s.send(&note).is_err() {
             break;
         }
     }

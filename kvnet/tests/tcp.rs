@@ -275,27 +275,13 @@ fn raw_handshake(
     name: &str,
     version: u16,
     token: Option<&[u8]>,
-) -> (TcpStream, Message) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let challenge = read_frame(&mut s);
-    let Message::Challenge(c) = challenge else {
-        panic!("expected a challenge")
-    };
-    s.write_all(&common::hello_for(&c, name, version, token).encode())
-        .expect("send");
-    let reply = read_frame(&mut s);
-    (s, reply)
+) -> (common::RawConn, Message) {
+    let (c, reply) = common::RawConn::dial(addr, name, version, token);
+    (c, reply.expect("an answer to the hello"))
 }
 
 fn read_frame(s: &mut TcpStream) -> Message {
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).expect("frame header");
-    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
-    let mut rest = vec![0u8; len + 8];
-    s.read_exact(&mut rest).expect("frame body");
-    Message::decode(&[&head[..], &rest].concat()).expect("valid frame")
+    common::read_plain(s).expect("valid frame")
 }
 
 #[test]
@@ -350,7 +336,7 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
         Kind::Proof,
         "the listener proves itself first"
     );
-    let reply = read_frame(&mut s);
+    let reply = s.recv().expect("sealed metadata");
     assert_eq!(reply.kind(), Kind::Metadata);
     let Message::Metadata(md) = reply else {
         unreachable!()
@@ -360,8 +346,7 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
     mine.regions.clear();
     mine.caches.clear();
     mine.endpoints.clear();
-    s.write_all(&Message::Metadata(mine).encode())
-        .expect("send");
+    s.send(&Message::Metadata(mine)).expect("send");
     let forged = TransferNotice {
         transfer_id: 1,
         op: Op::Read,
@@ -373,9 +358,8 @@ fn malformed_frames_and_bad_handshakes_are_refused_and_serving_goes_on() {
         }],
         notification: None,
     };
-    s.write_all(&Message::Transfer(forged).encode())
-        .expect("send");
-    match read_frame(&mut s) {
+    s.send(&Message::Transfer(forged)).expect("send");
+    match s.recv().expect("sealed answer") {
         Message::Completion(c) => assert!(format!("{c:?}").contains("runs past"), "{c:?}"),
         m => panic!("expected a refusal, got {:?}", m.kind()),
     }
@@ -604,4 +588,140 @@ fn listening_beyond_loopback_without_a_token_is_refused_unless_insecure_is_said(
     cfg.token = None;
     cfg.insecure = true;
     Agent::new(cfg).expect("insecure, said out loud");
+}
+
+/// A relay between an agent and its peer that flips one byte the peer sends, `at` bytes into
+/// the connection (past the handshake): an attacker on the path who can rewrite traffic.
+fn tampering_relay(peer: SocketAddr, at: usize) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((client, _)) = l.accept() else { return };
+        let server = TcpStream::connect(peer).expect("connect");
+        let (mut c2, mut s2) = (
+            client.try_clone().expect("clone"),
+            server.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut s2);
+        });
+        let (mut from, mut to) = (server, client);
+        let mut seen = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if seen <= at && at < seen + n {
+                buf[at - seen] ^= 0x01;
+            }
+            seen += n;
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn bytes_altered_on_the_path_fail_the_transfer_instead_of_landing_as_read() {
+    let p = Peer::start("prefill", 1 << 20, 6, &["--token", "s3cret"], &[]);
+    let relay = tampering_relay(p.addr, 256 << 10);
+    let mut cfg = AgentConfig::new("decode");
+    cfg.token = Some("s3cret".into());
+    cfg.timeout = Duration::from_secs(5);
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
+    // One connection, so the transfer takes the relayed one the handshake left in the pool.
+    cfg.connections_per_peer = 1;
+    let agent = Agent::new(cfg).expect("agent");
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: `buf` outlives the agent (dropped first below) and is read after the transfer.
+    let region = unsafe {
+        agent.register(Region {
+            kind: MemKind::Host,
+            base: buf.as_mut_ptr() as u64,
+            len: 1 << 20,
+        })
+    }
+    .expect("register");
+    // The relay forwards the handshake untouched: both sides authenticate.
+    assert_eq!(agent.connect(relay).expect("handshake"), "prefill");
+    let l = [Descriptor {
+        region,
+        offset: 0,
+        len: 1 << 20,
+    }];
+    let id = agent
+        .read(&l, "prefill", &[p.desc(0, 1 << 20)], None)
+        .expect("posted");
+    let r = agent
+        .wait(id, Duration::from_secs(30))
+        .expect("bounded")
+        .result;
+    let e = r.expect_err("a flipped bit in the data is caught, never reported as read");
+    assert!(e.to_string().contains("seal"), "{e}");
+    // A fresh connection (not relayed) reads the same bytes intact.
+    let id = agent
+        .read(&l, "prefill", &[p.desc(0, 1 << 20)], None)
+        .expect("posted");
+    agent
+        .wait(id, Duration::from_secs(30))
+        .expect("bounded")
+        .result
+        .expect("read");
+    drop(agent);
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern(6, i as u64)));
+}
+
+#[test]
+fn a_replayed_or_unsealed_frame_ends_the_connection_and_is_never_acted_on() {
+    let mut p = Peer::start("prefill", 4096, 2, &["--token", "s3cret"], &[]);
+    for attack in ["replay", "unsealed", "bad tag"] {
+        let (mut c, reply) = raw_handshake(p.addr, "raw", PROTOCOL_VERSION, Some(b"s3cret"));
+        assert_eq!(reply.kind(), Kind::Proof);
+        let Some(Message::Metadata(mut md)) = c.recv() else {
+            panic!("sealed metadata")
+        };
+        md.name = "raw".into();
+        md.regions.clear();
+        md.caches.clear();
+        md.endpoints.clear();
+        c.send(&Message::Metadata(md)).expect("metadata");
+        let note = |text: &str| {
+            Message::Notification(kvnet::kvcore::wire::Notification {
+                from: "raw".into(),
+                payload: text.as_bytes().to_vec(),
+            })
+        };
+        let frame = c.frame(&note("first"));
+        c.stream.write_all(&frame).expect("send");
+        assert_eq!(p.line(), "NOTIF raw first");
+        let bad = match attack {
+            "replay" => frame,
+            "unsealed" => note("unsealed").encode(),
+            _ => {
+                let mut f = c.frame(&note("tampered"));
+                let n = f.len();
+                f[n - 1] ^= 1;
+                f
+            }
+        };
+        c.stream.write_all(&bad).expect("send");
+        // The peer closes the connection instead of acting on it.
+        let mut rest = Vec::new();
+        let _ = c.stream.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{attack}: nothing is answered");
+        // The next thing the peer prints is a legitimate notification, not the attack's.
+        let ok = Local::new("decode", 4096, Some("s3cret"));
+        ok.agent.connect(p.addr).expect("authenticated");
+        ok.agent
+            .notify("prefill", format!("after {attack}").into_bytes())
+            .expect("notify");
+        assert_eq!(p.line(), format!("NOTIF decode after {attack}"), "{attack}");
+    }
 }

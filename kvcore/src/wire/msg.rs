@@ -12,7 +12,8 @@ use crate::region::{Descriptor, MemKind, Region, RegionId, RegionTable};
 /// Version of the agent protocol carried in metadata (distinct from the frame format's version).
 /// 2: mutual authentication (the listener names itself in its challenge, the dialer sends a
 /// nonce of its own, the listener proves the token too; see [`crate::auth`]), calls and replies.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: everything after the proofs is sealed under the session key when a token is set.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_TRANSPORT_LEN: usize = 64;
 /// Transport blobs: UCX worker addresses and packed rkeys are well under this.

@@ -120,3 +120,93 @@ pub fn hello_for(
         proof,
     })
 }
+
+/// A connection spoken by hand after a handshake made with [`hello_for`]: frames sealed as the
+/// agent seals them when a token authenticated it (`kvcore::auth::seals`).
+pub struct RawConn {
+    pub stream: std::net::TcpStream,
+    seals: Option<(kvnet::kvcore::auth::Seal, kvnet::kvcore::auth::Seal)>,
+}
+
+impl RawConn {
+    /// Connects, reads the challenge and says hello as `name`; returns the connection and the
+    /// listener's first answer (its proof, or a refusal).
+    pub fn dial(
+        addr: std::net::SocketAddr,
+        name: &str,
+        version: u16,
+        token: Option<&[u8]>,
+    ) -> (RawConn, Option<kvnet::kvcore::wire::Message>) {
+        use kvnet::kvcore::auth::{seals, Role, Transcript};
+        use kvnet::kvcore::wire::Message;
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let Some(Message::Challenge(c)) = read_plain(&mut stream) else {
+            panic!("expected a challenge")
+        };
+        stream
+            .write_all(&hello_for(&c, name, version, token).encode())
+            .expect("hello");
+        let reply = read_plain(&mut stream);
+        let nonce = [7u8; 32];
+        let transcript = Transcript {
+            listener_nonce: &c.nonce,
+            dialer_nonce: &nonce,
+            listener_name: &c.name,
+            dialer_name: name,
+        };
+        let seals = token
+            .and_then(|t| transcript.mac(t, Role::Session))
+            .map(|k| seals(&k, Role::Dialer));
+        (RawConn { stream, seals }, reply)
+    }
+
+    /// A frame's bytes as this connection sends it (sealed when it is).
+    pub fn frame(&mut self, m: &kvnet::kvcore::wire::Message) -> Vec<u8> {
+        let mut f = m.encode();
+        if let Some((send, _)) = &mut self.seals {
+            let tag = send.tag(&f);
+            f.extend_from_slice(&tag);
+        }
+        f
+    }
+
+    pub fn send(&mut self, m: &kvnet::kvcore::wire::Message) -> std::io::Result<()> {
+        use std::io::Write;
+        let f = self.frame(m);
+        self.stream.write_all(&f)
+    }
+
+    /// The next frame, its seal checked (None when the connection ended or the seal failed).
+    pub fn recv(&mut self) -> Option<kvnet::kvcore::wire::Message> {
+        use std::io::Read;
+        let Some((_, recv)) = &mut self.seals else {
+            return read_plain(&mut self.stream);
+        };
+        let frame = read_frame_bytes(&mut self.stream)?;
+        let mut tag = [0u8; kvnet::kvcore::auth::TAG_LEN];
+        self.stream.read_exact(&mut tag).ok()?;
+        if recv.tag(&frame) != tag {
+            return None;
+        }
+        kvnet::kvcore::wire::Message::decode(&frame).ok()
+    }
+}
+
+fn read_frame_bytes(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    let mut rest = vec![0u8; len + 8];
+    s.read_exact(&mut rest).ok()?;
+    Some([&head[..], &rest].concat())
+}
+
+/// One unsealed frame (the handshake's, or any frame of a connection without a token).
+pub fn read_plain(s: &mut std::net::TcpStream) -> Option<kvnet::kvcore::wire::Message> {
+    kvnet::kvcore::wire::Message::decode(&read_frame_bytes(s)?).ok()
+}

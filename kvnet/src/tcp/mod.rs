@@ -8,7 +8,6 @@
 //! what it exported before touching memory, and sends straight from (or receives straight into)
 //! registered memory with vectored I/O.
 
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +18,12 @@ use kvcore::wire::{
 };
 use kvcore::{Descriptor, Resolved};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 use crate::ctx::Ctx;
 use crate::error::{code, NetError};
-use crate::framing::{io, read_message, read_message_capped, write_message, PRE_AUTH_PAYLOAD};
+use crate::framing::{io, read_message_capped, write_message, PRE_AUTH_PAYLOAD};
 use crate::mem;
 use crate::peers::{Peer, MAX_PEERS};
 use crate::transport::{Refused, Transfer, TransportKind};
@@ -166,9 +164,13 @@ impl crate::transport::Transport for Tcp {
     }
 }
 
+mod channel;
+
+use channel::Channel;
+
 /// An authenticated connection to a peer.
 pub(crate) struct Conn {
-    stream: TcpStream,
+    ch: Channel,
     peer: String,
     /// When it went back to the pool.
     idle_since: std::time::Instant,
@@ -289,7 +291,9 @@ pub(crate) async fn dial(tcp: &Tcp, addr: SocketAddr) -> Result<(Conn, AgentMeta
                 return Err(auth_error(&challenge.name, why));
             }
         }
-        let md = match read_message(&mut stream, &peer).await? {
+        // From here on everything is sealed under the session's keys (with a token).
+        let mut ch = Channel::new(stream, peer.clone(), seals(tcp, &transcript, Role::Dialer)?);
+        let md = match ch.recv().await? {
             Message::Metadata(md) => md,
             other => return Err(refusal(&peer, other, "metadata")),
         };
@@ -309,10 +313,10 @@ pub(crate) async fn dial(tcp: &Tcp, addr: SocketAddr) -> Result<(Conn, AgentMeta
                 ),
             ));
         }
-        write_message(&mut stream, &peer, &Message::Metadata(tcp.ctx.metadata())).await?;
+        ch.send(&Message::Metadata(tcp.ctx.metadata())).await?;
         Ok((
             Conn {
-                stream,
+                ch,
                 peer: md.name.clone(),
                 idle_since: std::time::Instant::now(),
             },
@@ -354,29 +358,6 @@ async fn conn_for(tcp: &Tcp, p: &Peer) -> Result<Conn, NetError> {
         )));
     }
     Ok(c)
-}
-
-/// Writes every slice, in order, with vectored writes.
-async fn write_all_vectored(
-    s: &mut TcpStream,
-    peer: &str,
-    parts: &[&[u8]],
-) -> Result<(), NetError> {
-    let mut bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let mut rest: &mut [IoSlice<'_>] = &mut bufs;
-    while !rest.is_empty() {
-        // At most 1024 buffers per call (IOV_MAX).
-        let n = rest.len().min(1024);
-        let w = s
-            .write_vectored(&rest[..n])
-            .await
-            .map_err(|e| io("send", peer, e))?;
-        if w == 0 {
-            return Err(io("send", peer, std::io::ErrorKind::WriteZero.into()));
-        }
-        IoSlice::advance_slices(&mut rest, w);
-    }
-    Ok(())
 }
 
 /// Moves one transfer over up to `conns_per_peer` connections; Ok only if every part succeeded.
@@ -483,14 +464,14 @@ async fn part_on(
         if op == Op::Read { "read" } else { "write" },
         &peer,
         async {
-            write_message(&mut c.stream, &peer, &notice).await?;
+            c.ch.send(&notice).await?;
             if op == Op::Write {
                 // SAFETY: `local` is a slice of the `Transfer`'s hold, which `transfer` keeps
                 // until every part's task ended (it awaits them all, failed or not).
                 let slices: Vec<&[u8]> = local.iter().map(|r| unsafe { mem::bytes(r) }).collect();
-                write_all_vectored(&mut c.stream, &peer, &slices).await?;
+                c.ch.send_bytes(&slices).await?;
             }
-            match read_message(&mut c.stream, &peer).await? {
+            match c.ch.recv().await? {
                 Message::Completion(Completion {
                     status: Status::Ok,
                     transfer_id,
@@ -499,15 +480,12 @@ async fn part_on(
             }
             answered = true;
             if op == Op::Read {
-                for r in local {
-                    // SAFETY: as above, and the hold is a write hold whose parts are disjoint
-                    // (each part writes its own descriptors, claimed without overlap).
-                    let dst = unsafe { mem::bytes_mut(r) };
-                    c.stream
-                        .read_exact(dst)
-                        .await
-                        .map_err(|e| io("receive", &peer, e))?;
-                }
+                // SAFETY: as above, and the hold is a write hold whose parts are disjoint
+                // (each part writes its own descriptors, claimed without overlap).
+                let dsts: Vec<&mut [u8]> =
+                    local.iter().map(|r| unsafe { mem::bytes_mut(r) }).collect();
+                // Bytes that fail their seal fail the transfer: never reported as read.
+                c.ch.recv_bytes(dsts).await?;
             }
             Ok(())
         },
@@ -521,13 +499,7 @@ pub(crate) async fn publish(tcp: &Tcp, p: &Peer) -> Result<(), NetError> {
     let mut c = conn_for(tcp, p).await?;
     let peer = c.peer.clone();
     let m = Message::Metadata(tcp.ctx.metadata());
-    step(
-        tcp.ctx.timeout,
-        "publish metadata",
-        &peer,
-        write_message(&mut c.stream, &peer, &m),
-    )
-    .await?;
+    step(tcp.ctx.timeout, "publish metadata", &peer, c.ch.send(&m)).await?;
     tcp.pool(p).put(c);
     Ok(())
 }
@@ -543,14 +515,7 @@ pub(crate) async fn notify(tcp: &Tcp, p: &Peer, payload: Vec<u8>) -> Result<(), 
     for fresh in [false, true] {
         let (mut c, pooled) = conn_or_fresh(tcp, p, fresh).await?;
         let peer = c.peer.clone();
-        match step(
-            tcp.ctx.timeout,
-            "notify",
-            &peer,
-            write_message(&mut c.stream, &peer, &m),
-        )
-        .await
-        {
+        match step(tcp.ctx.timeout, "notify", &peer, c.ch.send(&m)).await {
             Ok(()) => {
                 tcp.pool(p).put(c);
                 return Ok(());
@@ -575,20 +540,14 @@ pub(crate) async fn call(
     for fresh in [false, true] {
         let (mut c, pooled) = conn_or_fresh(tcp, p, fresh).await?;
         let peer = c.peer.clone();
-        let sent = step(
-            tcp.ctx.timeout,
-            "call",
-            &peer,
-            write_message(&mut c.stream, &peer, &m),
-        )
-        .await;
+        let sent = step(tcp.ctx.timeout, "call", &peer, c.ch.send(&m)).await;
         match sent {
             Ok(()) => {}
             Err(e) if pooled && is_dead_connection(&e) => continue,
             Err(e) => return Err(e),
         }
         let reply = step(tcp.ctx.timeout, "call reply", &peer, async {
-            match read_message(&mut c.stream, &peer).await? {
+            match c.ch.recv().await? {
                 Message::Reply(r) if r.call_id == call_id => Ok(r.payload),
                 other => Err(refusal(&peer, other, "reply")),
             }
@@ -674,6 +633,21 @@ fn nonce() -> [u8; 32] {
 }
 
 /// Our proof in `role` (empty without a token).
+/// The connection's seals (ours to send, ours to receive) when a token authenticated it.
+fn seals(
+    tcp: &Tcp,
+    t: &Transcript<'_>,
+    role: Role,
+) -> Result<Option<(kvcore::auth::Seal, kvcore::auth::Seal)>, NetError> {
+    let Some(tok) = &tcp.ctx.token else {
+        return Ok(None);
+    };
+    let session = t
+        .mac(tok, Role::Session)
+        .ok_or_else(|| auth_error(t.listener_name, "cannot derive a session key"))?;
+    Ok(Some(kvcore::auth::seals(&session, role)))
+}
+
 fn our_proof(tcp: &Tcp, t: &Transcript<'_>, role: Role, peer: &str) -> Result<Vec<u8>, NetError> {
     match &tcp.ctx.token {
         Some(tok) => t
@@ -708,7 +682,7 @@ async fn serve_conn(
     let t = tcp.ctx.timeout;
     let who = addr.to_string();
     let nonce = nonce();
-    let peer = step(t, "handshake", &who, async {
+    let handshake = step(t, "handshake", &who, async {
         let challenge = Message::Challenge(Challenge {
             nonce,
             name: tcp.ctx.name.clone(),
@@ -776,8 +750,13 @@ async fn serve_conn(
         }
         let proof = our_proof(tcp, &transcript, Role::Listener, &who)?;
         write_message(&mut stream, &who, &Message::Proof(Proof { proof })).await?;
-        write_message(&mut stream, &who, &Message::Metadata(tcp.ctx.metadata())).await?;
-        match read_message(&mut stream, &who).await? {
+        let mut ch = Channel::new(
+            stream,
+            who.clone(),
+            seals(tcp, &transcript, Role::Listener)?,
+        );
+        ch.send(&Message::Metadata(tcp.ctx.metadata())).await?;
+        match ch.recv().await? {
             Message::Metadata(md) if md.name == hello.name => {
                 tcp.ctx.load(md)?;
             }
@@ -788,18 +767,20 @@ async fn serve_conn(
                 })
             }
         }
-        Ok(hello.name)
+        ch.peer = hello.name.clone();
+        Ok((hello.name, ch))
     })
     .await?;
+    let (peer, mut ch) = handshake;
     loop {
         // An idle connection is closed after a while: a peer that vanished without a FIN (its
         // host died, a link went down) does not hold a connection slot for ever.
-        let m = match timeout(tcp.ctx.idle_timeout, read_message(&mut stream, &peer)).await {
+        let m = match timeout(tcp.ctx.idle_timeout, ch.recv()).await {
             Ok(m) => m?,
             Err(_) => return Ok(()),
         };
         match m {
-            Message::Transfer(n) => serve_transfer(tcp, &mut stream, &peer, n).await?,
+            Message::Transfer(n) => serve_transfer(tcp, &mut ch, &peer, n).await?,
             Message::Notification(n) => tcp.ctx.inbox.deliver(Notification {
                 from: peer.clone(),
                 payload: n.payload,
@@ -812,13 +793,7 @@ async fn serve_conn(
                     call_id: c.call_id,
                     payload,
                 });
-                step(
-                    tcp.ctx.timeout,
-                    "reply",
-                    &peer,
-                    write_message(&mut stream, &peer, &reply),
-                )
-                .await?;
+                step(tcp.ctx.timeout, "reply", &peer, ch.send(&reply)).await?;
             }
             // A peer re-publishes its metadata when its exports change (deregistration).
             Message::Metadata(md) if md.name == peer => {
@@ -836,7 +811,7 @@ async fn serve_conn(
 
 async fn serve_transfer(
     tcp: &Arc<Tcp>,
-    stream: &mut TcpStream,
+    ch: &mut Channel,
     peer: &str,
     n: TransferNotice,
 ) -> Result<(), NetError> {
@@ -887,7 +862,7 @@ async fn serve_transfer(
     step(limit, "serve transfer", peer, async {
         match (n.op, &held) {
             (Op::Read, Ok(h)) => {
-                write_message(stream, peer, &ok).await?;
+                ch.send(&ok).await?;
                 // SAFETY: `h` is a live read hold on these descriptors, kept until this
                 // function returns, after the last byte went out.
                 let slices: Vec<&[u8]> = h
@@ -895,18 +870,19 @@ async fn serve_transfer(
                     .iter()
                     .map(|r| unsafe { mem::bytes(r) })
                     .collect();
-                write_all_vectored(stream, peer, &slices).await?;
+                ch.send_bytes(&slices).await?;
             }
             (Op::Write, Ok(h)) => {
-                for r in h.resolved() {
-                    // SAFETY: `h` is a live write hold, used by this task alone.
-                    let dst = unsafe { mem::bytes_mut(r) };
-                    stream
-                        .read_exact(dst)
-                        .await
-                        .map_err(|e| io("receive", peer, e))?;
-                }
-                write_message(stream, peer, &ok).await?;
+                // SAFETY: `h` is a live write hold, used by this task alone, kept until this
+                // function returns.
+                let dsts: Vec<&mut [u8]> = h
+                    .resolved()
+                    .iter()
+                    .map(|r| unsafe { mem::bytes_mut(r) })
+                    .collect();
+                // A run that fails its seal fails the connection: the writer hears of it.
+                ch.recv_bytes(dsts).await?;
+                ch.send(&ok).await?;
             }
             (op, Err(e)) => {
                 log::warn!("kvferry: refusing a transfer from {peer}: {e}");
@@ -917,7 +893,7 @@ async fn serve_transfer(
                         message: e.to_string(),
                     },
                 });
-                write_message(stream, peer, &m).await?;
+                ch.send(&m).await?;
                 if op == Op::Write {
                     // The refused bytes follow on this connection, as many as the peer claims:
                     // close it rather than read them (a claim is no bound).
