@@ -190,11 +190,14 @@ impl Agent {
         self.listen
     }
 
-    /// Every transport running, TCP first.
-    fn running(&self) -> Vec<&dyn Transport> {
+    /// Every transport, TCP first; `live`: only those that can take new work (a UCX whose
+    /// thread panicked still has mappings to refuse unmapping, but maps nothing new).
+    fn transports_dyn(&self, live: bool) -> Vec<&dyn Transport> {
         let mut t: Vec<&dyn Transport> = vec![self.tcp.as_ref()];
         if let Some(u) = &self.ucx {
-            t.push(u);
+            if !live || u.alive() {
+                t.push(u);
+            }
         }
         t
     }
@@ -207,7 +210,7 @@ impl Agent {
     /// else may write what it reads or touch what it writes.
     pub unsafe fn register(&self, region: Region) -> Result<RegionId, NetError> {
         let device = matches!(region.kind, MemKind::Device { .. });
-        if device && self.ucx.as_ref().is_none_or(|u| !u.has_cuda()) {
+        if device && !self.device_memory() {
             return Err(NetError::Unavailable(format!(
                 "device memory can be exported only through a UCX built with CUDA ({}); stage \
                  the blocks through pinned DRAM instead",
@@ -220,7 +223,7 @@ impl Agent {
         let timeout = self.ctx.timeout;
         self.ctx.exports.register(region, |id| {
             let mut keys = Vec::new();
-            let running = self.running();
+            let running = self.transports_dyn(true);
             for (i, t) in running.iter().enumerate() {
                 match t.map(id, &region) {
                     Ok(Some(key)) => keys.push(TransportKey {
@@ -245,12 +248,12 @@ impl Agent {
     /// The transports this agent runs ("tcp" always; "ucx" when libucp loaded), and the UCX
     /// library in use.
     pub fn transports(&self) -> Vec<TransportKind> {
-        self.running().iter().map(|t| t.kind()).collect()
+        self.transports_dyn(true).iter().map(|t| t.kind()).collect()
     }
 
     /// Whether device (CUDA) memory can be registered: UCX is loaded and built with CUDA.
     pub fn device_memory(&self) -> bool {
-        self.ucx.as_ref().is_some_and(Ucx::has_cuda)
+        self.ucx.as_ref().is_some_and(|u| u.has_cuda() && u.alive())
     }
 
     pub fn ucx_library(&self) -> Option<&str> {
@@ -278,7 +281,7 @@ impl Agent {
     pub fn deregister(&self, id: RegionId) -> Result<Region, NetError> {
         let timeout = self.ctx.timeout;
         let r = self.ctx.exports.deregister(id, timeout, || {
-            for t in self.running() {
+            for t in self.transports_dyn(false) {
                 // Done, not queued: after this the keys peers hold no longer reach the memory.
                 t.unmap(id, timeout)?;
             }
@@ -347,8 +350,18 @@ impl Agent {
     /// them.
     pub fn forget_peer(&self, peer: &str) {
         self.ctx.peers.remove(peer);
-        for t in self.running() {
+        for t in self.transports_dyn(false) {
             t.close(peer);
+        }
+    }
+
+    /// Fault injection for tests: panics the UCX thread, as a bug in it would. Transfers in
+    /// flight on it fail, their memory stays held, and the agent carries on over TCP.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_ucx_panic(&self) {
+        if let Some(u) = &self.ucx {
+            u.inject_panic();
         }
     }
 

@@ -84,6 +84,9 @@ enum Cmd {
     Forget {
         peer: String,
     },
+    /// Fault injection: panics the UCX thread, as a bug in it would.
+    #[cfg(feature = "fault-injection")]
+    Panic,
 }
 
 pub(crate) struct Ucx {
@@ -96,6 +99,12 @@ pub(crate) struct Ucx {
     cuda: bool,
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// Set when the UCX thread panicked: its context and mappings were leaked alive (a peer
+    /// may still reach mapped memory, over cma or RDMA without our progress), so nothing can be
+    /// unmapped any more and the agent stops choosing UCX.
+    panicked: Arc<AtomicBool>,
+    /// Regions this transport mapped and has not unmapped.
+    mapped: parking_lot::Mutex<std::collections::HashSet<RegionId>>,
 }
 
 fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
@@ -247,6 +256,8 @@ impl Ucx {
         let (ready_tx, ready_rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_w = stop.clone();
+        let panicked = Arc::new(AtomicBool::new(false));
+        let panicked_w = panicked.clone();
         let thread = std::thread::Builder::new()
             .name("kvferry-ucx".into())
             .spawn(move || match Worker::new(ctx, peer_errors, &options) {
@@ -262,7 +273,10 @@ impl Ucx {
                     }));
                     match served {
                         Ok(()) => std::mem::ManuallyDrop::into_inner(w).shutdown(),
-                        Err(_) => w.fail_after_panic(),
+                        Err(_) => {
+                            panicked_w.store(true, Ordering::Release);
+                            w.fail_after_panic()
+                        }
                     }
                 }
                 Err(e) => {
@@ -282,6 +296,8 @@ impl Ucx {
             cuda,
             thread: Some(thread),
             stop,
+            panicked,
+            mapped: Default::default(),
         })
     }
 
@@ -321,21 +337,41 @@ impl Ucx {
             reply,
         })
         .map_err(|_| NetError::Shutdown)?;
-        rx.recv().map_err(|_| NetError::Shutdown)?
+        let key = rx.recv().map_err(|_| NetError::Shutdown)??;
+        self.mapped.lock().insert(id);
+        Ok(key)
     }
 
-    /// Unmaps a region and waits until UCX did. A UCX thread that is gone took the whole
-    /// context (and every mapping) with it; one that does not answer in `timeout` leaves the
-    /// region mapped, and the caller must keep the memory until the agent drops.
+    /// Unmaps a region and waits until UCX did. One that does not answer in `timeout` leaves
+    /// the region mapped, and the caller must keep the memory until the agent drops; so does a
+    /// UCX thread that panicked (its mappings were leaked with the context, alive).
     fn mem_unmap(&self, id: RegionId, timeout: Duration) -> Result<(), NetError> {
-        let (done, rx) = channel();
-        if self.send(Cmd::Unmap { id, done }).is_err() {
+        if !self.mapped.lock().contains(&id) {
             return Ok(());
         }
-        match rx.recv_timeout(timeout) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Ok(()),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(NetError::Busy(id.0)),
+        if !self.alive() {
+            return Err(NetError::Busy(id.0));
         }
+        let (done, rx) = channel();
+        if self.send(Cmd::Unmap { id, done }).is_err() {
+            // Gone without a panic only when shut down, which unmapped everything.
+            return if self.alive() {
+                Ok(())
+            } else {
+                Err(NetError::Busy(id.0))
+            };
+        }
+        let r = match rx.recv_timeout(timeout) {
+            Ok(()) => Ok(()),
+            // The command was dropped unanswered: the thread ended (the flag is set before a
+            // panicked thread lets go of its commands).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) if self.alive() => Ok(()),
+            Err(_) => Err(NetError::Busy(id.0)),
+        };
+        if r.is_ok() {
+            self.mapped.lock().remove(&id);
+        }
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -388,6 +424,16 @@ impl Ucx {
             peer: peer.to_string(),
         });
     }
+
+    /// False once the UCX thread panicked.
+    pub fn alive(&self) -> bool {
+        !self.panicked.load(Ordering::Acquire)
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self) {
+        let _ = self.send(Cmd::Panic);
+    }
 }
 
 impl Transport for Ucx {
@@ -405,7 +451,7 @@ impl Transport for Ucx {
     }
 
     fn reaches(&self, p: &Peer) -> bool {
-        p.ucx_address.is_some()
+        self.alive() && p.ucx_address.is_some()
     }
 
     fn post(&self, mut t: Transfer) -> Result<(), Refused> {
@@ -839,6 +885,8 @@ impl Worker {
                 done,
             ),
             Cmd::Forget { peer } => self.forget(&peer),
+            #[cfg(feature = "fault-injection")]
+            Cmd::Panic => panic!("kvferry fault injection: the UCX thread panics"),
         }
     }
 
