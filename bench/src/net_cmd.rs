@@ -14,7 +14,8 @@ use crate::report::{Row, Value};
 
 #[derive(Args, Debug)]
 pub struct NetArgs {
-    /// Transports to measure: tcp (kvferry's TCP backend), ucx (UCX with its environment).
+    /// Transports to measure: tcp (kvferry's TCP backend, no token), tcp-sealed (the same with a
+    /// token: authenticated, every frame and byte sealed), ucx (UCX with its environment).
     #[arg(long, value_delimiter = ',', default_values_t = ["tcp".to_string(), "ucx".to_string()])]
     transports: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [4u64, 64, 256, 2048, 4096])]
@@ -49,9 +50,15 @@ struct Pair {
     _bufs: (Vec<u8>, Vec<u8>),
 }
 
-fn pair(t: TransportKind, bytes: u64, peer_errors: bool) -> Result<Pair, String> {
+fn pair(
+    t: TransportKind,
+    bytes: u64,
+    peer_errors: bool,
+    token: Option<&str>,
+) -> Result<Pair, String> {
     let cfg = |name: &str| {
         let mut c = AgentConfig::new(name);
+        c.token = token.map(str::to_string);
         c.transports = vec![t];
         c.timeout = Duration::from_secs(30);
         c.ucx_peer_errors = peer_errors;
@@ -304,9 +311,10 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
     }
     let mut rows = Vec::new();
     for tname in &a.transports {
-        let t = match tname.as_str() {
-            "tcp" => TransportKind::Tcp,
-            "ucx" => TransportKind::Ucx,
+        let (t, token) = match tname.as_str() {
+            "tcp" => (TransportKind::Tcp, None),
+            "tcp-sealed" => (TransportKind::Tcp, Some("kvferry-bench")),
+            "ucx" => (TransportKind::Ucx, None),
             o => return Err(format!("unknown transport {o}")),
         };
         let pe = !a.ucx_no_peer_errors;
@@ -318,7 +326,7 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
         };
         let max = a.max_mib << 20;
         let biggest = a.block_kib.iter().max().copied().unwrap_or(4) << 10;
-        let p = match pair(t, max.max(biggest), !a.ucx_no_peer_errors) {
+        let p = match pair(t, max.max(biggest), !a.ucx_no_peer_errors, token) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("net: skipping {tname}: {e}");
@@ -329,6 +337,7 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             eprintln!("net: kvferry's UCX transport uses {lib}");
         }
         let label = match (t, std::env::var("UCX_TLS")) {
+            (TransportKind::Tcp, _) if token.is_some() => "kvferry-tcp-sealed".to_string(),
             (TransportKind::Tcp, _) => "kvferry-tcp".to_string(),
             (TransportKind::Ucx, Ok(tls)) => format!("ucx[{tls}]"),
             (TransportKind::Ucx, Err(_)) => "ucx".to_string(),

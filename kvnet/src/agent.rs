@@ -117,8 +117,7 @@ impl Agent {
             .enable_all()
             .build()
             .map_err(|e| crate::framing::io("start runtime", &cfg.name, e))?;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(cfg.listen))
+        let listener = crate::ctx::block_on(rt.handle(), tokio::net::TcpListener::bind(cfg.listen))
             .map_err(|e| crate::framing::io("listen", &cfg.listen.to_string(), e))?;
         let listen = listener
             .local_addr()
@@ -135,8 +134,7 @@ impl Agent {
         rt.spawn(tcp::serve(tcp.clone(), listener));
         let nixl_listen = match cfg.nixl_listen {
             Some(addr) => {
-                let l = rt
-                    .block_on(tokio::net::TcpListener::bind(addr))
+                let l = crate::ctx::block_on(rt.handle(), tokio::net::TcpListener::bind(addr))
                     .map_err(|e| {
                         crate::framing::io("listen (NIXL side channel)", &addr.to_string(), e)
                     })?;
@@ -316,14 +314,14 @@ impl Agent {
     /// metadata both ways (so the peer can notify us), loads the peer's. Returns its name.
     pub fn connect(&self, addr: SocketAddr) -> Result<String, NetError> {
         let tcp = self.tcp.clone();
-        self.runtime()?.block_on(async move {
+        self.block_on(async move {
             let (conn, md) = tcp::dial(&tcp, addr).await?;
             let name = tcp.ctx.load(md)?;
             if let Some(p) = tcp.ctx.peers.get(&name) {
                 tcp.pool(&p).put(conn);
             }
             Ok(name)
-        })
+        })?
     }
 
     /// How many peers' metadata this agent keeps (at most [`crate::MAX_PEERS`]).
@@ -374,6 +372,15 @@ impl Agent {
 
     fn runtime(&self) -> Result<&tokio::runtime::Runtime, NetError> {
         self.rt.as_ref().ok_or(NetError::Shutdown)
+    }
+
+    /// Runs `f` on the agent's runtime and waits for it (from any thread, async code too).
+    fn block_on<F>(&self, f: F) -> Result<F::Output, NetError>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        Ok(crate::ctx::block_on(self.runtime()?.handle(), f))
     }
 
     /// Reads `remote` (in `peer`'s exported memory) into `local`, pairwise; then, if given,
@@ -503,7 +510,7 @@ impl Agent {
                 })
             })
             .collect();
-        rt.block_on(async move {
+        crate::ctx::block_on(rt.handle(), async move {
             let all = async {
                 for t in tasks {
                     let _ = t.await;
@@ -536,25 +543,24 @@ impl Agent {
     /// and loads it. Returns the agent's name.
     pub fn nixl_fetch_metadata(&self, addr: SocketAddr) -> Result<String, NetError> {
         let ctx = self.ctx.clone();
-        self.runtime()?
-            .block_on(async move { nixl::fetch(&ctx, addr).await })
+        self.block_on(async move { nixl::fetch(&ctx, addr).await })?
     }
 
     /// NIXL's `send_local_metadata`: sends our metadata to the NIXL listener at `addr`.
     pub fn nixl_send_metadata(&self, addr: SocketAddr) -> Result<(), NetError> {
         let ctx = self.ctx.clone();
-        self.runtime()?.block_on(async move {
+        self.block_on(async move {
             let load = NixlComm::Load(ctx.nixl_metadata().encode());
             nixl::send(&ctx, addr, &[load]).await
-        })
+        })?
     }
 
     /// NIXL's `invalidate_local_metadata`: tells the NIXL listener at `addr` to forget us.
     pub fn nixl_invalidate(&self, addr: SocketAddr) -> Result<(), NetError> {
         let ctx = self.ctx.clone();
-        self.runtime()?.block_on(async move {
+        self.block_on(async move {
             nixl::send(&ctx, addr, &[NixlComm::Invalidate(ctx.name.clone())]).await
-        })
+        })?
     }
 
     /// The descriptor for raw `(addr, len)` inside a loaded peer's exported memory, the way NIXL
@@ -618,8 +624,7 @@ impl Agent {
         }
         let tcp = self.tcp.clone();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.runtime()?
-            .block_on(async move { tcp::call(&tcp, &p, id, payload).await })
+        self.block_on(async move { tcp::call(&tcp, &p, id, payload).await })?
     }
 
     /// Notifications received since the last call, as `(sender, bytes)`.

@@ -92,3 +92,19 @@ impl Ctx {
         self.peers.load(&self.name, md, Flavour::Kvferry)
     }
 }
+
+/// Runs `f` on `rt` and waits for it. Called from inside a tokio runtime (a user's async code),
+/// where tokio refuses to block a worker thread, it waits on a thread of its own instead.
+pub(crate) fn block_on<F>(rt: &tokio::runtime::Handle, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(f);
+    }
+    std::thread::scope(|s| match s.spawn(|| rt.block_on(f)).join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}

@@ -725,3 +725,40 @@ fn a_replayed_or_unsealed_frame_ends_the_connection_and_is_never_acted_on() {
         assert_eq!(p.line(), format!("NOTIF decode after {attack}"), "{attack}");
     }
 }
+
+/// Rust users call the agent from async code too: its blocking calls must not panic there
+/// (tokio refuses to block a runtime's thread), they wait on a thread of their own.
+#[test]
+fn the_blocking_api_works_from_inside_a_tokio_runtime() {
+    let mut p = Peer::start("prefill", 1 << 16, 9, &["--token", "s3cret"], &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = rt.block_on(async {
+        let local = Local::new("decode", 1 << 16, Some("s3cret"));
+        assert_eq!(local.agent.connect(p.addr).expect("connect"), "prefill");
+        local
+            .agent
+            .notify("prefill", b"from async".to_vec())
+            .expect("notify");
+        let id = local
+            .agent
+            .read(
+                &[local.desc(0, 1 << 16)],
+                "prefill",
+                &[p.desc(0, 1 << 16)],
+                None,
+            )
+            .expect("posted");
+        local.wait(id).expect("read");
+        local.agent.publish();
+        local
+    });
+    assert_eq!(p.line(), "NOTIF decode from async");
+    assert!(local
+        .buf
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern(9, i as u64)));
+}

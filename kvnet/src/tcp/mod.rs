@@ -155,8 +155,7 @@ impl crate::transport::Transport for Tcp {
 
     fn notify(&self, p: &Arc<Peer>, payload: Vec<u8>) -> Result<(), NetError> {
         let (tcp, p) = (self.me()?, p.clone());
-        self.rt
-            .block_on(async move { notify(&tcp, &p, payload).await })
+        crate::ctx::block_on(&self.rt, async move { notify(&tcp, &p, payload).await })
     }
 
     fn close(&self, peer: &str) {
@@ -258,7 +257,7 @@ pub(crate) async fn dial(tcp: &Tcp, addr: SocketAddr) -> Result<(Conn, AgentMeta
                 })
             }
         };
-        let my_nonce = nonce();
+        let my_nonce = nonce()?;
         let transcript = Transcript {
             listener_nonce: &challenge.nonce,
             dialer_nonce: &my_nonce,
@@ -619,20 +618,16 @@ pub(crate) async fn serve(tcp: Arc<Tcp>, listener: TcpListener) {
     }
 }
 
-fn nonce() -> [u8; 32] {
+/// A fresh nonce from the OS. Without OS randomness there is no handshake: a guessable nonce
+/// would let a recorded proof be replayed.
+fn nonce() -> Result<[u8; 32], NetError> {
     let mut n = [0u8; 32];
-    if getrandom::fill(&mut n).is_err() {
-        // No OS randomness: fall back to the clock, which still never repeats a nonce.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        n[..16].copy_from_slice(&t.to_le_bytes());
-    }
-    n
+    getrandom::fill(&mut n).map_err(|e| {
+        NetError::Unavailable(format!("no OS randomness for a handshake nonce: {e}"))
+    })?;
+    Ok(n)
 }
 
-/// Our proof in `role` (empty without a token).
 /// The connection's seals (ours to send, ours to receive) when a token authenticated it.
 fn seals(
     tcp: &Tcp,
@@ -681,7 +676,7 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let t = tcp.ctx.timeout;
     let who = addr.to_string();
-    let nonce = nonce();
+    let nonce = nonce()?;
     let handshake = step(t, "handshake", &who, async {
         let challenge = Message::Challenge(Challenge {
             nonce,

@@ -132,18 +132,6 @@ fn padded(blob: &[u8]) -> Vec<u8> {
 /// `ucp_worker_progress` calls per turn of the UCX thread's loop.
 const PROGRESS_BURST: usize = 256;
 
-/// All-zero bytes as a `T`.
-///
-/// # Safety
-/// All-zero bytes must be a valid `T`. Every caller passes one of bindgen's plain C parameter
-/// structs (integers, raw pointers, `Option` of function pointers), for which zero is valid and
-/// is UCX's documented "no fields set" value. It is `unsafe` because `T: Copy` alone does not
-/// make it so (`&T`, `NonNull`, plain function pointers are `Copy` and never zero).
-unsafe fn zeroed<T: Copy>() -> T {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { std::mem::zeroed() }
-}
-
 /// `UCS_PTR_IS_ERR` / `UCS_PTR_STATUS`: small negative values encode an error status.
 fn ptr_status(p: ucs_status_ptr_t) -> Option<ucs_status_t> {
     let v = p as isize;
@@ -584,6 +572,9 @@ struct Inflight {
     reqs: Vec<*mut c_void>,
     bytes: u64,
     error: Option<String>,
+    /// It passed its deadline (its requests were cancelled): a timeout, whatever UCX said.
+    timed_out: bool,
+    posted: Instant,
     stage: Stage,
     notification: Option<Vec<u8>>,
     deadline: Instant,
@@ -686,7 +677,9 @@ impl Worker {
         let fail = |what: &str, s: ucs_status_t, lib: &UcpLib| {
             NetError::Unavailable(format!("{what}: {}", status_str(lib, s)))
         };
-        // SAFETY: plain UCP setup calls with valid out-pointers; every handle is checked.
+        // SAFETY: plain UCP setup calls with valid out-pointers; every handle is checked. The
+        // parameter structs start all-zero (`mem::zeroed`): bindgen C structs of integers, raw
+        // pointers and optional callbacks, for which zero is valid and UCX reads "no fields set".
         unsafe {
             let (mut maj, mut min, mut rel) = (0u32, 0u32, 0u32);
             lib.ucp_get_version(&mut maj, &mut min, &mut rel);
@@ -728,7 +721,7 @@ impl Worker {
                     return Err(fail(&format!("UCX option {k}={v}"), s, &lib));
                 }
             }
-            let mut params: ucp_params_t = zeroed();
+            let mut params: ucp_params_t = std::mem::zeroed();
             params.field_mask = ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
             // No UCP_FEATURE_WAKEUP: asking for it drops transports without event support
             // (shared memory and cma among them), which cost 10x on one node.
@@ -739,7 +732,7 @@ impl Worker {
             if s != ucs_status_t_UCS_OK {
                 return Err(fail("ucp_init", s, &lib));
             }
-            let mut wp: ucp_worker_params_t = zeroed();
+            let mut wp: ucp_worker_params_t = std::mem::zeroed();
             wp.field_mask = ucp_worker_params_field_UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
             wp.thread_mode = ucs_thread_mode_t_UCS_THREAD_MODE_SINGLE;
             let mut worker: ucp_worker_h = ptr::null_mut();
@@ -749,7 +742,7 @@ impl Worker {
                 return Err(fail("ucp_worker_create", s, &lib));
             }
             let sink = Box::into_raw(Box::new(sink_ctx));
-            let mut am: ucp_am_handler_param_t = zeroed();
+            let mut am: ucp_am_handler_param_t = std::mem::zeroed();
             am.field_mask = (ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ID
                 | ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_CB
                 | ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ARG)
@@ -771,7 +764,7 @@ impl Worker {
             };
             let mut w = w;
             if w.lib.ucp_context_query.is_ok() {
-                let mut attr: ucp_context_attr_t = zeroed();
+                let mut attr: ucp_context_attr_t = std::mem::zeroed();
                 attr.field_mask = ucp_context_attr_field_UCP_ATTR_FIELD_MEMORY_TYPES as u64;
                 if w.lib.ucp_context_query(ctx, &mut attr) == ucs_status_t_UCS_OK {
                     w.cuda =
@@ -906,9 +899,10 @@ impl Worker {
             ));
         }
         // SAFETY: the agent registered `base..base+len` under its contract (valid until unmapped);
-        // the out-pointers are valid locals.
+        // the out-pointers are valid locals; the parameter struct starts all-zero, its "no
+        // fields set" value.
         unsafe {
-            let mut p: ucp_mem_map_params_t = zeroed();
+            let mut p: ucp_mem_map_params_t = std::mem::zeroed();
             p.field_mask = (ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
                 | ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH)
                 as u64;
@@ -982,6 +976,8 @@ impl Worker {
             reqs: Vec::with_capacity(ops.len()),
             bytes: ops.iter().map(|o| o.len).sum(),
             error: None,
+            timed_out: false,
+            posted: Instant::now(),
             stage: Stage::Data,
             flush_after: op == Op::Write || notification.is_some(),
             notification,
@@ -1005,7 +1001,7 @@ impl Worker {
             }
         };
         // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
-        let param: ucp_request_param_t = unsafe { zeroed() };
+        let param: ucp_request_param_t = unsafe { std::mem::zeroed() };
         for o in ops {
             let rk = match Self::rkey(lib, ep, &o.key) {
                 Ok(r) => r,
@@ -1085,7 +1081,7 @@ impl Worker {
             // all-zero (no fields) before the ones set here, and the error-handler argument
             // points into `failed`, which the endpoint entry keeps alive.
             let ep = unsafe {
-                let mut p: ucp_ep_params_t = zeroed();
+                let mut p: ucp_ep_params_t = std::mem::zeroed();
                 p.field_mask = (ucp_ep_params_field_UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
                     | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
                     | ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER)
@@ -1143,8 +1139,9 @@ impl Worker {
                 if now > t.deadline {
                     // Cancel by force-closing the endpoint: UCX then fails the requests.
                     let peer = t.peer.clone();
+                    t.timed_out = true;
                     if t.error.is_none() {
-                        t.error = Some("timed out".into());
+                        t.error = Some("past its deadline".into());
                     }
                     self.close(&peer, true);
                 }
@@ -1174,10 +1171,10 @@ impl Worker {
             let mut t = self.inflight.swap_remove(i);
             let result = match t.error.take() {
                 None => Ok(t.bytes),
-                Some(e) if e == "timed out" => Err(NetError::Timeout {
+                Some(_) if t.timed_out => Err(NetError::Timeout {
                     op: "UCX transfer",
                     peer: t.peer.clone(),
-                    secs: 0.0,
+                    secs: t.deadline.saturating_duration_since(t.posted).as_secs_f64(),
                 }),
                 Some(e) => Err(NetError::Io {
                     op: "UCX transfer",
@@ -1199,7 +1196,7 @@ impl Worker {
         let peer = self.inflight[i].peer.clone();
         let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
         // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
-        let param: ucp_request_param_t = unsafe { zeroed() };
+        let param: ucp_request_param_t = unsafe { std::mem::zeroed() };
         // SAFETY: a live endpoint of our worker; the request is polled in `advance`.
         let r = unsafe { self.lib.ucp_ep_flush_nbx(ep, &param) };
         self.track(i, r, "ucp_ep_flush_nbx")
@@ -1210,7 +1207,7 @@ impl Worker {
         let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
         let frame = self.inflight[i].notification.take().unwrap_or_default();
         // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
-        let mut param: ucp_request_param_t = unsafe { zeroed() };
+        let mut param: ucp_request_param_t = unsafe { std::mem::zeroed() };
         param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
         param.flags = ucp_send_am_flags_UCP_AM_SEND_FLAG_EAGER;
         // The payload must outlive the request: keep it with the transfer until completion.
@@ -1264,7 +1261,7 @@ impl Worker {
         // are destroyed only once its close completed (argued above).
         unsafe {
             // All-zero is this bindgen C struct's "no fields set" value.
-            let mut param: ucp_request_param_t = zeroed();
+            let mut param: ucp_request_param_t = std::mem::zeroed();
             if force && peer_errors {
                 param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
                 param.flags = ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
