@@ -42,6 +42,14 @@ pub(crate) struct Exports {
     claims: Arc<Claims>,
 }
 
+/// Why a hold was not taken.
+pub(crate) enum NoHold {
+    /// Outside our exports (or malformed): never servable.
+    Bounds(NetError),
+    /// Bytes a transfer in flight writes (or reads, for a writer): servable once it ended.
+    Contended(String),
+}
+
 /// A transfer's right to touch the bytes it resolved: the regions stay registered and the bytes
 /// claimed (no other transfer writes what this one reads, or touches what it writes) until it
 /// drops.
@@ -112,12 +120,24 @@ impl Exports {
     /// Resolves `descs` against our exports and holds them for a transfer that does `access` to
     /// our memory, in one critical section.
     pub fn hold(&self, access: Access, descs: &[Descriptor]) -> Result<Hold, NetError> {
+        self.try_hold(access, descs).map_err(|r| match r {
+            NoHold::Bounds(e) => e,
+            NoHold::Contended(why) => NetError::Descriptors(why),
+        })
+    }
+
+    /// As [`Exports::hold`], telling a claim conflict (which ends when the transfer in flight
+    /// does) from descriptors that can never be served.
+    pub fn try_hold(&self, access: Access, descs: &[Descriptor]) -> Result<Hold, NoHold> {
         let t = self.table.read();
-        let resolved = t.regions.resolve_all(descs)?;
+        let resolved = t
+            .regions
+            .resolve_all(descs)
+            .map_err(|e| NoHold::Bounds(e.into()))?;
         let claimed = self
             .claims
             .claim(access, &resolved)
-            .map_err(NetError::Descriptors)?;
+            .map_err(NoHold::Contended)?;
         let in_use = self.uses.hold(descs.iter().map(|d| d.region));
         Ok(Hold {
             resolved,

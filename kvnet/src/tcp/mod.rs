@@ -26,6 +26,7 @@ use crate::error::{code, NetError};
 use crate::framing::{io, read_message_capped, write_message, PRE_AUTH_PAYLOAD};
 use crate::mem;
 use crate::peers::{Peer, MAX_PEERS};
+use crate::registry::NoHold;
 use crate::transport::{Refused, Transfer, TransportKind};
 use kvcore::auth::{Role, Transcript};
 use kvcore::{Region, RegionId};
@@ -244,7 +245,7 @@ pub(crate) async fn dial(tcp: &Tcp, addr: SocketAddr) -> Result<(Conn, AgentMeta
             .map_err(|e| io("connect", &peer, e))
     })
     .await?;
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     step(t, "handshake", &peer, async {
         // Nothing about us goes out before the listener proved the token: a listener that
         // does not hold it learns our name and nonce, no metadata, keys or addresses.
@@ -618,6 +619,20 @@ pub(crate) async fn serve(tcp: Arc<Tcp>, listener: TcpListener) {
     }
 }
 
+/// No Nagle delay, and TCP keepalive: a peer whose host vanished without a FIN is found in
+/// about a minute (30 s idle, then 3 probes 10 s apart) on connections that sit pooled or wait
+/// for a reply, instead of at the next use or never.
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        log::debug!("kvferry: no TCP keepalive on a side-channel connection: {e}");
+    }
+}
+
 /// A fresh nonce from the OS. Without OS randomness there is no handshake: a guessable nonce
 /// would let a recorded proof be replayed.
 fn nonce() -> Result<[u8; 32], NetError> {
@@ -673,7 +688,7 @@ async fn serve_conn(
     mut stream: TcpStream,
     addr: SocketAddr,
 ) -> Result<(), NetError> {
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let t = tcp.ctx.timeout;
     let who = addr.to_string();
     let nonce = nonce()?;
@@ -823,12 +838,24 @@ async fn serve_transfer(
     } else {
         mem::Access::Write
     };
-    let held = tcp
-        .ctx
-        .exports
-        .hold(access, &n.descriptors)
-        .and_then(|h| mem::host_only(h.resolved(), "requested").map(|()| h))
-        .map_err(|e| e.to_string());
+    // A claim conflict is waited out (bounded): the peer's previous transfer on these bytes may
+    // have completed on its side a moment before our task serving it let go of its claim.
+    let until = std::time::Instant::now() + tcp.ctx.timeout.min(Duration::from_secs(2));
+    let held = loop {
+        match tcp.ctx.exports.try_hold(access, &n.descriptors) {
+            Ok(h) => break Ok(h),
+            Err(NoHold::Contended(_)) if std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(NoHold::Contended(why)) => break Err(why),
+            Err(NoHold::Bounds(e)) => break Err(e.to_string()),
+        }
+    }
+    .and_then(|h| {
+        mem::host_only(h.resolved(), "requested")
+            .map(|()| h)
+            .map_err(|e| e.to_string())
+    });
     let check = tcp.serve_check.read().clone();
     let mut _allowed = None;
     let held = match (held, check) {
@@ -855,11 +882,12 @@ async fn serve_transfer(
         status: Status::Ok,
     });
     step(limit, "serve transfer", peer, async {
-        match (n.op, &held) {
+        match (n.op, held) {
             (Op::Read, Ok(h)) => {
                 ch.send(&ok).await?;
-                // SAFETY: `h` is a live read hold on these descriptors, kept until this
-                // function returns, after the last byte went out.
+                // SAFETY: `h` is a live read hold on these descriptors, dropped at the end of
+                // this arm, after the last byte went out (or with the future, when the step
+                // times out: the slices go with it).
                 let slices: Vec<&[u8]> = h
                     .resolved()
                     .iter()
@@ -868,8 +896,8 @@ async fn serve_transfer(
                 ch.send_bytes(&slices).await?;
             }
             (Op::Write, Ok(h)) => {
-                // SAFETY: `h` is a live write hold, used by this task alone, kept until this
-                // function returns.
+                // SAFETY: `h` is a live write hold, used by this task alone; `dsts` is consumed
+                // by `recv_bytes` before `h` is dropped below (or both go with the future).
                 let dsts: Vec<&mut [u8]> = h
                     .resolved()
                     .iter()
@@ -877,6 +905,9 @@ async fn serve_transfer(
                     .collect();
                 // A run that fails its seal fails the connection: the writer hears of it.
                 ch.recv_bytes(dsts).await?;
+                // Our memory is no longer touched: let go of it before the writer hears the
+                // WRITE completed, so its next transfer on these bytes finds them free.
+                drop(h);
                 ch.send(&ok).await?;
             }
             (op, Err(e)) => {
@@ -909,6 +940,32 @@ async fn serve_transfer(
         Ok(())
     })
     .await?;
-    drop(held);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_channel_sockets_get_keepalive_and_no_delay() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let s = TcpStream::connect(l.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            tune(&s);
+            let r = socket2::SockRef::from(&s);
+            assert!(r.keepalive().expect("keepalive"));
+            assert_eq!(
+                r.tcp_keepalive_time().expect("time"),
+                Duration::from_secs(30)
+            );
+            assert!(s.nodelay().expect("nodelay"));
+        });
+    }
 }
