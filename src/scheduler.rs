@@ -79,6 +79,8 @@ pub struct Offer {
     /// When the lease runs out if no decoder extends it (seconds since the Unix epoch; vLLM
     /// NixlConnector's `remote_blocks_expiry_time`).
     pub expires_unix: f64,
+    /// Prompt tokens whose KV the offered blocks hold (NixlConnector's `remote_num_tokens`).
+    pub num_tokens: u32,
 }
 
 /// A grant's generation and the blocks it offers.
@@ -511,6 +513,8 @@ impl Scheduler {
                         expires_unix,
                     },
                     expires_unix,
+                    num_tokens: computed_tokens
+                        .min((blocks.len() as u32).saturating_mul(self.cfg.block_size)),
                 });
                 delay = true;
             } else {

@@ -13,9 +13,12 @@ Extra config (all optional):
   ``kv_transfer_params`` protocol is vLLM's NixlConnector's (``do_remote_decode``,
   ``do_remote_prefill``, ``remote_engine_id``, ``remote_request_id``, ``remote_block_ids``,
   ``remote_host``, ``remote_port``, ``tp_size``), so routers built for it drive kvferry unchanged.
-- ``host`` (default ``127.0.0.1``), ``port`` (default 0: any free port; required with tensor
-  parallelism, where TP rank r listens on ``port + r``): where this engine's agents listen and
-  what they advertise to decoders. Prefill and decode may have different TP sizes: each decode
+- ``host`` / ``port``: what this engine's offers advertise and where its agents listen, as
+  NixlConnector does it: ``VLLM_NIXL_SIDE_CHANNEL_HOST`` / ``VLLM_NIXL_SIDE_CHANNEL_PORT`` when the
+  keys are absent (llm-d's manifests set the host to the pod IP), TP rank r of data-parallel
+  rank d on base + d x TP size + r, every interface bound for a non-loopback host
+  (``bind_host`` overrides), and ``kv_role: kv_consumer`` engines need no port at all. Details
+  in ``kvferry.addressing``. Pipeline parallelism is refused at start with a message. Prefill and decode may have different TP sizes: each decode
   rank reads its heads from the prefill ranks that hold them and tells every prefill rank, which
   frees the request's blocks once all decode ranks did. ``transport``: ``"tcp"`` (default) or
   ``"ucx"``. ``token`` (or the environment variable ``KVFERRY_TOKEN``): a shared secret both
@@ -75,6 +78,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvferry._native import Connector as _Native
 from kvferry._native import Scheduler as _Scheduler
+from kvferry.addressing import Addresses, side_channel
 
 if TYPE_CHECKING:
     import torch
@@ -112,6 +116,7 @@ def lease_seconds(extra: dict[str, Any]) -> float:
 def _shared(
     engine_id: str,
     extra: dict[str, Any],
+    addrs: Addresses,
     tp_size: int,
     tp_rank: int,
     total_kv_heads: int | None = None,
@@ -126,8 +131,8 @@ def _shared(
                 nvme_dir=extra.get("nvme_dir"),
                 nvme_blocks=int(extra.get("nvme_blocks", 0)),
                 pd=bool(extra.get("pd", True)),
-                host=str(extra.get("bind_host", extra.get("host", "127.0.0.1"))),
-                port=int(extra.get("port", 0)),
+                host=addrs.bind,
+                port=addrs.base_port or 0,
                 transport=str(extra.get("transport", "tcp")),
                 # The shared secret: the extra config's, else the environment's (so it need not
                 # be written into a command line or a manifest).
@@ -226,12 +231,25 @@ class KVFerryConnector(KVConnectorBase_V1):
         self.tp_size: int = vllm_config.parallel_config.tensor_parallel_size
         self.offload = int(self.extra.get("dram_blocks", 0)) > 0
         self.pd = bool(self.extra.get("pd", True))
-        self.host = str(self.extra.get("host", "127.0.0.1"))
-        if self.pd and self.tp_size > 1 and not self.extra.get("port"):
+        pc = vllm_config.parallel_config
+        if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
             raise ValueError(
-                "kvferry: with tensor parallelism set kv_connector_extra_config.port: TP rank r "
-                "listens on port + r, which is how decoders find every rank"
+                "kvferry: pipeline parallelism is not supported yet (each stage would need its own "
+                "agents and offers); run with --pipeline-parallel-size 1, or use NixlConnector for "
+                "pipeline-parallel P/D"
             )
+        dp_index = getattr(pc, "data_parallel_index", None)
+        if dp_index is None:
+            dp_index = getattr(pc, "data_parallel_rank", 0)
+        self.addrs = side_channel(
+            self.extra,
+            os.environ,
+            getattr(tc, "kv_role", None),
+            self.tp_size,
+            int(dp_index or 0),
+            int(getattr(pc, "data_parallel_size", 1) or 1),
+        )
+        self.host = self.addrs.advertise
         # The Rust core runs in the worker only.
         self.native: _Native | None = None
         self._rank = 0
@@ -254,13 +272,15 @@ class KVFerryConnector(KVConnectorBase_V1):
             self.native = _shared(
                 self.engine_id,
                 self.extra,
+                self.addrs,
                 self.tp_size,
                 rank,
                 total_kv_heads,
                 kv_identity(vllm_config, self.extra),
             )
         # Scheduler side: the decisions live in Rust.
-        port = int(self.extra["port"]) if self.extra.get("port") else None
+        # Offers name TP rank 0's port; without a configured one, the worker's handshake tells it.
+        port = self.addrs.base_port
         self.sched = _Scheduler(
             self.engine_id,
             block_size=self.block_size,
@@ -493,13 +513,18 @@ class KVFerryConnector(KVConnectorBase_V1):
         if remote is not None:
             self.sched.arrived(request.request_id, remote, len(request.prompt_token_ids or ()))
 
-    @staticmethod
-    def _remote(request: "Request") -> tuple | None:
+    def _remote(self, request: "Request") -> tuple | None:
         """The prefill engine's offer in a decode request's kv_transfer_params, if well formed.
         Any API client can send these params: nothing in them may raise here (the scheduler
-        would die); a malformed offer is None, and the prompt is computed locally."""
+        would die); a malformed offer is None, and the prompt is computed locally.
+
+        Only a kvferry prefill engine's offer (it carries ``kvferry_grant``) is ours, and only
+        when this engine does P/D: another connector's offer (NixlConnector's, beside kvferry in
+        a MultiConnector) is left alone, ``do_remote_prefill`` included."""
         p = request.kv_transfer_params or {}
-        if not isinstance(p, dict) or not p.get("do_remote_prefill"):
+        if not self.pd or not isinstance(p, dict) or not p.get("do_remote_prefill"):
+            return None
+        if "kvferry_grant" not in p:
             return None
         try:
             return KVFerryConnector._parse_offer(p)

@@ -550,12 +550,16 @@ impl Scheduler {
                 let r = o.remote;
                 d.set_item("do_remote_prefill", true)?;
                 d.set_item("do_remote_decode", false)?;
-                d.set_item("remote_block_ids", r.block_ids)?;
+                // One list per KV cache group, as NixlConnector 0.33 sends them (decoders take
+                // the flat form too).
+                d.set_item("remote_block_ids", vec![r.block_ids])?;
                 d.set_item("remote_engine_id", r.engine_id)?;
                 d.set_item("remote_request_id", r.request_id)?;
                 d.set_item("remote_host", r.host)?;
                 d.set_item("remote_port", r.port)?;
                 d.set_item("tp_size", r.tp_size)?;
+                d.set_item("pp_size", 1)?;
+                d.set_item("remote_num_tokens", o.num_tokens)?;
                 // NixlConnector's lease fields, and the grant a decoder must release.
                 d.set_item("remote_blocks_expiry_time", o.expires_unix)?;
                 d.set_item("kvferry_grant", format!("{:016x}", r.grant))?;

@@ -125,6 +125,37 @@ def test_rust_errors_are_python_exceptions():
             raise AssertionError(f"no error for {needle}")
 
 
+def test_side_channel_addresses_follow_nixl_conventions():
+    from kvferry.addressing import NIXL_DEFAULT_PORT, side_channel
+
+    env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "10.1.2.3", "VLLM_NIXL_SIDE_CHANNEL_PORT": "7000"}
+    # llm-d: the pod IP from the environment, every interface bound, the port from it too.
+    a = side_channel({}, env)
+    assert (a.advertise, a.bind, a.base_port) == ("10.1.2.3", "0.0.0.0", 7000), a
+    # The extra config's keys win over the environment.
+    a = side_channel({"host": "10.9.9.9", "port": 7100, "bind_host": "10.9.9.9"}, env)
+    assert (a.advertise, a.bind, a.base_port) == ("10.9.9.9", "10.9.9.9", 7100), a
+    # Rank-aware: base + data-parallel index x TP size (the core adds the TP rank).
+    assert side_channel({}, env, tp_size=4, dp_index=2, dp_size=3).base_port == 7000 + 8
+    # Loopback stays loopback; one rank needs no fixed port; several get NixlConnector's 5600.
+    a = side_channel({}, {})
+    assert (a.advertise, a.bind, a.base_port) == ("127.0.0.1", "127.0.0.1", None), a
+    assert side_channel({}, {}, tp_size=2).base_port == NIXL_DEFAULT_PORT
+    assert side_channel({}, {}, dp_index=1, dp_size=2).base_port == NIXL_DEFAULT_PORT + 1
+    # An unspecified host is bound as given; what is advertised is an address a peer can dial.
+    a = side_channel({}, {"VLLM_NIXL_SIDE_CHANNEL_HOST": "0.0.0.0", "VLLM_HOST_IP": "10.4.4.4"})
+    assert (a.advertise, a.bind) == ("10.4.4.4", "0.0.0.0"), a
+    # A decode-only engine: nothing reachable, no port needed, whatever the environment says.
+    a = side_channel({}, env, kv_role="kv_consumer", tp_size=4)
+    assert (a.advertise, a.bind, a.base_port) == ("127.0.0.1", "127.0.0.1", None), a
+    try:
+        side_channel({"port": 65534}, {}, tp_size=4)
+    except ValueError as e:
+        assert "out of range" in str(e)
+    else:
+        raise AssertionError("ports past 65535 are refused")
+
+
 if __name__ == "__main__":
     print(f"kvferry {kvferry.__version__}")
     n = 0

@@ -3,7 +3,8 @@
     python engine.py MODEL_DIR CONFIG_JSON
 
 CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...},
-"kv_connector": "KVFerryConnector" (default) | "OffloadingConnector", "policy": vLLM's
+"kv_connector": "KVFerryConnector" (default) | "OffloadingConnector", "kv_role" (default
+"kv_both"), "policy": vLLM's
 kv_load_failure_policy ("recompute" by default here; vLLM's own default is "fail"),
 "max_num_seqs": N, "block_size": N}. Commands, one JSON object per line; each answer is one
 line starting with "@@ " (vLLM logs on stdout too):
@@ -50,7 +51,7 @@ def main():
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector=name,
             kv_connector_module_path="kvferry.vllm" if name == "KVFerryConnector" else None,
-            kv_role="kv_both",
+            kv_role=cfg.get("kv_role", "kv_both"),
             engine_id=engine_id,
             kv_connector_extra_config=cfg["connector"],
             kv_load_failure_policy=cfg.get("policy", "recompute"),

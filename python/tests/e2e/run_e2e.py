@@ -41,15 +41,22 @@ BS = 32
 
 
 class Engine:
-    def __init__(self, model, name, connector=None, kv_connector="KVFerryConnector", **opts):
-        """`opts`: engine.py's other settings (policy, max_num_seqs, block_size)."""
+    def __init__(
+        self, model, name, connector=None, kv_connector="KVFerryConnector", netns=None, env=None, **opts
+    ):
+        """`opts`: engine.py's other settings (policy, max_num_seqs, block_size, kv_role);
+        `netns`: a network namespace to run in; `env`: extra environment variables."""
         self.name = name
         cfg = json.dumps(
             {"name": name, "connector": connector, "kv_connector": kv_connector, **opts}
         )
         self.log = open(os.path.join(tempfile.gettempdir(), f"kvferry-e2e-{name}.log"), "w")
+        cmd = [sys.executable, os.path.join(HERE, "engine.py"), model, cfg]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns] + cmd
         self.p = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "engine.py"), model, cfg],
+            cmd,
+            env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -327,8 +334,10 @@ def main():
         ("proxy-geometry", lambda: proxy(second_model(tmp), "tcp", 64, None)),
     ]
     import failclosed
+    import llmd
 
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in failclosed.SCENARIOS]
+    scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in llmd.SCENARIOS]
     for name, run in scenarios:
         if only and name not in only:
             continue
@@ -342,6 +351,10 @@ def main():
             print(f"e2e {name}: ok in {time.time() - t:.0f} s: {msg}", flush=True)
             results.append((name, "ok"))
         except Exception as e:  # noqa: BLE001
+            if type(e).__name__ == "Skip":
+                print(f"kvferry-test skipped e2e {name}: {e}", flush=True)
+                results.append((name, "skipped"))
+                continue
             failed += 1
             print(f"e2e {name}: FAILED: {e}", flush=True)
             results.append((name, "failed"))
