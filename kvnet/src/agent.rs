@@ -302,7 +302,7 @@ impl Agent {
     /// Loads a peer's metadata frame (from any channel); returns the peer's name.
     pub fn load_remote(&self, frame: &[u8]) -> Result<String, NetError> {
         match Message::decode(frame)? {
-            Message::Metadata(md) => self.ctx.load(md),
+            Message::Metadata(md) => self.ctx.load(md, None),
             _ => Err(NetError::Unexpected {
                 peer: "metadata frame".into(),
                 expected: "agent metadata",
@@ -316,7 +316,7 @@ impl Agent {
         let tcp = self.tcp.clone();
         self.block_on(async move {
             let (conn, md) = tcp::dial(&tcp, addr).await?;
-            let name = tcp.ctx.load(md)?;
+            let name = tcp.ctx.load(md, Some(addr.ip()))?;
             if let Some(p) = tcp.ctx.peers.get(&name) {
                 tcp.pool(&p).put(conn);
             }

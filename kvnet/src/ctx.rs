@@ -3,6 +3,7 @@
 //! no transport is reachable from here, so transports and the side channels depend on this and
 //! never on each other or on the agent.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -87,8 +88,28 @@ impl Ctx {
         }
     }
 
-    /// Loads (or refreshes) a kvferry peer from its metadata; returns its name.
-    pub fn load(&self, md: AgentMetadata) -> Result<String, NetError> {
+    /// Loads (or refreshes) a kvferry peer from its metadata; returns its name. `via`: the
+    /// address the metadata came from (the one we dialed, or the dialer's), which stands in
+    /// for an unspecified address (`0.0.0.0`, `::`) the peer listens on: an agent bound to
+    /// every interface does not know which one its peers reach it on.
+    pub fn load(&self, mut md: AgentMetadata, via: Option<IpAddr>) -> Result<String, NetError> {
+        if let Some(ip) = via {
+            for e in &mut md.endpoints {
+                if e.transport != TransportKind::Tcp.name() {
+                    continue;
+                }
+                let Some(mut a) = std::str::from_utf8(&e.address)
+                    .ok()
+                    .and_then(|s| s.parse::<SocketAddr>().ok())
+                else {
+                    continue;
+                };
+                if a.ip().is_unspecified() {
+                    a.set_ip(ip);
+                    e.address = a.to_string().into_bytes();
+                }
+            }
+        }
         self.peers.load(&self.name, md, Flavour::Kvferry)
     }
 }

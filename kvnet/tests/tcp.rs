@@ -789,3 +789,31 @@ fn a_write_right_after_a_read_of_the_same_bytes_is_served() {
             .unwrap_or_else(|e| panic!("round {i}: the write right after the read: {e}"));
     }
 }
+
+/// An agent bound to every interface (what an engine in a pod does) publishes `0.0.0.0:port`,
+/// which no peer can dial from elsewhere: a peer keeps the address it reached it on instead,
+/// for the connections it opens later (and the agent likewise for the dialer's).
+#[test]
+fn a_peer_listening_on_every_interface_is_dialed_where_it_was_reached() {
+    let mut cfg = AgentConfig::new("prefill");
+    cfg.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+    cfg.token = Some("s3cret".into());
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
+    let pre = Agent::new(cfg).expect("listens on every interface with a token");
+    let port = pre.listen_addr().port();
+    let dec = Local::new("decode", 4096, Some("s3cret"));
+    let name = dec
+        .agent
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .expect("connect");
+    let md = dec.agent.peer_metadata(&name).expect("loaded");
+    let tcp = md
+        .endpoints
+        .iter()
+        .find(|e| e.transport == "tcp")
+        .expect("a tcp endpoint");
+    assert_eq!(
+        std::str::from_utf8(&tcp.address).expect("utf-8"),
+        format!("127.0.0.1:{port}")
+    );
+}

@@ -352,7 +352,7 @@ async fn conn_for(tcp: &Tcp, p: &Peer) -> Result<Conn, NetError> {
         // against its metadata. Our descriptors name its old regions: learn the new ones for
         // the next transfer, and fail this one rather than touch whatever now sits there.
         let name = md.name.clone();
-        tcp.ctx.load(md)?;
+        tcp.ctx.load(md, Some(addr.ip()))?;
         return Err(NetError::Unavailable(format!(
             "{name} changed its exports since this transfer was planned (it restarted?)"
         )));
@@ -768,7 +768,7 @@ async fn serve_conn(
         ch.send(&Message::Metadata(tcp.ctx.metadata())).await?;
         match ch.recv().await? {
             Message::Metadata(md) if md.name == hello.name => {
-                tcp.ctx.load(md)?;
+                tcp.ctx.load(md, Some(addr.ip()))?;
             }
             _ => {
                 return Err(NetError::Unexpected {
@@ -807,7 +807,7 @@ async fn serve_conn(
             }
             // A peer re-publishes its metadata when its exports change (deregistration).
             Message::Metadata(md) if md.name == peer => {
-                tcp.ctx.load(md)?;
+                tcp.ctx.load(md, Some(addr.ip()))?;
             }
             _ => {
                 return Err(NetError::Unexpected {
