@@ -7,8 +7,15 @@ the client. Standard library only.
     python -m kvferry.proxy --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200 \\
         --port 8000
 
-Several ``--prefill``/``--decode`` URLs are used round-robin. ``GET /healthz`` answers once
-every backend answers ``/health``.
+Several ``--prefill``/``--decode`` URLs are used round-robin. ``GET /healthz`` (and
+``/healthcheck``, llm-d's sidecar's path) answers once every backend answers ``/health``.
+
+As vLLM's toy P/D proxy and llm-d's ``nixlv2`` sidecar do: the prefill request drops
+``min_tokens`` (it cannot hold with one token) and streaming; both backends get the client's
+``Authorization`` and one ``X-Request-Id`` (the client's, else a fresh one); the decoder gets the
+prefill engine's ``kv_transfer_params`` and never the client's own; a prefill server failing
+with 5xx (or unreachable) makes the decoder compute the prompt itself, and the client still gets
+its answer.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import itertools
 import json
 import sys
 import threading
+import uuid
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,9 +46,11 @@ class Backends:
             return next(self.prefill), next(self.decode)
 
 
-def _post(url: str, body: dict, timeout: float):
+def _post(url: str, body: dict, timeout: float, headers: dict[str, str] | None = None):
     req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     return urllib.request.urlopen(req, timeout=timeout)
 
@@ -60,7 +70,7 @@ def make_handler(backends: Backends):
             self.wfile.write(body)
 
         def do_GET(self):
-            if self.path == "/healthz":
+            if self.path in ("/healthz", "/healthcheck"):
                 for u in backends.all:
                     try:
                         urllib.request.urlopen(u + "/health", timeout=5).read()
@@ -77,7 +87,15 @@ def make_handler(backends: Backends):
                 body = json.loads(self.rfile.read(length) or b"{}")
             except (ValueError, json.JSONDecodeError) as e:
                 return self._reply(400, json.dumps({"error": f"bad request: {e}"}).encode())
+            if not isinstance(body, dict):
+                return self._reply(400, b'{"error": "bad request: the body is not an object"}')
             prefill, decode = backends.pick()
+            headers = {"X-Request-Id": self.headers.get("X-Request-Id") or str(uuid.uuid4())}
+            if self.headers.get("Authorization"):
+                headers["Authorization"] = self.headers["Authorization"]
+            # The client's own kv_transfer_params reach no backend: they would let any client
+            # name another request's blocks.
+            body.pop("kv_transfer_params", None)
             first = dict(body)
             first.update(
                 max_tokens=1,
@@ -91,21 +109,26 @@ def make_handler(backends: Backends):
                     "remote_port": None,
                 },
             )
-            first.pop("stream_options", None)
+            for k in ("stream_options", "min_tokens"):
+                first.pop(k, None)
             if "max_completion_tokens" in first:
                 first["max_completion_tokens"] = 1
+            params = None
             try:
-                with _post(prefill + self.path, first, backends.timeout) as r:
+                with _post(prefill + self.path, first, backends.timeout, headers) as r:
                     params = json.loads(r.read()).get("kv_transfer_params")
             except urllib.error.HTTPError as e:
-                return self._reply(e.code, e.read())
+                if e.code < 500:
+                    # The client's mistake (validation, auth): the decoder would say the same.
+                    return self._reply(e.code, e.read())
+                sys.stderr.write(f"kvferry proxy: prefill {prefill} failed ({e.code}); decoding locally\n")
             except Exception as e:  # noqa: BLE001
-                return self._reply(502, json.dumps({"error": f"prefill {prefill}: {e}"}).encode())
+                sys.stderr.write(f"kvferry proxy: prefill {prefill} unreachable ({e}); decoding locally\n")
             second = dict(body)
-            if params:
+            if isinstance(params, dict):
                 second["kv_transfer_params"] = params
             try:
-                r = _post(decode + self.path, second, backends.timeout)
+                r = _post(decode + self.path, second, backends.timeout, headers)
             except urllib.error.HTTPError as e:
                 return self._reply(e.code, e.read())
             except Exception as e:  # noqa: BLE001

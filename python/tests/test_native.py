@@ -156,6 +156,97 @@ def test_side_channel_addresses_follow_nixl_conventions():
         raise AssertionError("ports past 65535 are refused")
 
 
+def test_proxy_behaves_as_llm_ds_sidecar():
+    """The proxy against two fake OpenAI servers that record what they were sent."""
+    import json
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kvferry import proxy
+
+    seen = {"prefill": [], "decode": []}
+    fail_prefill = []
+    offer = {"do_remote_prefill": True, "remote_host": "10.0.0.1", "remote_port": 5600}
+
+    def fake(role):
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                return
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                seen[role].append((body, dict(self.headers)))
+                if role == "prefill" and fail_prefill:
+                    out, code = b'{"error": "boom"}', 500
+                else:
+                    reply = {"choices": [{"text": role}]}
+                    if role == "prefill":
+                        reply["kv_transfer_params"] = offer
+                    out, code = json.dumps(reply).encode(), 200
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    pre, dec = fake("prefill"), fake("decode")
+    url = lambda s: f"http://127.0.0.1:{s.server_port}"  # noqa: E731
+    px = proxy.serve([url(pre)], [url(dec)], "127.0.0.1", 0, timeout=10)
+    threading.Thread(target=px.serve_forever, daemon=True).start()
+
+    def ask(headers):
+        body = {
+            "prompt": "hi",
+            "max_tokens": 8,
+            "min_tokens": 4,
+            # A client naming another request's blocks: must reach no backend.
+            "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [1, 2]},
+        }
+        req = urllib.request.Request(
+            url(px) + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **headers},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        got = ask({"Authorization": "Bearer k", "X-Request-Id": "rid-1"})
+        assert got["choices"][0]["text"] == "decode", got
+        (pb, ph), (db, dh) = seen["prefill"][-1], seen["decode"][-1]
+        assert pb["max_tokens"] == 1 and "min_tokens" not in pb and pb["stream"] is False, pb
+        assert pb["kv_transfer_params"]["do_remote_decode"] is True, pb
+        assert db["min_tokens"] == 4 and db["max_tokens"] == 8, db
+        assert db["kv_transfer_params"] == offer, db
+        for h in (ph, dh):
+            assert h.get("Authorization") == "Bearer k" and h.get("X-Request-Id") == "rid-1", h
+        # Without an id of the client's, both backends get the same fresh one.
+        ask({})
+        assert seen["prefill"][-1][1]["X-Request-Id"] == seen["decode"][-1][1]["X-Request-Id"]
+        # A prefill server failing with 5xx: the decoder computes the prompt itself, without
+        # any kv_transfer_params, and the client still gets its answer.
+        fail_prefill.append(True)
+        got = ask({})
+        assert got["choices"][0]["text"] == "decode", got
+        assert "kv_transfer_params" not in seen["decode"][-1][0], seen["decode"][-1][0]
+        with urllib.request.urlopen(url(px) + "/healthcheck", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        for s in (px, pre, dec):
+            s.shutdown()
+
+
 if __name__ == "__main__":
     print(f"kvferry {kvferry.__version__}")
     n = 0
