@@ -14,7 +14,8 @@ As vLLM's toy P/D proxy and llm-d's ``nixlv2`` sidecar do: the prefill request d
 ``min_tokens`` (it cannot hold with one token) and streaming; both backends get the client's
 ``Authorization`` and one ``X-Request-Id`` (the client's, else a fresh one); the decoder gets the
 prefill engine's ``kv_transfer_params`` and never the client's own; a prefill server failing
-with 5xx (or unreachable) makes the decoder compute the prompt itself, and the client still gets
+with anything but a client error (4xx up to 451), or unreachable, makes the decoder compute the
+prompt itself, and the client still gets
 its answer.
 """
 
@@ -118,8 +119,9 @@ def make_handler(backends: Backends):
                 with _post(prefill + self.path, first, backends.timeout, headers) as r:
                     params = json.loads(r.read()).get("kv_transfer_params")
             except urllib.error.HTTPError as e:
-                if e.code < 500:
+                if 400 <= e.code <= 451:
                     # The client's mistake (validation, auth): the decoder would say the same.
+                    # Anything else falls back to local decode, as llm-d's sidecar does.
                     return self._reply(e.code, e.read())
                 sys.stderr.write(f"kvferry proxy: prefill {prefill} failed ({e.code}); decoding locally\n")
             except Exception as e:  # noqa: BLE001
