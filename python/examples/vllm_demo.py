@@ -58,6 +58,7 @@ class Server:
         workdir: str,
         block_size: int = 32,
         policy: str | None = "recompute",
+        api_key: str | None = None,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,6 +88,7 @@ class Server:
                 "--dtype", "float32", "--block-size", str(block_size), "--max-model-len", "2048",
                 "--enforce-eager", "--seed", "0", "--served-model-name", "tiny",
                 "--kv-transfer-config", json.dumps(cfg),
+                *(["--api-key", api_key] if api_key else []),
             ],
             stdout=open(self.log_path, "w"),
             stderr=subprocess.STDOUT,
@@ -117,8 +119,16 @@ class Server:
                 self.proc.kill()
 
 
-def complete(url: str, prompt: list[int], max_tokens: int, stream: bool = False):
-    """Returns (token ids or text, seconds to the first token, seconds in all)."""
+def complete(
+    url: str,
+    prompt: list[int],
+    max_tokens: int,
+    stream: bool = False,
+    api_key: str | None = None,
+    **extra,
+):
+    """Returns (token ids or text, seconds to the first token, seconds in all). `extra`: more
+    request fields (min_tokens, ...)."""
     body = {
         "model": "tiny",
         "prompt": prompt,
@@ -126,12 +136,12 @@ def complete(url: str, prompt: list[int], max_tokens: int, stream: bool = False)
         "temperature": 0.0,
         "stream": stream,
         "return_token_ids": True,
+        **extra,
     }
-    req = urllib.request.Request(
-        url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
     t0 = time.perf_counter()
     first = None
     with urllib.request.urlopen(req, timeout=600) as r:
@@ -164,13 +174,15 @@ def run(
     quiet: bool = False,
     block_size: int = 32,
     policy: str | None = "recompute",
+    api_key: str | None = None,
 ) -> dict:
-    """`policy`: vLLM's kv_load_failure_policy for both servers (None: vLLM's default)."""
+    """`policy`: vLLM's kv_load_failure_policy for both servers (None: vLLM's default);
+    `api_key`: both servers require it (the proxy forwards the client's)."""
     from kvferry.proxy import serve
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     work = tempfile.mkdtemp(prefix="kvferry-demo-")
-    opts = {"block_size": block_size, "policy": policy}
+    opts = {"block_size": block_size, "policy": policy, "api_key": api_key}
     prefill = Server(model, "prefill", {"pd": True, "transport": transport}, work, **opts)
     # The decode server also offloads: both roles in one connector.
     decode = Server(
@@ -191,7 +203,7 @@ def run(
         outs = []
         t = time.perf_counter()
         for p in ps:
-            out, _, _ = complete(purl, p, 16)
+            out, _, _ = complete(purl, p, 16, api_key=api_key)
             outs.append(out)
         pd_secs = time.perf_counter() - t
         time.sleep(1.2)  # the stats files are rewritten at most once a second
@@ -204,20 +216,33 @@ def run(
             f"prefill released {p.get('pulls_served', 0)} requests, {d.get('pull_failures', 0)} failures"
         )
 
+        # A client of llm-d's kind: an API key and min_tokens (which the prefill leg cannot
+        # hold with one token), through the proxy and straight from the decode server.
+        mp = prompts(1, 300, seed=13)[0]
+        result["min_tokens_pd"], _, _ = complete(purl, mp, 16, api_key=api_key, min_tokens=12)
+        result["min_tokens_direct"], _, _ = complete(
+            decode.url, mp, 16, api_key=api_key, min_tokens=12
+        )
+
         # 2. A long prefix: computed, then (vLLM's own prefix cache emptied) onboarded from G2.
         long_prompt = prompts(1, 1500, seed=12)[0]
-        cold, ttft_cold, _ = complete(decode.url, long_prompt, 8, stream=True)
+        cold, ttft_cold, _ = complete(decode.url, long_prompt, 8, stream=True, api_key=api_key)
         time.sleep(1.5)
         for _ in range(50):
             r = urllib.request.urlopen(
-                urllib.request.Request(decode.url + "/reset_prefix_cache", method="POST"), timeout=30
+                urllib.request.Request(
+                    decode.url + "/reset_prefix_cache",
+                    method="POST",
+                    headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+                ),
+                timeout=30,
             )
             r.read()
             if r.status == 200:
                 break
             time.sleep(0.2)
         before = decode.stats()
-        warm, ttft_warm, _ = complete(decode.url, long_prompt, 8, stream=True)
+        warm, ttft_warm, _ = complete(decode.url, long_prompt, 8, stream=True, api_key=api_key)
         time.sleep(1.2)
         after = decode.stats()
         onboarded = after.get("onboarded_blocks", 0) - before.get("onboarded_blocks", 0)

@@ -361,7 +361,13 @@ class KVFerryConnector(KVConnectorBase_V1):
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         if self.native is None:
             return None
-        return KVFerryHandshake(port=self.native.listen_port(), events=list(self.native.take_events()))
+        events = list(self.native.take_events())
+        if not events and (not self.pd or self.addrs.base_port is not None):
+            # Nothing the scheduler does not know already (its port is configured, no block was
+            # recovered from G3): no handshake object, so that beside another connector in a
+            # MultiConnector (which forwards the first one it gets) theirs reaches them.
+            return None
+        return KVFerryHandshake(port=self.native.listen_port(), events=events)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if self.native is None:

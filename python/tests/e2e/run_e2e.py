@@ -286,11 +286,16 @@ def proxy(model, transport="tcp", block_size=BS, policy="recompute"):
         want_long, _ = base.generate(vllm_demo.prompts(1, 1500, seed=12), 8)
     finally:
         base.close()
-    r = vllm_demo.run(model, transport, quiet=True, block_size=block_size, policy=policy)
+    # Both servers require an API key (the proxy forwards the client's).
+    r = vllm_demo.run(
+        model, transport, quiet=True, block_size=block_size, policy=policy, api_key="e2e-key"
+    )
     result_note = f"over {transport}, block size {block_size}, policy {policy or 'fail'}: "
     got = [{"token_ids": o} for o in r["pd_outputs"]]
     assert all(isinstance(o, list) for o in r["pd_outputs"]), "the server returned no token ids"
     check_same("proxy P/D", got, want)
+    assert isinstance(r["min_tokens_pd"], list) and len(r["min_tokens_pd"]) >= 12, r["min_tokens_pd"]
+    assert r["min_tokens_pd"] == r["min_tokens_direct"], (r["min_tokens_pd"], r["min_tokens_direct"])
     check_same("proxy offload (computed)", [{"token_ids": r["offload_cold"]}], want_long)
     check_same("proxy offload (from G2)", [{"token_ids": r["offload_warm"]}], want_long)
     d, p = r["pd"]["decode"], r["pd"]["prefill"]
