@@ -1234,7 +1234,7 @@ fn load_done(st: &mut State, req: &str) {
 pub fn medium(tier: Tier) -> &'static str {
     match tier {
         Tier::Dram => "CPU",
-        Tier::Nvme => "DISK",
+        Tier::Nvme => "STORAGE",
     }
 }
 

@@ -599,7 +599,7 @@ class KVFerryConnector(KVConnectorBase_V1):
 
     def take_events(self):
         """Blocks stored in / removed from kvferry's tiers, for cache-aware routers; the medium
-        is "CPU" for G2 and "DISK" for G3."""
+        is "CPU" for G2 and "STORAGE" for G3, vLLM's kv_events vocabulary."""
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
         if self._cleared:

@@ -332,7 +332,7 @@ impl Connector {
     }
 
     /// `(kind, hash, medium)` per stored/removed block since the last call; kind is "stored" or
-    /// "removed", medium "CPU" (G2) or "DISK" (G3).
+    /// "removed", medium "CPU" (G2) or "STORAGE" (G3), vLLM's names.
     fn take_events<'py>(
         &self,
         py: Python<'py>,
@@ -477,7 +477,7 @@ impl Scheduler {
             let hash = BlockHash::from_bytes(&h).map_err(err)?;
             let tier = match m.as_str() {
                 "CPU" => Tier::Dram,
-                "DISK" => Tier::Nvme,
+                "STORAGE" | "DISK" => Tier::Nvme,
                 other => return Err(err(format!("medium {other:?}"))),
             };
             out.push(match kind.as_str() {
