@@ -208,7 +208,7 @@ mod tests {
         let (mut l_send, mut l_recv) = seals(&session, Role::Listener);
         let (a, b) = (d_send.tag(b"first"), d_send.tag(b"second"));
         // Out of order, or replayed, fails; in order passes.
-        let mut check = |seal: &mut Seal, msg: &[u8], tag: &[u8]| {
+        let check = |seal: &mut Seal, msg: &[u8], tag: &[u8]| {
             let mut t = seal.next(msg.len() as u64);
             t.update(msg);
             t.verify(tag)
