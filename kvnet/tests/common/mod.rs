@@ -101,24 +101,33 @@ pub fn hello_for(
     version: u16,
     token: Option<&[u8]>,
 ) -> kvnet::kvcore::wire::Message {
-    use kvnet::kvcore::auth::{Role, Transcript};
-    let nonce = [7u8; 32];
-    let transcript = Transcript {
-        listener_nonce: &challenge.nonce,
-        dialer_nonce: &nonce,
-        listener_name: &challenge.name,
-        dialer_name: name,
-    };
+    use kvnet::kvcore::auth::Role;
     let proof = token
-        .and_then(|t| transcript.mac(t, Role::Dialer))
+        .and_then(|t| transcript(challenge, name).mac(t, Role::Dialer))
         .map(|p| p.to_vec())
         .unwrap_or_default();
     kvnet::kvcore::wire::Message::Hello(kvnet::kvcore::wire::Hello {
         name: name.into(),
         protocol_version: version,
-        nonce,
+        nonce: DIALER_NONCE,
         proof,
     })
+}
+
+/// The nonce hand-made dialers use (a listener's fresh nonce keeps every transcript new).
+const DIALER_NONCE: [u8; 32] = [7u8; 32];
+
+/// What a hand-made dialer named `name` and the listener of `challenge` agree on.
+fn transcript<'a>(
+    challenge: &'a kvnet::kvcore::wire::Challenge,
+    name: &'a str,
+) -> kvnet::kvcore::auth::Transcript<'a> {
+    kvnet::kvcore::auth::Transcript {
+        listener_nonce: &challenge.nonce,
+        dialer_nonce: &DIALER_NONCE,
+        listener_name: &challenge.name,
+        dialer_name: name,
+    }
 }
 
 /// A connection spoken by hand after a handshake made with [`hello_for`]: frames sealed as the
@@ -137,7 +146,7 @@ impl RawConn {
         version: u16,
         token: Option<&[u8]>,
     ) -> (RawConn, Option<kvnet::kvcore::wire::Message>) {
-        use kvnet::kvcore::auth::{seals, Role, Transcript};
+        use kvnet::kvcore::auth::{seals, Role};
         use kvnet::kvcore::wire::Message;
         use std::io::Write;
         let mut stream = std::net::TcpStream::connect(addr).expect("connect");
@@ -151,15 +160,8 @@ impl RawConn {
             .write_all(&hello_for(&c, name, version, token).encode())
             .expect("hello");
         let reply = read_plain(&mut stream);
-        let nonce = [7u8; 32];
-        let transcript = Transcript {
-            listener_nonce: &c.nonce,
-            dialer_nonce: &nonce,
-            listener_name: &c.name,
-            dialer_name: name,
-        };
         let seals = token
-            .and_then(|t| transcript.mac(t, Role::Session))
+            .and_then(|t| transcript(&c, name).mac(t, Role::Session))
             .map(|k| seals(&k, Role::Dialer));
         (RawConn { stream, seals }, reply)
     }

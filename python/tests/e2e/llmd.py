@@ -18,7 +18,7 @@ import secrets
 import subprocess
 import time
 
-from run_e2e import Engine, check_same, prompts
+from run_e2e import Engine, check_same, prompts, wait_released
 
 NS = ("kvf-e2e-pre", "kvf-e2e-dec")
 ADDR = ("10.231.7.1", "10.231.7.2")
@@ -96,12 +96,7 @@ def two_hosts(model, plain):
         out, secs = dec.generate(ps, 16, params)
         check_same("llmd-two-hosts", out, plain)
         d = dec.stats()
-        deadline = time.time() + 30
-        while True:
-            s = pre.stats()
-            if s["pulls_served"] >= len(ps) or time.time() > deadline:
-                break
-            pre.call(op="settle", timeout_s=1)
+        s = wait_released(pre, len(ps))
         assert d["pull_failures"] == 0 and d["pulled_blocks"] > 0, d
         assert s["pulls_served"] == len(ps), s
         return (

@@ -101,6 +101,16 @@ class Engine:
         self.log.close()
 
 
+def wait_released(pre, n, timeout=30):
+    """Steps a prefill engine until `n` pulls were served (or `timeout` passes); its counters."""
+    deadline = time.time() + timeout
+    while True:
+        s = pre.stats()
+        if s["pulls_served"] >= n or time.time() > deadline:
+            return s
+        pre.call(op="settle", timeout_s=1)
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -140,12 +150,7 @@ def pd(model, plain, transport):
         out, secs = dec.generate(ps, 16, params)
         check_same(f"pd-{transport}", out, plain)
         d = dec.stats()
-        deadline = time.time() + 30
-        while True:
-            p = pre.stats()
-            if p["pulls_served"] >= len(ps) or time.time() > deadline:
-                break
-            pre.call(op="settle", timeout_s=1)
+        p = wait_released(pre, len(ps))
         blocks = sum(-(-len(x) // BS) for x in ps)
         assert d["pulled_blocks"] >= blocks - len(ps), d
         assert d["pull_failures"] == 0, d
