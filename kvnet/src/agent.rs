@@ -114,11 +114,13 @@ impl Agent {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kvferry-net")
+            .on_thread_start(crate::ctx::mark_network_thread)
             .enable_all()
             .build()
             .map_err(|e| crate::framing::io("start runtime", &cfg.name, e))?;
-        let listener = crate::ctx::block_on(rt.handle(), tokio::net::TcpListener::bind(cfg.listen))
-            .map_err(|e| crate::framing::io("listen", &cfg.listen.to_string(), e))?;
+        let listener =
+            crate::ctx::block_on(rt.handle(), tokio::net::TcpListener::bind(cfg.listen))?
+                .map_err(|e| crate::framing::io("listen", &cfg.listen.to_string(), e))?;
         let listen = listener
             .local_addr()
             .map_err(|e| crate::framing::io("listen", &cfg.name, e))?;
@@ -134,7 +136,7 @@ impl Agent {
         rt.spawn(tcp::serve(tcp.clone(), listener));
         let nixl_listen = match cfg.nixl_listen {
             Some(addr) => {
-                let l = crate::ctx::block_on(rt.handle(), tokio::net::TcpListener::bind(addr))
+                let l = crate::ctx::block_on(rt.handle(), tokio::net::TcpListener::bind(addr))?
                     .map_err(|e| {
                         crate::framing::io("listen (NIXL side channel)", &addr.to_string(), e)
                     })?;
@@ -205,7 +207,9 @@ impl Agent {
     /// # Safety
     /// For host kinds `region.base` is an address in this process: the memory must stay valid
     /// until `deregister` returns Ok (or the agent is dropped), and while a transfer runs nothing
-    /// else may write what it reads or touch what it writes.
+    /// else may write what it reads or touch what it writes. (Dropping the agent returns only
+    /// once nothing can reach the memory; where that cannot be established — after a panic of
+    /// the UCX thread — it aborts the process.)
     pub unsafe fn register(&self, region: Region) -> Result<RegionId, NetError> {
         let device = matches!(region.kind, MemKind::Device { .. });
         if device && !self.device_memory() {
@@ -380,7 +384,7 @@ impl Agent {
         F: std::future::Future + Send,
         F::Output: Send,
     {
-        Ok(crate::ctx::block_on(self.runtime()?.handle(), f))
+        crate::ctx::block_on(self.runtime()?.handle(), f)
     }
 
     /// Reads `remote` (in `peer`'s exported memory) into `local`, pairwise; then, if given,
@@ -510,7 +514,7 @@ impl Agent {
                 })
             })
             .collect();
-        crate::ctx::block_on(rt.handle(), async move {
+        let waited = crate::ctx::block_on(rt.handle(), async move {
             let all = async {
                 for t in tasks {
                     let _ = t.await;
@@ -520,6 +524,10 @@ impl Agent {
                 log::warn!("kvferry: not every peer heard of our exports within {limit:?}");
             }
         });
+        if let Err(e) = waited {
+            // The tasks run on regardless; only the wait for them is skipped.
+            log::warn!("kvferry: not waiting for peers to hear of our exports: {e}");
+        }
     }
 
     /// Our metadata as a stock NIXL agent reads it (`add_remote_agent` / `loadRemoteMD`): the
@@ -640,7 +648,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // Cancels every task at its next await: after this, nothing touches registered memory.
+        // From here no transfer can take a hold on our memory.
+        self.ctx.exports.close();
+        // Cancels every task at its next await.
         if let Some(rt) = self.rt.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 // Dropped on a runtime thread (the last owner let go inside a callback the
@@ -652,7 +662,36 @@ impl Drop for Agent {
                 rt.shutdown_timeout(Duration::from_secs(1));
             }
         }
-        // Cancels UCX operations in flight and frees the worker.
+        // Cancels UCX operations in flight, waits for them, and frees the worker.
+        let ucx_dead = self.ucx.as_ref().is_some_and(|u| !u.alive());
         self.ucx = None;
+        // `register`'s contract lets the caller free its memory once we return, so we return
+        // only when nothing can touch it: a task still inside a poll when the shutdown timed out
+        // (a handler that blocked) lets go of its holds when that poll ends. When that cannot
+        // be known — the UCX thread panicked and left UCX's context, its mappings and its
+        // abandoned operations alive, or a hold never ends — the process stops rather than let
+        // freed memory be written.
+        let drained = !ucx_dead
+            && self
+                .ctx
+                .exports
+                .wait_unheld(self.ctx.timeout.max(Duration::from_secs(10)));
+        if !drained {
+            log::error!(
+                "kvferry: agent {} is dropped while its registered memory may still be reached \
+                 ({}); aborting rather than let it be freed under a transfer",
+                self.ctx.name,
+                if ucx_dead {
+                    "the UCX thread panicked with its mappings alive"
+                } else {
+                    "a transfer still holds it"
+                }
+            );
+            eprintln!(
+                "kvferry: aborting: agent {} dropped while its registered memory may still be reached",
+                self.ctx.name
+            );
+            std::process::abort();
+        }
     }
 }

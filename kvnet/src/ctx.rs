@@ -114,18 +114,40 @@ impl Ctx {
     }
 }
 
-/// Runs `f` on `rt` and waits for it. Called from inside a tokio runtime (a user's async code),
-/// where tokio refuses to block a worker thread, it waits on a thread of its own instead.
-pub(crate) fn block_on<F>(rt: &tokio::runtime::Handle, f: F) -> F::Output
+thread_local! {
+    /// Set on the network runtime's own threads (the callbacks a ServeCheck or CallHandler runs
+    /// in): blocking one of them on the runtime's work could stop the runtime for good.
+    static NETWORK_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one of the network runtime's.
+pub(crate) fn mark_network_thread() {
+    NETWORK_THREAD.with(|t| t.set(true));
+}
+
+/// Runs `f` on `rt` and waits for it. Called from inside another tokio runtime (a user's async
+/// code), where tokio refuses to block a worker thread, it waits on a thread of its own instead.
+/// Called from the network runtime's own threads it refuses: both workers could end up waiting
+/// on work only they can drive.
+pub(crate) fn block_on<F>(rt: &tokio::runtime::Handle, f: F) -> Result<F::Output, NetError>
 where
     F: std::future::Future + Send,
     F::Output: Send,
 {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return rt.block_on(f);
+    if NETWORK_THREAD.with(|t| t.get()) {
+        return Err(NetError::Unavailable(
+            "a blocking agent call from the network runtime's own thread (a ServeCheck or \
+             CallHandler): it would wait on work only that runtime can do"
+                .into(),
+        ));
     }
-    std::thread::scope(|s| match s.spawn(|| rt.block_on(f)).join() {
-        Ok(out) => out,
-        Err(panic) => std::panic::resume_unwind(panic),
-    })
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Ok(rt.block_on(f));
+    }
+    Ok(std::thread::scope(|s| {
+        match s.spawn(|| rt.block_on(f)).join() {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }))
 }

@@ -143,9 +143,13 @@ impl Peers {
         if !peers.contains_key(&name) && peers.len() >= MAX_PEERS {
             // Room for a new peer: the one loaded longest ago that nothing uses right now (no
             // transfer or call holds its entry). It reconnects if it comes back.
+            // A NIXL agent (unauthenticated: anyone reaching the NIXL side channel) makes room
+            // only among NIXL agents, never by pushing out a peer that authenticated.
+            let nixl = matches!(flavour, Flavour::Nixl { .. });
             let idle = peers
                 .iter()
                 .filter(|(_, p)| Arc::strong_count(p) == 1)
+                .filter(|(_, p)| !nixl || matches!(p.flavour, Flavour::Nixl { .. }))
                 .min_by_key(|(_, p)| p.loaded_at)
                 .map(|(n, _)| n.clone());
             match idle {
@@ -160,13 +164,20 @@ impl Peers {
                 }
             }
         }
-        // NIXL's side channel is unauthenticated: it must not replace a kvferry peer's entry,
-        // nor a kvferry handshake a NIXL peer's.
+        // NIXL's side channel is unauthenticated: it never replaces a kvferry peer's entry. A
+        // kvferry handshake (authenticated) does replace a NIXL agent's entry of that name, so
+        // squatting a name through the NIXL side channel cannot lock its real owner out.
         if let Some(old) = peers.get(&name) {
-            if std::mem::discriminant(&old.flavour) != std::mem::discriminant(&flavour) {
-                return Err(NetError::Descriptors(format!(
-                    "peer name {name:?} is taken by a peer of another protocol"
-                )));
+            match (old.flavour, flavour) {
+                (Flavour::Kvferry, Flavour::Nixl { .. }) => {
+                    return Err(NetError::Descriptors(format!(
+                        "peer name {name:?} belongs to an authenticated kvferry peer"
+                    )))
+                }
+                (Flavour::Nixl { .. }, Flavour::Kvferry) => log::warn!(
+                    "kvferry: {name} authenticated; it replaces the NIXL agent loaded under its name"
+                ),
+                _ => {}
             }
         }
         peers.insert(
@@ -182,5 +193,49 @@ impl Peers {
             }),
         );
         Ok(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(name: &str) -> AgentMetadata {
+        AgentMetadata {
+            name: name.into(),
+            protocol_version: PROTOCOL_VERSION,
+            endpoints: Vec::new(),
+            regions: Vec::new(),
+            caches: Vec::new(),
+        }
+    }
+
+    const NIXL: Flavour = Flavour::Nixl { side_channel: None };
+
+    #[test]
+    fn unauthenticated_nixl_loads_never_displace_or_lock_out_kvferry_peers() {
+        let p = Peers::default();
+        p.load("us", md("decode-0"), Flavour::Kvferry)
+            .expect("kvferry");
+        // A NIXL load cannot take an authenticated peer's name...
+        assert!(p.load("us", md("decode-0"), NIXL).is_err());
+        assert_eq!(p.get("decode-0").map(|x| x.flavour), Some(Flavour::Kvferry));
+        // ...and a name squatted through the NIXL side channel goes to its real owner.
+        p.load("us", md("decode-1"), NIXL).expect("nixl");
+        p.load("us", md("decode-1"), Flavour::Kvferry)
+            .expect("authenticated wins");
+        assert_eq!(p.get("decode-1").map(|x| x.flavour), Some(Flavour::Kvferry));
+        // A flood of NIXL names makes room among NIXL agents only.
+        for i in 0..MAX_PEERS + 10 {
+            let _ = p.load("us", md(&format!("flood-{i}")), NIXL);
+        }
+        assert!(p.len() <= MAX_PEERS);
+        for name in ["decode-0", "decode-1"] {
+            assert_eq!(
+                p.get(name).map(|x| x.flavour),
+                Some(Flavour::Kvferry),
+                "{name}"
+            );
+        }
     }
 }

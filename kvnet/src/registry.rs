@@ -40,6 +40,8 @@ pub(crate) struct Exports {
     table: RwLock<Table>,
     uses: Arc<UseCounts>,
     claims: Arc<Claims>,
+    /// Set when the agent drops: no hold is taken after it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Why a hold was not taken.
@@ -63,12 +65,6 @@ impl Hold {
     /// The descriptors, as the addresses they name in this process.
     pub fn resolved(&self) -> &[Resolved] {
         &self.resolved
-    }
-
-    /// Never gives the memory back: for a transfer that may still touch it after we lost track
-    /// of it (UCX's thread panicked). Deregistering its regions then reports Busy.
-    pub fn leak(self) {
-        std::mem::forget(self);
     }
 }
 
@@ -130,6 +126,11 @@ impl Exports {
     /// does) from descriptors that can never be served.
     pub fn try_hold(&self, access: Access, descs: &[Descriptor]) -> Result<Hold, NoHold> {
         let t = self.table.read();
+        // Checked under the table lock that `close` takes too: a hold is either taken before
+        // the close (and waited for) or refused.
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(NoHold::Bounds(NetError::Shutdown));
+        }
         let resolved = t
             .regions
             .resolve_all(descs)
@@ -144,6 +145,27 @@ impl Exports {
             _in_use: in_use,
             _claimed: claimed,
         })
+    }
+
+    /// Refuses every hold from now on (the agent is going away).
+    pub fn close(&self) {
+        let _t = self.table.write();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits (up to `timeout`) until no hold is left on any region; false if one is.
+    pub fn wait_unheld(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.uses.counts.lock().is_empty() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Publishes a KV cache layout living in a registered region.

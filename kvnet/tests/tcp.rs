@@ -817,3 +817,61 @@ fn a_peer_listening_on_every_interface_is_dialed_where_it_was_reached() {
         format!("127.0.0.1:{port}")
     );
 }
+
+/// A notification on a pooled connection the peer closed as idle (after its own
+/// `idle_timeout`) is not lost: the first write to such a connection succeeds, so the pool checks
+/// for the peer's close before it reuses one.
+#[test]
+fn a_notification_after_the_peer_closed_the_idle_connection_arrives() {
+    let mut cfg = AgentConfig::new("prefill");
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
+    cfg.idle_timeout = Duration::from_millis(100);
+    let pre = Agent::new(cfg).expect("agent");
+    let dec = Local::new("decode", 4096, None);
+    dec.agent.connect(pre.listen_addr()).expect("connect");
+    for i in 0..3 {
+        // Longer than the peer's idle timeout: it closed the pooled connection.
+        std::thread::sleep(Duration::from_millis(400));
+        let text = format!("after idle {i}");
+        dec.agent
+            .notify("prefill", text.clone().into_bytes())
+            .expect("notify");
+        let got = pre.wait_notifications(Duration::from_secs(10));
+        assert!(
+            got.iter()
+                .any(|n| n.from == "decode" && n.payload == text.as_bytes()),
+            "round {i}: {got:?}"
+        );
+    }
+}
+
+/// A CallHandler runs on the agent's network runtime; an agent call it makes from there is
+/// refused with an error rather than blocking a worker of the runtime that must carry it (two
+/// such calls at once would stop the runtime for good).
+#[test]
+fn agent_calls_from_the_agents_own_network_thread_are_refused_not_hung() {
+    use std::sync::{Arc, OnceLock};
+    let mut cfg = AgentConfig::new("prefill");
+    cfg.transports = vec![kvnet::TransportKind::Tcp];
+    let pre = Arc::new(Agent::new(cfg).expect("agent"));
+    let me: Arc<OnceLock<std::sync::Weak<Agent>>> = Arc::new(OnceLock::new());
+    let _ = me.set(Arc::downgrade(&pre));
+    let slot = me.clone();
+    pre.set_call_handler(Arc::new(move |peer: &str, _payload: &[u8]| {
+        let Some(agent) = slot.get().and_then(|w| w.upgrade()) else {
+            return b"gone".to_vec();
+        };
+        match agent.notify(peer, b"from the handler".to_vec()) {
+            Ok(()) => b"sent".to_vec(),
+            Err(e) => format!("refused: {e}").into_bytes(),
+        }
+    }));
+    let dec = Local::new("decode", 4096, None);
+    dec.agent.connect(pre.listen_addr()).expect("connect");
+    let reply = dec.agent.call("prefill", b"go".to_vec()).expect("answered");
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(
+        reply.starts_with("refused:") && reply.contains("network runtime"),
+        "{reply}"
+    );
+}

@@ -1,6 +1,7 @@
 //! A panic on the UCX thread (injected as a bug would cause it): transfers in flight fail in
 //! bounded time, the memory they touch — and every region UCX mapped — stays held (UCX's leaked
-//! context may still reach it), and the agent goes on serving over TCP.
+//! context may still reach it), and the agent goes on serving over TCP. (Dropping such an agent
+//! aborts the process: this test leaks it.)
 //! Runs with `--features fault-injection`.
 
 use std::time::Duration;
@@ -108,5 +109,8 @@ fn a_panicking_ucx_thread_fails_transfers_keeps_their_memory_and_tcp_carries_on(
         }
         Err(e) => panic!("registering for TCP after the UCX thread died: {e}"),
     }
-    drop(agent);
+    // Dropping it would abort the process (its registered memory may still be reached through
+    // UCX's leaked context, so `register`'s contract cannot be kept): the test leaks it, as it
+    // leaks the buffers.
+    std::mem::forget(agent);
 }

@@ -38,6 +38,19 @@ impl Channel {
         }
     }
 
+    /// Whether the peer has neither closed this idle connection nor sent on it unasked. The
+    /// first write to a connection the peer already closed succeeds (the kernel takes it), so a
+    /// notification sent on it would be lost without an error: pooled connections are checked
+    /// before reuse. A non-blocking peek of the socket itself, not tokio's cached readiness.
+    pub fn is_open(&self) -> bool {
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(&self.stream).peek(&mut b) {
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            // 0: the peer closed it; anything else: bytes nobody asked for.
+            Ok(_) => false,
+        }
+    }
+
     pub async fn send(&mut self, m: &Message) -> Result<(), NetError> {
         let mut frame = m.encode();
         if let Some((send, _)) = &mut self.seals {

@@ -147,16 +147,22 @@ impl crate::transport::Transport for Tcp {
             Ok(tcp) => tcp,
             Err(e) => return Err(Box::new((e, t))),
         };
+        let mut t = FinishOnDrop(Some(t));
         self.rt.spawn(async move {
-            let result = transfer(&tcp, &t).await;
-            t.finish(result);
+            let result = match &t.0 {
+                Some(x) => transfer(&tcp, x).await,
+                None => Err(NetError::Shutdown),
+            };
+            if let Some(x) = t.0.take() {
+                x.finish(result);
+            }
         });
         Ok(())
     }
 
     fn notify(&self, p: &Arc<Peer>, payload: Vec<u8>) -> Result<(), NetError> {
         let (tcp, p) = (self.me()?, p.clone());
-        crate::ctx::block_on(&self.rt, async move { notify(&tcp, &p, payload).await })
+        crate::ctx::block_on(&self.rt, async move { notify(&tcp, &p, payload).await })?
     }
 
     fn close(&self, peer: &str) {
@@ -167,6 +173,21 @@ impl crate::transport::Transport for Tcp {
 mod channel;
 
 use channel::Channel;
+
+/// A TCP transfer's task owns its transfer through this: dropped unfinished (the runtime shuts
+/// down under it), it finishes it as failed. That is sound here, unlike for a transfer in
+/// general: the task's futures touch memory only while polled, and each part that may run on
+/// has its own share of the hold (`Transfer::share_hold`), so the memory is given back only when
+/// the last part is gone.
+struct FinishOnDrop(Option<Transfer>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.finish(Err(NetError::Shutdown));
+        }
+    }
+}
 
 /// An authenticated connection to a peer.
 pub(crate) struct Conn {
@@ -191,12 +212,18 @@ impl ConnPool {
         }
     }
 
-    /// An idle connection, never one idle for so long that the peer may have closed it (it
-    /// closes after `IDLE_TIMEOUT`): a call sent on such a one would be lost with it.
+    /// An idle connection the peer still holds open (it closes idle ones after its
+    /// `idle_timeout`, whatever ours is): a notification or call sent on a closed one would be
+    /// lost with it.
     fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock();
         idle.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT / 2);
-        idle.pop()
+        while let Some(c) = idle.pop() {
+            if c.ch.is_open() {
+                return Some(c);
+            }
+        }
+        None
     }
 }
 
@@ -385,9 +412,14 @@ async fn transfer(tcp: &Arc<Tcp>, t: &Transfer) -> Result<u64, NetError> {
         let (tcp, p) = (tcp.clone(), p.clone());
         let l = local[w[0]..w[1]].to_vec();
         let r = remote[w[0]..w[1]].to_vec();
-        tasks.push(tokio::spawn(
-            async move { part(&tcp, &p, id, op, l, r).await },
-        ));
+        // The part's own share of the hold: its memory stays held until this task is gone,
+        // even if the transfer's task is dropped first (at shutdown).
+        let hold = t.share_hold();
+        tasks.push(tokio::spawn(async move {
+            let r = part(&tcp, &p, id, op, l, r).await;
+            drop(hold);
+            r
+        }));
     }
     let mut first_err = None;
     for t in tasks {

@@ -45,7 +45,9 @@ pub(crate) struct Transfer {
     /// Checked against the peer's regions when posted.
     pub remote: Vec<Descriptor>,
     pub notification: Option<Vec<u8>>,
-    hold: Option<Hold>,
+    /// Shared with the pieces of the transfer that run apart (the TCP transport's parts): the
+    /// memory is given back when the last of them let go, never while one may touch it.
+    hold: Option<Arc<Hold>>,
     done: Option<Done>,
 }
 
@@ -65,14 +67,20 @@ impl Transfer {
             peer,
             remote,
             notification,
-            hold: Some(hold),
+            hold: Some(Arc::new(hold)),
             done: Some(done),
         }
     }
 
     /// Our side's memory, resolved (one entry per remote descriptor, pairwise).
     pub fn local(&self) -> &[kvcore::Resolved] {
-        self.hold.as_ref().map_or(&[], |h| h.resolved())
+        self.hold.as_deref().map_or(&[], |h| h.resolved())
+    }
+
+    /// A share of the hold, for a piece of the transfer that runs on its own (it keeps the
+    /// memory held until it is dropped, whatever happens to the transfer).
+    pub fn share_hold(&self) -> Option<Arc<Hold>> {
+        self.hold.clone()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -91,7 +99,8 @@ impl Transfer {
     /// The result is reported but the memory never given back (something may still write it).
     pub fn abandon(mut self, result: Result<u64, NetError>) {
         if let Some(h) = self.hold.take() {
-            h.leak();
+            // One share never dropped: the hold lives for ever.
+            std::mem::forget(h);
         }
         if let Some(done) = self.done.take() {
             done(result);
@@ -111,7 +120,7 @@ impl Drop for Transfer {
         // Dropped without an ending (a transport shut down under it): whoever dropped it may
         // have left an operation on the memory, so the hold is leaked, not released.
         if let Some(h) = self.hold.take() {
-            h.leak();
+            std::mem::forget(h);
         }
         if let Some(done) = self.done.take() {
             done(Err(NetError::Shutdown));

@@ -341,19 +341,15 @@ impl Ucx {
             return Err(NetError::Busy(id.0));
         }
         let (done, rx) = channel();
+        // The thread ends only with this `Ucx` (which a deregistration borrows) or by a panic:
+        // a command it cannot take, or drops unanswered, means it panicked with the mapping
+        // alive (the command it was handling is dropped while unwinding, before the flag is
+        // set), so the memory stays kept.
         if self.send(Cmd::Unmap { id, done }).is_err() {
-            // Gone without a panic only when shut down, which unmapped everything.
-            return if self.alive() {
-                Ok(())
-            } else {
-                Err(NetError::Busy(id.0))
-            };
+            return Err(NetError::Busy(id.0));
         }
         let r = match rx.recv_timeout(timeout) {
             Ok(()) => Ok(()),
-            // The command was dropped unanswered: the thread ended (the flag is set before a
-            // panicked thread lets go of its commands).
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) if self.alive() => Ok(()),
             Err(_) => Err(NetError::Busy(id.0)),
         };
         if r.is_ok() {
@@ -1329,6 +1325,14 @@ impl Worker {
             self.lib.ucp_worker_destroy(self.worker);
             self.lib.ucp_cleanup(self.ctx);
             drop(Box::from_raw(self.sink));
+        }
+        // Whatever outlived the deadline: the worker that carried it and the context that
+        // mapped its memory are destroyed (UCX purges a destroyed worker's requests), so its
+        // memory is no longer reachable and may be given back.
+        for mut t in self.inflight.drain(..) {
+            if let Some(done) = t.done.take() {
+                done(Err(NetError::Shutdown), Released::Yes);
+            }
         }
     }
 }

@@ -80,7 +80,9 @@ def lease_late(model, plain):
 
 
 def lease_heartbeat(model, plain):
-    lease = 0.3
+    # Short enough that the queue outlasts several leases, long enough that a loaded machine
+    # does not miss a heartbeat (one every third of it).
+    lease = 0.6
     port, pre = _prefill(model, "prefill-heartbeat", lease)
     # One sequence at a time: the decode requests queue behind a long plain one.
     dec = Engine(model, "decode-heartbeat", {"pd": True}, policy="fail", max_num_seqs=1)
