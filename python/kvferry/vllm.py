@@ -649,3 +649,19 @@ class KVFerryConnector(KVConnectorBase_V1):
             [int(b) for b in block_ids],
             request.num_computed_tokens,
         )
+
+
+def _register_with_vllm() -> None:
+    """Registers kvferry's connector by name in vLLM's factory. Loading by module path does not,
+    and vLLM's MultiConnector looks its children up by name when it builds their stats (with
+    stats logging on it fails for an unregistered child)."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+        if "KVFerryConnector" not in getattr(KVConnectorFactory, "_registry", {}):
+            KVConnectorFactory.register_connector("KVFerryConnector", __name__, "KVFerryConnector")
+    except Exception as e:  # noqa: BLE001 - another vLLM's factory: loading by path still works
+        log.debug("kvferry: not registered in vLLM's connector factory: %s", e)
+
+
+_register_with_vllm()

@@ -19,6 +19,7 @@ line starting with "@@ " (vLLM logs on stdout too):
     {"op": "settle"}    -> steps the engine until no request holds blocks, then resets vLLM's
                            prefix cache (so the next prompt cannot hit it)
     {"op": "stats"}     -> kvferry's counters for this engine
+    {"op": "metrics"}   -> vLLM's counters by name (config "metrics": true)
     {"op": "quit"}
 """
 
@@ -56,6 +57,8 @@ def main():
             kv_connector_extra_config=cfg["connector"],
             kv_load_failure_policy=cfg.get("policy", "recompute"),
         )
+    if cfg.get("metrics"):
+        kw["disable_log_stats"] = False
     if cfg.get("max_num_seqs"):
         kw["max_num_seqs"] = int(cfg["max_num_seqs"])
     t0 = time.time()
@@ -143,6 +146,14 @@ def main():
             answer({"stepped": True})
         elif op == "reset_connector":
             answer({"reset": llm.reset_prefix_cache(reset_connector=True)})
+        elif op == "metrics":
+            # vLLM's own counters (with "metrics": true in the config), by name.
+            out = {}
+            for m in llm.get_metrics():
+                v = getattr(m, "value", None)
+                if isinstance(v, (int, float)):
+                    out[m.name] = out.get(m.name, 0) + v
+            answer({"metrics": out})
         elif op == "stats":
             from kvferry.vllm import native
 
