@@ -123,7 +123,7 @@ def make_handler(backends: Backends):
                     # The client's mistake (validation, auth): the decoder would say the same.
                     # Anything else falls back to local decode, as llm-d's sidecar does.
                     return self._reply(e.code, e.read())
-                sys.stderr.write(f"kvferry proxy: prefill {prefill} failed ({e.code}); decoding locally\n")
+                sys.stderr.write(f"kvferry proxy: prefill {prefill} answered {e.code}; decoding locally\n")
             except Exception as e:  # noqa: BLE001
                 sys.stderr.write(f"kvferry proxy: prefill {prefill} unreachable ({e}); decoding locally\n")
             second = dict(body)
