@@ -980,6 +980,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri has no TCP socket options")]
     fn side_channel_sockets_get_keepalive_and_no_delay() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
