@@ -71,6 +71,13 @@ pub struct OffloadConfig {
     /// The tiers drop blocks only when told (`discard`, `reset_cache`): for a scheduler that
     /// owns eviction (see `SchedulerConfig::capacity`).
     pub caller_evicts: bool,
+    /// Which block each tier lets go when full.
+    pub eviction: kvtier::PolicyKind,
+    /// Which blocks leaving DRAM are written to NVMe (not with `caller_evicts`: there every
+    /// block must stay loadable, so every one is written).
+    pub admission: kvtier::Admission,
+    /// A cap on NVMe writes when making room in DRAM (same exception).
+    pub write_budget: Option<kvtier::WriteBudget>,
 }
 
 #[derive(Clone, Debug)]
@@ -466,6 +473,9 @@ impl Core {
             Some(o) => {
                 let mut tc = TierConfig::new(*layout.geometry(), o.dram_blocks);
                 tc.caller_evicts = o.caller_evicts;
+                tc.eviction = o.eviction;
+                tc.admission = o.admission;
+                tc.write_budget = o.write_budget;
                 if let Some((dir, blocks)) = &o.nvme {
                     tc.nvme = Some(NvmeConfig::new(dir.clone(), *blocks));
                     // The engine's cache layout is not part of it: tier blocks have kvferry's own

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvcore::BlockHash;
-use kvtier::{EvictionPolicy, Tier, TierEvent};
+use kvtier::{Access, EvictionPolicy, PolicyKind, Tier, TierEvent};
 
 use crate::lease::Generations;
 use crate::{LeaseTarget, PullSpec};
@@ -39,6 +39,8 @@ pub struct SchedulerConfig {
     /// loads miss). `None`: the worker evicts, and a load can miss in the window before the
     /// worker's removal reaches the mirror.
     pub capacity: Option<u64>,
+    /// How the scheduler chooses what to discard under `capacity`.
+    pub eviction: PolicyKind,
 }
 
 /// A prefill engine's offer, as the decode engine's request carries it (vLLM's
@@ -133,12 +135,13 @@ pub struct Scheduler {
     /// may name blocks of before the reset, and the mirror ignores them.
     resets_sent: u64,
     resets_done: u64,
-    /// Recency of the mirror's blocks (scheduler-owned eviction).
-    lru: kvtier::Lru,
+    /// Orders the mirror's blocks for scheduler-owned eviction.
+    policy: Box<dyn EvictionPolicy>,
     /// Blocks of loads in flight, by request: never discarded.
     loading: HashMap<String, Vec<BlockHash>>,
     /// Blocks being saved (not yet reported stored), with when: they will take room.
-    saving: HashMap<BlockHash, Instant>,
+    /// With their position in the saved chain, for the policy.
+    saving: HashMap<BlockHash, (Instant, u32)>,
     /// Blocks discarded and not yet reported removed: a `Stored` event for one of them was
     /// emitted before the worker dropped it, and must not bring it back into the mirror.
     discarded: HashMap<BlockHash, Instant>,
@@ -156,6 +159,7 @@ fn tier_index(t: Tier) -> usize {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
+        let policy = Self::policy_for(&cfg);
         Scheduler {
             cfg,
             cached: HashMap::new(),
@@ -166,11 +170,15 @@ impl Scheduler {
             waiting: HashMap::new(),
             resets_sent: 0,
             resets_done: 0,
-            lru: Default::default(),
+            policy,
             loading: HashMap::new(),
             saving: HashMap::new(),
             discarded: HashMap::new(),
         }
+    }
+
+    fn policy_for(cfg: &SchedulerConfig) -> Box<dyn EvictionPolicy> {
+        cfg.eviction.build(cfg.capacity.unwrap_or(1 << 16))
     }
 
     /// The worker's agent port, learnt from its handshake.
@@ -196,10 +204,11 @@ impl Scheduler {
                 TierEvent::Stored { hash, .. } if self.discarded.contains_key(&hash) => {}
                 TierEvent::Stored { hash, tier } => {
                     self.cached.entry(hash).or_default()[tier_index(tier)] |= me;
+                    let depth = self.saving.get(&hash).map_or(0, |s| s.1);
                     if self.loadable(&hash) {
                         self.saving.remove(&hash);
                     }
-                    self.lru.touch(&hash);
+                    self.policy.touch(&hash, Access::at(depth));
                 }
                 TierEvent::Removed { hash, tier } => {
                     self.discarded.remove(&hash);
@@ -207,7 +216,7 @@ impl Scheduler {
                         m[tier_index(tier)] &= !me;
                         if m[0] | m[1] == 0 {
                             self.cached.remove(&hash);
-                            self.lru.remove(&hash);
+                            self.policy.remove(&hash);
                         }
                     }
                 }
@@ -231,7 +240,7 @@ impl Scheduler {
     /// from now on, and the worker empties them at its next step.
     pub fn reset(&mut self) {
         self.cached.clear();
-        self.lru = Default::default();
+        self.policy = Self::policy_for(&self.cfg);
         self.saving.clear();
         self.resets_sent += 1;
         self.step.reset = true;
@@ -307,7 +316,7 @@ impl Scheduler {
         let now = Instant::now();
         // A save that never reported back (it failed) stops holding room after a while.
         self.saving
-            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
+            .retain(|_, t| now.duration_since(t.0) < Duration::from_secs(120));
         self.discarded
             .retain(|_, t| now.duration_since(*t) < Duration::from_secs(120));
         let used = self.cached.len() + self.saving.len() + n;
@@ -318,11 +327,11 @@ impl Scheduler {
         let busy: std::collections::HashSet<BlockHash> =
             self.loading.values().flatten().copied().collect();
         while over > 0 {
-            let Some(h) = self.lru.victim(&|h| !busy.contains(h)) else {
+            let Some(h) = self.policy.victim(&|h| !busy.contains(h)) else {
                 break;
             };
             self.cached.remove(&h);
-            self.lru.remove(&h);
+            self.policy.remove(&h);
             self.discarded.insert(h, now);
             self.step.discards.push(h);
             over -= 1;
@@ -439,8 +448,9 @@ impl Scheduler {
                 .get(start..(start + n).min(blocks.len()))
                 .unwrap_or(&[]);
             let hs = hashes[..ids.len()].to_vec();
-            for h in &hs {
-                self.lru.touch(h);
+            self.policy.begin_batch();
+            for (d, h) in hs.iter().enumerate() {
+                self.policy.touch(h, Access::at((start + d) as u32));
             }
             self.loading.insert(req.to_string(), hs.clone());
             self.step.loads.push((req.to_string(), hs, ids.to_vec()));
@@ -473,18 +483,18 @@ impl Scheduler {
                 .min(blocks.len())
                 .min((computed_tokens / self.cfg.block_size.max(1)) as usize);
             let known = self.lookup(&hashes[..n]);
-            for h in &hashes[..known] {
-                self.lru.touch(h);
+            self.policy.begin_batch();
+            for (d, h) in hashes[..known].iter().enumerate() {
+                self.policy.touch(h, Access::at(d as u32));
             }
-            let new: Vec<BlockHash> = hashes[known..n]
-                .iter()
-                .filter(|h| !self.saving.contains_key(h) && !self.loadable(h))
-                .copied()
+            let new: Vec<(BlockHash, u32)> = (known..n)
+                .filter(|&i| !self.saving.contains_key(&hashes[i]) && !self.loadable(&hashes[i]))
+                .map(|i| (hashes[i], i as u32))
                 .collect();
             self.make_room(new.len());
             let now = Instant::now();
-            for h in new {
-                self.saving.insert(h, now);
+            for (h, depth) in new {
+                self.saving.insert(h, (now, depth));
             }
             if n > known {
                 self.step.saves.push((
@@ -559,6 +569,7 @@ mod tests {
             tp_size: 1,
             lease: Duration::from_secs(30),
             capacity: None,
+            eviction: PolicyKind::default(),
         })
     }
 
@@ -753,6 +764,7 @@ mod tests {
     fn owned_eviction_discards_the_oldest_blocks_but_never_one_being_loaded() {
         let mut s = Scheduler::new(SchedulerConfig {
             capacity: Some(4),
+            eviction: PolicyKind::Lru,
             ..sched(true, false).cfg
         });
         let stored = |i| TierEvent::Stored {

@@ -7,6 +7,8 @@ mod nixl_cmd;
 mod plan_cmd;
 mod report;
 mod tier_cmd;
+mod trace;
+mod trace_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -31,21 +33,24 @@ enum Cmd {
     Gpu(gpu_cmd::GpuArgs),
     /// Network bandwidth and latency between two agents on loopback, against ucx_perftest.
     Net(net_cmd::NetArgs),
+    /// Cache policies replayed on request traces (hit ratios, NVMe writes) against the offline
+    /// optimum at the same capacity.
+    Trace(trace_cmd::TraceArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let rows = match &cli.cmd {
-        Cmd::Plan(a) => plan_cmd::run(a),
-        Cmd::Tier(a) => tier_cmd::run(a),
-        Cmd::Net(a) => net_cmd::run(a),
-        Cmd::Gpu(a) => gpu_cmd::run(a),
+    let json = cli.json;
+    let table = |rows: Vec<report::Row>| report::print(&rows, json);
+    let done = match &cli.cmd {
+        Cmd::Plan(a) => plan_cmd::run(a).map(table),
+        Cmd::Tier(a) => tier_cmd::run(a).map(table),
+        Cmd::Net(a) => net_cmd::run(a).map(table),
+        Cmd::Gpu(a) => gpu_cmd::run(a).map(table),
+        Cmd::Trace(a) => trace_cmd::rows(a).map(|rows| trace_cmd::print(&rows, json)),
     };
-    match rows {
-        Ok(rows) => report::print(&rows, cli.json),
-        Err(e) => {
-            eprintln!("kvferry-bench: {e}");
-            std::process::exit(1);
-        }
+    if let Err(e) = done {
+        eprintln!("kvferry-bench: {e}");
+        std::process::exit(1);
     }
 }

@@ -66,7 +66,7 @@ impl Row {
     }
 }
 
-fn json_f64(v: f64) -> String {
+pub fn json_f64(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.6}")
     } else {
@@ -74,7 +74,7 @@ fn json_f64(v: f64) -> String {
     }
 }
 
-fn json_str(s: &str) -> String {
+pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -134,7 +134,13 @@ fn print_table(rows: &[Row], extra_keys: &[&str]) {
         line.extend(r.extra.iter().map(|(_, v)| v.table()));
         cells.push(line);
     }
-    let widths: Vec<usize> = (0..cells[0].len())
+    print_cells(&cells);
+}
+
+/// An aligned table: the first column left-aligned, the rest right-aligned.
+pub fn print_cells(cells: &[Vec<String>]) {
+    let Some(first) = cells.first() else { return };
+    let widths: Vec<usize> = (0..first.len())
         .map(|c| {
             cells
                 .iter()
@@ -144,7 +150,7 @@ fn print_table(rows: &[Row], extra_keys: &[&str]) {
                 .unwrap_or(0)
         })
         .collect();
-    for line in &cells {
+    for line in cells {
         let text: Vec<String> = line
             .iter()
             .enumerate()

@@ -21,12 +21,14 @@ use kvcore::{
 };
 use parking_lot::{Condvar, Mutex};
 
+use crate::admission::{Admission, AdmissionCounters, Gate, Verdict, WriteBudget};
 use crate::copy::{CopyEngine, HostCopy};
 use crate::cuda::{CudaCopy, CudaCopyConfig, Gpu};
 use crate::error::{CopyError, TierError};
-use crate::index::{Admission, BlockIndex, Entry, Tier};
+use crate::index::{BlockIndex, Entry, Tier};
 use crate::memory::{plan_pairs, MemoryRegistry};
 use crate::nvme::{IoDone, IoOp, IoRequest, NvmeConfig, NvmeStore, HEADER_PAGE};
+use crate::policy::PolicyKind;
 use crate::pool::{round_up, PinnedPool, ALIGN};
 
 #[derive(Clone, Debug)]
@@ -39,6 +41,11 @@ pub struct TierConfig {
     pub copy_threads: usize,
     /// Which blocks leaving G2 are written to G3.
     pub admission: Admission,
+    /// At most this many bytes a second written to G3 when making room in G2 (`flush` is not
+    /// limited): a write over it is dropped, not delayed.
+    pub write_budget: Option<WriteBudget>,
+    /// Which block each tier lets go when full.
+    pub eviction: PolicyKind,
     /// Offload/onboard requests in flight before new ones get `TierError::Busy`.
     pub max_requests: usize,
     /// Spilling starts when fewer G2 slots than this are free.
@@ -74,7 +81,9 @@ impl TierConfig {
             dram_slots,
             nvme: None,
             copy_threads: 2,
-            admission: Admission::Always,
+            admission: Admission::default(),
+            write_budget: None,
+            eviction: PolicyKind::default(),
             max_requests: 1024,
             spill_free_slots: (dram_slots / 8).max(1),
             verify_on_recover: false,
@@ -156,6 +165,9 @@ pub struct TierStats {
     /// G3 slots recovered at start, and dropped (torn, stale, corrupt).
     pub recovered: u64,
     pub dropped: u64,
+    /// Blocks leaving G2 written to G3, rejected by admission, dropped over the write budget.
+    pub admission: AdmissionCounters,
+    pub eviction: String,
 }
 
 enum Event {
@@ -263,6 +275,9 @@ struct State {
     /// Offload requests numbered below this were made before the last `clear`: their blocks
     /// are not stored.
     cleared_below: RequestId,
+    /// Admission to G3 and the write budget.
+    gate: Gate,
+    started: Instant,
 }
 
 struct Inner {
@@ -360,6 +375,7 @@ impl TierEngine {
         let (tx, rx) = unbounded();
         let mut stats = TierStats {
             pool_locked: pool.is_locked(),
+            eviction: cfg.eviction.to_string(),
             ..TierStats::default()
         };
         stats.dram.capacity = u64::from(cfg.dram_slots);
@@ -368,8 +384,9 @@ impl TierEngine {
             stats.direct_io = s.is_direct();
             stats.nvme.capacity = s.slots();
         }
+        let g3_blocks = store.as_ref().map_or(0, NvmeStore::slots);
         let mut state = State {
-            index: BlockIndex::default(),
+            index: BlockIndex::with_policy(cfg.eviction, u64::from(cfg.dram_slots), g3_blocks),
             g1: Vec::new(),
             requests: HashMap::new(),
             ops: HashMap::new(),
@@ -388,6 +405,13 @@ impl TierEngine {
             doomed: HashSet::new(),
             discarded: HashSet::new(),
             cleared_below: 0,
+            gate: Gate::new(
+                cfg.admission,
+                cfg.write_budget,
+                g3_blocks,
+                geometry.block_bytes(),
+            ),
+            started: Instant::now(),
         };
         // The default order keeps the fingerprint of files written before the order was a
         // choice; another order changes it, so recovery never reads blocks in the wrong order.
@@ -701,6 +725,7 @@ impl TierEngine {
     pub fn stats(&self) -> TierStats {
         let st = self.inner.state.lock();
         let mut s = st.stats.clone();
+        s.admission = st.gate.counters;
         s.dram.blocks = st.index.g2_len() as u64;
         s.nvme.blocks = st.index.g3_len() as u64;
         s
@@ -795,7 +820,8 @@ fn recover(
     found.sort_by_key(|(_, h)| h.seq);
     for (slot, h) in found {
         st.seq = st.seq.max(h.seq + 1);
-        st.index.pin_new(h.hash);
+        // Where it sat in its chain is not recorded: recovered blocks count as heads.
+        st.index.pin_new(h.hash, 0);
         st.index.set_g3(&h.hash, Some(slot));
         st.index.unpin(&h.hash);
         st.stats.recovered += 1;
@@ -961,7 +987,10 @@ fn start_offload(
         }
         return;
     }
-    for (hash, block) in blocks {
+    st.index.begin_batch();
+    for (depth, (hash, block)) in blocks.into_iter().enumerate() {
+        let depth = depth as u32;
+        st.gate.record(&hash);
         if st.doomed.contains(&hash) {
             // The old copy is still in use and goes when that ends: this save cannot take
             // its place yet (it would be "already cached" as the doomed bytes).
@@ -973,7 +1002,7 @@ fn start_offload(
         st.discarded.remove(&hash);
         if st.index.get(&hash).is_some() {
             // Already cached, or being cached by an earlier offload.
-            st.index.touch(&hash);
+            st.index.touch(&hash, depth);
             finish_block(inner, st, id, hash, Ok(()));
             continue;
         }
@@ -997,7 +1026,7 @@ fn start_offload(
                 continue;
             }
         }
-        st.index.pin_new(hash);
+        st.index.pin_new(hash, depth);
         st.waiting.push_back(Waiting::Offload {
             req: id,
             g1,
@@ -1018,7 +1047,9 @@ fn start_onboard(
         return;
     }
     let mut ready = Vec::new();
-    for (hash, block) in blocks {
+    st.index.begin_batch();
+    for (depth, (hash, block)) in blocks.into_iter().enumerate() {
+        st.gate.record(&hash);
         if st.doomed.contains(&hash) || st.discarded.contains(&hash) {
             // Its bytes are from before a clear, or its owner discarded it: never served.
             finish_block(inner, st, id, hash, Err(TierError::Miss(hash.to_string())));
@@ -1033,7 +1064,7 @@ fn start_onboard(
             Some(Entry { g2: Some(slot), .. }) => {
                 st.stats.dram.hits += 1;
                 st.index.pin(&hash);
-                st.index.touch(&hash);
+                st.index.touch(&hash, depth as u32);
                 ready.push((
                     g1,
                     Item {
@@ -1047,6 +1078,7 @@ fn start_onboard(
             Some(e) if e.g3.is_some() && inner.store.is_some() => {
                 st.stats.nvme.hits += 1;
                 st.index.pin(&hash);
+                st.index.touch(&hash, depth as u32);
                 st.loading.insert(hash, vec![(id, g1, block)]);
                 st.waiting.push_back(Waiting::Read { hash });
             }
@@ -1163,16 +1195,29 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool)
         return false;
     };
     let Some(slot) = e.g2 else { return false };
-    let admitted = force_spill
-        || inner.cfg.caller_evicts
-        || match inner.cfg.admission {
-            Admission::Always => true,
-            Admission::MinHits(n) => e.hits >= n,
+    if e.g3.is_none() && inner.store.is_some() {
+        // A caller that owns eviction was promised every block stays loadable: it is written.
+        let verdict = if force_spill || inner.cfg.caller_evicts {
+            Verdict::Write
+        } else {
+            let g3_victim = if st.g3_free.is_empty() {
+                st.index.g3_victim()
+            } else {
+                None
+            };
+            if st.g3_free.is_empty() && g3_victim.is_none() {
+                // Every G3 block is in use: nothing can make room there now.
+                Verdict::Reject
+            } else {
+                let now = st.started.elapsed();
+                st.gate.judge(&victim, e.hits, g3_victim.as_ref(), now)
+            }
         };
-    if e.g3.is_none() && admitted && inner.store.is_some() {
-        if let Some(g3) = g3_slot(inner, st) {
-            spill(inner, st, victim, slot, g3, true);
-            return false;
+        if verdict == Verdict::Write {
+            if let Some(g3) = g3_slot(inner, st) {
+                spill(inner, st, victim, slot, g3, true);
+                return false;
+            }
         }
     }
     st.index.set_g2(&victim, None);

@@ -1,67 +1,11 @@
 //! Where each block lives (G2 slot, G3 slot, both), who is using it, and which block goes when a
 //! tier is full. A block with readers or writers in flight is never a victim.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use kvcore::BlockHash;
 
-/// Chooses victims. Implementations see every insert, access and removal of their tier.
-pub trait EvictionPolicy: Send {
-    fn insert(&mut self, h: BlockHash);
-    fn touch(&mut self, h: &BlockHash);
-    fn remove(&mut self, h: &BlockHash);
-    /// The first candidate (in the policy's order) that `evictable` accepts.
-    fn victim(&mut self, evictable: &dyn Fn(&BlockHash) -> bool) -> Option<BlockHash>;
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Least recently used, by a logical clock: O(log n) per operation.
-#[derive(Default)]
-pub struct Lru {
-    clock: u64,
-    at: HashMap<BlockHash, u64>,
-    order: BTreeMap<u64, BlockHash>,
-}
-
-impl EvictionPolicy for Lru {
-    fn insert(&mut self, h: BlockHash) {
-        self.touch(&h);
-    }
-
-    fn touch(&mut self, h: &BlockHash) {
-        self.clock += 1;
-        if let Some(old) = self.at.insert(*h, self.clock) {
-            self.order.remove(&old);
-        }
-        self.order.insert(self.clock, *h);
-    }
-
-    fn remove(&mut self, h: &BlockHash) {
-        if let Some(t) = self.at.remove(h) {
-            self.order.remove(&t);
-        }
-    }
-
-    fn victim(&mut self, evictable: &dyn Fn(&BlockHash) -> bool) -> Option<BlockHash> {
-        self.order.values().find(|h| evictable(h)).copied()
-    }
-
-    fn len(&self) -> usize {
-        self.at.len()
-    }
-}
-
-/// Which blocks leaving G2 are worth writing to G3.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
-    /// Every block.
-    Always,
-    /// Blocks read back (onboarded) at least this many times.
-    MinHits(u32),
-}
+use crate::policy::{Access, EvictionPolicy, Lru, PolicyKind};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
@@ -73,6 +17,9 @@ pub struct Entry {
     pub refs: u32,
     /// Times the block was onboarded.
     pub hits: u32,
+    /// Its position in the chain of the save that brought it (what prefix-aware policies see
+    /// when it becomes resident).
+    pub depth: u32,
 }
 
 /// The tiers a block can be found in.
@@ -95,6 +42,11 @@ impl Default for BlockIndex {
 }
 
 impl BlockIndex {
+    /// Both tiers run `kind`, sized for their capacities in blocks.
+    pub fn with_policy(kind: PolicyKind, g2_blocks: u64, g3_blocks: u64) -> BlockIndex {
+        BlockIndex::new(kind.build(g2_blocks), kind.build(g3_blocks.max(1)))
+    }
+
     pub fn new(g2: Box<dyn EvictionPolicy>, g3: Box<dyn EvictionPolicy>) -> BlockIndex {
         BlockIndex {
             entries: HashMap::new(),
@@ -121,11 +73,19 @@ impl BlockIndex {
         }
     }
 
-    /// Creates (or returns) the entry of a block about to be filled, holding one reference.
-    pub fn pin_new(&mut self, h: BlockHash) -> &mut Entry {
+    /// Creates (or returns) the entry of a block about to be filled, holding one reference;
+    /// `depth` is its position in the chain of the call filling it.
+    pub fn pin_new(&mut self, h: BlockHash, depth: u32) -> &mut Entry {
         let e = self.entries.entry(h).or_default();
         e.refs += 1;
+        e.depth = depth;
         e
+    }
+
+    /// The blocks of one call follow (one request's chain, in order).
+    pub fn begin_batch(&mut self) {
+        self.g2.begin_batch();
+        self.g3.begin_batch();
     }
 
     pub fn pin(&mut self, h: &BlockHash) {
@@ -147,7 +107,7 @@ impl BlockIndex {
     pub fn set_g2(&mut self, h: &BlockHash, slot: Option<u32>) {
         if let Some(e) = self.entries.get_mut(h) {
             match (e.g2, slot) {
-                (None, Some(_)) => self.g2.insert(*h),
+                (None, Some(_)) => self.g2.insert(*h, Access::at(e.depth)),
                 (Some(_), None) => self.g2.remove(h),
                 _ => {}
             }
@@ -161,7 +121,7 @@ impl BlockIndex {
     pub fn set_g3(&mut self, h: &BlockHash, slot: Option<u64>) {
         if let Some(e) = self.entries.get_mut(h) {
             match (e.g3, slot) {
-                (None, Some(_)) => self.g3.insert(*h),
+                (None, Some(_)) => self.g3.insert(*h, Access::at(e.depth)),
                 (Some(_), None) => self.g3.remove(h),
                 _ => {}
             }
@@ -172,13 +132,15 @@ impl BlockIndex {
         }
     }
 
-    pub fn touch(&mut self, h: &BlockHash) {
+    /// A use of a resident block, at `depth` in the chain of the call using it.
+    pub fn touch(&mut self, h: &BlockHash, depth: u32) {
         if let Some(e) = self.entries.get(h) {
+            let at = Access::at(depth);
             if e.g2.is_some() {
-                self.g2.touch(h);
+                self.g2.touch(h, at);
             }
             if e.g3.is_some() {
-                self.g3.touch(h);
+                self.g3.touch(h, at);
             }
         }
     }
@@ -297,11 +259,11 @@ mod tests {
     fn lru_skips_referenced_blocks() {
         let mut idx = BlockIndex::default();
         for i in 0..3 {
-            idx.pin_new(h(i));
+            idx.pin_new(h(i), 0);
             idx.set_g2(&h(i), Some(i as u32));
             idx.unpin(&h(i));
         }
-        idx.touch(&h(0));
+        idx.touch(&h(0), 0);
         assert_eq!(idx.g2_victim(), Some(h(1)));
         idx.pin(&h(1));
         assert_eq!(idx.g2_victim(), Some(h(2)));
@@ -315,7 +277,7 @@ mod tests {
     #[test]
     fn blocks_move_between_tiers() {
         let mut idx = BlockIndex::default();
-        idx.pin_new(h(9));
+        idx.pin_new(h(9), 0);
         idx.set_g2(&h(9), Some(0));
         idx.set_g3(&h(9), Some(5));
         idx.unpin(&h(9));

@@ -63,7 +63,8 @@ impl Connector {
         host = "127.0.0.1".to_string(), port = 0, transport = "tcp".to_string(), token = None,
         insecure = false,
         lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None,
-        identity = String::new(), caller_evicts = false
+        identity = String::new(), caller_evicts = false, eviction = None, nvme_admission = None,
+        nvme_write_mib_s = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -85,7 +86,30 @@ impl Connector {
         total_kv_heads: Option<u32>,
         identity: String,
         caller_evicts: bool,
+        eviction: Option<String>,
+        nvme_admission: Option<String>,
+        nvme_write_mib_s: Option<f64>,
     ) -> PyResult<Connector> {
+        let eviction = match eviction {
+            Some(e) => e.parse::<kvferry::kvtier::PolicyKind>().map_err(err)?,
+            None => kvferry::kvtier::PolicyKind::default(),
+        };
+        let admission = match nvme_admission {
+            Some(a) => a.parse::<kvferry::kvtier::Admission>().map_err(err)?,
+            None => kvferry::kvtier::Admission::default(),
+        };
+        let write_budget = match nvme_write_mib_s {
+            Some(m) if m.is_finite() && m > 0.0 => {
+                let per_sec = (m * 1024.0 * 1024.0) as u64;
+                Some(kvferry::kvtier::WriteBudget {
+                    bytes_per_sec: per_sec,
+                    // A second of writes at once: eviction bursts with the batch.
+                    burst_bytes: per_sec,
+                })
+            }
+            Some(m) => return Err(err(format!("nvme_write_mib_s = {m}: a positive number"))),
+            None => None,
+        };
         let transport = match transport.as_str() {
             "tcp" => TransportKind::Tcp,
             "ucx" => TransportKind::Ucx,
@@ -104,6 +128,9 @@ impl Connector {
                 nvme: nvme_dir.map(|d| (d, nvme_blocks)),
                 identity,
                 caller_evicts,
+                eviction,
+                admission,
+                write_budget,
             }),
             pd: if pd {
                 Some(PdConfig {
@@ -326,6 +353,10 @@ impl Connector {
                 d.set_item(format!("{tier}_errors"), c.errors)?;
             }
             d.set_item("tier_misses", s.misses)?;
+            d.set_item("nvme_admitted", s.admission.admitted)?;
+            d.set_item("nvme_rejected", s.admission.rejected)?;
+            d.set_item("nvme_write_dropped", s.admission.dropped)?;
+            d.set_item("nvme_admitted_bytes", s.admission.bytes_admitted)?;
             d.set_item("nvme_recovered", s.recovered)?;
         }
         Ok(d)
@@ -413,7 +444,7 @@ impl Scheduler {
     #[new]
     #[pyo3(signature = (
         engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0,
-        capacity = None
+        capacity = None, eviction = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -426,7 +457,12 @@ impl Scheduler {
         tp_size: u32,
         lease_s: f64,
         capacity: Option<u64>,
+        eviction: Option<String>,
     ) -> PyResult<Scheduler> {
+        let eviction = match eviction {
+            Some(e) => e.parse::<kvferry::kvtier::PolicyKind>().map_err(err)?,
+            None => kvferry::kvtier::PolicyKind::default(),
+        };
         let lease = Duration::try_from_secs_f64(lease_s)
             .map_err(|_| err(format!("kv_lease_duration = {lease_s} seconds")))?;
         Ok(Scheduler {
@@ -440,6 +476,7 @@ impl Scheduler {
                 tp_size,
                 lease,
                 capacity,
+                eviction,
             })),
         })
     }

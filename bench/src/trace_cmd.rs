@@ -1,0 +1,276 @@
+//! `kvferry-bench trace`: eviction and admission policies replayed on request traces, next to
+//! the offline optimum at the same capacity in the same run.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Args;
+use kvferry::kvtier::{Admission, PolicyKind, WriteBudget};
+
+use crate::report::{json_f64, json_str, print_cells};
+use crate::trace::{belady, load, replay, synth, Trace};
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// Trace files: Mooncake's JSONL (`hash_ids`), or prompts as token ids (`tokens`), one JSON
+    /// object per line or a JSON array.
+    files: Vec<PathBuf>,
+    /// Also replay generated traces with these seeds (another reuse shape; see `trace/synth.rs`).
+    #[arg(long, value_delimiter = ',')]
+    synthetic: Vec<u64>,
+    /// Requests per generated trace.
+    #[arg(long, default_value_t = 12_000)]
+    synthetic_requests: usize,
+    /// Write each generated trace here (Mooncake's format), `{seed}` replaced by its seed.
+    #[arg(long)]
+    write_synthetic: Option<String>,
+    /// Tokens per block when hashing token-id prompts.
+    #[arg(long, default_value_t = 16)]
+    block_tokens: u64,
+    /// G2 capacities: a fraction of the trace's distinct blocks (with a '.') or blocks.
+    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.10,0.25")]
+    capacity: Vec<String>,
+    /// G3 capacities, same form (each with every G2 capacity); none: DRAM only.
+    #[arg(long, value_delimiter = ',')]
+    g3: Vec<String>,
+    /// Eviction policies.
+    #[arg(long, value_delimiter = ',', default_value = "lru,s3fifo,lfu")]
+    policies: Vec<String>,
+    /// G3 admission (rows with a G3 only).
+    #[arg(long, value_delimiter = ',', default_value = "always,frequency")]
+    admission: Vec<String>,
+    /// G3 write budget in MiB/s of trace time (writes over it are dropped).
+    #[arg(long)]
+    write_budget_mib_s: Option<f64>,
+    /// KV bytes per token, for bytes written (default: Llama-3-8B in bf16).
+    #[arg(long, default_value_t = 131_072)]
+    bytes_per_token: u64,
+}
+
+pub struct TraceRow {
+    trace: String,
+    policy: PolicyKind,
+    admission: Option<Admission>,
+    capacity_fraction: f64,
+    g2_blocks: u64,
+    g3_fraction: f64,
+    g3_blocks: u64,
+    out: replay::Outcome,
+    limit_hit_ratio: f64,
+}
+
+impl TraceRow {
+    fn is_default(&self) -> bool {
+        self.policy == PolicyKind::default()
+            && self.admission.is_none_or(|a| a == Admission::default())
+    }
+
+    fn ratio(&self) -> f64 {
+        if self.limit_hit_ratio > 0.0 {
+            self.out.hit_ratio() / self.limit_hit_ratio
+        } else {
+            0.0
+        }
+    }
+
+    fn ns_per_ref(&self) -> f64 {
+        self.out.elapsed.as_nanos() as f64 / self.out.references.max(1) as f64
+    }
+
+    fn ratio_of(&self, n: u64) -> f64 {
+        n as f64 / self.out.references.max(1) as f64
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = String::from("{");
+        let _ = write!(
+            s,
+            "\"trace\":{},\"policy\":{},\"admission\":{},\"capacity_fraction\":{},\"g2_blocks\":{},\
+             \"g3_fraction\":{},\"g3_blocks\":{},\"hit_ratio\":{},\"g2_hit_ratio\":{},\
+             \"g3_hit_ratio\":{},\"limit_hit_ratio\":{},\"ratio\":{},\"nvme_bytes_written\":{},\
+             \"nvme_writes\":{},\"rejected\":{},\"dropped\":{},\"ns_per_ref\":{},\"default\":{}}}",
+            json_str(&self.trace),
+            json_str(self.policy.name()),
+            self.admission
+                .map_or("null".to_string(), |a| json_str(&a.to_string())),
+            json_f64(self.capacity_fraction),
+            self.g2_blocks,
+            json_f64(self.g3_fraction),
+            self.g3_blocks,
+            json_f64(self.out.hit_ratio()),
+            json_f64(self.ratio_of(self.out.g2_hits)),
+            json_f64(self.ratio_of(self.out.g3_hits)),
+            json_f64(self.limit_hit_ratio),
+            json_f64(self.ratio()),
+            self.out.nvme_bytes_written,
+            self.out.nvme_writes,
+            self.out.rejected,
+            self.out.dropped,
+            json_f64(self.ns_per_ref()),
+            self.is_default()
+        );
+        s
+    }
+}
+
+/// "0.05" is a fraction of `distinct`; "4096" is blocks.
+fn capacity(spec: &str, distinct: u64) -> Result<(u64, f64), String> {
+    let spec = spec.trim();
+    if spec.contains('.') {
+        let f: f64 = spec
+            .parse()
+            .map_err(|e| format!("capacity {spec:?}: {e}"))?;
+        if !(f > 0.0 && f.is_finite()) {
+            return Err(format!("capacity {spec:?}: a positive fraction"));
+        }
+        Ok((((distinct as f64) * f).round().max(1.0) as u64, f))
+    } else {
+        let n: u64 = spec
+            .parse()
+            .map_err(|e| format!("capacity {spec:?}: {e}"))?;
+        Ok((n.max(1), n as f64 / distinct.max(1) as f64))
+    }
+}
+
+fn traces(a: &TraceArgs) -> Result<Vec<Trace>, String> {
+    let mut out = Vec::new();
+    for f in &a.files {
+        out.push(load::load(f, a.block_tokens)?);
+    }
+    for &seed in &a.synthetic {
+        let t = synth::generate(seed, a.synthetic_requests);
+        if let Some(p) = &a.write_synthetic {
+            let p = p.replace("{seed}", &seed.to_string());
+            std::fs::write(&p, synth::to_jsonl(&t)).map_err(|e| format!("{p}: {e}"))?;
+        }
+        out.push(t);
+    }
+    if out.is_empty() {
+        return Err("no trace: name a file or --synthetic SEED".into());
+    }
+    Ok(out)
+}
+
+pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
+    let policies: Vec<PolicyKind> = a
+        .policies
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()?;
+    let admissions: Vec<Admission> = a
+        .admission
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()?;
+    let mut rows = Vec::new();
+    for t in traces(a)? {
+        let distinct = t.distinct();
+        let block_bytes = t.block_tokens * a.bytes_per_token;
+        let budget = a.write_budget_mib_s.map(|m| {
+            let per_sec = (m * 1024.0 * 1024.0) as u64;
+            WriteBudget {
+                bytes_per_sec: per_sec,
+                burst_bytes: per_sec.max(block_bytes),
+            }
+        });
+        let refs = t.references() as f64;
+        let mut limits: HashMap<u64, f64> = HashMap::new();
+        let g3s: Vec<Option<&String>> = if a.g3.is_empty() {
+            vec![None]
+        } else {
+            a.g3.iter().map(Some).collect()
+        };
+        for spec in &a.capacity {
+            let (g2, frac) = capacity(spec, distinct)?;
+            for g3spec in &g3s {
+                let (g3, g3_frac) = match g3spec {
+                    Some(s) => capacity(s, distinct)?,
+                    None => (0, 0.0),
+                };
+                let limit = *limits
+                    .entry(g2 + g3)
+                    .or_insert_with(|| belady::hits(&t, g2 + g3) as f64 / refs);
+                let adm: Vec<Option<Admission>> = if g3 == 0 {
+                    vec![None]
+                } else {
+                    admissions.iter().copied().map(Some).collect()
+                };
+                for &policy in &policies {
+                    for admission in &adm {
+                        let cfg = replay::Config {
+                            policy,
+                            g2_blocks: g2,
+                            g3_blocks: g3,
+                            admission: admission.unwrap_or_default(),
+                            budget,
+                            block_bytes,
+                        };
+                        rows.push(TraceRow {
+                            trace: t.name.clone(),
+                            policy,
+                            admission: *admission,
+                            capacity_fraction: frac,
+                            g2_blocks: g2,
+                            g3_fraction: g3_frac,
+                            g3_blocks: g3,
+                            out: replay::replay(&t, &cfg),
+                            limit_hit_ratio: limit,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+pub fn print(rows: &[TraceRow], json: bool) {
+    if json {
+        for r in rows {
+            println!("{}", r.to_json());
+        }
+        return;
+    }
+    let mut cells = vec![[
+        "trace",
+        "policy",
+        "admission",
+        "g2",
+        "g3",
+        "hit",
+        "g2_hit",
+        "g3_hit",
+        "limit",
+        "ratio",
+        "nvme_GB",
+        "rejected",
+        "dropped",
+        "ns/ref",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in rows {
+        let mark = if r.is_default() { "*" } else { "" };
+        cells.push(vec![
+            r.trace.clone(),
+            format!("{}{mark}", r.policy),
+            r.admission.map_or("-".into(), |a| a.to_string()),
+            format!("{:.3}", r.capacity_fraction),
+            format!("{:.3}", r.g3_fraction),
+            format!("{:.3}", r.out.hit_ratio()),
+            format!("{:.3}", r.ratio_of(r.out.g2_hits)),
+            format!("{:.3}", r.ratio_of(r.out.g3_hits)),
+            format!("{:.3}", r.limit_hit_ratio),
+            format!("{:.2}", r.ratio()),
+            format!("{:.1}", r.out.nvme_bytes_written as f64 / 1e9),
+            r.out.rejected.to_string(),
+            r.out.dropped.to_string(),
+            format!("{:.0}", r.ns_per_ref()),
+        ]);
+    }
+    print_cells(&cells);
+    println!(
+        "* kvferry's default; limit: Belady's optimum (with bypass) at the same total capacity"
+    );
+}
