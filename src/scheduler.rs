@@ -5,7 +5,7 @@
 //! of which block hashes the worker's tiers hold, fed by the worker's stored/removed events. A
 //! block evicted between lookup and load fails to load and is recomputed; nothing is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvcore::BlockHash;
@@ -142,6 +142,9 @@ pub struct Scheduler {
     /// Blocks being saved (not yet reported stored), with when: they will take room.
     /// With their position in the saved chain, for the policy.
     saving: HashMap<BlockHash, (Instant, u32)>,
+    /// Blocks the tiers asked to drop (not worth an NVMe write) that a load in flight still
+    /// needs.
+    unwanted: HashSet<BlockHash>,
     /// Blocks discarded and not yet reported removed: a `Stored` event for one of them was
     /// emitted before the worker dropped it, and must not bring it back into the mirror.
     discarded: HashMap<BlockHash, Instant>,
@@ -173,6 +176,7 @@ impl Scheduler {
             policy,
             loading: HashMap::new(),
             saving: HashMap::new(),
+            unwanted: HashSet::new(),
             discarded: HashMap::new(),
         }
     }
@@ -210,6 +214,12 @@ impl Scheduler {
                     }
                     self.policy.touch(&hash, Access::at(depth));
                 }
+                TierEvent::Unwanted { hash } => {
+                    // A rank's tiers would drop it rather than write it to NVMe: dropped from
+                    // every rank (a block is loadable only where all hold it), once no load in
+                    // flight needs it.
+                    self.unwanted.insert(hash);
+                }
                 TierEvent::Removed { hash, tier } => {
                     self.discarded.remove(&hash);
                     if let Some(m) = self.cached.get_mut(&hash) {
@@ -223,7 +233,34 @@ impl Scheduler {
             }
         }
         if rank == 0 {
-            self.events.extend_from_slice(events);
+            // Routers hear of blocks stored and removed; `Unwanted` is between us and the worker.
+            self.events.extend(
+                events
+                    .iter()
+                    .filter(|e| !matches!(e, TierEvent::Unwanted { .. })),
+            );
+        }
+        self.drop_unwanted();
+    }
+
+    /// Discards the blocks the tiers asked to drop, except those a load in flight still needs
+    /// (they go once it is over). Out of the mirror first, so no new load is promised them.
+    fn drop_unwanted(&mut self) {
+        if self.unwanted.is_empty() {
+            return;
+        }
+        let busy: HashSet<&BlockHash> = self.loading.values().flatten().collect();
+        let (keep, go): (HashSet<BlockHash>, HashSet<BlockHash>) = std::mem::take(&mut self.unwanted)
+            .into_iter()
+            .partition(|h| busy.contains(h));
+        self.unwanted = keep;
+        let now = Instant::now();
+        for h in go {
+            self.cached.remove(&h);
+            self.policy.remove(&h);
+            self.saving.remove(&h);
+            self.discarded.insert(h, now);
+            self.step.discards.push(h);
         }
     }
 
@@ -242,6 +279,7 @@ impl Scheduler {
         self.cached.clear();
         self.policy = Self::policy_for(&self.cfg);
         self.saving.clear();
+        self.unwanted.clear();
         self.resets_sent += 1;
         self.step.reset = true;
     }
@@ -307,6 +345,7 @@ impl Scheduler {
     /// evicted again.
     pub fn loaded(&mut self, req: &str) {
         self.loading.remove(req);
+        self.drop_unwanted();
     }
 
     /// Makes room for `n` more blocks under scheduler-owned eviction: least recently used
@@ -472,6 +511,7 @@ impl Scheduler {
         self.plans.remove(req);
         // vLLM reports a load over before it finishes the request; an aborted one ends here.
         self.loading.remove(req);
+        self.drop_unwanted();
         if let Some((t, _, _)) = self.waiting.remove(req) {
             // Finished (aborted) while waiting for its pull: the prefill engine may free.
             self.step.aborts.push(t);
@@ -789,6 +829,37 @@ mod tests {
         let more: Vec<BlockHash> = (20..21).map(h).collect();
         s.finished("q", true, false, &more, &[7], 4);
         assert_eq!(s.take_step().discards.len(), 1);
+    }
+
+    #[test]
+    fn unwanted_blocks_are_discarded_once_no_load_needs_them_and_never_reach_routers() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            capacity: Some(16),
+            ..sched(true, false).cfg
+        });
+        let stored = |i| TierEvent::Stored {
+            hash: h(i),
+            tier: Tier::Dram,
+        };
+        s.apply(&[stored(0), stored(1), stored(2)]);
+        let _ = s.take_events();
+        // A load of 0 and 1 is in flight.
+        let hashes: Vec<BlockHash> = (0..3).map(h).collect();
+        assert_eq!(s.matched("l", None, 12, 12, &hashes, 0), 8);
+        s.allocated("l", None, &[10, 11, 12], 8);
+        let _ = s.take_step();
+        // The worker would rather drop 1 and 2 than write them to NVMe.
+        s.apply(&[
+            TierEvent::Unwanted { hash: h(1) },
+            TierEvent::Unwanted { hash: h(2) },
+        ]);
+        assert!(s.take_events().is_empty(), "routers never hear of it");
+        assert_eq!(s.take_step().discards, vec![h(2)], "1 is being loaded");
+        assert_eq!(s.lookup(&[h(2)]), 0, "no load is promised a discarded block");
+        assert_eq!(s.lookup(&[h(0), h(1)]), 2);
+        s.loaded("l");
+        assert_eq!(s.take_step().discards, vec![h(1)]);
+        assert_eq!(s.lookup(&[h(0), h(1)]), 1);
     }
 
     #[test]

@@ -139,8 +139,8 @@ fn print_table(rows: &[Row], extra_keys: &[&str]) {
 
 /// An aligned table: the first column left-aligned, the rest right-aligned.
 pub fn print_cells(cells: &[Vec<String>]) {
-    let Some(first) = cells.first() else { return };
-    let widths: Vec<usize> = (0..first.len())
+    let columns = cells.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
         .map(|c| {
             cells
                 .iter()
@@ -155,10 +155,11 @@ pub fn print_cells(cells: &[Vec<String>]) {
             .iter()
             .enumerate()
             .map(|(i, v)| {
+                let w = widths.get(i).copied().unwrap_or(0);
                 if i == 0 {
-                    format!("{v:<w$}", w = widths[i])
+                    format!("{v:<w$}")
                 } else {
-                    format!("{v:>w$}", w = widths[i])
+                    format!("{v:>w$}")
                 }
             })
             .collect();

@@ -58,6 +58,8 @@ pub struct TraceRow {
     g3_blocks: u64,
     out: replay::Outcome,
     limit_hit_ratio: f64,
+    /// LRU with perfect admission (told which blocks are used again), same capacity.
+    oracle_lru_hit_ratio: f64,
 }
 
 impl TraceRow {
@@ -88,7 +90,7 @@ impl TraceRow {
             s,
             "\"trace\":{},\"policy\":{},\"admission\":{},\"capacity_fraction\":{},\"g2_blocks\":{},\
              \"g3_fraction\":{},\"g3_blocks\":{},\"hit_ratio\":{},\"g2_hit_ratio\":{},\
-             \"g3_hit_ratio\":{},\"limit_hit_ratio\":{},\"ratio\":{},\"nvme_bytes_written\":{},\
+             \"g3_hit_ratio\":{},\"limit_hit_ratio\":{},\"oracle_lru_hit_ratio\":{},\"ratio\":{},\"nvme_bytes_written\":{},\
              \"nvme_writes\":{},\"rejected\":{},\"dropped\":{},\"ns_per_ref\":{},\"default\":{}}}",
             json_str(&self.trace),
             json_str(self.policy.name()),
@@ -102,6 +104,7 @@ impl TraceRow {
             json_f64(self.ratio_of(self.out.g2_hits)),
             json_f64(self.ratio_of(self.out.g3_hits)),
             json_f64(self.limit_hit_ratio),
+            json_f64(self.oracle_lru_hit_ratio),
             json_f64(self.ratio()),
             self.out.nvme_bytes_written,
             self.out.nvme_writes,
@@ -175,7 +178,7 @@ pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
             }
         });
         let refs = t.references() as f64;
-        let mut limits: HashMap<u64, f64> = HashMap::new();
+        let mut limits: HashMap<u64, (f64, f64)> = HashMap::new();
         let g3s: Vec<Option<&String>> = if a.g3.is_empty() {
             vec![None]
         } else {
@@ -188,9 +191,12 @@ pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
                     Some(s) => capacity(s, distinct)?,
                     None => (0, 0.0),
                 };
-                let limit = *limits
-                    .entry(g2 + g3)
-                    .or_insert_with(|| belady::hits(&t, g2 + g3) as f64 / refs);
+                let (limit, oracle) = *limits.entry(g2 + g3).or_insert_with(|| {
+                    (
+                        belady::hits(&t, g2 + g3) as f64 / refs,
+                        belady::oracle_lru_hits(&t, g2 + g3) as f64 / refs,
+                    )
+                });
                 let adm: Vec<Option<Admission>> = if g3 == 0 {
                     vec![None]
                 } else {
@@ -216,6 +222,7 @@ pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
                             g3_blocks: g3,
                             out: replay::replay(&t, &cfg),
                             limit_hit_ratio: limit,
+                            oracle_lru_hit_ratio: oracle,
                         });
                     }
                 }
@@ -242,6 +249,7 @@ pub fn print(rows: &[TraceRow], json: bool) {
         "g2_hit",
         "g3_hit",
         "limit",
+        "oracle",
         "ratio",
         "nvme_GB",
         "rejected",
@@ -262,6 +270,7 @@ pub fn print(rows: &[TraceRow], json: bool) {
             format!("{:.3}", r.ratio_of(r.out.g2_hits)),
             format!("{:.3}", r.ratio_of(r.out.g3_hits)),
             format!("{:.3}", r.limit_hit_ratio),
+            format!("{:.3}", r.oracle_lru_hit_ratio),
             format!("{:.2}", r.ratio()),
             format!("{:.1}", r.out.nvme_bytes_written as f64 / 1e9),
             r.out.rejected.to_string(),

@@ -133,11 +133,14 @@ pub struct Lookup {
     pub tiers: Vec<Tier>,
 }
 
-/// For cache-aware routers: a block became available in, or left, a tier.
+/// For cache-aware routers: a block became available in, or left, a tier. And, for a caller
+/// that owns eviction, `Unwanted`: G2 needs room and this block (on no other tier) is not worth
+/// an NVMe write; it stays loadable until the caller discards it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TierEvent {
     Stored { hash: BlockHash, tier: Tier },
     Removed { hash: BlockHash, tier: Tier },
+    Unwanted { hash: BlockHash },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1185,7 +1188,8 @@ fn g2_victim(inner: &Inner, st: &mut State) -> Option<BlockHash> {
         return st.index.g2_victim();
     }
     let g3_room = inner.store.is_some() && !st.g3_free.is_empty();
-    st.index.g2_victim_where(&|e| e.g3.is_some() || g3_room)
+    st.index
+        .g2_victim_where(&|e| !e.unwanted && (e.g3.is_some() || g3_room))
 }
 
 /// Makes room in G2 by letting `victim` go: dropped if G3 has it or will not take it, else
@@ -1196,11 +1200,13 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool)
     };
     let Some(slot) = e.g2 else { return false };
     if e.g3.is_none() && inner.store.is_some() {
-        // A caller that owns eviction was promised every block stays loadable: it is written.
-        let verdict = if force_spill || inner.cfg.caller_evicts {
+        let verdict = if force_spill {
             Verdict::Write
         } else {
-            let g3_victim = if st.g3_free.is_empty() {
+            // A caller that owns eviction keeps G3's free slots for blocks its capacity already
+            // counts: room there says nothing about worth, so the comparison is always with
+            // G3's coldest block.
+            let g3_victim = if st.g3_free.is_empty() || inner.cfg.caller_evicts {
                 st.index.g3_victim()
             } else {
                 None
@@ -1218,6 +1224,15 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool)
                 spill(inner, st, victim, slot, g3, true);
                 return false;
             }
+        }
+        if inner.cfg.caller_evicts && verdict != Verdict::Write {
+            // Not written, and only the caller may drop it (it may have promised a load of it):
+            // it asks, and the block stays loadable and out of the victims until the discard.
+            if let Some(en) = st.index.entry_mut(&victim) {
+                en.unwanted = true;
+            }
+            st.events.push(TierEvent::Unwanted { hash: victim });
+            return false;
         }
     }
     st.index.set_g2(&victim, None);

@@ -20,6 +20,9 @@ pub struct Entry {
     /// Its position in the chain of the save that brought it (what prefix-aware policies see
     /// when it becomes resident).
     pub depth: u32,
+    /// Judged not worth an NVMe write while its caller owns eviction: no longer a victim, it
+    /// waits for the caller's discard.
+    pub unwanted: bool,
 }
 
 /// The tiers a block can be found in.

@@ -61,3 +61,45 @@ fn with_nvme_dram_copies_make_room_but_no_block_is_dropped() {
     assert_eq!(t.stats().nvme.evictions, 0);
     t.check_consistent().expect("consistent");
 }
+
+#[test]
+fn a_block_not_worth_an_nvme_write_is_asked_about_and_stays_loadable_until_discarded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TierConfig::new(geometry(), 4);
+    let mut n = NvmeConfig::new(dir.path(), 8);
+    n.io = IoMode::Auto;
+    cfg.nvme = Some(n);
+    cfg.caller_evicts = true;
+    // Only blocks read back at least once are worth a write.
+    cfg.admission = kvtier::Admission::MinHits(1);
+    let t = TierEngine::new(cfg).expect("engine");
+    let mut g = G1::new(geometry(), 32, 3);
+    let g1 = g.register(&t);
+    // Block 0 is read back, so it is worth a write when it leaves DRAM; 1..4 are not.
+    assert_eq!(offload(&t, g1, 0..1), (1, 0));
+    assert!(loadable(&t, g1, 0..1));
+    let (ok, _) = offload(&t, g1, 1..4);
+    assert_eq!(ok, 3);
+    let (_, _) = offload(&t, g1, 4..6);
+    let unwanted: Vec<_> = t
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            kvtier::TierEvent::Unwanted { hash } => Some(hash),
+            _ => None,
+        })
+        .collect();
+    assert!(!unwanted.is_empty(), "{:?}", t.stats());
+    assert!(!unwanted.contains(&hash(0)), "block 0 was read back: written, not unwanted");
+    assert!(t.stats().admission.rejected > 0);
+    // Nothing the engine judged unwanted left on its own: each still loads.
+    for h in &unwanted {
+        let i = (0..6u64).find(|&i| hash(i) == *h).expect("one of ours");
+        assert!(loadable(&t, g1, i..i + 1), "block {i} was dropped without a discard");
+    }
+    // The caller's discard frees them, and the room takes new blocks.
+    assert_eq!(t.discard(&unwanted), unwanted.len());
+    let more = unwanted.len().min(2) as u64;
+    assert_eq!(offload(&t, g1, 10..10 + more).0, more as usize);
+    t.check_consistent().expect("consistent");
+}

@@ -236,6 +236,14 @@ class KVFerryOffloadingSpec(OffloadingSpec):
             raise ValueError("kvferry: set dram_blocks in kv_connector_extra_config")
         self.nvme_dir = extra.get("nvme_dir")
         self.nvme_blocks = int(extra.get("nvme_blocks", 0)) if self.nvme_dir else 0
+        self.eviction = extra.get("eviction")
+        if extra.get("nvme_admission") is not None or extra.get("nvme_write_mib_s") is not None:
+            # vLLM's manager decides what is stored here and stops the engine on a failed load:
+            # a block kvferry declined to write to NVMe would be one.
+            raise ValueError(
+                "kvferry: nvme_admission and nvme_write_mib_s need kvferry's own connector "
+                "(KVFerryConnector); vLLM's OffloadingConnector owns what its tiers store"
+            )
         if self.blocks_per_chunk != 1 or len(self.tokens_per_block) != 1:
             raise NotImplementedError(
                 "kvferry's offloading spec handles one KV cache group and blocks_per_chunk 1"
@@ -292,6 +300,7 @@ class KVFerryOffloadingSpec(OffloadingSpec):
             nvme_dir=self.nvme_dir,
             nvme_blocks=self.nvme_blocks,
             identity=identity,
+            eviction=None if self.eviction is None else str(self.eviction),
             # Not `caller_evicts`: there a full tier refuses saves, and vLLM 0.32 stops the
             # engine on any failed transfer; the manager's capacity (G3's) keeps the tiers from
             # evicting on their own in normal operation.

@@ -39,6 +39,15 @@ Extra config (all optional):
   ``reset_prefix_cache(reset_connector=True)`` empties G2 and G3 for good. Full blocks of
   finished requests are saved by vLLM's block hash, and a new request's prefix beyond vLLM's own
   cache is loaded from G2/G3 asynchronously.
+- ``eviction`` (``"lfu"``, the default; ``"lru"``, ``"s3fifo"``): which blocks the tiers keep
+  when full. ``lfu`` is prefix-aware (a chain's tail goes before its head) with an aging period
+  chosen online; ``kvferry-bench trace`` and ``bench/RESULTS.md`` have the hit ratios against
+  the offline optimum. ``nvme_admission`` (``"always"``, the default; ``"frequency"`` or
+  ``"frequency:N"``, TinyLFU against NVMe's coldest block; ``"min-hits:N"``, blocks read back N
+  times): which blocks leaving DRAM are written to NVMe. ``nvme_write_mib_s``: at most this many
+  MiB/s written to NVMe when making room in DRAM; writes over it are dropped, never queued. A
+  block not written is asked to be dropped and the scheduler drops it once no load in flight
+  needs it (the counters ``nvme_rejected`` and ``nvme_write_dropped`` say how many).
 
 Both at once work (a decode engine that also offloads). Loads that fail are reported through
 ``get_block_ids_with_load_errors``. Ordinary events never fail a load: the scheduler owns
@@ -103,6 +112,16 @@ def native(engine_id: str) -> _Native | None:
     return _ENGINES.get(engine_id)
 
 
+def _opt_str(extra: dict[str, Any], key: str) -> str | None:
+    v = extra.get(key)
+    return None if v is None else str(v)
+
+
+def _opt_float(extra: dict[str, Any], key: str) -> float | None:
+    v = extra.get(key)
+    return None if v is None else float(v)
+
+
 def _capacity(extra: dict[str, Any]) -> int:
     if extra.get("nvme_dir") and int(extra.get("nvme_blocks", 0)) > 0:
         return int(extra["nvme_blocks"])
@@ -146,6 +165,9 @@ def _shared(
                 identity=identity,
                 # The scheduler owns eviction (see capacity in KVFerryConnector.__init__).
                 caller_evicts=True,
+                eviction=_opt_str(extra, "eviction"),
+                nvme_admission=_opt_str(extra, "nvme_admission"),
+                nvme_write_mib_s=_opt_float(extra, "nvme_write_mib_s"),
             )
             _ENGINES[engine_id] = n
         return n
@@ -294,6 +316,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             # or G2 without it): a block it promises a load of is never dropped under it, so
             # vLLM's default kv_load_failure_policy ("fail") does not fail ordinary requests.
             capacity=_capacity(self.extra) if self.offload else None,
+            eviction=_opt_str(self.extra, "eviction"),
         )
         # Worker-side state.
         self._load_errors: set[int] = set()

@@ -380,6 +380,8 @@ fn event_tuple<'py>(
     let (kind, hash, tier) = match e {
         TierEvent::Stored { hash, tier } => ("stored", hash, tier),
         TierEvent::Removed { hash, tier } => ("removed", hash, tier),
+        // G2 asks the scheduler to drop it (never reaches routers: the scheduler keeps it).
+        TierEvent::Unwanted { hash } => ("unwanted", hash, Tier::Dram),
     };
     (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
 }
@@ -520,6 +522,7 @@ impl Scheduler {
             out.push(match kind.as_str() {
                 "stored" => TierEvent::Stored { hash, tier },
                 "removed" => TierEvent::Removed { hash, tier },
+                "unwanted" => TierEvent::Unwanted { hash },
                 other => return Err(err(format!("event kind {other:?}"))),
             });
         }

@@ -7,9 +7,9 @@ use std::collections::{BinaryHeap, HashMap};
 
 use super::{prefix_hits, Trace};
 
-/// Prefix hits at `capacity` blocks.
-pub fn hits(t: &Trace, capacity: u64) -> u64 {
-    // For every reference, the request that next uses the same block.
+/// For every reference (in trace order), the request that next uses the same block
+/// (`u32::MAX`: none).
+fn next_uses(t: &Trace) -> Vec<u32> {
     let refs = t.references() as usize;
     let mut next = vec![u32::MAX; refs];
     let mut seen: HashMap<u64, u32> = HashMap::new();
@@ -23,6 +23,12 @@ pub fn hits(t: &Trace, capacity: u64) -> u64 {
             seen.insert(*b, i as u32);
         }
     }
+    next
+}
+
+/// Prefix hits at `capacity` blocks.
+pub fn hits(t: &Trace, capacity: u64) -> u64 {
+    let next = next_uses(t);
     let mut cache: HashMap<u64, u32> = HashMap::new();
     let mut heap: BinaryHeap<(u32, u64)> = BinaryHeap::new();
     let mut total = 0u64;
@@ -49,6 +55,39 @@ pub fn hits(t: &Trace, capacity: u64) -> u64 {
     total
 }
 
+/// Prefix hits of LRU told, for each block, whether it is used again (blocks that are not are
+/// never kept): what perfect admission alone gives, without knowing when. An online policy
+/// that cannot predict reuse better than this stays below it.
+pub fn oracle_lru_hits(t: &Trace, capacity: u64) -> u64 {
+    let next = next_uses(t);
+    let mut at: HashMap<u64, u64> = HashMap::new();
+    let mut order: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    let (mut clock, mut total, mut k) = (0u64, 0u64, 0usize);
+    for r in &t.requests {
+        total += prefix_hits(&r.blocks, |b| at.contains_key(&b)) as u64;
+        for b in &r.blocks {
+            let n = next[k];
+            k += 1;
+            if let Some(old) = at.remove(b) {
+                order.remove(&old);
+            }
+            if n == u32::MAX {
+                continue;
+            }
+            clock += 1;
+            at.insert(*b, clock);
+            order.insert(clock, *b);
+            while at.len() as u64 > capacity {
+                let Some((_, v)) = order.pop_first() else {
+                    break;
+                };
+                at.remove(&v);
+            }
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::Request;
@@ -67,5 +106,9 @@ mod tests {
         };
         assert_eq!(hits(&t, 1), 2, "1 twice; keeping 3 would cost a hit on 1");
         assert_eq!(hits(&t, 2), 3);
+        // LRU that skips block 2 (and 1 after its last use): 1 hits once, then 3 pushes it
+        // out and hits itself.
+        assert_eq!(oracle_lru_hits(&t, 1), 2);
+        assert_eq!(oracle_lru_hits(&t, 2), 3);
     }
 }

@@ -20,12 +20,13 @@ use kvcore::BlockHash;
 use super::sketch::FrequencySketch;
 use super::{Access, EvictionPolicy};
 
-/// Candidate aging periods, in multiples of the capacity.
-const PERIODS: [u64; 5] = [1, 2, 4, 8, 16];
+/// Candidate aging periods, in multiples of the capacity; 0 is no frequency at all (prefix-aware
+/// LRU), the right answer when the cache is large against the working set.
+const PERIODS: [u64; 6] = [0, 1, 2, 4, 8, 16];
 /// The sketch is as wide as the longest period has distinct keys at most: narrower, and
 /// collisions turn long memory into noise (64 bytes per cached block; a block is megabytes).
 const SKETCH_KEYS_PER_BLOCK: u64 = 16;
-const START_PERIOD: u64 = 2;
+const START_PERIOD: u64 = 0;
 /// Another period is taken only when its shadow beats the current one's by this fraction:
 /// shadows are samples, and near-equal scores are noise.
 const SWITCH_MARGIN: f64 = 1.0 / 32.0;
@@ -46,6 +47,8 @@ struct Key {
 /// The ordering itself, without adaptation (what the shadows are made of).
 struct Core {
     cap: u64,
+    /// The aging period in multiples of `cap`; 0: frequency ignored.
+    mult: u64,
     sketch: FrequencySketch,
     batch: u64,
     keys: HashMap<BlockHash, Key>,
@@ -57,7 +60,8 @@ impl Core {
         let cap = cap.max(1);
         Core {
             cap,
-            sketch: FrequencySketch::new(cap * SKETCH_KEYS_PER_BLOCK, cap * period_mult),
+            mult: period_mult,
+            sketch: FrequencySketch::new(cap * SKETCH_KEYS_PER_BLOCK, cap * period_mult.max(1)),
             batch: 0,
             keys: HashMap::new(),
             order: BTreeSet::new(),
@@ -65,7 +69,20 @@ impl Core {
     }
 
     fn set_period_mult(&mut self, m: u64) {
-        self.sketch.set_period(self.cap * m);
+        if m != self.mult {
+            self.mult = m;
+            self.sketch.set_period(self.cap * m.max(1));
+            // Turning frequency off (or on) reorders every resident block.
+            self.rekey();
+        }
+    }
+
+    fn freq(&self, h: &BlockHash) -> u8 {
+        if self.mult == 0 {
+            0
+        } else {
+            self.sketch.estimate(h)
+        }
     }
 
     /// Counts a use of `h`; (re)keys it when resident or `insert`. Returns whether it was
@@ -82,7 +99,7 @@ impl Core {
             self.order.remove(&(k, *h));
         }
         let k = Key {
-            freq: self.sketch.estimate(h),
+            freq: self.freq(h),
             batch: self.batch,
             tail: u32::MAX - at.depth,
         };
@@ -93,11 +110,12 @@ impl Core {
 
     /// After aging every frequency halved: resident keys take their new counts.
     fn rekey(&mut self) {
-        let sketch = &self.sketch;
         self.order.clear();
-        for (h, k) in self.keys.iter_mut() {
-            k.freq = sketch.estimate(h);
-            self.order.insert((*k, *h));
+        let keys = std::mem::take(&mut self.keys);
+        for (h, mut k) in keys {
+            k.freq = self.freq(&h);
+            self.order.insert((k, h));
+            self.keys.insert(h, k);
         }
     }
 

@@ -64,10 +64,18 @@ fn lfu_evicts_a_chains_tail_before_its_head() {
 
 #[test]
 fn frequency_aware_policies_keep_a_hot_block_through_a_burst_that_flushes_lru() {
-    // Block 0 is used by every request (a shared system prompt), the rest once; then a burst of
-    // new blocks longer than the cache, then block 0 again.
-    let mut reqs: Vec<Vec<u64>> = (0..200).map(|i| vec![0, 1000 + i, 5000 + i]).collect();
-    reqs.push((20_000..20_016).collect());
+    // Block 0 is used by every request (a shared system prompt), the rest once, and every tenth
+    // request a burst of new blocks longer than the cache; the trace ends on a burst.
+    let mut reqs: Vec<Vec<u64>> = Vec::new();
+    let mut fresh = 1000u64;
+    for i in 0..300 {
+        reqs.push(vec![0, fresh]);
+        fresh += 1;
+        if i % 10 == 9 {
+            reqs.push((fresh..fresh + 16).collect());
+            fresh += 16;
+        }
+    }
     for kind in PolicyKind::ALL {
         let mut p = kind.build(8);
         let (left, _) = run(p.as_mut(), 8, &reqs);

@@ -194,6 +194,38 @@ def offload(model, plain, nvme_dir=None):
         e.close()
 
 
+def offload_admission(model, plain, nvme_dir):
+    """A DRAM tier smaller than the prompts' blocks, NVMe admission on (only blocks read back are
+    worth a write) and S3-FIFO eviction: blocks not written are dropped by the scheduler, never
+    under a load; outputs stay plain vLLM's and no load fails."""
+    conn = {
+        "pd": False,
+        "dram_blocks": 8,
+        "nvme_dir": nvme_dir,
+        "nvme_blocks": 64,
+        "eviction": "s3fifo",
+        "nvme_admission": "min-hits:1",
+    }
+    e = Engine(model, "offload-admission", conn)
+    ps = prompts()
+    try:
+        s1, _ = saved_round(e, "offload-admission", ps, plain)
+        for rnd in range(2):
+            out, _ = e.generate(ps, 16)
+            check_same(f"offload-admission round {rnd + 2}", out, plain)
+            assert e.call(op="settle")["reset"]
+        s = e.stats()
+        assert s["nvme_rejected"] > 0, s
+        assert s["onboard_failed_blocks"] == 0, s
+        return (
+            f"{s['saved_blocks']} blocks saved, {s['nvme_admitted']} written to G3, "
+            f"{s['nvme_rejected']} judged not worth a write and dropped, "
+            f"{s['onboarded_blocks']} onboarded, no load failed"
+        )
+    finally:
+        e.close()
+
+
 def recomputes(name, dec, ps, params, plain):
     """Decodes with pulls that must fail; the outputs must still equal plain vLLM's."""
     out, _ = dec.generate(ps, 16, params)
@@ -330,6 +362,7 @@ def main():
         ("pd-ucx", lambda: pd(model, plain, "ucx")),
         ("offload", lambda: offload(model, plain)),
         ("offload-g3", lambda: offload(model, plain, tmp)),
+        ("offload-admission", lambda: offload_admission(model, plain, os.path.join(tmp, "adm"))),
         ("offloading-spec", lambda: offloading_spec(model, plain)),
         ("offloading-spec-evict", lambda: offloading_spec(model, plain, dram_blocks=8)),
         (
