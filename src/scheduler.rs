@@ -250,9 +250,10 @@ impl Scheduler {
             return;
         }
         let busy: HashSet<&BlockHash> = self.loading.values().flatten().collect();
-        let (keep, go): (HashSet<BlockHash>, HashSet<BlockHash>) = std::mem::take(&mut self.unwanted)
-            .into_iter()
-            .partition(|h| busy.contains(h));
+        let (keep, go): (HashSet<BlockHash>, HashSet<BlockHash>) =
+            std::mem::take(&mut self.unwanted)
+                .into_iter()
+                .partition(|h| busy.contains(h));
         self.unwanted = keep;
         let now = Instant::now();
         for h in go {
@@ -855,7 +856,11 @@ mod tests {
         ]);
         assert!(s.take_events().is_empty(), "routers never hear of it");
         assert_eq!(s.take_step().discards, vec![h(2)], "1 is being loaded");
-        assert_eq!(s.lookup(&[h(2)]), 0, "no load is promised a discarded block");
+        assert_eq!(
+            s.lookup(&[h(2)]),
+            0,
+            "no load is promised a discarded block"
+        );
         assert_eq!(s.lookup(&[h(0), h(1)]), 2);
         s.loaded("l");
         assert_eq!(s.take_step().discards, vec![h(1)]);

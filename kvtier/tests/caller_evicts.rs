@@ -90,12 +90,18 @@ fn a_block_not_worth_an_nvme_write_is_asked_about_and_stays_loadable_until_disca
         })
         .collect();
     assert!(!unwanted.is_empty(), "{:?}", t.stats());
-    assert!(!unwanted.contains(&hash(0)), "block 0 was read back: written, not unwanted");
+    assert!(
+        !unwanted.contains(&hash(0)),
+        "block 0 was read back: written, not unwanted"
+    );
     assert!(t.stats().admission.rejected > 0);
     // Nothing the engine judged unwanted left on its own: each still loads.
     for h in &unwanted {
         let i = (0..6u64).find(|&i| hash(i) == *h).expect("one of ours");
-        assert!(loadable(&t, g1, i..i + 1), "block {i} was dropped without a discard");
+        assert!(
+            loadable(&t, g1, i..i + 1),
+            "block {i} was dropped without a discard"
+        );
     }
     // The caller's discard frees them, and the room takes new blocks.
     assert_eq!(t.discard(&unwanted), unwanted.len());

@@ -161,8 +161,11 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
                 new.push(*h);
             }
         }
-        for h in &new {
-            if let Some(s) = sim.g2_slot() {
+        // As in the engine: every slot is taken (evicting as needed) before the call's copies
+        // land and its blocks become resident together.
+        let slots: Vec<Option<u32>> = new.iter().map(|_| sim.g2_slot()).collect();
+        for (h, slot) in new.iter().zip(slots) {
+            if let Some(s) = slot {
                 sim.idx.set_g2(h, Some(s));
             }
             sim.idx.unpin(h);

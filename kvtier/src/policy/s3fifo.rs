@@ -32,6 +32,8 @@ pub struct S3Fifo {
     ghost: VecDeque<BlockHash>,
     ghost_set: HashSet<BlockHash>,
     seq: u64,
+    /// This call's new blocks, in prompt order, not yet queued (their nodes have seq 0).
+    pending: Vec<(BlockHash, bool)>,
 }
 
 impl S3Fifo {
@@ -47,6 +49,26 @@ impl S3Fifo {
             ghost: VecDeque::new(),
             ghost_set: HashSet::new(),
             seq: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Queues the call's new blocks, deepest first.
+    fn flush(&mut self) {
+        for (h, main) in std::mem::take(&mut self.pending).into_iter().rev() {
+            let Some(n) = self.nodes.get_mut(&h) else {
+                continue;
+            };
+            if n.seq != 0 {
+                continue;
+            }
+            self.seq += 1;
+            n.seq = self.seq;
+            if main {
+                self.main.push_back((h, self.seq));
+            } else {
+                self.small.push_back((h, self.seq));
+            }
         }
     }
 
@@ -87,12 +109,25 @@ impl S3Fifo {
 }
 
 impl EvictionPolicy for S3Fifo {
+    fn begin_batch(&mut self) {
+        self.flush();
+    }
+
     fn insert(&mut self, h: BlockHash, at: Access) {
         if self.nodes.contains_key(&h) {
             return self.touch(&h, at);
         }
         let main = self.ghost_set.remove(&h);
-        self.push(h, main, 0);
+        let n = Node {
+            main,
+            freq: 0,
+            seq: 0,
+        };
+        self.nodes.insert(h, n);
+        if !main {
+            self.small_len += 1;
+        }
+        self.pending.push((h, main));
     }
 
     fn touch(&mut self, h: &BlockHash, at: Access) {
@@ -114,6 +149,7 @@ impl EvictionPolicy for S3Fifo {
     }
 
     fn victim(&mut self, evictable: &dyn Fn(&BlockHash) -> bool) -> Option<BlockHash> {
+        self.flush();
         // Every step either answers or moves one entry (and lowers a count, or drops a stale
         // entry), so this many steps visit every live block more than MAX_FREQ times.
         let budget = (self.small.len() + self.main.len()) * (MAX_FREQ as usize + 2) + 2;

@@ -217,6 +217,8 @@ def offload_admission(model, plain, nvme_dir):
         s = e.stats()
         assert s["nvme_rejected"] > 0, s
         assert s["onboard_failed_blocks"] == 0, s
+        # The shared prefix (a chain's head) stays through the pressure: later rounds load it.
+        assert s["onboarded_blocks"] > 0, s
         return (
             f"{s['saved_blocks']} blocks saved, {s['nvme_admitted']} written to G3, "
             f"{s['nvme_rejected']} judged not worth a write and dropped, "
