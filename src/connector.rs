@@ -73,10 +73,11 @@ pub struct OffloadConfig {
     pub caller_evicts: bool,
     /// Which block each tier lets go when full.
     pub eviction: kvtier::PolicyKind,
-    /// Which blocks leaving DRAM are written to NVMe (not with `caller_evicts`: there every
-    /// block must stay loadable, so every one is written).
+    /// Which blocks leaving DRAM are written to NVMe. With `caller_evicts`, a block not written
+    /// is reported `TierEvent::Unwanted` and stays loadable until the scheduler discards it.
     pub admission: kvtier::Admission,
-    /// A cap on NVMe writes when making room in DRAM (same exception).
+    /// A cap on NVMe writes when making room in DRAM (per TP rank: each rank writes its own
+    /// heads), same rule for blocks not written.
     pub write_budget: Option<kvtier::WriteBudget>,
 }
 

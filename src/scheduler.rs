@@ -207,12 +207,17 @@ impl Scheduler {
                 TierEvent::Stored { .. } if resetting => {}
                 TierEvent::Stored { hash, .. } if self.discarded.contains_key(&hash) => {}
                 TierEvent::Stored { hash, tier } => {
+                    let new = !self.cached.contains_key(&hash);
                     self.cached.entry(hash).or_default()[tier_index(tier)] |= me;
                     let depth = self.saving.get(&hash).map_or(0, |s| s.1);
                     if self.loadable(&hash) {
                         self.saving.remove(&hash);
                     }
-                    self.policy.touch(&hash, Access::at(depth));
+                    if new {
+                        // One use when it enters the mirror — not one per rank and tier (a
+                        // spill's `Stored` on NVMe is no use of the block).
+                        self.policy.touch(&hash, Access::at(depth));
+                    }
                 }
                 TierEvent::Unwanted { hash } => {
                     // A rank's tiers would drop it rather than write it to NVMe: dropped from

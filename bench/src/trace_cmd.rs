@@ -9,7 +9,7 @@ use clap::Args;
 use kvferry::kvtier::{Admission, PolicyKind, WriteBudget};
 
 use crate::report::{json_f64, json_str, print_cells};
-use crate::trace::{belady, load, replay, synth, Trace};
+use crate::trace::{belady, connector, load, payload, replay, synth, Trace};
 
 #[derive(Args, Debug)]
 pub struct TraceArgs {
@@ -43,6 +43,15 @@ pub struct TraceArgs {
     /// G3 write budget in MiB/s of trace time (writes over it are dropped).
     #[arg(long)]
     write_budget_mib_s: Option<f64>,
+    /// Replay as vLLM's KVFerryConnector runs the tiers: the scheduler owns eviction (at G3's
+    /// capacity), blocks not admitted to NVMe are discarded at the next step. Default: the tier
+    /// engine evicting on its own, as Rust users and vLLM's OffloadingConnector run it.
+    #[arg(long)]
+    connector: bool,
+    /// Also replay each row through a real tier engine with (4 KiB) payloads, G3 files in this
+    /// directory: per-request time and a check that every loaded block holds its own bytes.
+    #[arg(long)]
+    payload: Option<PathBuf>,
     /// KV bytes per token, for bytes written (default: Llama-3-8B in bf16).
     #[arg(long, default_value_t = 131_072)]
     bytes_per_token: u64,
@@ -50,6 +59,7 @@ pub struct TraceArgs {
 
 pub struct TraceRow {
     trace: String,
+    mode: &'static str,
     policy: PolicyKind,
     admission: Option<Admission>,
     capacity_fraction: f64,
@@ -60,6 +70,7 @@ pub struct TraceRow {
     limit_hit_ratio: f64,
     /// LRU with perfect admission (told which blocks are used again), same capacity.
     oracle_lru_hit_ratio: f64,
+    engine: Option<payload::Outcome>,
 }
 
 impl TraceRow {
@@ -88,11 +99,12 @@ impl TraceRow {
         let mut s = String::from("{");
         let _ = write!(
             s,
-            "\"trace\":{},\"policy\":{},\"admission\":{},\"capacity_fraction\":{},\"g2_blocks\":{},\
+            "\"trace\":{},\"mode\":{},\"policy\":{},\"admission\":{},\"capacity_fraction\":{},\"g2_blocks\":{},\
              \"g3_fraction\":{},\"g3_blocks\":{},\"hit_ratio\":{},\"g2_hit_ratio\":{},\
              \"g3_hit_ratio\":{},\"limit_hit_ratio\":{},\"oracle_lru_hit_ratio\":{},\"ratio\":{},\"nvme_bytes_written\":{},\
              \"nvme_writes\":{},\"rejected\":{},\"dropped\":{},\"ns_per_ref\":{},\"default\":{}}}",
             json_str(&self.trace),
+            json_str(self.mode),
             json_str(self.policy.name()),
             self.admission
                 .map_or("null".to_string(), |a| json_str(&a.to_string())),
@@ -113,12 +125,28 @@ impl TraceRow {
             json_f64(self.ns_per_ref()),
             self.is_default()
         );
+        if let Some(e) = &self.engine {
+            s.pop();
+            let _ = write!(
+                s,
+                ",\"engine_hit_ratio\":{},\"engine_us_per_request\":{},\"engine_failed_loads\":{}}}",
+                json_f64(e.hit_ratio()),
+                json_f64(e.us_per_request()),
+                e.failed_loads
+            );
+        }
         s
     }
 }
 
-/// "0.05" is a fraction of `distinct`; "4096" is blocks.
+/// "0.05" is a fraction of `distinct`; "4096" is blocks. More than `distinct` holds as much as
+/// `distinct` (everything fits), so it is cut there (and so is what the replay allocates).
 fn capacity(spec: &str, distinct: u64) -> Result<(u64, f64), String> {
+    let (blocks, fraction) = capacity_spec(spec, distinct)?;
+    Ok((blocks.min(distinct.max(1)), fraction))
+}
+
+fn capacity_spec(spec: &str, distinct: u64) -> Result<(u64, f64), String> {
     let spec = spec.trim();
     if spec.contains('.') {
         let f: f64 = spec
@@ -166,17 +194,29 @@ pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
         .iter()
         .map(|p| p.parse())
         .collect::<Result<_, _>>()?;
+    if a.connector && a.payload.is_some() {
+        return Err(
+            "--payload replays the engine evicting on its own; not with --connector".into(),
+        );
+    }
     let mut rows = Vec::new();
     for t in traces(a)? {
         let distinct = t.distinct();
-        let block_bytes = t.block_tokens * a.bytes_per_token;
-        let budget = a.write_budget_mib_s.map(|m| {
-            let per_sec = (m * 1024.0 * 1024.0) as u64;
-            WriteBudget {
-                bytes_per_sec: per_sec,
-                burst_bytes: per_sec.max(block_bytes),
+        if distinct == 0 {
+            return Err(format!("{}: no blocks in the trace", t.name));
+        }
+        let block_bytes = t.block_tokens.saturating_mul(a.bytes_per_token);
+        let budget = match a.write_budget_mib_s {
+            Some(m) if m.is_finite() && m > 0.0 => {
+                let per_sec = ((m * 1024.0 * 1024.0) as u64).max(1);
+                Some(WriteBudget {
+                    bytes_per_sec: per_sec,
+                    burst_bytes: per_sec.max(block_bytes),
+                })
             }
-        });
+            Some(m) => return Err(format!("--write-budget-mib-s {m}: a positive number")),
+            None => None,
+        };
         let refs = t.references() as f64;
         let mut limits: HashMap<u64, (f64, f64)> = HashMap::new();
         let g3s: Vec<Option<&String>> = if a.g3.is_empty() {
@@ -191,10 +231,11 @@ pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
                     Some(s) => capacity(s, distinct)?,
                     None => (0, 0.0),
                 };
-                let (limit, oracle) = *limits.entry(g2 + g3).or_insert_with(|| {
+                let total = g2.saturating_add(g3);
+                let (limit, oracle) = *limits.entry(total).or_insert_with(|| {
                     (
-                        belady::hits(&t, g2 + g3) as f64 / refs,
-                        belady::oracle_lru_hits(&t, g2 + g3) as f64 / refs,
+                        belady::hits(&t, total) as f64 / refs,
+                        belady::oracle_lru_hits(&t, total) as f64 / refs,
                     )
                 });
                 let adm: Vec<Option<Admission>> = if g3 == 0 {
@@ -212,17 +253,28 @@ pub fn rows(a: &TraceArgs) -> Result<Vec<TraceRow>, String> {
                             budget,
                             block_bytes,
                         };
+                        let engine = match &a.payload {
+                            Some(dir) => Some(payload::replay(&t, &cfg, dir)?),
+                            None => None,
+                        };
+                        let out = if a.connector {
+                            connector::replay(&t, &cfg)
+                        } else {
+                            replay::replay(&t, &cfg)
+                        };
                         rows.push(TraceRow {
                             trace: t.name.clone(),
+                            mode: if a.connector { "connector" } else { "engine" },
                             policy,
                             admission: *admission,
                             capacity_fraction: frac,
                             g2_blocks: g2,
                             g3_fraction: g3_frac,
                             g3_blocks: g3,
-                            out: replay::replay(&t, &cfg),
+                            out,
                             limit_hit_ratio: limit,
                             oracle_lru_hit_ratio: oracle,
+                            engine,
                         });
                     }
                 }
@@ -258,6 +310,10 @@ pub fn print(rows: &[TraceRow], json: bool) {
     ]
     .map(String::from)
     .to_vec()];
+    let engine = rows.iter().any(|r| r.engine.is_some());
+    if engine {
+        cells[0].extend(["engine_hit".to_string(), "us/req".to_string()]);
+    }
     for r in rows {
         let mark = if r.is_default() { "*" } else { "" };
         cells.push(vec![
@@ -277,6 +333,15 @@ pub fn print(rows: &[TraceRow], json: bool) {
             r.out.dropped.to_string(),
             format!("{:.0}", r.ns_per_ref()),
         ]);
+        if let (true, Some(last)) = (engine, cells.last_mut()) {
+            match &r.engine {
+                Some(e) => last.extend([
+                    format!("{:.3}", e.hit_ratio()),
+                    format!("{:.0}", e.us_per_request()),
+                ]),
+                None => last.extend(["-".to_string(), "-".to_string()]),
+            }
+        }
     }
     print_cells(&cells);
     println!(

@@ -133,7 +133,14 @@ impl Gate {
         Gate {
             admission,
             sketch,
-            budget: budget.map(|b| (b, b.burst_bytes as f64, Duration::ZERO)),
+            // A burst under one block would drop every write.
+            budget: budget.map(|b| {
+                let b = WriteBudget {
+                    burst_bytes: b.burst_bytes.max(block_bytes),
+                    ..b
+                };
+                (b, b.burst_bytes as f64, Duration::ZERO)
+            }),
             block_bytes,
             counters: AdmissionCounters::default(),
         }
@@ -148,7 +155,7 @@ impl Gate {
 
     /// Whether `h` (onboarded `hits` times) goes to G3. `g3_victim` is the block G3 would evict
     /// for it (`None`: a slot is free). `now` is a monotonic time (the engine's clock, or a
-    /// trace's), for the budget. Counts the verdict.
+    /// trace's), for the budget. Counts rejections and drops; [`Gate::wrote`] counts writes.
     pub fn judge(
         &mut self,
         h: &BlockHash,
@@ -178,9 +185,13 @@ impl Gate {
             }
             *tokens -= self.block_bytes as f64;
         }
+        Verdict::Write
+    }
+
+    /// A block judged `Write` was written (a G3 slot was found for it).
+    pub fn wrote(&mut self) {
         self.counters.admitted += 1;
         self.counters.bytes_admitted += self.block_bytes;
-        Verdict::Write
     }
 }
 
@@ -214,8 +225,7 @@ mod tests {
             Verdict::Write,
             "ties go in"
         );
-        assert_eq!(g.counters.admitted, 3);
-        assert_eq!(g.counters.rejected, 1);
+        assert_eq!(g.counters.admitted, 0, "nothing written yet");
     }
 
     #[test]
@@ -234,7 +244,18 @@ mod tests {
             Verdict::Write
         );
         assert_eq!(g.counters.dropped, 1);
-        assert_eq!(g.counters.bytes_admitted, 3 * 4096);
+        g.wrote();
+        assert_eq!(g.counters.bytes_admitted, 4096);
+        // A burst under one block still lets a block through per block's worth of time.
+        let tiny = WriteBudget {
+            bytes_per_sec: 1024,
+            burst_bytes: 1,
+        };
+        let mut g = Gate::new(Admission::Always, Some(tiny), 100, 4096);
+        assert_eq!(g.judge(&h(1), 0, None, t0), Verdict::Write);
+        assert_eq!(g.judge(&h(2), 0, None, t0), Verdict::Drop);
+        let later = t0 + Duration::from_secs(4);
+        assert_eq!(g.judge(&h(2), 0, None, later), Verdict::Write);
     }
 
     #[test]

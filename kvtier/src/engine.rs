@@ -281,6 +281,9 @@ struct State {
     /// Admission to G3 and the write budget.
     gate: Gate,
     started: Instant,
+    /// Blocks marked `unwanted` (caller-owned eviction) and not yet discarded: room that is
+    /// coming, so no more are marked than the free-slot target needs.
+    unwanted: HashSet<BlockHash>,
 }
 
 struct Inner {
@@ -313,6 +316,11 @@ pub struct TierEngine {
 impl TierEngine {
     /// Builds the pool, opens (and recovers) the NVMe store if configured, starts the driver.
     pub fn new(cfg: TierConfig) -> Result<TierEngine, TierError> {
+        if cfg.write_budget.is_some_and(|b| b.bytes_per_sec == 0) {
+            return Err(TierError::Config(
+                "write_budget: bytes_per_sec must be at least 1".into(),
+            ));
+        }
         let geometry = cfg
             .geometry
             .validated()
@@ -415,6 +423,7 @@ impl TierEngine {
                 geometry.block_bytes(),
             ),
             started: Instant::now(),
+            unwanted: HashSet::new(),
         };
         // The default order keeps the fingerprint of files written before the order was a
         // choice; another order changes it, so recovery never reads blocks in the wrong order.
@@ -889,6 +898,7 @@ fn drop_entry(inner: &Inner, st: &mut State, h: &BlockHash) -> bool {
     if e.refs > 0 {
         return false;
     }
+    st.unwanted.remove(h);
     if let Some(slot) = e.g2 {
         st.index.set_g2(h, None);
         inner.pool.free(slot);
@@ -997,6 +1007,13 @@ fn start_offload(
         if st.doomed.contains(&hash) {
             // The old copy is still in use and goes when that ends: this save cannot take
             // its place yet (it would be "already cached" as the doomed bytes).
+            let e = TierError::Config(format!("block {hash} is being dropped; saved later"));
+            finish_block(inner, st, id, hash, Err(e));
+            continue;
+        }
+        if st.unwanted.contains(&hash) {
+            // Its owner was asked to drop it and may have already: keeping it now would leave
+            // a block the owner no longer knows of, and out of the victims, for good.
             let e = TierError::Config(format!("block {hash} is being dropped; saved later"));
             finish_block(inner, st, id, hash, Err(e));
             continue;
@@ -1175,7 +1192,7 @@ fn g2_slot(inner: &Inner, st: &mut State) -> Option<u32> {
             return Some(s);
         }
         let victim = g2_victim(inner, st)?;
-        if !evict_g2(inner, st, victim, false) {
+        if !evict_g2(inner, st, victim) {
             return None;
         }
     }
@@ -1193,44 +1210,41 @@ fn g2_victim(inner: &Inner, st: &mut State) -> Option<BlockHash> {
 }
 
 /// Makes room in G2 by letting `victim` go: dropped if G3 has it or will not take it, else
-/// spilled (asynchronously; returns false because no slot is free yet).
-fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force_spill: bool) -> bool {
+/// spilled (asynchronously; returns false because no slot is free yet). When the caller owns
+/// eviction, a block not written is marked unwanted instead (false: its room comes with the
+/// caller's discard), and no more are marked than the free-slot target asks for.
+fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash) -> bool {
     let Some(e) = st.index.get(&victim).copied() else {
         return false;
     };
     let Some(slot) = e.g2 else { return false };
     if e.g3.is_none() && inner.store.is_some() {
-        let verdict = if force_spill {
-            Verdict::Write
-        } else {
-            // A caller that owns eviction keeps G3's free slots for blocks its capacity already
-            // counts: room there says nothing about worth, so the comparison is always with
-            // G3's coldest block.
-            let g3_victim = if st.g3_free.is_empty() || inner.cfg.caller_evicts {
-                st.index.g3_victim()
-            } else {
-                None
-            };
-            if st.g3_free.is_empty() && g3_victim.is_none() {
-                // Every G3 block is in use: nothing can make room there now.
-                Verdict::Reject
-            } else {
-                let now = st.started.elapsed();
-                st.gate.judge(&victim, e.hits, g3_victim.as_ref(), now)
-            }
-        };
+        if inner.cfg.caller_evicts && st.unwanted.len() as u32 >= inner.cfg.spill_free_slots {
+            // Enough room is on its way already.
+            return false;
+        }
+        // Only TinyLFU compares with a G3 block (asking a policy for its victim may reorder it).
+        // A caller that owns eviction keeps G3's free slots for blocks its capacity already
+        // counts: room there says nothing about worth, so the comparison is always made.
+        let compare = matches!(inner.cfg.admission, Admission::Frequency(_))
+            && (st.g3_free.is_empty() || inner.cfg.caller_evicts);
+        let g3_victim = if compare { st.index.g3_victim() } else { None };
+        let now = st.started.elapsed();
+        let verdict = st.gate.judge(&victim, e.hits, g3_victim.as_ref(), now);
         if verdict == Verdict::Write {
             if let Some(g3) = g3_slot(inner, st) {
+                st.gate.wrote();
                 spill(inner, st, victim, slot, g3, true);
                 return false;
             }
         }
-        if inner.cfg.caller_evicts && verdict != Verdict::Write {
+        if inner.cfg.caller_evicts {
             // Not written, and only the caller may drop it (it may have promised a load of it):
             // it asks, and the block stays loadable and out of the victims until the discard.
             if let Some(en) = st.index.entry_mut(&victim) {
                 en.unwanted = true;
             }
+            st.unwanted.insert(victim);
             st.events.push(TierEvent::Unwanted { hash: victim });
             return false;
         }
@@ -1575,11 +1589,13 @@ fn after_change(inner: &Inner, st: &mut State) {
     submit_grouped(inner, st, false, offloads);
     // Keep some slots free so offloads rarely wait for a spill.
     if st.waiting.is_empty() && inner.store.is_some() {
-        while inner.pool.free_slots() + (st.spills as u32) < inner.cfg.spill_free_slots {
+        while inner.pool.free_slots() + ((st.spills + st.unwanted.len()) as u32)
+            < inner.cfg.spill_free_slots
+        {
             let Some(v) = g2_victim(inner, st) else { break };
-            let spills = st.spills;
-            let freed = evict_g2(inner, st, v, false);
-            if !freed && st.spills == spills {
+            let (spills, unwanted) = (st.spills, st.unwanted.len());
+            let freed = evict_g2(inner, st, v);
+            if !freed && st.spills == spills && st.unwanted.len() == unwanted {
                 break;
             }
         }

@@ -1,7 +1,8 @@
 //! The offline optimum the replay is measured against: Belady's MIN with bypass — evict the
 //! block used furthest in the future, never keep one that is not used again — counting only
-//! prefix hits, as the replay does. It bounds any cache of the same total capacity, however
-//! many tiers it has.
+//! prefix hits, as the replay does; ties (blocks next used by the same request) go deepest
+//! first. It is the classic offline optimum for hits of single blocks; with prefix hits it is a
+//! reference, not a proven bound (no policy here has come within a few percent of it).
 
 use std::collections::{BinaryHeap, HashMap};
 
@@ -29,24 +30,27 @@ fn next_uses(t: &Trace) -> Vec<u32> {
 /// Prefix hits at `capacity` blocks.
 pub fn hits(t: &Trace, capacity: u64) -> u64 {
     let next = next_uses(t);
-    let mut cache: HashMap<u64, u32> = HashMap::new();
-    let mut heap: BinaryHeap<(u32, u64)> = BinaryHeap::new();
+    // Among blocks next used by the same request, the deepest goes first: what stays is a
+    // prefix of that request, the only part of it a prefix cache can use.
+    let mut cache: HashMap<u64, (u32, u32)> = HashMap::new();
+    let mut heap: BinaryHeap<((u32, u32), u64)> = BinaryHeap::new();
     let mut total = 0u64;
     let mut k = 0;
     for r in &t.requests {
         total += prefix_hits(&r.blocks, |b| cache.contains_key(&b)) as u64;
-        for b in &r.blocks {
+        for (d, b) in r.blocks.iter().enumerate() {
             let n = next[k];
             k += 1;
             if n == u32::MAX {
                 cache.remove(b);
                 continue;
             }
-            cache.insert(*b, n);
-            heap.push((n, *b));
+            let key = (n, d as u32);
+            cache.insert(*b, key);
+            heap.push((key, *b));
             while cache.len() as u64 > capacity {
-                let Some((n, v)) = heap.pop() else { break };
-                if cache.get(&v) == Some(&n) {
+                let Some((key, v)) = heap.pop() else { break };
+                if cache.get(&v) == Some(&key) {
                     cache.remove(&v);
                 }
             }

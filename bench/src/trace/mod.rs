@@ -3,7 +3,9 @@
 //! index and admission gate, and the offline optimum to compare with.
 
 pub mod belady;
+pub mod connector;
 pub mod load;
+pub mod payload;
 pub mod replay;
 pub mod synth;
 

@@ -43,6 +43,7 @@ impl Outcome {
 
 struct Sim {
     idx: BlockIndex,
+    admission: Admission,
     gate: Gate,
     g2_free: Vec<u32>,
     g3_free: Vec<u64>,
@@ -68,27 +69,21 @@ impl Sim {
             return;
         };
         if e.g3.is_none() && self.has_g3 {
-            let g3_victim = if self.g3_free.is_empty() {
-                self.idx.g3_victim()
-            } else {
-                None
-            };
-            let verdict = if self.g3_free.is_empty() && g3_victim.is_none() {
-                Verdict::Reject
-            } else {
-                self.gate.judge(&v, e.hits, g3_victim.as_ref(), self.now)
-            };
-            if verdict == Verdict::Write {
-                let slot = match (self.g3_free.pop(), g3_victim) {
-                    (Some(s), _) => Some(s),
-                    (None, Some(w)) => {
+            // As `evict_g2` in the engine: only TinyLFU compares with G3's coldest block.
+            let compare =
+                matches!(self.admission, Admission::Frequency(_)) && self.g3_free.is_empty();
+            let g3_victim = if compare { self.idx.g3_victim() } else { None };
+            if self.gate.judge(&v, e.hits, g3_victim.as_ref(), self.now) == Verdict::Write {
+                let slot = match self.g3_free.pop() {
+                    Some(s) => Some(s),
+                    None => self.idx.g3_victim().and_then(|w| {
                         let s = self.idx.get(&w).and_then(|e| e.g3);
                         self.idx.set_g3(&w, None);
                         s
-                    }
-                    (None, None) => None,
+                    }),
                 };
                 if let Some(s) = slot {
+                    self.gate.wrote();
                     self.idx.set_g3(&v, Some(s));
                     self.writes += 1;
                 }
@@ -105,6 +100,7 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
     let start = Instant::now();
     let mut sim = Sim {
         idx: BlockIndex::with_policy(c.policy, c.g2_blocks, c.g3_blocks),
+        admission: c.admission,
         gate: Gate::new(c.admission, c.budget, c.g3_blocks, c.block_bytes),
         g2_free: (0..c.g2_blocks.min(u64::from(u32::MAX)) as u32)
             .rev()
@@ -125,8 +121,12 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
             .iter()
             .take_while(|h| sim.idx.tier_of(h).is_some())
             .count();
-        // Onboard the cached prefix.
+        // Onboard the cached prefix, pinned as the engine pins an onboard's blocks (a G3 hit's
+        // read needs a G2 slot, which must not cost a later block of the same prefix).
         sim.idx.begin_batch();
+        for h in &hashes[..cached] {
+            sim.idx.pin(h);
+        }
         for (d, h) in hashes[..cached].iter().enumerate() {
             sim.gate.record(h);
             sim.idx.touch(h, d as u32);
@@ -135,17 +135,18 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
                 Some(Tier::Nvme) => {
                     out.g3_hits += 1;
                     // Read back through G2, where it stays (and on G3) until evicted.
-                    sim.idx.pin(h);
                     if let Some(s) = sim.g2_slot() {
                         sim.idx.set_g2(h, Some(s));
                     }
-                    sim.idx.unpin(h);
                 }
                 None => {}
             }
             if let Some(e) = sim.idx.entry_mut(h) {
                 e.hits += 1;
             }
+        }
+        for h in &hashes[..cached] {
+            sim.idx.unpin(h);
         }
         // Save the rest, as the connector does (the loaded prefix is not saved again): cached
         // blocks after the first miss are used again, new ones filled (pinned meanwhile, as

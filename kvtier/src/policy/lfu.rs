@@ -35,6 +35,8 @@ const MIN_SHADOW: u64 = 256;
 const MAX_SAMPLE: u64 = 16;
 /// Seeds the sampling hash apart from the sketch's, so sampled keys spread over the sketch.
 const SAMPLE_SEED: u64 = 0x6b76_6665_7272_7921;
+/// Capacities beyond this (2^40 blocks) are treated as this.
+const MAX_CAPACITY: u64 = 1 << 40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Key {
@@ -57,11 +59,14 @@ struct Core {
 
 impl Core {
     fn new(cap: u64, period_mult: u64) -> Core {
-        let cap = cap.max(1);
+        let cap = cap.clamp(1, MAX_CAPACITY);
         Core {
             cap,
             mult: period_mult,
-            sketch: FrequencySketch::new(cap * SKETCH_KEYS_PER_BLOCK, cap * period_mult.max(1)),
+            sketch: FrequencySketch::new(
+                cap.saturating_mul(SKETCH_KEYS_PER_BLOCK),
+                cap.saturating_mul(period_mult.max(1)),
+            ),
             batch: 0,
             keys: HashMap::new(),
             order: BTreeSet::new(),
@@ -71,7 +76,7 @@ impl Core {
     fn set_period_mult(&mut self, m: u64) {
         if m != self.mult {
             self.mult = m;
-            self.sketch.set_period(self.cap * m.max(1));
+            self.sketch.set_period(self.cap.saturating_mul(m.max(1)));
             // Turning frequency off (or on) reorders every resident block.
             self.rekey();
         }
@@ -88,7 +93,9 @@ impl Core {
     /// Counts a use of `h`; (re)keys it when resident or `insert`. Returns whether it was
     /// resident before.
     fn access(&mut self, h: &BlockHash, at: Access, insert: bool) -> bool {
-        if self.sketch.increment(h) {
+        // Aging reorders resident blocks only when their order depends on frequency. (It costs
+        // O(n log n) once per `mult` × capacity uses: amortized O(log n) per use.)
+        if self.sketch.increment(h) && self.mult > 0 {
             self.rekey();
         }
         let old = self.keys.get(h).copied();
@@ -166,7 +173,7 @@ pub struct Lfu {
 impl Lfu {
     /// For a tier of `capacity` blocks.
     pub fn new(capacity: u64) -> Lfu {
-        let capacity = capacity.max(1);
+        let capacity = capacity.clamp(1, MAX_CAPACITY);
         let sample = (capacity / MIN_SHADOW).clamp(1, MAX_SAMPLE);
         let shadow_cap = (capacity / sample).max(1);
         Lfu {

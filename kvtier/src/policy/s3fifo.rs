@@ -6,7 +6,7 @@
 //! Chains enter in prompt order, so a chain's head leaves the small queue before its tail; the
 //! depth is not used.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use kvcore::BlockHash;
 
@@ -29,8 +29,9 @@ pub struct S3Fifo {
     small: VecDeque<(BlockHash, u64)>,
     main: VecDeque<(BlockHash, u64)>,
     small_len: usize,
-    ghost: VecDeque<BlockHash>,
-    ghost_set: HashSet<BlockHash>,
+    /// Recently evicted from the small queue, in order; `ghost_set` says which entry is live.
+    ghost: VecDeque<(BlockHash, u64)>,
+    ghost_set: HashMap<BlockHash, u64>,
     seq: u64,
     /// This call's new blocks, in prompt order, not yet queued (their nodes have seq 0).
     pending: Vec<(BlockHash, bool)>,
@@ -47,10 +48,15 @@ impl S3Fifo {
             main: VecDeque::new(),
             small_len: 0,
             ghost: VecDeque::new(),
-            ghost_set: HashSet::new(),
+            ghost_set: HashMap::new(),
             seq: 0,
             pending: Vec::new(),
         }
+    }
+
+    /// Queue entries, stale ones included (what the queues cost in memory).
+    pub fn queued(&self) -> usize {
+        self.small.len() + self.main.len() + self.ghost.len() + self.pending.len()
     }
 
     /// Queues the call's new blocks, deepest first.
@@ -93,13 +99,33 @@ impl S3Fifo {
     }
 
     fn remember(&mut self, h: BlockHash) {
-        if self.ghost_set.insert(h) {
-            self.ghost.push_back(h);
-        }
-        while self.ghost.len() > self.ghost_cap {
-            if let Some(g) = self.ghost.pop_front() {
+        self.seq += 1;
+        self.ghost_set.insert(h, self.seq);
+        self.ghost.push_back((h, self.seq));
+        while self.ghost_set.len() > self.ghost_cap {
+            let Some((g, seq)) = self.ghost.pop_front() else {
+                break;
+            };
+            if self.ghost_set.get(&g) == Some(&seq) {
                 self.ghost_set.remove(&g);
             }
+        }
+        if self.ghost.len() > 2 * self.ghost_set.len() + 64 {
+            let live = &self.ghost_set;
+            self.ghost.retain(|(g, seq)| live.get(g) == Some(seq));
+        }
+    }
+
+    /// Removed blocks leave their queue entries behind (found stale when they come round);
+    /// when those outnumber the live ones, they go, so memory follows what is resident.
+    fn compact(&mut self) {
+        if self.small.len() + self.main.len() + self.pending.len() > 2 * self.nodes.len() + 64 {
+            let nodes = &self.nodes;
+            let live = |e: &(BlockHash, u64)| nodes.get(&e.0).is_some_and(|n| n.seq == e.1);
+            self.small.retain(live);
+            self.main.retain(live);
+            self.pending
+                .retain(|(h, _)| nodes.get(h).is_some_and(|n| n.seq == 0));
         }
     }
 
@@ -117,7 +143,7 @@ impl EvictionPolicy for S3Fifo {
         if self.nodes.contains_key(&h) {
             return self.touch(&h, at);
         }
-        let main = self.ghost_set.remove(&h);
+        let main = self.ghost_set.remove(&h).is_some();
         let n = Node {
             main,
             freq: 0,
@@ -145,6 +171,7 @@ impl EvictionPolicy for S3Fifo {
                     self.remember(*h);
                 }
             }
+            self.compact();
         }
     }
 
@@ -160,7 +187,7 @@ impl EvictionPolicy for S3Fifo {
             let small_done = busy_small >= self.small_len;
             let main_done = busy_main >= self.nodes.len() - self.small_len;
             if small_done && main_done {
-                return None;
+                break;
             }
             let from_small = !small_done
                 && (self.small_len > self.small_cap || self.main.is_empty() || main_done);
@@ -203,7 +230,14 @@ impl EvictionPolicy for S3Fifo {
                 }
             }
         }
-        None
+        // The counts above are a shortcut: whatever they said, the answer is None only when no
+        // resident block is evictable. Small queue first, then main, in queue order.
+        let nodes = &self.nodes;
+        self.small
+            .iter()
+            .chain(self.main.iter())
+            .find(|e| nodes.get(&e.0).is_some_and(|n| n.seq == e.1) && evictable(&e.0))
+            .map(|e| e.0)
     }
 
     fn len(&self) -> usize {

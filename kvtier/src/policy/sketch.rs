@@ -22,7 +22,9 @@ impl FrequencySketch {
     /// Sized for about `keys` distinct keys between agings (one byte per key and row, at least
     /// 64); ages every `period` increments.
     pub fn new(keys: u64, period: u64) -> FrequencySketch {
-        let width = keys.clamp(64, 1 << 26).next_power_of_two();
+        // At most 2^24 counters a row (64 MiB in all): past that, collisions cost less than
+        // the memory would.
+        let width = keys.clamp(64, 1 << 24).next_power_of_two();
         FrequencySketch {
             counters: vec![0; ROWS * width as usize],
             mask: width - 1,

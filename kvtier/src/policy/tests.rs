@@ -88,6 +88,37 @@ fn frequency_aware_policies_keep_a_hot_block_through_a_burst_that_flushes_lru() 
 }
 
 #[test]
+fn s3fifo_finds_an_evictable_block_behind_a_pinned_one_in_main() {
+    // Found by review: main = [2 (pinned), 3 (used once)], small empty.
+    let mut p = S3Fifo::new(16);
+    let a = Access::default();
+    p.insert(h(2), a);
+    p.remove(&h(2));
+    p.insert(h(2), a);
+    p.begin_batch();
+    p.insert(h(3), a);
+    p.remove(&h(3));
+    p.insert(h(3), a);
+    p.touch(&h(3), a);
+    assert_eq!(p.victim(&|v| *v != h(2)), Some(h(3)));
+}
+
+#[test]
+fn s3fifo_memory_follows_what_is_resident() {
+    let mut p = S3Fifo::new(64);
+    for i in 0..100_000u64 {
+        p.insert(h(i), Access::default());
+        p.remove(&h(i));
+    }
+    assert_eq!(p.len(), 0);
+    assert!(
+        p.queued() < 1000,
+        "{} queue entries for nothing resident",
+        p.queued()
+    );
+}
+
+#[test]
 fn s3fifo_sends_a_block_used_again_to_main() {
     let mut p = S3Fifo::new(20);
     p.insert(h(1), Access::default());
