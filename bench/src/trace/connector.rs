@@ -209,3 +209,36 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
     out.elapsed = start.elapsed();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{belady, synth};
+    use super::*;
+    use kvferry::kvtier::PolicyKind;
+
+    fn cfg(policy: PolicyKind, admission: Admission, g2: u64, g3: u64) -> Config {
+        Config {
+            policy,
+            g2_blocks: g2,
+            g3_blocks: g3,
+            admission,
+            budget: None,
+            block_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn the_scheduler_bounds_what_is_kept_and_admission_writes_less() {
+        let t = synth::generate(9, 3000);
+        let (g2, g3) = (t.distinct() / 50, t.distinct() / 10);
+        for p in PolicyKind::ALL {
+            let all = replay(&t, &cfg(p, Admission::Always, g2, g3));
+            // Everything kept is within G3's capacity: no more hits than the optimum there.
+            assert!(all.g2_hits + all.g3_hits <= belady::hits(&t, g3), "{p}");
+            assert!(all.g3_hits > 0 && all.rejected == 0, "{p}: {all:?}");
+            let some = replay(&t, &cfg(p, Admission::Frequency(4), g2, g3));
+            assert!(some.rejected > 0, "{p}: {some:?}");
+            assert!(some.nvme_writes < all.nvme_writes, "{p}");
+        }
+    }
+}
