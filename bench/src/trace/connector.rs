@@ -201,12 +201,7 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
             w.idx.unpin(h);
         }
     }
-    let counters = w.gate.counters;
-    out.nvme_writes = w.writes;
-    out.nvme_bytes_written = w.writes * c.block_bytes;
-    out.rejected = counters.rejected;
-    out.dropped = counters.dropped;
-    out.elapsed = start.elapsed();
+    out.finish(&w.gate, w.writes, c.block_bytes, start);
     out
 }
 
@@ -217,14 +212,7 @@ mod tests {
     use kvferry::kvtier::PolicyKind;
 
     fn cfg(policy: PolicyKind, admission: Admission, g2: u64, g3: u64) -> Config {
-        Config {
-            policy,
-            g2_blocks: g2,
-            g3_blocks: g3,
-            admission,
-            budget: None,
-            block_bytes: 1,
-        }
+        Config::for_test(policy, admission, g2, g3)
     }
 
     #[test]

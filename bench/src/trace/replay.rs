@@ -23,6 +23,21 @@ pub struct Config {
     pub block_bytes: u64,
 }
 
+#[cfg(test)]
+impl Config {
+    /// Unit-sized blocks, no budget.
+    pub fn for_test(policy: PolicyKind, admission: Admission, g2: u64, g3: u64) -> Config {
+        Config {
+            policy,
+            g2_blocks: g2,
+            g3_blocks: g3,
+            admission,
+            budget: None,
+            block_bytes: 1,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Outcome {
     pub references: u64,
@@ -36,6 +51,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Fills in what the gate counted and how long the replay took.
+    pub fn finish(&mut self, gate: &Gate, writes: u64, block_bytes: u64, start: Instant) {
+        self.nvme_writes = writes;
+        self.nvme_bytes_written = writes.saturating_mul(block_bytes);
+        self.rejected = gate.counters.rejected;
+        self.dropped = gate.counters.dropped;
+        self.elapsed = start.elapsed();
+    }
+
     pub fn hit_ratio(&self) -> f64 {
         (self.g2_hits + self.g3_hits) as f64 / self.references.max(1) as f64
     }
@@ -172,12 +196,7 @@ pub fn replay(t: &Trace, c: &Config) -> Outcome {
             sim.idx.unpin(h);
         }
     }
-    let counters = sim.gate.counters;
-    out.nvme_writes = sim.writes;
-    out.nvme_bytes_written = sim.writes * c.block_bytes;
-    out.rejected = counters.rejected;
-    out.dropped = counters.dropped;
-    out.elapsed = start.elapsed();
+    out.finish(&sim.gate, sim.writes, c.block_bytes, start);
     out
 }
 
@@ -187,14 +206,7 @@ mod tests {
     use super::*;
 
     fn cfg(policy: PolicyKind, g2: u64, g3: u64) -> Config {
-        Config {
-            policy,
-            g2_blocks: g2,
-            g3_blocks: g3,
-            admission: Admission::Always,
-            budget: None,
-            block_bytes: 1,
-        }
+        Config::for_test(policy, Admission::Always, g2, g3)
     }
 
     #[test]
