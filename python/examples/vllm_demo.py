@@ -59,7 +59,10 @@ class Server:
         block_size: int = 32,
         policy: str | None = "recompute",
         api_key: str | None = None,
+        kv_config: dict | None = None,
     ):
+        """`kv_config`: the whole --kv-transfer-config instead of kvferry's (the tests compose
+        kvferry with other connectors this way)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stats_path = os.path.join(workdir, f"{name}.prom")
@@ -71,6 +74,8 @@ class Server:
             "engine_id": name,
             "kv_connector_extra_config": extra,
         }
+        if kv_config is not None:
+            cfg = kv_config
         if policy:  # None: vLLM's default ("fail")
             cfg["kv_load_failure_policy"] = policy
         env = dict(
@@ -117,6 +122,21 @@ class Server:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def prom(url: str, api_key: str | None = None) -> dict[str, float]:
+    """kvferry's series on a server's /metrics (vLLM's Prometheus endpoint), summed over labels."""
+    req = urllib.request.Request(
+        url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+    )
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(req, timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:kvferry_"):
+                name, _, value = line.rpartition(" ")
+                name = name.split("{")[0]
+                out[name] = out.get(name, 0.0) + float(value)
+    return out
 
 
 def complete(
@@ -246,6 +266,7 @@ def run(
         time.sleep(1.2)
         after = decode.stats()
         onboarded = after.get("onboarded_blocks", 0) - before.get("onboarded_blocks", 0)
+        result["metrics"] = {"decode": prom(decode.url, api_key), "prefill": prom(prefill.url, api_key)}
         result.update(
             offload_cold=cold, offload_warm=warm, ttft_cold=ttft_cold, ttft_warm=ttft_warm,
             onboarded=onboarded, saved=after.get("saved_blocks", 0),

@@ -83,7 +83,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
 from kvferry._native import Connector as _Native
 from kvferry._native import Scheduler as _Scheduler
@@ -173,23 +176,72 @@ def _shared(
         return n
 
 
+# Counters that are levels (resident blocks now), not counts of events.
+_LEVELS = ("dram_blocks", "nvme_blocks")
+
+
 @dataclass
 class KVFerryStats(KVConnectorStats):
-    """kvferry's counters over one logging interval (deltas), summed across workers."""
+    """kvferry's counters since the last report: event counts as deltas (summed across workers
+    and steps), resident block counts as levels (the latest; every TP rank holds the same
+    blocks, each its own heads)."""
 
     def reset(self):
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k, v in (other.data or {}).items():
-            self.data[k] = self.data.get(k, 0) + v
+            self.data[k] = v if k in _LEVELS else self.data.get(k, 0) + v
         return self
 
     def reduce(self) -> dict[str, int | float]:
         return dict(self.data)
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        return not self.data
+
+
+class KVFerryPromMetrics(KVConnectorPromMetrics):
+    """kvferry's counters on vLLM's /metrics: ``vllm:kvferry_<name>_total`` counters (blocks
+    and bytes moved, per path and tier, failures by cause, lease expiries, NVMe admission) and
+    ``vllm:kvferry_dram_blocks`` / ``vllm:kvferry_nvme_blocks`` gauges, with vLLM's
+    ``model_name`` and ``engine`` labels. Made in the API server process; fed each engine step
+    with the workers' deltas."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        from vllm.v1.metrics.utils import create_metric_per_engine
+
+        self._per_engine = create_metric_per_engine
+        self._gauges = {}
+        for k in _LEVELS:
+            g = self._gauge_cls(
+                name=f"vllm:kvferry_{k}",
+                documentation=f"kvferry: blocks resident in {k.split('_')[0].upper()} now.",
+                labelnames=labelnames,
+                multiprocess_mode="mostrecent",
+            )
+            self._gauges[k] = create_metric_per_engine(g, per_engine_labelvalues)
+        self._counters: dict[str, Any] = {}
+
+    def _counter(self, k: str):
+        c = self._counters.get(k)
+        if c is None:
+            # Made on first sight: the set of counters grows with the Rust core's.
+            metric = self._counter_cls(
+                name=f"vllm:kvferry_{k}",
+                documentation=f"kvferry: {k.replace('_', ' ')}.",
+                labelnames=self._labelnames,
+            )
+            c = self._counters[k] = self._per_engine(metric, self.per_engine_labelvalues)
+        return c
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        for k, v in (transfer_stats_data or {}).items():
+            if k in self._gauges:
+                self._gauges[k][engine_idx].set(v)
+            elif isinstance(v, (int, float)) and v > 0:
+                self._counter(k)[engine_idx].inc(v)
 
 
 @dataclass
@@ -495,17 +547,30 @@ class KVFerryConnector(KVConnectorBase_V1):
         if self.native is None:
             return None
         now = dict(self.native.counters())
-        # Resident block counts are levels, reported as they are; everything else is an event
-        # count, reported as the change since the last interval.
-        levels = ("dram_blocks", "nvme_blocks")
-        delta = {k: (v if k in levels else v - self._reported.get(k, 0)) for k, v in now.items()}
+        # Resident block counts are levels, reported when they change (to 0 too); everything
+        # else is an event count, reported as the change since the last report — never
+        # negative (Prometheus counters only go up): a count that went down restarted.
+        data = {}
+        for k, v in now.items():
+            before = self._reported.get(k)
+            if k in _LEVELS:
+                if v != before:
+                    data[k] = v
+                continue
+            d = v - (before or 0) if v >= (before or 0) else v
+            if d > 0:
+                data[k] = d
         self._reported = now
-        stats = KVFerryStats(data={k: v for k, v in delta.items() if v})
-        return None if stats.is_empty() else stats
+        return KVFerryStats(data=data) if data else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KVFerryStats(data=dict(data)) if data is not None else KVFerryStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        # vLLM's /metrics; also what MultiConnector requires of each child with stats on.
+        return KVFerryPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # ---- scheduler side: decisions in the Rust Scheduler; this translates vLLM's objects ----
 

@@ -341,6 +341,12 @@ def proxy(model, transport="tcp", block_size=BS, policy="recompute"):
     assert d.get("pulled_blocks", 0) > 0 and d.get("pull_failures", 0) == 0, d
     assert p.get("pulls_served", 0) == 4, p
     assert r["onboarded"] > 0, r
+    # The same counters on vLLM's own /metrics (the connector's Prometheus hooks).
+    md, mp = r["metrics"]["decode"], r["metrics"]["prefill"]
+    assert md.get("vllm:kvferry_pulled_blocks_total", 0) > 0, md
+    assert md.get("vllm:kvferry_onboarded_blocks_total", 0) > 0, md
+    assert mp.get("vllm:kvferry_pulls_served_total", 0) > 0, mp
+    assert "vllm:kvferry_dram_blocks" in md, md
     return result_note + (
         f"{d['pulled_blocks']} blocks pulled through the proxy; 1500-token prefix: TTFT "
         f"{r['ttft_cold'] * 1e3:.0f} ms computed, {r['ttft_warm'] * 1e3:.0f} ms from G2 ({r['onboarded']} blocks)"
@@ -380,9 +386,11 @@ def main():
     ]
     import failclosed
     import llmd
+    import multi
 
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in failclosed.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in llmd.SCENARIOS]
+    scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in multi.SCENARIOS]
     for name, run in scenarios:
         if only and name not in only:
             continue
