@@ -1186,13 +1186,13 @@ fn submit_grouped(inner: &Inner, st: &mut State, to_g1: bool, items: Vec<(G1Id, 
 
 /// A free G2 slot, evicting if needed. `None` means: wait (a spill is on its way) or nothing
 /// can be evicted now.
-fn g2_slot(inner: &Inner, st: &mut State) -> Option<u32> {
+fn g2_slot(inner: &Inner, st: &mut State, for_load: bool) -> Option<u32> {
     loop {
         if let Some(s) = inner.pool.alloc() {
             return Some(s);
         }
         let victim = g2_victim(inner, st)?;
-        if !evict_g2(inner, st, victim) {
+        if !evict_g2(inner, st, victim, for_load) {
             return None;
         }
     }
@@ -1213,11 +1213,21 @@ fn g2_victim(inner: &Inner, st: &mut State) -> Option<BlockHash> {
 /// spilled (asynchronously; returns false because no slot is free yet). When the caller owns
 /// eviction, a block not written is marked unwanted instead (false: its room comes with the
 /// caller's discard), and no more are marked than the free-slot target asks for.
-fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash) -> bool {
+///
+/// `force`: written whatever admission says (room for a load from G3: a load that failed for
+/// want of room would be a load error, where a declined write costs only a write).
+fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force: bool) -> bool {
     let Some(e) = st.index.get(&victim).copied() else {
         return false;
     };
     let Some(slot) = e.g2 else { return false };
+    if e.g3.is_none() && inner.store.is_some() && force {
+        if let Some(g3) = g3_slot(inner, st) {
+            st.gate.wrote();
+            spill(inner, st, victim, slot, g3, true);
+            return false;
+        }
+    }
     if e.g3.is_none() && inner.store.is_some() {
         if inner.cfg.caller_evicts && st.unwanted.len() as u32 >= inner.cfg.spill_free_slots {
             // Enough room is on its way already.
@@ -1512,7 +1522,9 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
 fn after_change(inner: &Inner, st: &mut State) {
     let mut offloads = Vec::new();
     while let Some(w) = st.waiting.pop_front() {
-        let Some(slot) = g2_slot(inner, st) else {
+        // A load must not fail for room admission declined to make: it writes its victim.
+        let for_load = matches!(w, Waiting::Read { .. });
+        let Some(slot) = g2_slot(inner, st, for_load) else {
             let in_flight = !st.ops.is_empty() || !offloads.is_empty();
             if in_flight {
                 st.waiting.push_front(w);
@@ -1594,7 +1606,7 @@ fn after_change(inner: &Inner, st: &mut State) {
         {
             let Some(v) = g2_victim(inner, st) else { break };
             let (spills, unwanted) = (st.spills, st.unwanted.len());
-            let freed = evict_g2(inner, st, v);
+            let freed = evict_g2(inner, st, v, false);
             if !freed && st.spills == spills && st.unwanted.len() == unwanted {
                 break;
             }
