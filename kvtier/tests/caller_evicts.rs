@@ -124,3 +124,32 @@ fn a_block_not_worth_an_nvme_write_is_asked_about_and_stays_loadable_until_disca
 
 /// Blocks the second save of the unwanted test gets in (see there).
 const SAVED_OF_TWO: usize = 1;
+
+#[test]
+fn a_load_from_nvme_finds_room_even_when_admission_declines_every_dram_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = |admission| {
+        let mut cfg = TierConfig::new(geometry(), 4);
+        let mut n = NvmeConfig::new(dir.path(), 8);
+        n.io = IoMode::Auto;
+        cfg.nvme = Some(n);
+        cfg.caller_evicts = true;
+        cfg.admission = admission;
+        TierEngine::new(cfg).expect("engine")
+    };
+    let mut g = G1::new(geometry(), 32, 4);
+    // Block 0 on NVMe, from an earlier run.
+    {
+        let t = engine(kvtier::Admission::Always);
+        let g1 = g.register(&t);
+        assert_eq!(offload(&t, g1, 0..1), (1, 0));
+        assert_eq!(t.flush(WAIT).expect("flushed"), 1);
+    }
+    let t = engine(kvtier::Admission::MinHits(1));
+    let g1 = g.register(&t);
+    // DRAM full of blocks never read back: admission declines to write any of them.
+    assert_eq!(offload(&t, g1, 10..14), (4, 0));
+    // Loading block 0 needs a DRAM slot; only writing a declined block makes one.
+    assert!(loadable(&t, g1, 0..1), "{:?}", t.stats());
+    t.check_consistent().expect("consistent");
+}
