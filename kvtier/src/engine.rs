@@ -1221,12 +1221,8 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force: bool) -> bo
         return false;
     };
     let Some(slot) = e.g2 else { return false };
-    if e.g3.is_none() && inner.store.is_some() && force {
-        if let Some(g3) = g3_slot(inner, st) {
-            st.gate.wrote();
-            spill(inner, st, victim, slot, g3, true);
-            return false;
-        }
+    if e.g3.is_none() && inner.store.is_some() && force && write_to_g3(inner, st, victim, slot) {
+        return false;
     }
     if e.g3.is_none() && inner.store.is_some() {
         if inner.cfg.caller_evicts && st.unwanted.len() as u32 >= inner.cfg.spill_free_slots {
@@ -1241,12 +1237,8 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force: bool) -> bo
         let g3_victim = if compare { st.index.g3_victim() } else { None };
         let now = st.started.elapsed();
         let verdict = st.gate.judge(&victim, e.hits, g3_victim.as_ref(), now);
-        if verdict == Verdict::Write {
-            if let Some(g3) = g3_slot(inner, st) {
-                st.gate.wrote();
-                spill(inner, st, victim, slot, g3, true);
-                return false;
-            }
+        if verdict == Verdict::Write && write_to_g3(inner, st, victim, slot) {
+            return false;
         }
         if inner.cfg.caller_evicts {
             // Not written, and only the caller may drop it (it may have promised a load of it):
@@ -1266,6 +1258,16 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force: bool) -> bo
         hash: victim,
         tier: Tier::Dram,
     });
+    true
+}
+
+/// Starts spilling `victim` (G2 slot `slot`) to a G3 slot, if one can be had; counts the write.
+fn write_to_g3(inner: &Inner, st: &mut State, victim: BlockHash, slot: u32) -> bool {
+    let Some(g3) = g3_slot(inner, st) else {
+        return false;
+    };
+    st.gate.wrote();
+    spill(inner, st, victim, slot, g3, true);
     true
 }
 
