@@ -33,15 +33,21 @@ fn a_full_dram_tier_refuses_instead_of_evicting() {
     t.check_consistent().expect("consistent");
 }
 
-#[test]
-fn with_nvme_dram_copies_make_room_but_no_block_is_dropped() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Four DRAM slots in front of eight NVMe slots in `dir`, the caller owning eviction.
+fn with_nvme(dir: &std::path::Path, admission: kvtier::Admission) -> TierEngine {
     let mut cfg = TierConfig::new(geometry(), 4);
-    let mut n = NvmeConfig::new(dir.path(), 8);
+    let mut n = NvmeConfig::new(dir, 8);
     n.io = IoMode::Auto;
     cfg.nvme = Some(n);
     cfg.caller_evicts = true;
-    let t = TierEngine::new(cfg).expect("engine");
+    cfg.admission = admission;
+    TierEngine::new(cfg).expect("engine")
+}
+
+#[test]
+fn with_nvme_dram_copies_make_room_but_no_block_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = with_nvme(dir.path(), kvtier::Admission::Always);
     let mut g = G1::new(geometry(), 32, 2);
     let g1 = g.register(&t);
     let mut stored = 0;
@@ -65,14 +71,8 @@ fn with_nvme_dram_copies_make_room_but_no_block_is_dropped() {
 #[test]
 fn a_block_not_worth_an_nvme_write_is_asked_about_and_stays_loadable_until_discarded() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = TierConfig::new(geometry(), 4);
-    let mut n = NvmeConfig::new(dir.path(), 8);
-    n.io = IoMode::Auto;
-    cfg.nvme = Some(n);
-    cfg.caller_evicts = true;
     // Only blocks read back at least once are worth a write.
-    cfg.admission = kvtier::Admission::MinHits(1);
-    let t = TierEngine::new(cfg).expect("engine");
+    let t = with_nvme(dir.path(), kvtier::Admission::MinHits(1));
     let mut g = G1::new(geometry(), 32, 3);
     let g1 = g.register(&t);
     // Block 0 is read back, so it is worth a write when it leaves DRAM; 1..4 are not.
@@ -128,15 +128,7 @@ const SAVED_OF_TWO: usize = 1;
 #[test]
 fn a_load_from_nvme_finds_room_even_when_admission_declines_every_dram_block() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = |admission| {
-        let mut cfg = TierConfig::new(geometry(), 4);
-        let mut n = NvmeConfig::new(dir.path(), 8);
-        n.io = IoMode::Auto;
-        cfg.nvme = Some(n);
-        cfg.caller_evicts = true;
-        cfg.admission = admission;
-        TierEngine::new(cfg).expect("engine")
-    };
+    let engine = |admission| with_nvme(dir.path(), admission);
     let mut g = G1::new(geometry(), 32, 4);
     // Block 0 on NVMe, from an earlier run.
     {
