@@ -262,12 +262,17 @@ impl Scheduler {
         self.unwanted = keep;
         let now = Instant::now();
         for h in go {
-            self.cached.remove(&h);
-            self.policy.remove(&h);
             self.saving.remove(&h);
-            self.discarded.insert(h, now);
-            self.step.discards.push(h);
+            self.discard(h, now);
         }
+    }
+
+    /// Out of the mirror (no load is promised it from now on) and into this step's discards.
+    fn discard(&mut self, h: BlockHash, now: Instant) {
+        self.cached.remove(&h);
+        self.policy.remove(&h);
+        self.discarded.insert(h, now);
+        self.step.discards.push(h);
     }
 
     /// Whether every TP rank's worker holds `h`.
@@ -375,10 +380,7 @@ impl Scheduler {
             let Some(h) = self.policy.victim(&|h| !busy.contains(h)) else {
                 break;
             };
-            self.cached.remove(&h);
-            self.policy.remove(&h);
-            self.discarded.insert(h, now);
-            self.step.discards.push(h);
+            self.discard(h, now);
             over -= 1;
         }
     }
