@@ -14,6 +14,7 @@
 
 pub mod connector;
 pub mod lease;
+pub mod rendezvous;
 pub mod scheduler;
 mod served;
 

@@ -12,6 +12,7 @@ use kvcore::BlockHash;
 use kvtier::{Access, EvictionPolicy, PolicyKind, Tier, TierEvent};
 
 use crate::lease::Generations;
+use crate::rendezvous::Posted;
 use crate::{LeaseTarget, PullSpec};
 
 #[derive(Clone, Debug)]
@@ -41,6 +42,9 @@ pub struct SchedulerConfig {
     pub capacity: Option<u64>,
     /// How the scheduler chooses what to discard under `capacity`.
     pub eviction: PolicyKind,
+    /// Decode side, llm-d's `offloading` protocol: how long a request waits for its prefill
+    /// engine's offer before it is computed here.
+    pub offer_wait: Duration,
 }
 
 /// A prefill engine's offer, as the decode engine's request carries it (vLLM's
@@ -74,6 +78,24 @@ impl RemoteParams {
     }
 }
 
+/// A decode request under llm-d's `offloading` protocol (`remote_prefiller` in its
+/// `kv_transfer_params`): which prefill engine to ask for the offer, and under which key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemotePrefiller {
+    pub key: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Where a decode request's offer under the `offloading` protocol stands.
+enum Awaited {
+    /// Asked for since then; the offer must be for the prompt with this digest.
+    Asked { since: Instant, prompt: u64 },
+    Ready(RemoteParams),
+    /// None came in time, or it was refused: the prompt is computed here.
+    Missed,
+}
+
 /// What a prefill engine offers decoders for a finished request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Offer {
@@ -89,7 +111,7 @@ pub struct Offer {
 pub type OfferedGrant = (u64, Vec<u32>);
 
 /// One step's decisions for the worker.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepPlan {
     pub saves: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
     pub loads: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
@@ -107,6 +129,10 @@ pub struct StepPlan {
     /// Blocks the worker drops from its tiers before this step's saves (scheduler-owned
     /// eviction).
     pub discards: Vec<BlockHash>,
+    /// Decode side: offers to ask prefill engines for (the `offloading` protocol).
+    pub asks: Vec<(String, RemotePrefiller)>,
+    /// Prefill side: offers to post under their keys (`None`: none will come).
+    pub posts: Vec<(String, Option<Posted>)>,
 }
 
 enum Plan {
@@ -131,6 +157,8 @@ pub struct Scheduler {
     /// Decode side: requests with an accepted offer not yet allocated, their last heartbeat,
     /// and how often they beat.
     waiting: HashMap<String, (LeaseTarget, Instant, Duration)>,
+    /// Decode side: requests whose offer is asked for under the `offloading` protocol.
+    awaiting: HashMap<String, Awaited>,
     /// Resets asked of the worker, and how many it reported done: in between, `Stored` events
     /// may name blocks of before the reset, and the mirror ignores them.
     resets_sent: u64,
@@ -171,6 +199,7 @@ impl Scheduler {
             events: Vec::new(),
             generations: Generations::new(),
             waiting: HashMap::new(),
+            awaiting: HashMap::new(),
             resets_sent: 0,
             resets_done: 0,
             policy,
@@ -308,6 +337,54 @@ impl Scheduler {
         }
     }
 
+    /// The engine learnt of a decode request under the `offloading` protocol: its prefill
+    /// engine is asked for the offer (by the worker, which has the network), and until it comes
+    /// the request cannot say how many tokens it has (see [`Scheduler::matched`]). `prompt` is
+    /// [`crate::rendezvous::prompt_digest`] of the request's prompt.
+    pub fn expect(&mut self, req: &str, p: &RemotePrefiller, prompt: u64) {
+        if !self.cfg.pd || self.awaiting.contains_key(req) {
+            return;
+        }
+        self.awaiting.insert(
+            req.to_string(),
+            Awaited::Asked {
+                since: Instant::now(),
+                prompt,
+            },
+        );
+        self.step.asks.push((req.to_string(), p.clone()));
+    }
+
+    /// The worker's answer to an ask: the offer, or `None` (the prefill engine withdrew it, or
+    /// did not answer in time). An offer for another prompt, or one that comes after the
+    /// request stopped waiting, is not pulled and its grant is aborted.
+    pub fn fetched(&mut self, req: &str, offer: Option<Posted>) {
+        let prompt = match self.awaiting.get(req) {
+            Some(Awaited::Asked { prompt, .. }) => Some(*prompt),
+            _ => None,
+        };
+        match (prompt, offer) {
+            (Some(want), Some(p)) if p.prompt == want => {
+                self.awaiting
+                    .insert(req.to_string(), Awaited::Ready(p.remote));
+            }
+            (Some(_), Some(p)) => {
+                log::warn!(
+                    "kvferry: the offer fetched for {req} is for another prompt (prefill \
+                     request {}); computing the prompt here",
+                    p.remote.request_id
+                );
+                self.awaiting.insert(req.to_string(), Awaited::Missed);
+                self.step.aborts.push(p.remote.target());
+            }
+            (Some(_), None) => {
+                self.awaiting.insert(req.to_string(), Awaited::Missed);
+            }
+            (None, Some(p)) => self.step.aborts.push(p.remote.target()),
+            (None, None) => {}
+        }
+    }
+
     /// Whether an offer can be pulled: it must cover every prompt block and name its grant;
     /// anything else (a client's hand-made params, a prompt the prefill tokenized differently)
     /// would have blocks count as computed that nothing wrote. A refused offer's grant is
@@ -394,9 +471,32 @@ impl Scheduler {
         hashes.iter().take_while(|h| self.loadable(h)).count()
     }
 
+    /// A decode request's offer: the one its params carry (`nixlv2`), else the one fetched for
+    /// it (`offloading`). `Err(())`: still asked for, within the wait.
+    fn offer_for(&mut self, req: &str, remote: Option<&RemoteParams>) -> Result<Option<RemoteParams>, ()> {
+        if let Some(r) = remote {
+            return Ok(Some(r.clone()));
+        }
+        match self.awaiting.get(req) {
+            Some(Awaited::Asked { since, .. }) if since.elapsed() < self.cfg.offer_wait => Err(()),
+            Some(Awaited::Asked { .. }) => {
+                log::warn!(
+                    "kvferry: no offer for {req} came from its prefill engine within {:?}; \
+                     computing the prompt here",
+                    self.cfg.offer_wait
+                );
+                self.awaiting.insert(req.to_string(), Awaited::Missed);
+                Ok(None)
+            }
+            Some(Awaited::Ready(r)) => Ok(Some(r.clone())),
+            Some(Awaited::Missed) | None => Ok(None),
+        }
+    }
+
     /// Tokens beyond the `computed` ones (the engine's own prefix cache) that can be loaded,
     /// asynchronously: the whole rest of the prompt from a prefill engine, or the leading blocks
-    /// the tiers hold — always leaving at least one prompt token to compute.
+    /// the tiers hold — always leaving at least one prompt token to compute. `None`: not known
+    /// yet (the request's offer is still asked for); vLLM asks again next step.
     pub fn matched(
         &mut self,
         req: &str,
@@ -405,19 +505,21 @@ impl Scheduler {
         num_tokens: u32,
         hashes: &[BlockHash],
         computed: u32,
-    ) -> u32 {
+    ) -> Option<u32> {
         let bs = self.cfg.block_size.max(1);
         let start = (computed / bs) as usize;
-        if let (true, Some(r)) = (self.cfg.pd, remote) {
+        let remote = self.offer_for(req, remote).ok()?;
+        if let (true, Some(r)) = (self.cfg.pd, remote.as_ref()) {
             if !self.accept(req, r, prompt_tokens) {
                 self.plans.remove(req);
-                return 0;
+                self.awaiting.remove(req);
+                return Some(0);
             }
             let count = prompt_tokens.saturating_sub(computed);
             if count > 0 {
                 self.plans.insert(req.to_string(), Plan::Pull { start });
             }
-            return count;
+            return Some(count);
         }
         if self.cfg.offload {
             let end = (num_tokens.saturating_sub(1) / bs) as usize;
@@ -431,10 +533,10 @@ impl Scheduler {
                         start,
                     },
                 );
-                return hits as u32 * bs;
+                return Some(hits as u32 * bs);
             }
         }
-        0
+        Some(0)
     }
 
     /// The engine allocated `blocks` (all of the request's, from the first) for `external`
@@ -449,6 +551,13 @@ impl Scheduler {
     ) {
         let plan = self.plans.remove(req);
         let bs = self.cfg.block_size.max(1);
+        // One transfer per request: a fetched offer is used once (a preempted request that comes
+        // back computes its prompt), as `do_remote_prefill` is cleared for one that came along.
+        let fetched = match self.awaiting.remove(req) {
+            Some(Awaited::Ready(r)) => Some(r),
+            _ => None,
+        };
+        let remote = remote.or(fetched.as_ref());
         let accepted = self.waiting.remove(req).is_some();
         if let (true, Some(r), true, 0) = (self.cfg.pd, remote, accepted, external) {
             // Nothing to load (a full local hit, or vLLM skipping external KV for prompt
@@ -507,6 +616,11 @@ impl Scheduler {
     /// The engine finished `req` (`ok`: normally, not aborted). Returns whether the engine must
     /// keep its blocks until the worker reports it (saves in flight, or a decoder to come), and
     /// the offer for decoders when it was a prefill for a remote decode.
+    ///
+    /// `post`: the request's key and [`crate::rendezvous::prompt_digest`] under the `offloading`
+    /// protocol: the offer (or that none will come) is posted under the key for the decoder to
+    /// fetch.
+    #[allow(clippy::too_many_arguments)]
     pub fn finished(
         &mut self,
         req: &str,
@@ -515,11 +629,18 @@ impl Scheduler {
         hashes: &[BlockHash],
         blocks: &[u32],
         computed_tokens: u32,
+        post: Option<(&str, u64)>,
     ) -> (bool, Option<Offer>) {
         self.plans.remove(req);
         // vLLM reports a load over before it finishes the request; an aborted one ends here.
         self.loading.remove(req);
         self.drop_unwanted();
+        if let Some(Awaited::Ready(r)) = self.awaiting.remove(req) {
+            if !self.waiting.contains_key(req) {
+                // Fetched, never accepted: the prefill engine may free.
+                self.step.aborts.push(r.target());
+            }
+        }
         if let Some((t, _, _)) = self.waiting.remove(req) {
             // Finished (aborted) while waiting for its pull: the prefill engine may free.
             self.step.aborts.push(t);
@@ -579,6 +700,14 @@ impl Scheduler {
                 log::warn!("kvferry: no agent port known yet; {req} is not offered to decoders");
             }
         }
+        if let (true, Some((key, prompt))) = (self.cfg.pd, post) {
+            let posted = offer.as_ref().map(|o| Posted {
+                remote: o.remote.clone(),
+                num_tokens: o.num_tokens,
+                prompt,
+            });
+            self.step.posts.push((key.to_string(), posted));
+        }
         if delay {
             let grant = offer
                 .as_ref()
@@ -618,6 +747,7 @@ mod tests {
             lease: Duration::from_secs(30),
             capacity: None,
             eviction: PolicyKind::default(),
+            offer_wait: Duration::from_secs(30),
         })
     }
 
@@ -639,7 +769,7 @@ mod tests {
         );
         // 20 tokens = 5 full blocks; 1 block computed locally; at most 4 blocks may load and
         // the last one must leave a token: blocks 1..4 (3 blocks = 12 tokens).
-        assert_eq!(s.matched("r", None, 20, 20, &hashes, 4), 12);
+        assert_eq!(s.matched("r", None, 20, 20, &hashes, 4), Some(12));
         s.allocated("r", None, &[50, 51, 52, 53, 54], 12);
         let step = s.take_step();
         assert_eq!(
@@ -651,7 +781,7 @@ mod tests {
             hash: h(2),
             tier: Tier::Dram,
         }]);
-        assert_eq!(s.matched("q", None, 20, 20, &hashes, 0), 8);
+        assert_eq!(s.matched("q", None, 20, 20, &hashes, 0), Some(8));
         assert_eq!(s.take_events().len(), 6);
     }
 
@@ -663,14 +793,14 @@ mod tests {
             tier: Tier::Nvme,
         }]);
         let hashes: Vec<BlockHash> = (0..3).map(h).collect();
-        let (delay, offer) = s.finished("r", true, false, &hashes, &[7, 8, 9, 10], 13);
+        let (delay, offer) = s.finished("r", true, false, &hashes, &[7, 8, 9, 10], 13, None);
         assert!(delay && offer.is_none());
         let step = s.take_step();
         assert_eq!(step.saves, vec![("r".into(), vec![h(1), h(2)], vec![8, 9])]);
         assert_eq!(step.finished, vec![("r".into(), None)]);
         // Aborted requests are neither saved nor delayed.
         assert_eq!(
-            s.finished("x", false, false, &hashes, &[1, 2, 3], 12),
+            s.finished("x", false, false, &hashes, &[1, 2, 3], 12, None),
             (false, None)
         );
     }
@@ -678,7 +808,7 @@ mod tests {
     #[test]
     fn prefill_offers_its_blocks_and_decode_pulls_beyond_its_local_hit() {
         let mut p = sched(false, true);
-        let (delay, offer) = p.finished("p1", true, true, &[], &[5, 6, 7], 10);
+        let (delay, offer) = p.finished("p1", true, true, &[], &[5, 6, 7], 10, None);
         let offer = offer.expect("offer");
         assert!(delay);
         assert_eq!(offer.remote.block_ids, vec![5, 6, 7]);
@@ -694,7 +824,7 @@ mod tests {
 
         let mut d = sched(false, true);
         // 10 prompt tokens, 4 computed locally (block 0): 6 to pull into blocks 1 and 2.
-        assert_eq!(d.matched("d1", Some(&offer.remote), 10, 10, &[], 4), 6);
+        assert_eq!(d.matched("d1", Some(&offer.remote), 10, 10, &[], 4), Some(6));
         d.allocated("d1", Some(&offer.remote), &[20, 21, 22], 6);
         let step = d.take_step();
         let (req, spec) = &step.pulls[0];
@@ -705,11 +835,99 @@ mod tests {
         );
         // A full local hit pulls nothing (vLLM must not hear of a load it did not wait for)
         // and tells the prefill engine it may free.
-        assert_eq!(d.matched("d2", Some(&offer.remote), 10, 10, &[], 10), 0);
+        assert_eq!(d.matched("d2", Some(&offer.remote), 10, 10, &[], 10), Some(0));
         d.allocated("d2", Some(&offer.remote), &[20, 21, 22], 0);
         let step = d.take_step();
         assert!(step.pulls.is_empty(), "{:?}", step.pulls);
         assert_eq!(step.aborts, vec![offer.remote.target()]);
+    }
+
+    fn prefiller() -> RemotePrefiller {
+        RemotePrefiller {
+            key: "kv-1".into(),
+            host: "10.0.0.1".into(),
+            port: 7777,
+        }
+    }
+
+    #[test]
+    fn offloading_protocol_the_prefill_posts_its_offer_and_the_decoder_waits_for_it() {
+        use crate::rendezvous::prompt_digest;
+        let prompt = prompt_digest(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let mut p = sched(false, true);
+        let (_, offer) = p.finished("p1", true, true, &[], &[5, 6, 7], 10, Some(("kv-1", prompt)));
+        let offer = offer.expect("offer");
+        let posts = p.take_step().posts;
+        let posted = match posts.as_slice() {
+            [(k, Some(posted))] if k == "kv-1" => posted.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((&posted.remote, posted.prompt), (&offer.remote, prompt));
+        // A request that failed posts that none will come.
+        p.finished("p2", false, true, &[], &[1], 0, Some(("kv-2", prompt)));
+        assert_eq!(p.take_step().posts, vec![("kv-2".to_string(), None)]);
+
+        let mut d = sched(false, true);
+        d.expect("d1", &prefiller(), prompt);
+        assert_eq!(d.take_step().asks, vec![("d1".to_string(), prefiller())]);
+        // Asked twice (vLLM's on_new_request again after a preemption): one ask.
+        d.expect("d1", &prefiller(), prompt);
+        assert!(d.take_step().asks.is_empty());
+        // Nothing is claimed until the offer is here.
+        assert_eq!(d.matched("d1", None, 10, 10, &[], 0), None);
+        d.fetched("d1", Some(posted.clone()));
+        assert_eq!(d.matched("d1", None, 10, 10, &[], 4), Some(6));
+        d.allocated("d1", None, &[20, 21, 22], 6);
+        let step = d.take_step();
+        let (req, spec) = &step.pulls[0];
+        assert_eq!(req, "d1");
+        assert_eq!(
+            (spec.remote_blocks.clone(), spec.local_blocks.clone(), spec.grant),
+            (vec![6, 7], vec![21, 22], offer.remote.grant)
+        );
+        // Used once: after a preemption the prompt is computed here.
+        assert_eq!(d.matched("d1", None, 10, 10, &[], 0), Some(0));
+    }
+
+    #[test]
+    fn offloading_protocol_offers_for_another_prompt_late_or_withdrawn_are_computed_here() {
+        use crate::rendezvous::prompt_digest;
+        let (mine, theirs) = (prompt_digest(&[1; 10]), prompt_digest(&[2; 10]));
+        let posted = |prompt| Posted {
+            remote: offer(vec![5, 6, 7], 9),
+            num_tokens: 10,
+            prompt,
+        };
+        let mut d = sched(false, true);
+        d.expect("other", &prefiller(), mine);
+        d.fetched("other", Some(posted(theirs)));
+        assert_eq!(d.matched("other", None, 10, 10, &[], 0), Some(0));
+        assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
+
+        d.expect("withdrawn", &prefiller(), mine);
+        d.fetched("withdrawn", None);
+        assert_eq!(d.matched("withdrawn", None, 10, 10, &[], 0), Some(0));
+
+        // Fetched, then the request went away before it was scheduled: the grant is aborted.
+        d.expect("gone", &prefiller(), mine);
+        d.fetched("gone", Some(posted(mine)));
+        d.finished("gone", false, false, &[], &[], 0, None);
+        assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
+        // An offer arriving for a request no longer waiting is aborted too.
+        d.fetched("never-asked", Some(posted(mine)));
+        assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
+
+        // Past the wait: computed here, and an offer that comes later is aborted.
+        let mut d = Scheduler::new(SchedulerConfig {
+            offer_wait: Duration::ZERO,
+            ..sched(false, true).cfg
+        });
+        d.expect("late", &prefiller(), mine);
+        assert_eq!(d.matched("late", None, 10, 10, &[], 0), Some(0));
+        d.take_step();
+        d.fetched("late", Some(posted(mine)));
+        assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
+        assert_eq!(d.matched("late", None, 10, 10, &[], 0), Some(0));
     }
 
     fn offer(blocks: Vec<u32>, grant: u64) -> RemoteParams {
@@ -730,17 +948,17 @@ mod tests {
         let mut d = sched(false, true);
         // 10 prompt tokens need 3 blocks of 4; the offer names 2.
         let short = offer(vec![5, 6], 9);
-        assert_eq!(d.matched("d1", Some(&short), 10, 10, &[], 0), 0);
+        assert_eq!(d.matched("d1", Some(&short), 10, 10, &[], 0), Some(0));
         d.allocated("d1", Some(&short), &[20, 21, 22], 0);
         let step = d.take_step();
         assert!(step.pulls.is_empty(), "{:?}", step.pulls);
         assert_eq!(step.aborts, vec![short.target()]);
         // No grant: refused too.
         let ungranted = offer(vec![5, 6, 7], 0);
-        assert_eq!(d.matched("d2", Some(&ungranted), 10, 10, &[], 0), 0);
+        assert_eq!(d.matched("d2", Some(&ungranted), 10, 10, &[], 0), Some(0));
         // An offer that covers the prompt is pulled whole, remote list and local list alike.
         let good = offer(vec![5, 6, 7], 9);
-        assert_eq!(d.matched("d3", Some(&good), 10, 10, &[], 0), 10);
+        assert_eq!(d.matched("d3", Some(&good), 10, 10, &[], 0), Some(10));
         d.allocated("d3", Some(&good), &[20, 21, 22], 10);
         let step = d.take_step();
         assert_eq!(step.pulls[0].1.remote_blocks, vec![5, 6, 7]);
@@ -758,20 +976,20 @@ mod tests {
             .expect("clock")
             .as_secs_f64()
             + 0.06;
-        assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), 10);
+        assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), Some(10));
         std::thread::sleep(Duration::from_millis(25));
         assert_eq!(d.take_step().extends, vec![o.target()]);
         assert_eq!(
-            d.finished("d1", false, false, &[], &[20, 21, 22], 0),
+            d.finished("d1", false, false, &[], &[20, 21, 22], 0, None),
             (false, None)
         );
         let step = d.take_step();
         assert_eq!(step.aborts, vec![o.target()]);
         assert!(step.extends.is_empty());
         // Allocated (pull under way): no heartbeat, and finishing later aborts nothing.
-        assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), 10);
+        assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), Some(10));
         d.allocated("d2", Some(&o), &[20, 21, 22], 10);
-        d.finished("d2", true, false, &[], &[20, 21, 22], 10);
+        d.finished("d2", true, false, &[], &[20, 21, 22], 10, None);
         let step = d.take_step();
         assert!(step.aborts.is_empty() && step.extends.is_empty());
     }
@@ -802,10 +1020,10 @@ mod tests {
         let mut d = sched(false, true);
         let mut o = offer(vec![5, 6, 7], 9);
         o.expires_unix = 1.0;
-        assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), 0);
+        assert_eq!(d.matched("d1", Some(&o), 10, 10, &[], 0), Some(0));
         assert_eq!(d.take_step().aborts, vec![o.target()]);
         o.expires_unix = 4e9;
-        assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), 10);
+        assert_eq!(d.matched("d2", Some(&o), 10, 10, &[], 0), Some(10));
     }
 
     #[test]
@@ -813,6 +1031,7 @@ mod tests {
         let mut s = Scheduler::new(SchedulerConfig {
             capacity: Some(4),
             eviction: PolicyKind::Lru,
+            offer_wait: Duration::from_secs(30),
             ..sched(true, false).cfg
         });
         let stored = |i| TierEvent::Stored {
@@ -822,12 +1041,12 @@ mod tests {
         s.apply(&[stored(0), stored(1), stored(2), stored(3)]);
         // A load of blocks 0 and 1 is planned (and so in flight until `loaded`).
         let hashes: Vec<BlockHash> = (0..3).map(h).collect();
-        assert_eq!(s.matched("l", None, 12, 12, &hashes, 0), 8);
+        assert_eq!(s.matched("l", None, 12, 12, &hashes, 0), Some(8));
         s.allocated("l", None, &[10, 11, 12], 8);
         let _ = s.take_step();
         // Saving two new blocks needs two slots: 2 and 3 go, not 0 and 1.
         let new: Vec<BlockHash> = (10..12).map(h).collect();
-        s.finished("r", true, false, &new, &[5, 6], 8);
+        s.finished("r", true, false, &new, &[5, 6], 8, None);
         let step = s.take_step();
         assert_eq!(step.discards, vec![h(2), h(3)]);
         assert_eq!(s.lookup(&[h(2)]), 0);
@@ -835,7 +1054,7 @@ mod tests {
         s.loaded("l");
         s.apply(&[stored(10), stored(11)]);
         let more: Vec<BlockHash> = (20..21).map(h).collect();
-        s.finished("q", true, false, &more, &[7], 4);
+        s.finished("q", true, false, &more, &[7], 4, None);
         assert_eq!(s.take_step().discards.len(), 1);
     }
 
@@ -853,7 +1072,7 @@ mod tests {
         let _ = s.take_events();
         // A load of 0 and 1 is in flight.
         let hashes: Vec<BlockHash> = (0..3).map(h).collect();
-        assert_eq!(s.matched("l", None, 12, 12, &hashes, 0), 8);
+        assert_eq!(s.matched("l", None, 12, 12, &hashes, 0), Some(8));
         s.allocated("l", None, &[10, 11, 12], 8);
         let _ = s.take_step();
         // The worker would rather drop 1 and 2 than write them to NVMe.

@@ -1,7 +1,7 @@
 //! The connector state machine with real parts: two connectors on loopback (a prefill engine and
 //! a decode engine, host KV caches in vLLM's CPU layout), pulls under leases, offload and onboard
 //! through the tiers, a prefill request nobody pulls, a prefill engine that is down, late
-//! decoders after the blocks were reused, pulls that fail part-way.
+//! decoders after the blocks were reused, pulls that fail part-way, offers asked for by key.
 
 use std::time::Duration;
 
@@ -9,7 +9,9 @@ use kvferry::connector::{ConnectorCounters, Finished};
 use kvferry::kvnet::TransportKind;
 use kvferry::lease::Generations;
 use kvferry::prelude::*;
-use kvferry::{Connector, ConnectorConfig, OffloadConfig, PdConfig, PullSpec};
+use kvferry::rendezvous::{prompt_digest, Posted};
+use kvferry::scheduler::RemotePrefiller;
+use kvferry::{Connector, ConnectorConfig, OffloadConfig, PdConfig, PullSpec, RemoteParams};
 
 const BLOCKS: u32 = 64;
 
@@ -115,6 +117,7 @@ impl Engine {
             all.sending.extend(f.sending);
             all.recving.extend(f.recving);
             all.load_errors.extend(f.load_errors);
+            all.offers.extend(f.offers);
             if pred(&all) {
                 return all;
             }
@@ -179,6 +182,92 @@ fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
     assert_eq!(p.lease_expired, 0);
     assert_eq!(d.pulled_blocks, 5);
     assert_eq!(d.pulled_bytes, 5 * geometry().block_bytes());
+}
+
+fn offer_of(f: &Finished, req: &str) -> Option<Option<Posted>> {
+    f.offers.iter().find(|(r, _)| r == req).map(|(_, o)| o.clone())
+}
+
+/// llm-d's `offloading` protocol: the decoder asks before the prefill finished, gets the
+/// offer once posted, pulls under its grant exactly as under `nixlv2`; a second decode engine
+/// asking under the same key, a withdrawn key and a key nobody posts all come back as no offer.
+#[test]
+fn a_decoder_asks_by_key_until_the_prefill_posts_its_offer_then_pulls_it() {
+    let prefill = engine("prefill", false, true, 1);
+    let decode = engine("decode-a", false, true, 2);
+    let other = engine("decode-b", false, true, 3);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let at = |key: &str| RemotePrefiller {
+        key: key.into(),
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    let wait = Duration::from_secs(10);
+    decode.conn.ask("d-req", &at("kv-1"), wait);
+    decode.conn.ask("d-nothing", &at("kv-2"), wait);
+    decode
+        .conn
+        .ask("d-never", &at("kv-3"), Duration::from_millis(300));
+    // Still pending: the prefill has posted nothing yet.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(decode.conn.poll().offers.is_empty());
+
+    let remote = vec![5u32, 9, 10];
+    let g = Generations::new().issue();
+    let prompt = prompt_digest(&[1, 2, 3]);
+    let made = RemoteParams {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        request_id: "p-req".into(),
+        engine_id: "prefill".into(),
+        tp_size: 1,
+        block_ids: remote.clone(),
+        grant: g,
+        expires_unix: 0.0,
+    };
+    prefill.conn.finish("p-req", Some((g, &remote)));
+    prefill.conn.post(
+        "kv-1",
+        Some(Posted {
+            remote: made.clone(),
+            num_tokens: 96,
+            prompt,
+        }),
+    );
+    prefill.conn.post("kv-2", None);
+    let got = decode.until(|f| f.offers.len() == 3);
+    let posted = offer_of(&got, "d-req")
+        .expect("answered")
+        .expect("an offer");
+    assert_eq!((&posted.remote, posted.prompt), (&made, prompt));
+    assert_eq!(offer_of(&got, "d-nothing"), Some(None));
+    assert_eq!(offer_of(&got, "d-never"), Some(None));
+    // Another engine under the same key (a router's retry) is told there is none.
+    other.conn.ask("o-req", &at("kv-1"), wait);
+    let got = other.until(|f| !f.offers.is_empty());
+    assert_eq!(offer_of(&got, "o-req"), Some(None));
+
+    let local = vec![0u32, 1, 2];
+    decode.conn.pull(
+        "d-req",
+        &spec(
+            (&posted.remote.host, posted.remote.port),
+            1,
+            "p-req",
+            posted.remote.grant,
+            &remote,
+            &local,
+        ),
+    );
+    let got = decode.until(|f| f.recving.contains(&"d-req".to_string()));
+    assert!(got.load_errors.is_empty(), "{got:?}");
+    for (r, l) in remote.iter().zip(&local) {
+        assert_eq!(prefill.block(*r), decode.block(*l), "block {r} -> {l}");
+    }
+    prefill.until(|f| f.sending.contains(&"p-req".to_string()));
+    let (p, d) = (prefill.conn.counters(), decode.conn.counters());
+    assert_eq!((p.offers_posted, p.pulls_served), (1, 1));
+    assert_eq!((d.offers_fetched, d.offers_missed), (1, 2));
 }
 
 #[test]

@@ -135,6 +135,10 @@ def lease_seconds(extra: dict[str, Any]) -> float:
     return float(extra.get("kv_lease_duration", extra.get("free_timeout_s", 30.0)))
 
 
+def offer_wait_seconds(extra: dict[str, Any]) -> float:
+    return float(extra.get("remote_prefill_wait_s", 30.0))
+
+
 def _shared(
     engine_id: str,
     extra: dict[str, Any],
@@ -262,9 +266,12 @@ class KVFerryWorkerMeta(KVConnectorWorkerMetadata):
     events: dict[int, list[tuple[str, bytes, str]]] = field(default_factory=dict)
     # Resets this worker carried out in all (the scheduler ignores stores until it did).
     resets: int = 0
+    # llm-d's offloading protocol: offers fetched for decode requests, (request, offer or None).
+    offers: list[tuple[str, Any]] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVFerryWorkerMeta):
+            self.offers.extend(other.offers)
             for rank, evs in other.events.items():
                 self.events.setdefault(rank, []).extend(evs)
             # Every worker must have reset before stores count again.
@@ -288,6 +295,10 @@ class KVFerryMetadata(KVConnectorMetadata):
     reset: bool = False
     # Blocks to drop from the tiers before this step's saves (the scheduler owns eviction).
     discards: list[bytes] = field(default_factory=list)
+    # llm-d's offloading protocol: offers to ask prefill engines for, (request, (key, host,
+    # port)), and offers to post under decoders' keys, (key, offer or None).
+    asks: list[tuple[str, tuple[str, str, int]]] = field(default_factory=list)
+    posts: list[tuple[str, Any]] = field(default_factory=list)
 
 
 class KVFerryConnector(KVConnectorBase_V1):
@@ -369,6 +380,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             # vLLM's default kv_load_failure_policy ("fail") does not fail ordinary requests.
             capacity=_capacity(self.extra) if self.offload else None,
             eviction=_opt_str(self.extra, "eviction"),
+            offer_wait_s=offer_wait_seconds(self.extra),
         )
         # Worker-side state.
         self._load_errors: set[int] = set()
@@ -376,6 +388,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         self._cleared = False
         self._caches: list["torch.Tensor"] = []
         self._reported: dict[str, int] = {}
+        self._offers: list[tuple[str, Any]] = []
         self._stats_path: str | None = self.extra.get("stats_path")
         self._stats_stop = threading.Event()
         if self._stats_path and self.native is not None:
@@ -448,9 +461,12 @@ class KVFerryConnector(KVConnectorBase_V1):
         if self.native is None:
             return None
         events = self.native.take_events()
-        if not events and not self._resets:
+        offers, self._offers = self._offers, []
+        if not events and not self._resets and not offers:
             return None
-        return KVFerryWorkerMeta(events={self._rank: list(events)}, resets=self._resets)
+        return KVFerryWorkerMeta(
+            events={self._rank: list(events)}, resets=self._resets, offers=offers
+        )
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -491,6 +507,13 @@ class KVFerryConnector(KVConnectorBase_V1):
             self.native.extend(t)
         for t in meta.aborts:
             self.native.abort_remote(t)
+        if self._rank == 0:
+            # The offloading protocol's router names one address per engine: TP rank 0's.
+            for key, offer in meta.posts:
+                self.native.post(key, offer)
+            wait = offer_wait_seconds(self.extra)
+            for req, (key, host, port) in meta.asks:
+                self.native.ask(req, key, host, int(port), wait)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -506,6 +529,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             return None, None
         sending, recving, errors = self.native.poll()
         self._load_errors.update(errors)
+        self._offers.extend(self.native.take_offers())
         return (set(sending) or None, set(recving) or None)
 
     def _stats_loop(self):
@@ -587,6 +611,8 @@ class KVFerryConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any):
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVFerryWorkerMeta):
+            for req, offer in meta.offers:
+                self.sched.fetched(req, offer)
             self.sched.resets_done(meta.resets)
             for rank, events in sorted(meta.events.items()):
                 self.sched.apply(events, rank)
@@ -606,6 +632,39 @@ class KVFerryConnector(KVConnectorBase_V1):
         remote = self._remote(request)
         if remote is not None:
             self.sched.arrived(request.request_id, remote, len(request.prompt_token_ids or ()))
+            return
+        prefiller = self._prefiller(request)
+        if prefiller is not None:
+            # llm-d's offloading protocol: the prefill runs now, elsewhere; its offer is asked
+            # for by key, and until it is here the request waits (see get_num_new_matched_tokens).
+            self.sched.expect(request.request_id, prefiller, list(request.prompt_token_ids or ()))
+
+    @staticmethod
+    def _role_key(p: Any, role: str) -> dict[str, Any] | None:
+        v = p.get(role) if isinstance(p, dict) else None
+        if not isinstance(v, dict):
+            return None
+        key = v.get("kv_request_id")
+        if not isinstance(key, str) or not 0 < len(key.encode()) <= 256:
+            log.warning("kvferry: ignoring %s with a malformed kv_request_id: %r", role, v)
+            return None
+        return v
+
+    def _prefiller(self, request: "Request") -> tuple[str, str, int] | None:
+        """llm-d's offloading protocol, decode side: ``remote_prefiller{kv_request_id,
+        remote_host, remote_port}``. Malformed params are None (the prompt is computed here)."""
+        v = self._role_key(request.kv_transfer_params, "remote_prefiller") if self.pd else None
+        if v is None:
+            return None
+        host, port = v.get("remote_host"), v.get("remote_port")
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            port = 0
+        if not isinstance(host, str) or not host or len(host) > 255 or not 0 < port < 65536:
+            log.warning("kvferry: ignoring remote_prefiller without a usable address: %r", v)
+            return None
+        return (v["kv_request_id"], host, port)
 
     def _remote(self, request: "Request") -> tuple | None:
         """The prefill engine's offer in a decode request's kv_transfer_params, if well formed.
@@ -672,6 +731,9 @@ class KVFerryConnector(KVConnectorBase_V1):
             list(request.block_hashes),
             num_computed_tokens,
         )
+        if n is None:
+            # Its offer is still asked for (offloading protocol): vLLM skips it this step.
+            return None, False
         return n, n > 0
 
     def update_state_after_alloc(
@@ -718,6 +780,8 @@ class KVFerryConnector(KVConnectorBase_V1):
             aborts=list(step["aborts"]),
             reset=bool(step["reset"]),
             discards=list(step["discards"]),
+            asks=list(step["asks"]),
+            posts=list(step["posts"]),
         )
 
     def request_finished(
@@ -729,13 +793,19 @@ class KVFerryConnector(KVConnectorBase_V1):
             block_ids = list(block_ids[0])
         ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         params = request.kv_transfer_params or {}
+        # llm-d's offloading protocol, prefill side: the offer goes to the decoder by key.
+        decoder = self._role_key(params, "remote_decoder") if self.pd else None
+        post = None
+        if decoder is not None:
+            post = (decoder["kv_request_id"], list(request.prompt_token_ids or ()))
         return self.sched.finished(
             request.request_id,
             ok,
-            bool(params.get("do_remote_decode")),
+            bool(params.get("do_remote_decode")) or post is not None,
             list(request.block_hashes),
             [int(b) for b in block_ids],
             request.num_computed_tokens,
+            post,
         )
 
 

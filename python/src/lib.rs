@@ -12,6 +12,8 @@ use kvferry::connector::{medium, ConnectorCounters};
 use kvferry::kvcore::{BlockHash, CacheLayout, Dtype, Geometry};
 use kvferry::kvnet::TransportKind;
 use kvferry::kvtier::{Tier, TierEvent};
+use kvferry::rendezvous::{prompt_digest, Posted};
+use kvferry::scheduler::RemotePrefiller;
 use kvferry::{
     Connector as Inner, ConnectorConfig, LeaseTarget, OffloadConfig, PdConfig, PullSpec,
     RemoteParams, Scheduler as SchedInner, SchedulerConfig,
@@ -53,6 +55,8 @@ fn pairs(hs: Vec<Vec<u8>>, blocks: Vec<u32>) -> PyResult<Vec<(BlockHash, u32)>> 
 #[pyclass(frozen, module = "kvferry._native")]
 struct Connector {
     inner: Inner,
+    /// Offers fetched that `poll` collected, until `take_offers`.
+    offers: Mutex<Vec<(String, Option<Posted>)>>,
 }
 
 #[pymethods]
@@ -149,7 +153,10 @@ impl Connector {
             total_kv_heads,
         };
         let inner = py.detach(|| Inner::new(cfg)).map_err(err)?;
-        Ok(Connector { inner })
+        Ok(Connector {
+            inner,
+            offers: Mutex::new(Vec::new()),
+        })
     }
 
     /// The port decoders pull from (None without P/D).
@@ -271,10 +278,36 @@ impl Connector {
         });
     }
 
-    /// `(finished_sending, finished_recving, failed_block_ids)` since the last call.
+    /// `(finished_sending, finished_recving, failed_block_ids)` since the last call (offers
+    /// fetched are kept for `take_offers`).
     fn poll(&self, py: Python<'_>) -> (Vec<String>, Vec<String>, Vec<u32>) {
         let f = py.detach(|| self.inner.poll());
+        self.offers.lock().extend(f.offers);
         (f.sending, f.recving, f.load_errors)
+    }
+
+    /// Decode side, llm-d's `offloading` protocol: asks the prefill engine at `host:port` for
+    /// the offer it posts under `key`, for up to `wait_s`; the answer comes from `take_offers`.
+    fn ask(&self, py: Python<'_>, req: &str, key: String, host: String, port: u16, wait_s: f64) {
+        let p = RemotePrefiller { key, host, port };
+        let wait = Duration::try_from_secs_f64(wait_s.max(0.0)).unwrap_or(Duration::ZERO);
+        py.detach(|| self.inner.ask(req, &p, wait));
+    }
+
+    /// `[(request, posted offer or None)]` fetched since the last call (see `poll`); the
+    /// offers as `Scheduler.fetched` takes them.
+    fn take_offers(&self) -> Vec<(String, Option<PostedTuple>)> {
+        std::mem::take(&mut *self.offers.lock())
+            .into_iter()
+            .map(|(r, p)| (r, p.map(posted_tuple)))
+            .collect()
+    }
+
+    /// Prefill side: posts the offer made for a decoder that asks by `key` (None: none will
+    /// come).
+    fn post(&self, py: Python<'_>, key: &str, offer: Option<PostedTuple>) {
+        let p = offer.map(posted);
+        py.detach(|| self.inner.post(key, p));
     }
 
     /// Waits (up to `timeout_s`) until nothing is in flight; returns what finished meanwhile.
@@ -324,6 +357,9 @@ impl Connector {
             lookups,
             lookup_hits,
             resets,
+            offers_posted,
+            offers_fetched,
+            offers_missed,
         } = counters;
         for (k, v) in [
             ("saved_blocks", saved_blocks),
@@ -340,6 +376,9 @@ impl Connector {
             ("lookups", lookups),
             ("lookup_hits", lookup_hits),
             ("resets", resets),
+            ("offers_posted", offers_posted),
+            ("offers_fetched", offers_fetched),
+            ("offers_missed", offers_missed),
         ] {
             d.set_item(k, v)?;
         }
@@ -390,20 +429,50 @@ fn event_tuple<'py>(
 type RemoteTuple = (String, u16, String, String, u32, Vec<u32>, u64, f64);
 
 fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
-    r.map(
-        |(host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix)| {
-            RemoteParams {
-                host,
-                port,
-                request_id,
-                engine_id,
-                tp_size,
-                block_ids,
-                grant,
-                expires_unix,
-            }
-        },
+    r.map(remote_params)
+}
+
+fn remote_params(
+    (host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix): RemoteTuple,
+) -> RemoteParams {
+    RemoteParams {
+        host,
+        port,
+        request_id,
+        engine_id,
+        tp_size,
+        block_ids,
+        grant,
+        expires_unix,
+    }
+}
+
+fn remote_tuple(r: RemoteParams) -> RemoteTuple {
+    (
+        r.host,
+        r.port,
+        r.request_id,
+        r.engine_id,
+        r.tp_size,
+        r.block_ids,
+        r.grant,
+        r.expires_unix,
     )
+}
+
+/// `(offer as RemoteTuple, num_tokens, prompt digest)`: an offer posted under a key.
+type PostedTuple = (RemoteTuple, u32, u64);
+
+fn posted((r, num_tokens, prompt): PostedTuple) -> Posted {
+    Posted {
+        remote: remote_params(r),
+        num_tokens,
+        prompt,
+    }
+}
+
+fn posted_tuple(p: Posted) -> PostedTuple {
+    (remote_tuple(p.remote), p.num_tokens, p.prompt)
 }
 
 /// `(host, port, tp_size, request_id, grant)`: where a grant lives.
@@ -446,7 +515,7 @@ impl Scheduler {
     #[new]
     #[pyo3(signature = (
         engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0,
-        capacity = None, eviction = None
+        capacity = None, eviction = None, offer_wait_s = 30.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -460,6 +529,7 @@ impl Scheduler {
         lease_s: f64,
         capacity: Option<u64>,
         eviction: Option<String>,
+        offer_wait_s: f64,
     ) -> PyResult<Scheduler> {
         let eviction = match eviction {
             Some(e) => e.parse::<kvferry::kvtier::PolicyKind>().map_err(err)?,
@@ -467,6 +537,8 @@ impl Scheduler {
         };
         let lease = Duration::try_from_secs_f64(lease_s)
             .map_err(|_| err(format!("kv_lease_duration = {lease_s} seconds")))?;
+        let offer_wait = Duration::try_from_secs_f64(offer_wait_s)
+            .map_err(|_| err(format!("remote_prefill_wait_s = {offer_wait_s} seconds")))?;
         Ok(Scheduler {
             inner: Mutex::new(SchedInner::new(SchedulerConfig {
                 engine_id,
@@ -479,6 +551,7 @@ impl Scheduler {
                 lease,
                 capacity,
                 eviction,
+                offer_wait,
             })),
         })
     }
@@ -506,6 +579,19 @@ impl Scheduler {
     fn arrived(&self, req: &str, remote_: Option<RemoteTuple>, prompt_tokens: u32) {
         let r = remote(remote_);
         self.inner.lock().arrived(req, r.as_ref(), prompt_tokens);
+    }
+
+    /// vLLM's `on_new_request` for a decode request under llm-d's `offloading` protocol:
+    /// `(key, host, port)` of its `remote_prefiller`, and its prompt's token ids.
+    fn expect(&self, req: &str, prefiller: (String, String, u16), prompt: Vec<u32>) {
+        let (key, host, port) = prefiller;
+        let p = RemotePrefiller { key, host, port };
+        self.inner.lock().expect(req, &p, prompt_digest(&prompt));
+    }
+
+    /// The worker's answer to an ask (from `Connector.take_offers`).
+    fn fetched(&self, req: &str, offer: Option<PostedTuple>) {
+        self.inner.lock().fetched(req, offer.map(posted));
     }
 
     /// Applies TP rank `rank`'s worker's `(kind, hash, medium)` events to the mirror.
@@ -551,7 +637,7 @@ impl Scheduler {
         num_tokens: u32,
         hashes_: Vec<Vec<u8>>,
         computed: u32,
-    ) -> PyResult<u32> {
+    ) -> PyResult<Option<u32>> {
         let hs = hashes(hashes_)?;
         let r = remote(remote_);
         Ok(self
@@ -568,6 +654,9 @@ impl Scheduler {
     }
 
     /// `(delay_free, kv_transfer_params or None)`; the params are NixlConnector's protocol.
+    /// `post`: `(key, prompt token ids)` of a prefill under llm-d's `offloading` protocol, whose
+    /// offer is posted under the key for the decoder to fetch.
+    #[pyo3(signature = (req, ok, remote_decode, hashes_, blocks, computed_tokens, post = None))]
     #[allow(clippy::too_many_arguments)]
     fn finished<'py>(
         &self,
@@ -578,12 +667,19 @@ impl Scheduler {
         hashes_: Vec<Vec<u8>>,
         blocks: Vec<u32>,
         computed_tokens: u32,
+        post: Option<(String, Vec<u32>)>,
     ) -> PyResult<(bool, Option<Bound<'py, PyDict>>)> {
         let hs = hashes(hashes_)?;
-        let (delay, offer) =
-            self.inner
-                .lock()
-                .finished(req, ok, remote_decode, &hs, &blocks, computed_tokens);
+        let post = post.map(|(k, prompt)| (k, prompt_digest(&prompt)));
+        let (delay, offer) = self.inner.lock().finished(
+            req,
+            ok,
+            remote_decode,
+            &hs,
+            &blocks,
+            computed_tokens,
+            post.as_ref().map(|(k, d)| (k.as_str(), *d)),
+        );
         let params = match offer {
             Some(o) => {
                 let d = PyDict::new(py);
@@ -649,6 +745,18 @@ impl Scheduler {
         d.set_item("aborts", targets(step.aborts))?;
         d.set_item("reset", step.reset)?;
         d.set_item("discards", hash_list(py, &step.discards))?;
+        let asks: Vec<(String, (String, String, u16))> = step
+            .asks
+            .into_iter()
+            .map(|(req, p)| (req, (p.key, p.host, p.port)))
+            .collect();
+        d.set_item("asks", asks)?;
+        let posts: Vec<(String, Option<PostedTuple>)> = step
+            .posts
+            .into_iter()
+            .map(|(k, p)| (k, p.map(posted_tuple)))
+            .collect();
+        d.set_item("posts", posts)?;
         Ok(d)
     }
 }

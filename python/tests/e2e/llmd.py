@@ -8,15 +8,23 @@ verbatim). Outputs must equal plain vLLM's token for token, and every prefill gr
 released.
 
 - llmd-two-hosts: the above.
+- llmd-offloading: the same two hosts under llm-d's ``offloading`` protocol (its RDMA-free P/D,
+  ``--kv-connector=offloading`` on the sidecar): the decode request is sent first and the prefill
+  after it, each with role-keyed params (``remote_prefiller{kv_request_id, remote_host,
+  remote_port}`` for the decoder, ``remote_decoder{kv_request_id}`` for the prefill, port 7777
+  as the sidecar's default); then a decoder whose key names another prompt's prefill and one whose
+  key nobody posts. Every output equals plain vLLM's, and every grant ends.
 
 Needs root (namespaces and a veth pair); skips with the reason otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import time
+import uuid
 
 from run_e2e import Engine, check_same, prompts, wait_released
 
@@ -111,4 +119,100 @@ def two_hosts(model, plain):
         _teardown()
 
 
-SCENARIOS = [("llmd-two-hosts", two_hosts)]
+P2P_PORT = 7777  # llm-d's --p2p-connector-port default
+
+
+def _send(engine, **cmd):
+    """Sends a command without waiting for its answer (read it with ``engine._read()``)."""
+    engine.wait_ready()
+    engine.p.stdin.write(json.dumps(cmd) + "\n")
+    engine.p.stdin.flush()
+
+
+def offloading(model, plain):
+    _two_hosts()
+    token = secrets.token_hex(16)
+    pre = dec = None
+    try:
+        pre = Engine(
+            model,
+            "prefill-offloading",
+            {"pd": True},
+            netns=NS[0],
+            env={
+                "VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[0],
+                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(P2P_PORT),
+                "KVFERRY_TOKEN": token,
+            },
+        )
+        dec = Engine(
+            model,
+            "decode-offloading",
+            {"pd": True, "remote_prefill_wait_s": 4},
+            netns=NS[1],
+            kv_role="kv_consumer",
+            env={"VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[1], "KVFERRY_TOKEN": token},
+        )
+        pre.wait_ready(), dec.wait_ready()
+        ps = prompts()
+        keys = [f"kv-{uuid.uuid4()}" for _ in ps]
+        to_dec = [
+            {"remote_prefiller": {"kv_request_id": k, "remote_host": ADDR[0], "remote_port": P2P_PORT}}
+            for k in keys
+        ]
+        # As the sidecar: both at once, the decoder first (it must wait for the offers).
+        _send(dec, op="generate", prompts=ps, max_tokens=16, kv_transfer_params=to_dec)
+        time.sleep(0.5)
+        pre.generate(ps, 1, [{"remote_decoder": {"kv_request_id": k}} for k in keys])
+        pre.call(op="step")
+        r = dec._read()
+        check_same("llmd-offloading", r["outputs"], plain)
+        d = dec.stats()
+        s = wait_released(pre, len(ps))
+        assert d["offers_fetched"] == len(ps) and d["offers_missed"] == 0, d
+        assert d["pull_failures"] == 0 and d["pulled_blocks"] > 0, d
+        assert s["offers_posted"] == len(ps) and s["pulls_served"] == len(ps), s
+        first = f"{d['offers_fetched']} offers fetched by key, {d['pulled_blocks']} blocks pulled"
+        dec.call(op="settle")
+
+        # A key that names another prompt's prefill, and a key nobody posts: both computed on
+        # the decoder (the first refused on its prompt digest, the second after the wait).
+        wrong, nobody = f"kv-{uuid.uuid4()}", f"kv-{uuid.uuid4()}"
+        to_dec = [
+            {"remote_prefiller": {"kv_request_id": k, "remote_host": ADDR[0], "remote_port": P2P_PORT}}
+            for k in (wrong, nobody)
+        ]
+        _send(dec, op="generate", prompts=ps[:2], max_tokens=16, kv_transfer_params=to_dec)
+        time.sleep(0.5)
+        pre.generate([ps[3]], 1, [{"remote_decoder": {"kv_request_id": wrong}}])
+        pre.call(op="step")
+        r = dec._read()
+        check_same("llmd-offloading (wrong and missing keys)", r["outputs"], plain[:2])
+        # The worker stops asking for the missing key at its own deadline, a step after the
+        # scheduler stopped waiting for it.
+        deadline = time.time() + 30
+        while (d2 := dec.stats())["offers_missed"] < 1 and time.time() < deadline:
+            dec.call(op="step", n=5)
+            time.sleep(0.2)
+        assert d2["pulled_blocks"] == d["pulled_blocks"], (d, d2)
+        assert d2["offers_fetched"] == d["offers_fetched"] + 1, d2
+        assert d2["offers_missed"] == 1, d2
+        deadline = time.time() + 30
+        while True:
+            s2 = pre.stats()
+            if s2["pulls_aborted"] >= 1 or time.time() > deadline:
+                break
+            pre.call(op="settle", timeout_s=1)
+        assert s2["pulls_aborted"] == 1 and s2["lease_expired"] == 0, s2
+        return (
+            f"{first}; a key for another prompt refused and its grant aborted, a key nobody "
+            f"posted computed after {r['secs']:.1f} s"
+        )
+    finally:
+        for e in (pre, dec):
+            if e is not None:
+                e.close()
+        _teardown()
+
+
+SCENARIOS = [("llmd-two-hosts", two_hosts), ("llmd-offloading", offloading)]
