@@ -395,7 +395,12 @@ impl Connector {
         };
         let sent = self.asks.lock().as_ref().map(|tx| tx.send(a).is_ok());
         if sent != Some(true) {
-            self.core.st.lock().done.offers.push((req.to_string(), None));
+            self.core
+                .st
+                .lock()
+                .done
+                .offers
+                .push((req.to_string(), None));
         }
     }
 
@@ -1063,7 +1068,11 @@ impl Core {
         match ask {
             Ok(key) => {
                 let engine = crate::lease::engine_of(peer);
-                self.st.lock().board.answer(key, engine, Instant::now()).encode()
+                self.st
+                    .lock()
+                    .board
+                    .answer(key, engine, Instant::now())
+                    .encode()
             }
             Err(why) => {
                 log::warn!("kvferry: a malformed ask from {peer}: {why}");

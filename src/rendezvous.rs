@@ -232,7 +232,11 @@ impl Board {
             }
             fits
         });
-        let keep = if offer.is_some() { keep } else { KEEP_WITHDRAWN };
+        let keep = if offer.is_some() {
+            keep
+        } else {
+            KEEP_WITHDRAWN
+        };
         self.expire(now);
         while self.posted.len() >= MAX_POSTED {
             let Some(old) = self.order.pop_front() else {
@@ -343,7 +347,9 @@ mod tests {
         let mut big = Answer::Ready(posted(vec![])).encode();
         let at = TAG.len() + 1 + 8 + 8 + 4 + 2 + 4 + 8;
         big[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Answer::decode(&big).unwrap_err().contains("blocks"));
+        assert!(Answer::decode(&big)
+            .expect_err("refused")
+            .contains("blocks"));
     }
 
     #[test]

@@ -90,7 +90,10 @@ pub struct RemotePrefiller {
 /// Where a decode request's offer under the `offloading` protocol stands.
 enum Awaited {
     /// Asked for since then; the offer must be for the prompt with this digest.
-    Asked { since: Instant, prompt: u64 },
+    Asked {
+        since: Instant,
+        prompt: u64,
+    },
     Ready(RemoteParams),
     /// None came in time, or it was refused: the prompt is computed here.
     Missed,
@@ -473,7 +476,11 @@ impl Scheduler {
 
     /// A decode request's offer: the one its params carry (`nixlv2`), else the one fetched for
     /// it (`offloading`). `Err(())`: still asked for, within the wait.
-    fn offer_for(&mut self, req: &str, remote: Option<&RemoteParams>) -> Result<Option<RemoteParams>, ()> {
+    fn offer_for(
+        &mut self,
+        req: &str,
+        remote: Option<&RemoteParams>,
+    ) -> Result<Option<RemoteParams>, ()> {
         if let Some(r) = remote {
             return Ok(Some(r.clone()));
         }
@@ -824,7 +831,10 @@ mod tests {
 
         let mut d = sched(false, true);
         // 10 prompt tokens, 4 computed locally (block 0): 6 to pull into blocks 1 and 2.
-        assert_eq!(d.matched("d1", Some(&offer.remote), 10, 10, &[], 4), Some(6));
+        assert_eq!(
+            d.matched("d1", Some(&offer.remote), 10, 10, &[], 4),
+            Some(6)
+        );
         d.allocated("d1", Some(&offer.remote), &[20, 21, 22], 6);
         let step = d.take_step();
         let (req, spec) = &step.pulls[0];
@@ -835,7 +845,10 @@ mod tests {
         );
         // A full local hit pulls nothing (vLLM must not hear of a load it did not wait for)
         // and tells the prefill engine it may free.
-        assert_eq!(d.matched("d2", Some(&offer.remote), 10, 10, &[], 10), Some(0));
+        assert_eq!(
+            d.matched("d2", Some(&offer.remote), 10, 10, &[], 10),
+            Some(0)
+        );
         d.allocated("d2", Some(&offer.remote), &[20, 21, 22], 0);
         let step = d.take_step();
         assert!(step.pulls.is_empty(), "{:?}", step.pulls);
@@ -855,7 +868,15 @@ mod tests {
         use crate::rendezvous::prompt_digest;
         let prompt = prompt_digest(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let mut p = sched(false, true);
-        let (_, offer) = p.finished("p1", true, true, &[], &[5, 6, 7], 10, Some(("kv-1", prompt)));
+        let (_, offer) = p.finished(
+            "p1",
+            true,
+            true,
+            &[],
+            &[5, 6, 7],
+            10,
+            Some(("kv-1", prompt)),
+        );
         let offer = offer.expect("offer");
         let posts = p.take_step().posts;
         let posted = match posts.as_slice() {
@@ -882,7 +903,11 @@ mod tests {
         let (req, spec) = &step.pulls[0];
         assert_eq!(req, "d1");
         assert_eq!(
-            (spec.remote_blocks.clone(), spec.local_blocks.clone(), spec.grant),
+            (
+                spec.remote_blocks.clone(),
+                spec.local_blocks.clone(),
+                spec.grant
+            ),
             (vec![6, 7], vec![21, 22], offer.remote.grant)
         );
         // Used once: after a preemption the prompt is computed here.

@@ -185,7 +185,10 @@ fn decode_pulls_prefill_blocks_and_the_prefill_side_frees_them() {
 }
 
 fn offer_of(f: &Finished, req: &str) -> Option<Option<Posted>> {
-    f.offers.iter().find(|(r, _)| r == req).map(|(_, o)| o.clone())
+    f.offers
+        .iter()
+        .find(|(r, _)| r == req)
+        .map(|(_, o)| o.clone())
 }
 
 /// llm-d's `offloading` protocol: the decoder asks before the prefill finished, gets the

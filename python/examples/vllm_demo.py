@@ -195,20 +195,29 @@ def run(
     block_size: int = 32,
     policy: str | None = "recompute",
     api_key: str | None = None,
+    protocol: str = "nixlv2",
 ) -> dict:
     """`policy`: vLLM's kv_load_failure_policy for both servers (None: vLLM's default);
-    `api_key`: both servers require it (the proxy forwards the client's)."""
+    `api_key`: both servers require it (the proxy forwards the client's); `protocol`: the
+    proxy's, ``nixlv2`` or llm-d's ``offloading`` (prefill and decode at once, by key)."""
     from kvferry.proxy import serve
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     work = tempfile.mkdtemp(prefix="kvferry-demo-")
     opts = {"block_size": block_size, "policy": policy, "api_key": api_key}
-    prefill = Server(model, "prefill", {"pd": True, "transport": transport}, work, **opts)
+    pre_extra = {"pd": True, "transport": transport}
+    p2p_port = free_port()
+    if protocol == "offloading":
+        # The decoder is told where to ask by the proxy: the prefill's port must be known.
+        pre_extra["port"] = p2p_port
+    prefill = Server(model, "prefill", pre_extra, work, **opts)
     # The decode server also offloads: both roles in one connector.
     decode = Server(
         model, "decode", {"pd": True, "transport": transport, "dram_blocks": 1024}, work, **opts
     )
-    proxy = serve([prefill.url], [decode.url], "127.0.0.1", 0)
+    proxy = serve(
+        [prefill.url], [decode.url], "127.0.0.1", 0, protocol=protocol, p2p_port=p2p_port
+    )
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     purl = f"http://127.0.0.1:{proxy.server_port}"
     result: dict = {"work": work}
@@ -231,7 +240,7 @@ def run(
         result["pd_outputs"] = outs
         result["pd"] = {"decode": d, "prefill": p}
         say(
-            f"P/D over {transport}: {len(ps)} requests of 300 prompt tokens in {pd_secs:.2f} s; "
+            f"P/D ({protocol}) over {transport}: {len(ps)} requests of 300 prompt tokens in {pd_secs:.2f} s; "
             f"decode pulled {d.get('pulled_blocks', 0)} blocks ({d.get('pulled_bytes', 0) / 1e6:.2f} MB), "
             f"prefill released {p.get('pulls_served', 0)} requests, {d.get('pull_failures', 0)} failures"
         )
@@ -287,6 +296,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model directory (default: make a tiny one)")
     ap.add_argument("--transport", default="tcp", choices=["tcp", "ucx"])
+    ap.add_argument("--protocol", default="nixlv2", choices=["nixlv2", "offloading"])
     a = ap.parse_args()
     model = a.model
     if not model:
@@ -295,7 +305,7 @@ def main():
             [sys.executable, os.path.join(ROOT, "python/tests/e2e/make_tiny_model.py"), model],
             check=True, capture_output=True,
         )
-    run(model, a.transport)
+    run(model, a.transport, protocol=a.protocol)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ prefill engine's ``kv_transfer_params`` and never the client's own; a prefill se
 with anything but a client error (4xx up to 451), or unreachable, makes the decoder compute the
 prompt itself, and the client still gets
 its answer.
+
+``--protocol offloading`` speaks llm-d's RDMA-free P/D instead (its sidecar's
+``--kv-connector=offloading``): the prefill and the decode request go out at once, the prefill
+with ``kv_transfer_params={"remote_decoder": {"kv_request_id": K}}``, the decoder with
+``{"remote_prefiller": {"kv_request_id": K, "remote_host": <prefill host>, "remote_port":
+--p2p-port}}``; the decoder fetches the prefill's offer under K when it is ready, and computes
+the prompt itself if none comes within its ``remote_prefill_wait_s``. The prefill's answer is
+discarded.
 """
 
 from __future__ import annotations
@@ -28,18 +36,34 @@ import sys
 import threading
 import uuid
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
+_FAILED = object()  # the prefill's client error was answered already
+
+
+PROTOCOLS = ("nixlv2", "offloading")
 
 
 class Backends:
-    def __init__(self, prefill: list[str], decode: list[str], timeout: float):
+    def __init__(
+        self,
+        prefill: list[str],
+        decode: list[str],
+        timeout: float,
+        protocol: str = "nixlv2",
+        p2p_port: int = 7777,
+    ):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: one of {PROTOCOLS}")
         self.prefill = itertools.cycle([u.rstrip("/") for u in prefill])
         self.decode = itertools.cycle([u.rstrip("/") for u in decode])
         self.all = [u.rstrip("/") for u in prefill + decode]
         self.timeout = timeout
+        self.protocol = protocol
+        self.p2p_port = p2p_port
         self.lock = threading.Lock()
 
     def pick(self) -> tuple[str, str]:
@@ -97,11 +121,32 @@ def make_handler(backends: Backends):
             # The client's own kv_transfer_params reach no backend: they would let any client
             # name another request's blocks.
             body.pop("kv_transfer_params", None)
+            if backends.protocol == "offloading":
+                params = self._offloading(prefill, body, headers)
+            else:
+                params = self._prefill(prefill, body, headers)
+                if params is _FAILED:
+                    return
+            second = dict(body)
+            if isinstance(params, dict):
+                second["kv_transfer_params"] = params
+            self._decode(decode, second, headers, bool(body.get("stream")))
+
+        def _prefill_body(self, body: dict, params: dict) -> dict:
             first = dict(body)
-            first.update(
-                max_tokens=1,
-                stream=False,
-                kv_transfer_params={
+            first.update(max_tokens=1, stream=False, kv_transfer_params=params)
+            for k in ("stream_options", "min_tokens"):
+                first.pop(k, None)
+            if "max_completion_tokens" in first:
+                first["max_completion_tokens"] = 1
+            return first
+
+        def _prefill(self, prefill: str, body: dict, headers: dict):
+            """nixlv2: the prefill first; its kv_transfer_params for the decoder (None: decode
+            locally), or _FAILED when the client's error was answered."""
+            first = self._prefill_body(
+                body,
+                {
                     "do_remote_decode": True,
                     "do_remote_prefill": False,
                     "remote_engine_id": None,
@@ -110,25 +155,44 @@ def make_handler(backends: Backends):
                     "remote_port": None,
                 },
             )
-            for k in ("stream_options", "min_tokens"):
-                first.pop(k, None)
-            if "max_completion_tokens" in first:
-                first["max_completion_tokens"] = 1
-            params = None
             try:
                 with _post(prefill + self.path, first, backends.timeout, headers) as r:
-                    params = json.loads(r.read()).get("kv_transfer_params")
+                    return json.loads(r.read()).get("kv_transfer_params")
             except urllib.error.HTTPError as e:
                 if 400 <= e.code <= 451:
                     # The client's mistake (validation, auth): the decoder would say the same.
                     # Anything else falls back to local decode, as llm-d's sidecar does.
-                    return self._reply(e.code, e.read())
+                    self._reply(e.code, e.read())
+                    return _FAILED
                 sys.stderr.write(f"kvferry proxy: prefill {prefill} answered {e.code}; decoding locally\n")
             except Exception as e:  # noqa: BLE001
                 sys.stderr.write(f"kvferry proxy: prefill {prefill} unreachable ({e}); decoding locally\n")
-            second = dict(body)
-            if isinstance(params, dict):
-                second["kv_transfer_params"] = params
+            return None
+
+        def _offloading(self, prefill: str, body: dict, headers: dict) -> dict:
+            """offloading: the prefill goes out in the background under a fresh key; the
+            decoder is told where to fetch the offer posted under it."""
+            key = str(uuid.uuid4())
+            first = self._prefill_body(body, {"remote_decoder": {"kv_request_id": key}})
+
+            def run():
+                try:
+                    with _post(prefill + self.path, first, backends.timeout, headers) as r:
+                        r.read()
+                except Exception as e:  # noqa: BLE001 - the decoder computes the prompt itself
+                    sys.stderr.write(f"kvferry proxy: prefill {prefill} failed ({e})\n")
+
+            threading.Thread(target=run, name="kvferry-proxy-prefill", daemon=True).start()
+            host = urllib.parse.urlsplit(prefill).hostname or "127.0.0.1"
+            return {
+                "remote_prefiller": {
+                    "kv_request_id": key,
+                    "remote_host": host,
+                    "remote_port": backends.p2p_port,
+                }
+            }
+
+        def _decode(self, decode: str, second: dict, headers: dict, stream: bool):
             try:
                 r = _post(decode + self.path, second, backends.timeout, headers)
             except urllib.error.HTTPError as e:
@@ -136,7 +200,7 @@ def make_handler(backends: Backends):
             except Exception as e:  # noqa: BLE001
                 return self._reply(502, json.dumps({"error": f"decode {decode}: {e}"}).encode())
             with r:
-                if not body.get("stream"):
+                if not stream:
                     return self._reply(200, r.read(), r.headers.get("Content-Type", "application/json"))
                 # Streamed: pass the server-sent events through as they come.
                 self.send_response(200)
@@ -154,8 +218,17 @@ def make_handler(backends: Backends):
     return Handler
 
 
-def serve(prefill: list[str], decode: list[str], host: str, port: int, timeout: float = 600.0):
-    server = ThreadingHTTPServer((host, port), make_handler(Backends(prefill, decode, timeout)))
+def serve(
+    prefill: list[str],
+    decode: list[str],
+    host: str,
+    port: int,
+    timeout: float = 600.0,
+    protocol: str = "nixlv2",
+    p2p_port: int = 7777,
+):
+    backends = Backends(prefill, decode, timeout, protocol, p2p_port)
+    server = ThreadingHTTPServer((host, port), make_handler(backends))
     server.daemon_threads = True
     return server
 
@@ -167,8 +240,17 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per backend request")
+    ap.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="nixlv2",
+        help="nixlv2 (prefill, then decode with its params) or offloading (both at once, by key)",
+    )
+    ap.add_argument(
+        "--p2p-port", type=int, default=7777, help="offloading: the prefill engines' side-channel port"
+    )
     a = ap.parse_args(argv)
-    server = serve(a.prefill, a.decode, a.host, a.port, a.timeout)
+    server = serve(a.prefill, a.decode, a.host, a.port, a.timeout, a.protocol, a.p2p_port)
     print(f"kvferry proxy on http://{a.host}:{server.server_port}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -13,6 +13,15 @@ Extra config (all optional):
   ``kv_transfer_params`` protocol is vLLM's NixlConnector's (``do_remote_decode``,
   ``do_remote_prefill``, ``remote_engine_id``, ``remote_request_id``, ``remote_block_ids``,
   ``remote_host``, ``remote_port``, ``tp_size``), so routers built for it drive kvferry unchanged.
+  llm-d's ``offloading`` protocol works too (its sidecar's ``--kv-connector=offloading``: prefill
+  and decode dispatched at once): a prefill request with ``remote_decoder{kv_request_id}`` posts
+  its offer under that key; a decode request with ``remote_prefiller{kv_request_id,
+  remote_host, remote_port}`` waits unscheduled while its worker asks that engine for it, then
+  pulls it as above. An offer is taken only for the same prompt (a digest of the token ids
+  travels with it); none within ``remote_prefill_wait_s`` (default 30) and the prompt is
+  computed here. The sidecar names port ``--p2p-connector-port`` + DP rank: set it to the
+  prefill's side-channel port (with DP > 1 and TP > 1 on the prefill, kvferry's rank 0 of DP
+  rank d is on base + d x TP, which the sidecar does not know; keep TP 1 or DP 1 there).
 - ``host`` / ``port``: what this engine's offers advertise and where its agents listen, as
   NixlConnector does it: ``VLLM_NIXL_SIDE_CHANNEL_HOST`` / ``VLLM_NIXL_SIDE_CHANNEL_PORT`` when the
   keys are absent (llm-d's manifests set the host to the pod IP), TP rank r of data-parallel

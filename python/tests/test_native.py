@@ -160,6 +160,7 @@ def test_proxy_behaves_as_llm_ds_sidecar():
     """The proxy against two fake OpenAI servers that record what they were sent."""
     import json
     import threading
+    import time
     import urllib.request
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -205,7 +206,7 @@ def test_proxy_behaves_as_llm_ds_sidecar():
     px = proxy.serve([url(pre)], [url(dec)], "127.0.0.1", 0, timeout=10)
     threading.Thread(target=px.serve_forever, daemon=True).start()
 
-    def ask(headers):
+    def ask(headers, at=None):
         body = {
             "prompt": "hi",
             "max_tokens": 8,
@@ -214,7 +215,7 @@ def test_proxy_behaves_as_llm_ds_sidecar():
             "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [1, 2]},
         }
         req = urllib.request.Request(
-            url(px) + "/v1/completions",
+            url(at or px) + "/v1/completions",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **headers},
         )
@@ -242,6 +243,30 @@ def test_proxy_behaves_as_llm_ds_sidecar():
         assert "kv_transfer_params" not in seen["decode"][-1][0], seen["decode"][-1][0]
         with urllib.request.urlopen(url(px) + "/healthcheck", timeout=10) as r:
             assert r.status == 200
+
+        # llm-d's offloading protocol: both legs at once, role-keyed params under one key.
+        fail_prefill.clear()
+        po = proxy.serve(
+            [url(pre)], [url(dec)], "127.0.0.1", 0, timeout=10, protocol="offloading", p2p_port=7777
+        )
+        threading.Thread(target=po.serve_forever, daemon=True).start()
+        try:
+            n = len(seen["prefill"])
+            got = ask({"X-Request-Id": "rid-2"}, at=po)
+            assert got["choices"][0]["text"] == "decode", got
+            for _ in range(500):  # the prefill leg runs in the background
+                if len(seen["prefill"]) > n:
+                    break
+                time.sleep(0.01)
+            (pb, ph), (db, dh) = seen["prefill"][-1], seen["decode"][-1]
+            rp = db["kv_transfer_params"]["remote_prefiller"]
+            assert (rp["remote_host"], rp["remote_port"]) == ("127.0.0.1", 7777), rp
+            assert pb["kv_transfer_params"] == {"remote_decoder": {"kv_request_id": rp["kv_request_id"]}}, pb
+            assert pb["max_tokens"] == 1 and "min_tokens" not in pb and pb["stream"] is False, pb
+            assert db["min_tokens"] == 4 and db["max_tokens"] == 8, db
+            assert ph.get("X-Request-Id") == dh.get("X-Request-Id") == "rid-2", (ph, dh)
+        finally:
+            po.shutdown()
     finally:
         for s in (px, pre, dec):
             s.shutdown()

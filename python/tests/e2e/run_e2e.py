@@ -314,7 +314,7 @@ def prefill_down(model, plain):
         dec.close()
 
 
-def proxy(model, transport="tcp", block_size=BS, policy="recompute"):
+def proxy(model, transport="tcp", block_size=BS, policy="recompute", protocol="nixlv2"):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples"))
     import vllm_demo
 
@@ -327,9 +327,10 @@ def proxy(model, transport="tcp", block_size=BS, policy="recompute"):
         base.close()
     # Both servers require an API key (the proxy forwards the client's).
     r = vllm_demo.run(
-        model, transport, quiet=True, block_size=block_size, policy=policy, api_key="e2e-key"
+        model, transport, quiet=True, block_size=block_size, policy=policy, api_key="e2e-key",
+        protocol=protocol,
     )
-    result_note = f"over {transport}, block size {block_size}, policy {policy or 'fail'}: "
+    result_note = f"{protocol} over {transport}, block size {block_size}, policy {policy or 'fail'}: "
     got = [{"token_ids": o} for o in r["pd_outputs"]]
     assert all(isinstance(o, list) for o in r["pd_outputs"]), "the server returned no token ids"
     check_same("proxy P/D", got, want)
@@ -381,6 +382,9 @@ def main():
         ("prefill-killed", lambda: prefill_killed(model, plain)),
         ("proxy", lambda: proxy(model)),
         ("proxy-ucx", lambda: proxy(model, "ucx")),
+        # llm-d's offloading protocol through `vllm serve` (both legs at once, vLLM's default
+        # failure policy: a request whose offer is late must wait, not fail).
+        ("proxy-offloading", lambda: proxy(model, "tcp", BS, None, "offloading")),
         # Another geometry (6 layers, 4 KV heads), block size 64, vLLM's default failure policy.
         ("proxy-geometry", lambda: proxy(second_model(tmp), "tcp", 64, None)),
     ]
