@@ -60,9 +60,13 @@ class Server:
         policy: str | None = "recompute",
         api_key: str | None = None,
         kv_config: dict | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        kv_role: str = "kv_both",
     ):
         """`kv_config`: the whole --kv-transfer-config instead of kvferry's (the tests compose
-        kvferry with other connectors this way)."""
+        kvferry with other connectors this way); `args`: more `vllm serve` arguments; `env`: more
+        environment variables."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stats_path = os.path.join(workdir, f"{name}.prom")
@@ -70,7 +74,7 @@ class Server:
         cfg = {
             "kv_connector": "KVFerryConnector",
             "kv_connector_module_path": "kvferry.vllm",
-            "kv_role": "kv_both",
+            "kv_role": kv_role,
             "engine_id": name,
             "kv_connector_extra_config": extra,
         }
@@ -84,6 +88,7 @@ class Server:
             HF_HUB_OFFLINE="1",
             VLLM_SERVER_DEV_MODE="1",  # for POST /reset_prefix_cache
             TOKENIZERS_PARALLELISM="false",
+            **(env or {}),
         )
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.proc = subprocess.Popen(
@@ -94,6 +99,7 @@ class Server:
                 "--enforce-eager", "--seed", "0", "--served-model-name", "tiny",
                 "--kv-transfer-config", json.dumps(cfg),
                 *(["--api-key", api_key] if api_key else []),
+                *(args or []),
             ],
             stdout=open(self.log_path, "w"),
             stderr=subprocess.STDOUT,

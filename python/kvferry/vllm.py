@@ -40,7 +40,8 @@ Extra config (all optional):
   recomputes them.
 - ``stats_path``: a file the worker rewrites (at most once a second, and at shutdown) with
   kvferry's counters in Prometheus' text format (``kvferry_pulled_blocks_total{engine=...}``),
-  for node_exporter's textfile collector or a look by hand.
+  for node_exporter's textfile collector or a look by hand. With several TP or DP ranks each
+  worker writes its own, ``<stats_path root>.<engine id>.rank<r><extension>``.
 - ``dram_blocks`` (default 0: no offload): G2 capacity in KV blocks. ``nvme_dir`` and
   ``nvme_blocks``: G3, in a subdirectory of ``nvme_dir`` per model identity and TP rank (see
   ``kvferry.identity``; ``kv_cache_identity`` adds a weight version of your own), locked by the
@@ -142,6 +143,20 @@ def _capacity(extra: dict[str, Any]) -> int:
 
 def lease_seconds(extra: dict[str, Any]) -> float:
     return float(extra.get("kv_lease_duration", extra.get("free_timeout_s", 30.0)))
+
+
+def _stats_path(path: str | None, engine_id: str, rank: int, tp_size: int, dp_size: int) -> str | None:
+    """One file per worker: with several TP or DP ranks, ``stats_path`` gets ``.<engine>.rank<r>``
+    before its extension, so that ranks do not overwrite each other's counters. vLLM names DP
+    ranks' engines ``<engine_id>_dp<d>`` and, for models without experts, runs each as an
+    independent engine whose own config says ``data_parallel_size`` 1: the name tells."""
+    import re
+
+    dp = dp_size > 1 or re.search(r"_dp\d+$", engine_id) is not None
+    if not path or (tp_size <= 1 and not dp):
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{engine_id}.rank{rank}{ext}"
 
 
 def offer_wait_seconds(extra: dict[str, Any]) -> float:
@@ -335,13 +350,14 @@ class KVFerryConnector(KVConnectorBase_V1):
         dp_index = getattr(pc, "data_parallel_index", None)
         if dp_index is None:
             dp_index = getattr(pc, "data_parallel_rank", 0)
+        dp_size = int(getattr(pc, "data_parallel_size", 1) or 1)
         self.addrs = side_channel(
             self.extra,
             os.environ,
             getattr(tc, "kv_role", None),
             self.tp_size,
             int(dp_index or 0),
-            int(getattr(pc, "data_parallel_size", 1) or 1),
+            dp_size,
         )
         self.host = self.addrs.advertise
         # The Rust core runs in the worker only.
@@ -398,7 +414,9 @@ class KVFerryConnector(KVConnectorBase_V1):
         self._caches: list["torch.Tensor"] = []
         self._reported: dict[str, int] = {}
         self._offers: list[tuple[str, Any]] = []
-        self._stats_path: str | None = self.extra.get("stats_path")
+        self._stats_path: str | None = _stats_path(
+            self.extra.get("stats_path"), self.engine_id, self._rank, self.tp_size, dp_size
+        )
         self._stats_stop = threading.Event()
         if self._stats_path and self.native is not None:
             threading.Thread(target=self._stats_loop, name="kvferry-stats", daemon=True).start()

@@ -391,10 +391,12 @@ def main():
     import failclosed
     import llmd
     import multi
+    import parallel
 
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in failclosed.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in llmd.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in multi.SCENARIOS]
+    scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in parallel.SCENARIOS]
     for name, run in scenarios:
         if only and name not in only:
             continue
