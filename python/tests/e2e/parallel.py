@@ -8,6 +8,10 @@ must equal plain vLLM's token for token, and every grant must be released on the
 made it.
 
 - pd-dp2: the above.
+- pp-refused: ``vllm serve --pipeline-parallel-size 2`` with kvferry stops at start with kvferry's
+  message naming the alternative, not a crash later. (Real pipeline parallelism cannot be
+  exercised here: plain vLLM 0.32's CPU build, no connector at all, dies on its first request
+  with PP 2 — ``KeyError`` in ``Scheduler.update_from_output``.)
 """
 
 from __future__ import annotations
@@ -131,4 +135,32 @@ def pd_dp2(model, plain_unused):
         dec.stop()
 
 
-SCENARIOS = [("pd-dp2", pd_dp2)]
+def pp_refused(model, plain_unused):
+    import vllm_demo
+
+    work = tempfile.mkdtemp(prefix="kvferry-e2e-pp-")
+    # vLLM's CPU workers bind threads per NUMA node; one node here, so bind each stage by hand.
+    srv = vllm_demo.Server(
+        model,
+        "prefill-pp",
+        {"pd": True},
+        work,
+        args=["--pipeline-parallel-size", "2"],
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+    )
+    try:
+        try:
+            srv.wait(300)
+        except RuntimeError:
+            pass  # exited, as it should
+        else:
+            raise AssertionError("a pipeline-parallel engine started with kvferry")
+        log = open(srv.log_path).read()
+        want = "kvferry: pipeline parallelism is not supported yet"
+        assert want in log, f"no kvferry message in {srv.log_path}"
+        return "vllm serve --pipeline-parallel-size 2 stops at start with kvferry's message"
+    finally:
+        srv.stop()
+
+
+SCENARIOS = [("pd-dp2", pd_dp2), ("pp-refused", pp_refused)]
