@@ -11,7 +11,7 @@
 //! through). A grant nobody releases ends when its lease runs out (decoders extend it while their
 //! request waits).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -24,13 +24,14 @@ use kvcore::{
 use kvnet::{Agent, AgentConfig, NetError, TransportKind, Verdict};
 
 use crate::lease::{Ended, GrantId, Grants, LeaseCall, LeaseReply};
-use crate::rendezvous::{self, Answer, Board, Posted};
-use crate::scheduler::RemotePrefiller;
+use crate::rendezvous::{Answer, Board, Posted};
 use crate::served::{Granted, ServeGuard, Serving};
 use kvtier::{G1Id, NvmeConfig, Tier, TierConfig, TierEngine, TierError, TierEvent};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+mod asking;
 
 /// Threads that talk to prefill engines about leases (release after a pull, heartbeats, aborts):
 /// a release waits for its answer, so one slow prefill engine must not hold up the others.
@@ -204,20 +205,6 @@ struct PullState {
     bytes: u64,
 }
 
-/// An ask for an offer in progress (the `offloading` protocol).
-struct Asking {
-    req: String,
-    p: RemotePrefiller,
-    deadline: Instant,
-    /// When to ask next, and how long to wait after that if the answer is still pending.
-    next: Instant,
-    backoff: Duration,
-    last_error: Option<String>,
-}
-
-/// The longest pause between two asks for one offer.
-const ASK_EVERY: Duration = Duration::from_millis(100);
-
 /// Work for the lease threads.
 enum LeaseJob {
     /// Every read of a pull completed (or failed): release the grant, then report the pull.
@@ -264,6 +251,8 @@ struct State {
     grants: Option<Grants>,
     /// Prefill side: offers posted for decoders that ask by key (the `offloading` protocol).
     board: Board,
+    /// Decode side: requests whose offer is being asked for (the `offloading` protocol).
+    asking: HashSet<String>,
     /// Prefill side: the byte runs of granted blocks (what TCP peers may read), and each
     /// request's share of them.
     granted: Granted,
@@ -288,8 +277,6 @@ pub struct Connector {
     core: Arc<Core>,
     pulls: Mutex<Option<Sender<(String, PullSpec)>>>,
     puller: Mutex<Option<JoinHandle<()>>>,
-    asks: Mutex<Option<Sender<Asking>>>,
-    asker: Mutex<Option<JoinHandle<()>>>,
     leasers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -318,7 +305,7 @@ impl Connector {
             ));
             let weak = Arc::downgrade(&core);
             a.set_call_handler(Arc::new(move |peer: &str, payload: &[u8]| {
-                match (weak.upgrade(), rendezvous::decode_ask(payload)) {
+                match (weak.upgrade(), crate::rendezvous::decode_ask(payload)) {
                     (Some(c), Some(ask)) => c.answer_ask(peer, ask),
                     (Some(c), None) => c.answer_lease(peer, payload),
                     (None, Some(_)) => Answer::Withdrawn.encode(),
@@ -353,18 +340,10 @@ impl Connector {
                 }
             })
             .map_err(|e| ConnectorError::Config(format!("cannot start the pull thread: {e}")))?;
-        let (ask_tx, ask_rx) = unbounded::<Asking>();
-        let c = core.clone();
-        let asker = std::thread::Builder::new()
-            .name("kvferry-ask".into())
-            .spawn(move || c.run_asks(ask_rx))
-            .map_err(|e| ConnectorError::Config(format!("cannot start the ask thread: {e}")))?;
         Ok(Connector {
             core,
             pulls: Mutex::new(Some(tx)),
             puller: Mutex::new(Some(puller)),
-            asks: Mutex::new(Some(ask_tx)),
-            asker: Mutex::new(Some(asker)),
             leasers: Mutex::new(leasers),
         })
     }
@@ -378,30 +357,6 @@ impl Connector {
     /// Decode side: the request went away before pulling: the prefill engine may free now.
     pub fn abort_remote(&self, target: &LeaseTarget) {
         let _ = self.core.lease_tx.send(LeaseJob::Abort(target.clone()));
-    }
-
-    /// Decode side, llm-d's `offloading` protocol: asks `p`'s prefill engine for the offer it
-    /// posts under `p.key`, again and again, for up to `wait`; the answer comes back from
-    /// [`Core::poll`] as `Finished::offers` (see [`crate::rendezvous`]). Returns at once.
-    pub fn ask(&self, req: &str, p: &RemotePrefiller, wait: Duration) {
-        let now = Instant::now();
-        let a = Asking {
-            req: req.to_string(),
-            p: p.clone(),
-            deadline: now + wait,
-            next: now,
-            backoff: Duration::from_millis(5),
-            last_error: None,
-        };
-        let sent = self.asks.lock().as_ref().map(|tx| tx.send(a).is_ok());
-        if sent != Some(true) {
-            self.core
-                .st
-                .lock()
-                .done
-                .offers
-                .push((req.to_string(), None));
-        }
     }
 
     /// Decode side: pulls a request's blocks from its prefill engine, then releases its grant
@@ -435,10 +390,7 @@ impl Drop for Connector {
         if let Some(t) = self.puller.lock().take() {
             let _ = t.join();
         }
-        self.asks.lock().take();
-        if let Some(t) = self.asker.lock().take() {
-            let _ = t.join();
-        }
+        self.core.stop_asking();
         let leasers = std::mem::take(&mut *self.leasers.lock());
         for _ in &leasers {
             let _ = self.core.lease_tx.send(LeaseJob::Stop);
@@ -458,6 +410,8 @@ pub struct Core {
     lease_tx: Sender<LeaseJob>,
     /// Granted runs being served to peers now (see [`crate::served::ServeGuard`]).
     serving: Serving,
+    /// Decode side: one thread per prefill address being asked for offers (`None`: stopped).
+    askers: Mutex<Option<asking::Askers>>,
 }
 
 impl Core {
@@ -511,6 +465,7 @@ impl Core {
             st: Mutex::new(st),
             lease_tx,
             serving: Default::default(),
+            askers: Mutex::new(Some(asking::Askers::default())),
         })
     }
 
@@ -957,130 +912,6 @@ impl Core {
         Verdict::Serve(Some(Box::new(ServeGuard::new(&self.serving, runs))))
     }
 
-    /// The ask thread: every ask in flight is asked again when due, until it has an answer or
-    /// its deadline passed. One thread for all of them: an ask is one short call, and a prefill
-    /// engine that does not answer costs one connect timeout per `RECONNECT_AFTER`, not one per
-    /// ask.
-    fn run_asks(&self, rx: Receiver<Asking>) {
-        let mut asks: Vec<Asking> = Vec::new();
-        loop {
-            let now = Instant::now();
-            let wait = asks
-                .iter()
-                .map(|a| a.next.saturating_duration_since(now))
-                .min()
-                .unwrap_or(Duration::from_secs(3600));
-            match rx.recv_timeout(wait) {
-                Ok(a) => asks.push(a),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            }
-            let mut i = 0;
-            while i < asks.len() {
-                let now = Instant::now();
-                if asks[i].next > now {
-                    i += 1;
-                    continue;
-                }
-                let a = &mut asks[i];
-                let answer = match self.ask_once(&a.p) {
-                    Ok(answer) => answer,
-                    Err(e) => {
-                        // The prefill engine may not be up yet, or its address may be wrong:
-                        // asked again until the deadline, the last error logged then.
-                        a.last_error = Some(e.to_string());
-                        Answer::Pending
-                    }
-                };
-                let outcome = match answer {
-                    Answer::Ready(p) => Some(Some(p)),
-                    Answer::Withdrawn => {
-                        log::info!(
-                            "kvferry: {}:{} will offer nothing under {} for {}; computing it here",
-                            a.p.host,
-                            a.p.port,
-                            a.p.key,
-                            a.req
-                        );
-                        Some(None)
-                    }
-                    Answer::Pending if now < a.deadline => {
-                        a.next = now + a.backoff;
-                        a.backoff = (a.backoff * 2).min(ASK_EVERY);
-                        None
-                    }
-                    Answer::Pending => {
-                        log::warn!(
-                            "kvferry: no offer for {} from {}:{} under {} in time{}; computing it \
-                             here",
-                            a.req,
-                            a.p.host,
-                            a.p.port,
-                            a.p.key,
-                            a.last_error
-                                .as_ref()
-                                .map_or(String::new(), |e| format!(" (last error: {e})"))
-                        );
-                        Some(None)
-                    }
-                };
-                match outcome {
-                    Some(offer) => {
-                        let a = asks.swap_remove(i);
-                        let mut st = self.st.lock();
-                        if offer.is_some() {
-                            st.counters.offers_fetched += 1;
-                        } else {
-                            st.counters.offers_missed += 1;
-                        }
-                        st.done.offers.push((a.req, offer));
-                    }
-                    None => i += 1,
-                }
-            }
-        }
-    }
-
-    /// One ask for the offer under `p.key`, to the prefill engine at `p.host:p.port`.
-    fn ask_once(&self, p: &RemotePrefiller) -> Result<Answer> {
-        let agent = self
-            .agent
-            .as_ref()
-            .ok_or_else(|| ConnectorError::Config("P/D is not configured".into()))?;
-        let peer = self.peer_for(agent, &p.host, p.port)?;
-        let reply = agent.call(&peer, rendezvous::encode_ask(&p.key))?;
-        Answer::decode(&reply).map_err(|e| ConnectorError::Config(format!("{peer}'s answer: {e}")))
-    }
-
-    /// Prefill side: posts the offer made for a decoder that asks by `key` (`None`: none will
-    /// come), for as long as its lease.
-    pub fn post(&self, key: &str, offer: Option<Posted>) {
-        let keep = self.cfg.pd.as_ref().map_or(Duration::ZERO, |p| p.lease);
-        let mut st = self.st.lock();
-        if offer.is_some() {
-            st.counters.offers_posted += 1;
-        }
-        st.board.post(key, offer, keep, Instant::now());
-    }
-
-    /// Prefill side: a decoder's ask for the offer under a key.
-    fn answer_ask(&self, peer: &str, ask: std::result::Result<&str, String>) -> Vec<u8> {
-        match ask {
-            Ok(key) => {
-                let engine = crate::lease::engine_of(peer);
-                self.st
-                    .lock()
-                    .board
-                    .answer(key, engine, Instant::now())
-                    .encode()
-            }
-            Err(why) => {
-                log::warn!("kvferry: a malformed ask from {peer}: {why}");
-                Answer::Withdrawn.encode()
-            }
-        }
-    }
-
     /// Prefill side: a decoder's lease call, from the authenticated peer `peer`.
     fn answer_lease(&self, peer: &str, payload: &[u8]) -> Vec<u8> {
         let Some(call) = LeaseCall::decode(payload) else {
@@ -1416,6 +1247,9 @@ impl Core {
 
 /// A grant ended: its blocks are no longer readable by peers (unless another grant holds them).
 fn end_runs(st: &mut State, req: &str) {
+    // An offer posted under a key is gone with its grant: a decoder asking again (its own retry
+    // under the same key) is told there is none rather than handed a grant that ended.
+    st.board.withdraw_request(req);
     if let Some(runs) = st.grant_runs.remove(req) {
         st.granted.remove(&runs);
         // Serves that began under the grant may still be reading: `poll` waits for them.

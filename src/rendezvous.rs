@@ -55,12 +55,16 @@ pub struct Posted {
     pub prompt: u64,
 }
 
-/// What a decoder proves its prompt by: a digest of its token ids (the same on both engines
-/// whatever their hash seeds, unlike vLLM's block hashes).
-pub fn prompt_digest(tokens: &[u32]) -> u64 {
-    let mut bytes = Vec::with_capacity(8 + tokens.len() * 4);
+/// What a decoder proves its prompt by: a digest of its token ids and of what else makes the
+/// KV of the same tokens differ (`extra`: the LoRA adapter, the cache salt, multimodal inputs'
+/// hashes and places, as the engine names them). The same on both engines whatever their hash
+/// seeds, unlike vLLM's block hashes.
+pub fn prompt_digest(tokens: &[u32], extra: &[u8]) -> u64 {
+    let mut bytes = Vec::with_capacity(16 + tokens.len() * 4 + extra.len());
     bytes.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
     bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    bytes.extend_from_slice(&(extra.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(extra);
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
@@ -209,6 +213,8 @@ pub struct Board {
     /// Keys in the order posted, with the post's number (a key posted again is a new post).
     order: VecDeque<(String, u64)>,
     posts: u64,
+    /// The prefill request of each posted offer -> its key (to withdraw it when its grant ends).
+    by_request: HashMap<String, String>,
 }
 
 type Entry = (Option<Posted>, Option<String>, Instant, u64);
@@ -251,6 +257,10 @@ impl Board {
                 .retain(|(k, n)| posted.get(k).is_some_and(|e| e.3 == *n));
         }
         self.posts += 1;
+        if let Some(p) = &offer {
+            self.by_request
+                .insert(p.remote.request_id.clone(), key.to_string());
+        }
         self.posted
             .insert(key.to_string(), (offer, None, now + keep, self.posts));
         self.order.push_back((key.to_string(), self.posts));
@@ -258,15 +268,34 @@ impl Board {
 
     fn remove_post(&mut self, (key, n): &(String, u64)) {
         if self.posted.get(key).is_some_and(|e| e.3 == *n) {
-            self.posted.remove(key);
+            if let Some((Some(p), ..)) = self.posted.remove(key) {
+                if self.by_request.get(&p.remote.request_id) == Some(key) {
+                    self.by_request.remove(&p.remote.request_id);
+                }
+            }
+        }
+    }
+
+    /// The grant of prefill request `req` ended (released, aborted, expired, replaced): its
+    /// offer is withdrawn, so that an ask under its key again (the same decoder retrying, or two
+    /// of its requests under one key) is told there is none instead of getting a grant whose
+    /// release would answer `gone`.
+    pub fn withdraw_request(&mut self, req: &str) {
+        let Some(key) = self.by_request.remove(req) else {
+            return;
+        };
+        if let Some(e) = self.posted.get_mut(&key) {
+            if e.0.as_ref().is_some_and(|p| p.remote.request_id == req) {
+                e.0 = None;
+            }
         }
     }
 
     /// Answers `engine`'s ask for `key`.
     pub fn answer(&mut self, key: &str, engine: &str, now: Instant) -> Answer {
         self.expire(now);
-        if self.posted.get(key).is_some_and(|e| e.2 <= now) {
-            self.posted.remove(key);
+        if let Some(n) = self.posted.get(key).filter(|e| e.2 <= now).map(|e| e.3) {
+            self.remove_post(&(key.to_string(), n));
         }
         match self.posted.get_mut(key) {
             None => Answer::Pending,
@@ -322,7 +351,7 @@ mod tests {
                 expires_unix: 1.8e9,
             },
             num_tokens: 64,
-            prompt: prompt_digest(&[1, 2, 3]),
+            prompt: prompt_digest(&[1, 2, 3], b""),
         }
     }
 
@@ -384,6 +413,19 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_is_withdrawn_when_its_grant_ends() {
+        let now = Instant::now();
+        let mut b = Board::default();
+        b.post("k", Some(posted(vec![1])), Duration::from_secs(30), now);
+        assert!(matches!(b.answer("k", "d", now), Answer::Ready(_)));
+        b.withdraw_request("someone else");
+        assert!(matches!(b.answer("k", "d", now), Answer::Ready(_)));
+        b.withdraw_request("cmpl-1 with spaces");
+        assert_eq!(b.answer("k", "d", now), Answer::Withdrawn);
+        assert!(b.by_request.is_empty());
+    }
+
+    #[test]
     fn the_board_is_bounded() {
         let now = Instant::now();
         let mut b = Board::default();
@@ -391,6 +433,7 @@ mod tests {
             b.post(&format!("k{i}"), None, Duration::from_secs(30), now);
         }
         assert_eq!(b.len(), MAX_POSTED);
+        assert!(b.by_request.is_empty());
         assert_eq!(b.answer("k0", "d", now), Answer::Pending);
         assert_eq!(
             b.answer(&format!("k{}", MAX_POSTED + 9), "d", now),
@@ -415,8 +458,19 @@ mod tests {
 
     #[test]
     fn the_prompt_digest_tells_prompts_apart() {
-        assert_ne!(prompt_digest(&[1, 2, 3]), prompt_digest(&[1, 2, 4]));
-        assert_ne!(prompt_digest(&[]), prompt_digest(&[0]));
-        assert_eq!(prompt_digest(&[7; 100]), prompt_digest(&[7; 100]));
+        assert_ne!(
+            prompt_digest(&[1, 2, 3], b""),
+            prompt_digest(&[1, 2, 4], b"")
+        );
+        assert_ne!(prompt_digest(&[], b""), prompt_digest(&[0], b""));
+        assert_eq!(
+            prompt_digest(&[7; 100], b"x"),
+            prompt_digest(&[7; 100], b"x")
+        );
+        // The same tokens under another LoRA adapter or image are another prompt.
+        assert_ne!(
+            prompt_digest(&[7; 100], b"lora-a"),
+            prompt_digest(&[7; 100], b"lora-b")
+        );
     }
 }

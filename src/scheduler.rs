@@ -89,10 +89,12 @@ pub struct RemotePrefiller {
 
 /// Where a decode request's offer under the `offloading` protocol stands.
 enum Awaited {
-    /// Asked for since then; the offer must be for the prompt with this digest.
+    /// Asked for since then; the offer must be for the prompt with this digest (and this many
+    /// tokens).
     Asked {
         since: Instant,
         prompt: u64,
+        prompt_tokens: u32,
     },
     Ready(RemoteParams),
     /// None came in time, or it was refused: the prompt is computed here.
@@ -108,6 +110,15 @@ pub struct Offer {
     pub expires_unix: f64,
     /// Prompt tokens whose KV the offered blocks hold (NixlConnector's `remote_num_tokens`).
     pub num_tokens: u32,
+}
+
+/// Where a request's loaded tokens come from, for vLLM's cache-hit metrics split by tier
+/// (`CacheHitSource`): DRAM (`host`), NVMe (`disk`), another engine (`p2p`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HitSources {
+    pub host: u32,
+    pub disk: u32,
+    pub p2p: u32,
 }
 
 /// A grant's generation and the blocks it offers.
@@ -136,6 +147,8 @@ pub struct StepPlan {
     pub asks: Vec<(String, RemotePrefiller)>,
     /// Prefill side: offers to post under their keys (`None`: none will come).
     pub posts: Vec<(String, Option<Posted>)>,
+    /// Decode side: asks to stop (their requests went away).
+    pub cancels: Vec<String>,
 }
 
 enum Plan {
@@ -162,6 +175,9 @@ pub struct Scheduler {
     waiting: HashMap<String, (LeaseTarget, Instant, Duration)>,
     /// Decode side: requests whose offer is asked for under the `offloading` protocol.
     awaiting: HashMap<String, Awaited>,
+    /// The last allocated load's sources (vLLM asks right after the allocation; one slot, so
+    /// nothing piles up when it does not ask).
+    last_sources: Option<(String, HitSources)>,
     /// Resets asked of the worker, and how many it reported done: in between, `Stored` events
     /// may name blocks of before the reset, and the mirror ignores them.
     resets_sent: u64,
@@ -203,6 +219,7 @@ impl Scheduler {
             generations: Generations::new(),
             waiting: HashMap::new(),
             awaiting: HashMap::new(),
+            last_sources: None,
             resets_sent: 0,
             resets_done: 0,
             policy,
@@ -309,11 +326,47 @@ impl Scheduler {
 
     /// Whether every TP rank's worker holds `h`.
     fn loadable(&self, h: &BlockHash) -> bool {
-        let tp = self.cfg.tp_size.clamp(1, 64);
-        let all = if tp == 64 { u64::MAX } else { (1u64 << tp) - 1 };
+        let all = self.all_ranks();
         self.cached
             .get(h)
             .is_some_and(|m| (m[0] | m[1]) & all == all)
+    }
+
+    /// The mirror's rank bits of every TP rank.
+    fn all_ranks(&self) -> u64 {
+        let tp = self.cfg.tp_size.clamp(1, 64);
+        if tp == 64 {
+            u64::MAX
+        } else {
+            (1u64 << tp) - 1
+        }
+    }
+
+    /// Whether every rank holds `h` in DRAM (else a load of it reads NVMe somewhere).
+    fn in_dram(&self, h: &BlockHash) -> bool {
+        let all = self.all_ranks();
+        self.cached.get(h).is_some_and(|m| m[0] & all == all)
+    }
+
+    /// Where the `tokens` vLLM counts as `req`'s external hit come from (vLLM's
+    /// `get_external_cache_hit_sources`, asked right after the allocation); they always add up
+    /// to `tokens` (NVMe first: a load is as slow as its slowest tier).
+    pub fn hit_sources(&self, req: &str, tokens: u32) -> HitSources {
+        match &self.last_sources {
+            Some((r, s)) if r == req && s.p2p > 0 => HitSources {
+                p2p: tokens,
+                ..HitSources::default()
+            },
+            Some((r, s)) if r == req => {
+                let disk = s.disk.min(tokens);
+                HitSources {
+                    host: tokens - disk,
+                    disk,
+                    p2p: 0,
+                }
+            }
+            _ => HitSources::default(),
+        }
     }
 
     /// The engine reset its prefix cache and the connector's: nothing in the tiers is loaded
@@ -344,7 +397,7 @@ impl Scheduler {
     /// engine is asked for the offer (by the worker, which has the network), and until it comes
     /// the request cannot say how many tokens it has (see [`Scheduler::matched`]). `prompt` is
     /// [`crate::rendezvous::prompt_digest`] of the request's prompt.
-    pub fn expect(&mut self, req: &str, p: &RemotePrefiller, prompt: u64) {
+    pub fn expect(&mut self, req: &str, p: &RemotePrefiller, prompt: u64, prompt_tokens: u32) {
         if !self.cfg.pd || self.awaiting.contains_key(req) {
             return;
         }
@@ -353,6 +406,7 @@ impl Scheduler {
             Awaited::Asked {
                 since: Instant::now(),
                 prompt,
+                prompt_tokens,
             },
         );
         self.step.asks.push((req.to_string(), p.clone()));
@@ -360,31 +414,56 @@ impl Scheduler {
 
     /// The worker's answer to an ask: the offer, or `None` (the prefill engine withdrew it, or
     /// did not answer in time). An offer for another prompt, or one that comes after the
-    /// request stopped waiting, is not pulled and its grant is aborted.
+    /// request stopped waiting, is not pulled and its grant is aborted; one whose grant another
+    /// request here holds already (two requests under one key) is left to that request. An
+    /// offer taken is accepted at once, so its heartbeats start now, however long the request
+    /// then waits to be scheduled.
     pub fn fetched(&mut self, req: &str, offer: Option<Posted>) {
-        let prompt = match self.awaiting.get(req) {
-            Some(Awaited::Asked { prompt, .. }) => Some(*prompt),
+        let asked = match self.awaiting.get(req) {
+            Some(Awaited::Asked {
+                prompt,
+                prompt_tokens,
+                ..
+            }) => Some((*prompt, *prompt_tokens)),
             _ => None,
         };
-        match (prompt, offer) {
-            (Some(want), Some(p)) if p.prompt == want => {
-                self.awaiting
-                    .insert(req.to_string(), Awaited::Ready(p.remote));
-            }
-            (Some(_), Some(p)) => {
-                log::warn!(
-                    "kvferry: the offer fetched for {req} is for another prompt (prefill \
-                     request {}); computing the prompt here",
-                    p.remote.request_id
-                );
-                self.awaiting.insert(req.to_string(), Awaited::Missed);
-                self.step.aborts.push(p.remote.target());
-            }
-            (Some(_), None) => {
+        let Some(p) = offer else {
+            if asked.is_some() {
                 self.awaiting.insert(req.to_string(), Awaited::Missed);
             }
-            (None, Some(p)) => self.step.aborts.push(p.remote.target()),
-            (None, None) => {}
+            return;
+        };
+        let target = p.remote.target();
+        let Some((want, prompt_tokens)) = asked else {
+            self.step.aborts.push(target);
+            return;
+        };
+        let held =
+            self.waiting
+                .iter()
+                .any(|(r, (t, ..))| r != req && *t == target)
+                || self.awaiting.iter().any(|(r, a)| {
+                    r != req && matches!(a, Awaited::Ready(o) if o.target() == target)
+                });
+        if held {
+            log::warn!(
+                "kvferry: the offer fetched for {req} is another request's here already (one \
+                 key for two requests); computing the prompt here"
+            );
+            self.awaiting.insert(req.to_string(), Awaited::Missed);
+        } else if p.prompt != want {
+            log::warn!(
+                "kvferry: the offer fetched for {req} is for another prompt (prefill request \
+                 {}); computing the prompt here",
+                p.remote.request_id
+            );
+            self.awaiting.insert(req.to_string(), Awaited::Missed);
+            self.step.aborts.push(target);
+        } else if self.accept(req, &p.remote, prompt_tokens) {
+            self.awaiting
+                .insert(req.to_string(), Awaited::Ready(p.remote));
+        } else {
+            self.awaiting.insert(req.to_string(), Awaited::Missed);
         }
     }
 
@@ -590,6 +669,13 @@ impl Scheduler {
                 .get(start..(start + local.len()).min(r.block_ids.len()))
                 .unwrap_or(&[])
                 .to_vec();
+            self.last_sources = Some((
+                req.to_string(),
+                HitSources {
+                    p2p: external,
+                    ..HitSources::default()
+                },
+            ));
             self.step.pulls.push((
                 req.to_string(),
                 PullSpec {
@@ -611,6 +697,15 @@ impl Scheduler {
                 .get(start..(start + n).min(blocks.len()))
                 .unwrap_or(&[]);
             let hs = hashes[..ids.len()].to_vec();
+            let in_dram = hs.iter().filter(|h| self.in_dram(h)).count() as u32;
+            self.last_sources = Some((
+                req.to_string(),
+                HitSources {
+                    host: in_dram * bs,
+                    disk: (hs.len() as u32 - in_dram) * bs,
+                    p2p: 0,
+                },
+            ));
             self.policy.begin_batch();
             for (d, h) in hs.iter().enumerate() {
                 self.policy.touch(h, Access::at((start + d) as u32));
@@ -642,11 +737,14 @@ impl Scheduler {
         // vLLM reports a load over before it finishes the request; an aborted one ends here.
         self.loading.remove(req);
         self.drop_unwanted();
-        if let Some(Awaited::Ready(r)) = self.awaiting.remove(req) {
-            if !self.waiting.contains_key(req) {
+        match self.awaiting.remove(req) {
+            Some(Awaited::Ready(r)) if !self.waiting.contains_key(req) => {
                 // Fetched, never accepted: the prefill engine may free.
                 self.step.aborts.push(r.target());
             }
+            // Still asked for: the worker stops asking.
+            Some(Awaited::Asked { .. }) => self.step.cancels.push(req.to_string()),
+            _ => {}
         }
         if let Some((t, _, _)) = self.waiting.remove(req) {
             // Finished (aborted) while waiting for its pull: the prefill engine may free.
@@ -793,6 +891,35 @@ mod tests {
     }
 
     #[test]
+    fn hit_sources_split_a_load_by_tier_and_name_pulls_p2p() {
+        let mut s = sched(true, true);
+        let hashes: Vec<BlockHash> = (0..4).map(h).collect();
+        let at = |i, tier| TierEvent::Stored { hash: h(i), tier };
+        s.apply(&[
+            at(0, Tier::Dram),
+            at(1, Tier::Dram),
+            at(2, Tier::Nvme),
+            at(3, Tier::Dram),
+        ]);
+        assert_eq!(s.matched("r", None, 17, 17, &hashes, 0), Some(16));
+        s.allocated("r", None, &[5, 6, 7, 8, 9], 16);
+        let want = HitSources {
+            host: 12,
+            disk: 4,
+            p2p: 0,
+        };
+        assert_eq!(s.hit_sources("r", 16), want);
+        // Always adding up to what vLLM counted; another request is not this one's.
+        let fewer = s.hit_sources("r", 3);
+        assert_eq!((fewer.host + fewer.disk, fewer.disk), (3, 3));
+        assert_eq!(s.hit_sources("q", 16), HitSources::default());
+        let o = offer(vec![1, 2, 3], 7);
+        assert_eq!(s.matched("d", Some(&o), 10, 10, &[], 0), Some(10));
+        s.allocated("d", Some(&o), &[20, 21, 22], 10);
+        assert_eq!(s.hit_sources("d", 10).p2p, 10);
+    }
+
+    #[test]
     fn saves_only_blocks_the_tiers_lack_and_delays_the_free() {
         let mut s = sched(true, false);
         s.apply(&[TierEvent::Stored {
@@ -866,7 +993,7 @@ mod tests {
     #[test]
     fn offloading_protocol_the_prefill_posts_its_offer_and_the_decoder_waits_for_it() {
         use crate::rendezvous::prompt_digest;
-        let prompt = prompt_digest(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let prompt = prompt_digest(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], b"");
         let mut p = sched(false, true);
         let (_, offer) = p.finished(
             "p1",
@@ -889,10 +1016,10 @@ mod tests {
         assert_eq!(p.take_step().posts, vec![("kv-2".to_string(), None)]);
 
         let mut d = sched(false, true);
-        d.expect("d1", &prefiller(), prompt);
+        d.expect("d1", &prefiller(), prompt, 10);
         assert_eq!(d.take_step().asks, vec![("d1".to_string(), prefiller())]);
         // Asked twice (vLLM's on_new_request again after a preemption): one ask.
-        d.expect("d1", &prefiller(), prompt);
+        d.expect("d1", &prefiller(), prompt, 10);
         assert!(d.take_step().asks.is_empty());
         // Nothing is claimed until the offer is here.
         assert_eq!(d.matched("d1", None, 10, 10, &[], 0), None);
@@ -917,24 +1044,24 @@ mod tests {
     #[test]
     fn offloading_protocol_offers_for_another_prompt_late_or_withdrawn_are_computed_here() {
         use crate::rendezvous::prompt_digest;
-        let (mine, theirs) = (prompt_digest(&[1; 10]), prompt_digest(&[2; 10]));
+        let (mine, theirs) = (prompt_digest(&[1; 10], b""), prompt_digest(&[2; 10], b""));
         let posted = |prompt| Posted {
             remote: offer(vec![5, 6, 7], 9),
             num_tokens: 10,
             prompt,
         };
         let mut d = sched(false, true);
-        d.expect("other", &prefiller(), mine);
+        d.expect("other", &prefiller(), mine, 10);
         d.fetched("other", Some(posted(theirs)));
         assert_eq!(d.matched("other", None, 10, 10, &[], 0), Some(0));
         assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
 
-        d.expect("withdrawn", &prefiller(), mine);
+        d.expect("withdrawn", &prefiller(), mine, 10);
         d.fetched("withdrawn", None);
         assert_eq!(d.matched("withdrawn", None, 10, 10, &[], 0), Some(0));
 
         // Fetched, then the request went away before it was scheduled: the grant is aborted.
-        d.expect("gone", &prefiller(), mine);
+        d.expect("gone", &prefiller(), mine, 10);
         d.fetched("gone", Some(posted(mine)));
         d.finished("gone", false, false, &[], &[], 0, None);
         assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
@@ -942,12 +1069,25 @@ mod tests {
         d.fetched("never-asked", Some(posted(mine)));
         assert_eq!(d.take_step().aborts, vec![offer(vec![5, 6, 7], 9).target()]);
 
+        // Two requests under one key: the second leaves the grant to the first.
+        d.expect("one", &prefiller(), mine, 10);
+        d.expect("two", &prefiller(), mine, 10);
+        d.fetched("one", Some(posted(mine)));
+        d.fetched("two", Some(posted(mine)));
+        assert_eq!(d.matched("two", None, 10, 10, &[], 0), Some(0));
+        assert!(d.take_step().aborts.is_empty());
+        assert_eq!(d.matched("one", None, 10, 10, &[], 0), Some(10));
+        // A request that goes away while asked for stops the ask.
+        d.expect("quit", &prefiller(), mine, 10);
+        d.finished("quit", false, false, &[], &[], 0, None);
+        assert_eq!(d.take_step().cancels, vec!["quit".to_string()]);
+
         // Past the wait: computed here, and an offer that comes later is aborted.
         let mut d = Scheduler::new(SchedulerConfig {
             offer_wait: Duration::ZERO,
             ..sched(false, true).cfg
         });
-        d.expect("late", &prefiller(), mine);
+        d.expect("late", &prefiller(), mine, 10);
         assert_eq!(d.matched("late", None, 10, 10, &[], 0), Some(0));
         d.take_step();
         d.fetched("late", Some(posted(mine)));

@@ -196,7 +196,9 @@ fn offer_of(f: &Finished, req: &str) -> Option<Option<Posted>> {
 /// asking under the same key, a withdrawn key and a key nobody posts all come back as no offer.
 #[test]
 fn a_decoder_asks_by_key_until_the_prefill_posts_its_offer_then_pulls_it() {
-    let prefill = engine("prefill", false, true, 1);
+    // A lease long enough for every ask below to end first.
+    let lease = Some((0, Duration::from_secs(30)));
+    let prefill = build("prefill", geometry(), false, lease, (1, 0), 1);
     let decode = engine("decode-a", false, true, 2);
     let other = engine("decode-b", false, true, 3);
     let addr = prefill.conn.listen_addr().expect("listening");
@@ -217,7 +219,7 @@ fn a_decoder_asks_by_key_until_the_prefill_posts_its_offer_then_pulls_it() {
 
     let remote = vec![5u32, 9, 10];
     let g = Generations::new().issue();
-    let prompt = prompt_digest(&[1, 2, 3]);
+    let prompt = prompt_digest(&[1, 2, 3], b"");
     let made = RemoteParams {
         host: addr.ip().to_string(),
         port: addr.port(),
@@ -271,6 +273,81 @@ fn a_decoder_asks_by_key_until_the_prefill_posts_its_offer_then_pulls_it() {
     let (p, d) = (prefill.conn.counters(), decode.conn.counters());
     assert_eq!((p.offers_posted, p.pulls_served), (1, 1));
     assert_eq!((d.offers_fetched, d.offers_missed), (1, 2));
+}
+
+fn posted_at(addr: std::net::SocketAddr, req: &str) -> Posted {
+    Posted {
+        remote: RemoteParams {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            request_id: req.into(),
+            engine_id: "prefill".into(),
+            tp_size: 1,
+            block_ids: vec![1],
+            grant: Generations::new().issue(),
+            expires_unix: 0.0,
+        },
+        num_tokens: 32,
+        prompt: prompt_digest(&[1], b""),
+    }
+}
+
+/// A prefill engine restarted on the same address (a new agent name): the decoder's next ask
+/// reaches the new one instead of failing on the old connection until its deadline.
+#[test]
+fn asks_reach_a_prefill_engine_restarted_on_the_same_address() {
+    let port = port_pair();
+    let lease = Some((port, Duration::from_secs(30)));
+    let decode = engine("decode-r", false, true, 2);
+    let at = |key: &str| RemotePrefiller {
+        key: key.into(),
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let first = build("prefill-1", geometry(), false, lease, (1, 0), 1);
+    let addr = first.conn.listen_addr().expect("listening");
+    first.conn.post("k1", Some(posted_at(addr, "a")));
+    decode.conn.ask("d1", &at("k1"), Duration::from_secs(10));
+    let got = decode.until(|f| !f.offers.is_empty());
+    assert!(matches!(offer_of(&got, "d1"), Some(Some(_))), "{got:?}");
+    drop(first);
+    let second = build("prefill-2", geometry(), false, lease, (1, 0), 1);
+    second.conn.post("k2", Some(posted_at(addr, "b")));
+    decode.conn.ask("d2", &at("k2"), Duration::from_secs(10));
+    let got = decode.until(|f| !f.offers.is_empty());
+    let p = offer_of(&got, "d2").expect("answered").expect("an offer");
+    assert_eq!(p.remote.request_id, "b");
+}
+
+/// An address that accepts connections and never answers (a client may name any host) holds
+/// up only the asks to it: an ask to a live prefill engine is answered meanwhile.
+#[test]
+fn an_address_that_never_answers_does_not_hold_up_other_asks() {
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hole_port = hole.local_addr().expect("addr").port();
+    let prefill = engine("prefill-live", false, true, 1);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    prefill.conn.post("good", Some(posted_at(addr, "g")));
+    let decode = engine("decode-h", false, true, 2);
+    let to = |port, key: &str| RemotePrefiller {
+        key: key.into(),
+        host: "127.0.0.1".into(),
+        port,
+    };
+    decode
+        .conn
+        .ask("stuck", &to(hole_port, "x"), Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(50));
+    decode
+        .conn
+        .ask("live", &to(addr.port(), "good"), Duration::from_secs(10));
+    let got = decode.until(|f| !f.offers.is_empty());
+    assert!(matches!(offer_of(&got, "live"), Some(Some(_))), "{got:?}");
+    // The stuck ask is still going (its handshake times out after 5 s): not reported yet.
+    assert_eq!(offer_of(&got, "stuck"), None, "{got:?}");
+    let got = decode.until(|f| offer_of(f, "stuck").is_some());
+    assert_eq!(offer_of(&got, "stuck"), Some(None));
+    drop(hole);
 }
 
 #[test]

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -131,7 +132,8 @@ class Server:
 
 
 def prom(url: str, api_key: str | None = None) -> dict[str, float]:
-    """kvferry's series on a server's /metrics (vLLM's Prometheus endpoint), summed over labels."""
+    """kvferry's series on a server's /metrics (vLLM's Prometheus endpoint), summed over labels,
+    and vLLM's cached prompt tokens by source as ``vllm:prompt_tokens_cached_by_source:<source>``."""
     req = urllib.request.Request(
         url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
     )
@@ -142,6 +144,11 @@ def prom(url: str, api_key: str | None = None) -> dict[str, float]:
                 name, _, value = line.rpartition(" ")
                 name = name.split("{")[0]
                 out[name] = out.get(name, 0.0) + float(value)
+            elif line.startswith("vllm:prompt_tokens_cached_by_source_total{"):
+                name, _, value = line.rpartition(" ")
+                m = re.search(r'source="([^"]+)"', name)
+                key = f"vllm:prompt_tokens_cached_by_source:{m.group(1) if m else '?'}"
+                out[key] = out.get(key, 0.0) + float(value)
     return out
 
 

@@ -159,6 +159,22 @@ def _stats_path(path: str | None, engine_id: str, rank: int, tp_size: int, dp_si
     return f"{root}.{engine_id}.rank{rank}{ext}"
 
 
+def _prompt_identity(request: "Request") -> tuple[list[int], bytes]:
+    """A prompt as both engines of the ``offloading`` protocol name it: its token ids, and what
+    else makes the KV of the same tokens differ (the LoRA adapter, the cache salt, multimodal
+    inputs' hashes and places). A decoder takes an offer only for the same."""
+    lora = getattr(request, "lora_request", None)
+    parts = [
+        f"lora={getattr(lora, 'lora_name', '') if lora else ''}",
+        f"salt={getattr(request, 'cache_salt', None) or ''}",
+    ]
+    for f in getattr(request, "mm_features", None) or ():
+        pos = getattr(f, "mm_position", None)
+        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
+        parts.append(f"mm={ident}@{getattr(pos, 'offset', '?')}+{getattr(pos, 'length', '?')}")
+    return list(request.prompt_token_ids or ()), "\n".join(parts).encode()
+
+
 def offer_wait_seconds(extra: dict[str, Any]) -> float:
     return float(extra.get("remote_prefill_wait_s", 30.0))
 
@@ -204,8 +220,15 @@ def _shared(
         return n
 
 
-# Counters that are levels (resident blocks now), not counts of events.
-_LEVELS = ("dram_blocks", "nvme_blocks")
+# Counters that are levels (resident blocks now, capacities), not counts of events.
+_LEVELS = (
+    "dram_blocks",
+    "nvme_blocks",
+    "dram_capacity_tokens",
+    "dram_used_tokens",
+    "nvme_capacity_tokens",
+    "nvme_used_tokens",
+)
 
 
 @dataclass
@@ -243,9 +266,15 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
         self._per_engine = create_metric_per_engine
         self._gauges = {}
         for k in _LEVELS:
+            tier = k.split("_")[0].upper()
+            what = {
+                "blocks": f"blocks resident in {tier} now",
+                "capacity_tokens": f"tokens of KV {tier} holds when full",
+                "used_tokens": f"tokens of KV resident in {tier} now",
+            }[k.split("_", 1)[1]]
             g = self._gauge_cls(
                 name=f"vllm:kvferry_{k}",
-                documentation=f"kvferry: blocks resident in {k.split('_')[0].upper()} now.",
+                documentation=f"kvferry: {what}.",
                 labelnames=labelnames,
                 multiprocess_mode="mostrecent",
             )
@@ -323,6 +352,8 @@ class KVFerryMetadata(KVConnectorMetadata):
     # port)), and offers to post under decoders' keys, (key, offer or None).
     asks: list[tuple[str, tuple[str, str, int]]] = field(default_factory=list)
     posts: list[tuple[str, Any]] = field(default_factory=list)
+    # Asks to stop (their requests went away).
+    cancels: list[str] = field(default_factory=list)
 
 
 class KVFerryConnector(KVConnectorBase_V1):
@@ -541,6 +572,8 @@ class KVFerryConnector(KVConnectorBase_V1):
             wait = offer_wait_seconds(self.extra)
             for req, (key, host, port) in meta.asks:
                 self.native.ask(req, key, host, int(port), wait)
+            for req in meta.cancels:
+                self.native.cancel_ask(req)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -566,8 +599,8 @@ class KVFerryConnector(KVConnectorBase_V1):
 
     def _write_stats(self):
         lines = []
-        for k, v in sorted(self.native.counters().items()):
-            name = f"kvferry_{k}" if k in ("dram_blocks", "nvme_blocks") else f"kvferry_{k}_total"
+        for k, v in sorted(self._counters().items()):
+            name = f"kvferry_{k}" if k in _LEVELS else f"kvferry_{k}_total"
             lines.append(f'{name}{{engine="{self.engine_id}"}} {v}')
         tmp = f"{self._stats_path}.tmp"
         try:
@@ -594,10 +627,23 @@ class KVFerryConnector(KVConnectorBase_V1):
         if self._stats_path:
             self._write_stats()
 
+    def _counters(self) -> dict[str, int]:
+        """The Rust core's counters, plus each tier's capacity and use in tokens (what llm-d's
+        tiered guide otherwise sets by hand as ``lruCapacityPerServer``)."""
+        c = dict(self.native.counters())
+        caps = {"dram": int(self.extra.get("dram_blocks", 0))}
+        if self.extra.get("nvme_dir"):
+            caps["nvme"] = int(self.extra.get("nvme_blocks", 0))
+        for tier, blocks in caps.items():
+            if blocks > 0:
+                c[f"{tier}_capacity_tokens"] = blocks * self.block_size
+                c[f"{tier}_used_tokens"] = int(c.get(f"{tier}_blocks", 0)) * self.block_size
+        return c
+
     def get_kv_connector_stats(self) -> KVFerryStats | None:
         if self.native is None:
             return None
-        now = dict(self.native.counters())
+        now = self._counters()
         # Resident block counts are levels, reported when they change (to 0 too); everything
         # else is an event count, reported as the change since the last report — never
         # negative (Prometheus counters only go up): a count that went down restarted.
@@ -664,7 +710,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         if prefiller is not None:
             # llm-d's offloading protocol: the prefill runs now, elsewhere; its offer is asked
             # for by key, and until it is here the request waits (see get_num_new_matched_tokens).
-            self.sched.expect(request.request_id, prefiller, list(request.prompt_token_ids or ()))
+            self.sched.expect(request.request_id, prefiller, _prompt_identity(request))
 
     @staticmethod
     def _role_key(p: Any, role: str) -> dict[str, Any] | None:
@@ -749,7 +795,7 @@ class KVFerryConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
-    ) -> tuple[int, bool]:
+    ) -> tuple[int | None, bool]:
         n = self.sched.matched(
             request.request_id,
             self._remote(request),
@@ -773,6 +819,19 @@ class KVFerryConnector(KVConnectorBase_V1):
         self.sched.allocated(
             request.request_id, remote, list(blocks.get_block_ids()[0]), num_external_tokens
         )
+
+    def get_external_cache_hit_sources(self, request: "Request", num_external_tokens: int):
+        """Splits vLLM's external prefix-cache hits by tier: G2 as ``HOST``, G3 as ``DISK``, pulls
+        from a prefill engine as ``P2P`` (vLLM's ``CacheHitSource``)."""
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        if not num_external_tokens:
+            return {}
+        host, disk, p2p = self.sched.hit_sources(request.request_id, int(num_external_tokens))
+        if host + disk + p2p != num_external_tokens:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        split = {CacheHitSource.HOST: host, CacheHitSource.DISK: disk, CacheHitSource.P2P: p2p}
+        return {k: v for k, v in split.items() if v}
 
     def take_events(self):
         """Blocks stored in / removed from kvferry's tiers, for cache-aware routers; the medium
@@ -809,6 +868,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             discards=list(step["discards"]),
             asks=list(step["asks"]),
             posts=list(step["posts"]),
+            cancels=list(step["cancels"]),
         )
 
     def request_finished(
@@ -824,7 +884,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         decoder = self._role_key(params, "remote_decoder") if self.pd else None
         post = None
         if decoder is not None:
-            post = (decoder["kv_request_id"], list(request.prompt_token_ids or ()))
+            post = (decoder["kv_request_id"], _prompt_identity(request))
         return self.sched.finished(
             request.request_id,
             ok,

@@ -294,6 +294,11 @@ impl Connector {
         py.detach(|| self.inner.ask(req, &p, wait));
     }
 
+    /// Decode side: `req` went away; its ask stops.
+    fn cancel_ask(&self, py: Python<'_>, req: &str) {
+        py.detach(|| self.inner.cancel_ask(req));
+    }
+
     /// `[(request, posted offer or None)]` fetched since the last call (see `poll`); the
     /// offers as `Scheduler.fetched` takes them.
     fn take_offers(&self) -> Vec<(String, Option<PostedTuple>)> {
@@ -314,6 +319,7 @@ impl Connector {
     fn drain(&self, py: Python<'_>, timeout_s: f64) -> (Vec<String>, Vec<String>, Vec<u32>) {
         let t = Duration::from_secs_f64(timeout_s.max(0.0));
         let f = py.detach(|| self.inner.drain(t));
+        self.offers.lock().extend(f.offers);
         (f.sending, f.recving, f.load_errors)
     }
 
@@ -460,6 +466,9 @@ fn remote_tuple(r: RemoteParams) -> RemoteTuple {
     )
 }
 
+/// `(token ids, what else tells the KV of a prompt apart)`: what `prompt_digest` takes.
+type PromptTuple = (Vec<u32>, Vec<u8>);
+
 /// `(offer as RemoteTuple, num_tokens, prompt digest)`: an offer posted under a key.
 type PostedTuple = (RemoteTuple, u32, u64);
 
@@ -583,10 +592,20 @@ impl Scheduler {
 
     /// vLLM's `on_new_request` for a decode request under llm-d's `offloading` protocol:
     /// `(key, host, port)` of its `remote_prefiller`, and its prompt's token ids.
-    fn expect(&self, req: &str, prefiller: (String, String, u16), prompt: Vec<u32>) {
+    /// `prompt`: its token ids and what else tells its KV apart (see `finished`).
+    fn expect(&self, req: &str, prefiller: (String, String, u16), prompt: PromptTuple) {
         let (key, host, port) = prefiller;
         let p = RemotePrefiller { key, host, port };
-        self.inner.lock().expect(req, &p, prompt_digest(&prompt));
+        let digest = prompt_digest(&prompt.0, &prompt.1);
+        let n = u32::try_from(prompt.0.len()).unwrap_or(u32::MAX);
+        self.inner.lock().expect(req, &p, digest, n);
+    }
+
+    /// `(host, disk, p2p)`: where the `tokens` vLLM counts as `req`'s external hit came from
+    /// (right after its allocation; all zero for another request).
+    fn hit_sources(&self, req: &str, tokens: u32) -> (u32, u32, u32) {
+        let s = self.inner.lock().hit_sources(req, tokens);
+        (s.host, s.disk, s.p2p)
     }
 
     /// The worker's answer to an ask (from `Connector.take_offers`).
@@ -654,8 +673,9 @@ impl Scheduler {
     }
 
     /// `(delay_free, kv_transfer_params or None)`; the params are NixlConnector's protocol.
-    /// `post`: `(key, prompt token ids)` of a prefill under llm-d's `offloading` protocol, whose
-    /// offer is posted under the key for the decoder to fetch.
+    /// `post`: `(key, (prompt token ids, what else tells its KV apart: LoRA, cache salt,
+    /// multimodal hashes))` of a prefill under llm-d's `offloading` protocol, whose offer is
+    /// posted under the key for the decoder to fetch.
     #[pyo3(signature = (req, ok, remote_decode, hashes_, blocks, computed_tokens, post = None))]
     #[allow(clippy::too_many_arguments)]
     fn finished<'py>(
@@ -667,10 +687,10 @@ impl Scheduler {
         hashes_: Vec<Vec<u8>>,
         blocks: Vec<u32>,
         computed_tokens: u32,
-        post: Option<(String, Vec<u32>)>,
+        post: Option<(String, PromptTuple)>,
     ) -> PyResult<(bool, Option<Bound<'py, PyDict>>)> {
         let hs = hashes(hashes_)?;
-        let post = post.map(|(k, prompt)| (k, prompt_digest(&prompt)));
+        let post = post.map(|(k, (tokens, extra))| (k, prompt_digest(&tokens, &extra)));
         let (delay, offer) = self.inner.lock().finished(
             req,
             ok,
@@ -757,6 +777,7 @@ impl Scheduler {
             .map(|(k, p)| (k, p.map(posted_tuple)))
             .collect();
         d.set_item("posts", posts)?;
+        d.set_item("cancels", step.cancels)?;
         Ok(d)
     }
 }

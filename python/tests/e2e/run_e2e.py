@@ -348,6 +348,13 @@ def proxy(model, transport="tcp", block_size=BS, policy="recompute", protocol="n
     assert md.get("vllm:kvferry_onboarded_blocks_total", 0) > 0, md
     assert mp.get("vllm:kvferry_pulls_served_total", 0) > 0, mp
     assert "vllm:kvferry_dram_blocks" in md, md
+    # Capacity in tokens (1024 DRAM blocks on the decode server), and vLLM's own hit metrics
+    # split by tier: pulled tokens as p2p, onboarded ones as host.
+    assert md.get("vllm:kvferry_dram_capacity_tokens") == 1024 * block_size, md
+    assert md.get("vllm:kvferry_dram_used_tokens", 0) > 0, md
+    assert md.get("vllm:prompt_tokens_cached_by_source:p2p", 0) > 0, md
+    assert md.get("vllm:prompt_tokens_cached_by_source:host", 0) > 0, md
+    assert md.get("vllm:prompt_tokens_cached_by_source:external_unspecified", 0) == 0, md
     return result_note + (
         f"{d['pulled_blocks']} blocks pulled through the proxy; 1500-token prefix: TTFT "
         f"{r['ttft_cold'] * 1e3:.0f} ms computed, {r['ttft_warm'] * 1e3:.0f} ms from G2 ({r['onboarded']} blocks)"
