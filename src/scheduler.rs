@@ -121,6 +121,16 @@ pub struct HitSources {
     pub p2p: u32,
 }
 
+/// What a router needs to know of a block besides its hash (vLLM's self-describing
+/// `BlockStored`): the block before it in its chain, its tokens and LoRA adapter. Taken from the
+/// request when the block is saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Described {
+    pub parent: Option<BlockHash>,
+    pub tokens: Vec<u32>,
+    pub lora: Option<String>,
+}
+
 /// A grant's generation and the blocks it offers.
 pub type OfferedGrant = (u64, Vec<u32>);
 
@@ -175,6 +185,8 @@ pub struct Scheduler {
     waiting: HashMap<String, (LeaseTarget, Instant, Duration)>,
     /// Decode side: requests whose offer is asked for under the `offloading` protocol.
     awaiting: HashMap<String, Awaited>,
+    /// Blocks being saved or in the mirror, described for routers' events (bounded by them).
+    described: HashMap<BlockHash, Described>,
     /// The last allocated load's sources (vLLM asks right after the allocation; one slot, so
     /// nothing piles up when it does not ask).
     last_sources: Option<(String, HitSources)>,
@@ -220,6 +232,7 @@ impl Scheduler {
             waiting: HashMap::new(),
             awaiting: HashMap::new(),
             last_sources: None,
+            described: HashMap::new(),
             resets_sent: 0,
             resets_done: 0,
             policy,
@@ -281,6 +294,7 @@ impl Scheduler {
                         if m[0] | m[1] == 0 {
                             self.cached.remove(&hash);
                             self.policy.remove(&hash);
+                            self.described.remove(&hash);
                         }
                     }
                 }
@@ -376,6 +390,7 @@ impl Scheduler {
         self.policy = Self::policy_for(&self.cfg);
         self.saving.clear();
         self.unwanted.clear();
+        self.described.clear();
         self.resets_sent += 1;
         self.step.reset = true;
     }
@@ -546,6 +561,39 @@ impl Scheduler {
 
     pub fn take_events(&mut self) -> Vec<TierEvent> {
         std::mem::take(&mut self.events)
+    }
+
+    /// Describes the blocks of a finished request that are being saved or held (call after
+    /// [`Scheduler::finished`]): `tokens` are all its token ids (block i holds
+    /// `tokens[i * block_size..][..block_size]`), `lora` its adapter's name.
+    pub fn describe(&mut self, hashes: &[BlockHash], tokens: &[u32], lora: Option<&str>) {
+        let bs = self.cfg.block_size.max(1) as usize;
+        for (i, h) in hashes.iter().enumerate().take(tokens.len() / bs) {
+            if self.described.contains_key(h)
+                || !(self.saving.contains_key(h) || self.cached.contains_key(h))
+            {
+                continue;
+            }
+            self.described.insert(
+                *h,
+                Described {
+                    parent: i.checked_sub(1).map(|p| hashes[p]),
+                    tokens: tokens[i * bs..(i + 1) * bs].to_vec(),
+                    lora: lora.map(str::to_string),
+                },
+            );
+        }
+        if self.described.len() > self.cached.len() + self.saving.len() + 1024 {
+            // Saves that never reported back (they failed) leave descriptions behind.
+            let (cached, saving) = (&self.cached, &self.saving);
+            self.described
+                .retain(|h, _| cached.contains_key(h) || saving.contains_key(h));
+        }
+    }
+
+    /// A block's description, if it was saved by this engine (not recovered from G3).
+    pub fn description(&self, h: &BlockHash) -> Option<&Described> {
+        self.described.get(h)
     }
 
     /// Leading blocks of `hashes` every rank's tiers hold, as far as the mirror knows.
@@ -888,6 +936,42 @@ mod tests {
         }]);
         assert_eq!(s.matched("q", None, 20, 20, &hashes, 0), Some(8));
         assert_eq!(s.take_events().len(), 6);
+    }
+
+    #[test]
+    fn saved_blocks_are_described_until_they_leave_the_mirror() {
+        let mut s = sched(true, false);
+        let hashes: Vec<BlockHash> = (0..3).map(h).collect();
+        let tokens: Vec<u32> = (100..111).collect(); // 2 full blocks of 4, and 3 tokens
+        s.finished("r", true, false, &hashes, &[5, 6, 7], 11, None);
+        s.describe(&hashes, &tokens, Some("adapter"));
+        let d1 = s.description(&h(1)).expect("described").clone();
+        assert_eq!(
+            d1,
+            Described {
+                parent: Some(h(0)),
+                tokens: vec![104, 105, 106, 107],
+                lora: Some("adapter".into()),
+            }
+        );
+        assert_eq!(s.description(&h(0)).expect("described").parent, None);
+        assert!(
+            s.description(&h(2)).is_none(),
+            "a partial block is not saved"
+        );
+        s.apply(&[
+            TierEvent::Stored {
+                hash: h(1),
+                tier: Tier::Dram,
+            },
+            TierEvent::Removed {
+                hash: h(1),
+                tier: Tier::Dram,
+            },
+        ]);
+        assert!(s.description(&h(1)).is_none());
+        s.reset();
+        assert!(s.description(&h(0)).is_none());
     }
 
     #[test]

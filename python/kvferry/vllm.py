@@ -834,26 +834,37 @@ class KVFerryConnector(KVConnectorBase_V1):
         return {k: v for k, v in split.items() if v}
 
     def take_events(self):
-        """Blocks stored in / removed from kvferry's tiers, for cache-aware routers; the medium
-        is "CPU" for G2 and "STORAGE" for G3, vLLM's kv_events vocabulary."""
+        """Blocks stored in / removed from kvferry's tiers, for cache-aware routers, in vLLM's own
+        form: the medium "CPU" for G2 and "STORAGE" for G3, block hashes converted as vLLM
+        converts its own (``maybe_convert_block_hash``: a router matches kvferry's events with the
+        GPU's), and each stored block described as vLLM describes it (parent hash, token ids,
+        block size, LoRA name, group 0) when this engine saved it."""
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+        try:
+            from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as convert
+        except ImportError:  # an older vLLM: raw hashes
+
+            def convert(h):
+                return h
 
         if self._cleared:
             self._cleared = False
             yield AllBlocksCleared()
-        for kind, h, medium in self.sched.take_events():
+        for kind, h, medium, parent, tokens, lora in self.sched.take_events():
             if kind == "stored":
                 yield BlockStored(
-                    block_hashes=[h],
-                    parent_block_hash=None,
-                    token_ids=[],
+                    block_hashes=[convert(h)],
+                    parent_block_hash=convert(parent) if parent is not None else None,
+                    token_ids=list(tokens),
                     block_size=self.block_size,
                     lora_id=None,
                     medium=medium,
-                    lora_name=None,
+                    lora_name=lora,
+                    group_idx=0,
                 )
             else:
-                yield BlockRemoved(block_hashes=[h], medium=medium)
+                yield BlockRemoved(block_hashes=[convert(h)], medium=medium, group_idx=0)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         step = self.sched.take_step()
@@ -885,15 +896,23 @@ class KVFerryConnector(KVConnectorBase_V1):
         post = None
         if decoder is not None:
             post = (decoder["kv_request_id"], _prompt_identity(request))
-        return self.sched.finished(
+        hashes = list(request.block_hashes)
+        out = self.sched.finished(
             request.request_id,
             ok,
             bool(params.get("do_remote_decode")) or post is not None,
-            list(request.block_hashes),
+            hashes,
             [int(b) for b in block_ids],
             request.num_computed_tokens,
             post,
         )
+        if ok and self.offload:
+            # What routers' BlockStored events say of the blocks being saved.
+            lora = getattr(request, "lora_request", None)
+            self.sched.describe(
+                hashes, list(request.all_token_ids), getattr(lora, "lora_name", None) if lora else None
+            )
+        return out
 
 
 def _register_with_vllm() -> None:

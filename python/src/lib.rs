@@ -466,6 +466,16 @@ fn remote_tuple(r: RemoteParams) -> RemoteTuple {
     )
 }
 
+/// A tier event with what describes its block (see `Scheduler.take_events`).
+type DescribedEvent<'py> = (
+    &'static str,
+    Bound<'py, PyBytes>,
+    &'static str,
+    Option<Bound<'py, PyBytes>>,
+    Vec<u32>,
+    Option<String>,
+);
+
 /// `(token ids, what else tells the KV of a prompt apart)`: what `prompt_digest` takes.
 type PromptTuple = (Vec<u32>, Vec<u8>);
 
@@ -635,12 +645,39 @@ impl Scheduler {
         Ok(())
     }
 
-    fn take_events<'py>(
+    /// `(kind, hash, medium, parent hash or None, token ids, LoRA name or None)` per block
+    /// stored in / removed from the tiers since the last call, for routers (the description is
+    /// empty for blocks this engine did not save, such as those recovered from G3).
+    fn take_events<'py>(&self, py: Python<'py>) -> Vec<DescribedEvent<'py>> {
+        let mut inner = self.inner.lock();
+        let events = inner.take_events();
+        events
+            .into_iter()
+            .map(|e| {
+                let d = match e {
+                    TierEvent::Stored { hash, .. } => inner.description(&hash).cloned(),
+                    _ => None,
+                }
+                .unwrap_or_default();
+                let (kind, hash, medium) = event_tuple(py, e);
+                let parent = d.parent.map(|p| PyBytes::new(py, p.as_bytes()));
+                (kind, hash, medium, parent, d.tokens, d.lora)
+            })
+            .collect()
+    }
+
+    /// Describes a finished request's blocks for routers' events (after `finished`): all its
+    /// token ids and its LoRA adapter's name.
+    #[pyo3(signature = (hashes_, tokens, lora = None))]
+    fn describe(
         &self,
-        py: Python<'py>,
-    ) -> Vec<(&'static str, Bound<'py, PyBytes>, &'static str)> {
-        let events = self.inner.lock().take_events();
-        events.into_iter().map(|e| event_tuple(py, e)).collect()
+        hashes_: Vec<Vec<u8>>,
+        tokens: Vec<u32>,
+        lora: Option<String>,
+    ) -> PyResult<()> {
+        let hs = hashes(hashes_)?;
+        self.inner.lock().describe(&hs, &tokens, lora.as_deref());
+        Ok(())
     }
 
     fn lookup(&self, hashes_: Vec<Vec<u8>>) -> PyResult<usize> {

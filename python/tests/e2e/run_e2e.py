@@ -397,6 +397,7 @@ def main():
     ]
     import failclosed
     import llmd
+    import events
     import multi
     import parallel
 
@@ -404,6 +405,7 @@ def main():
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in llmd.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in multi.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in parallel.SCENARIOS]
+    scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in events.SCENARIOS]
     for name, run in scenarios:
         if only and name not in only:
             continue
