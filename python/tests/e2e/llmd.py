@@ -63,32 +63,44 @@ def _two_hosts():
         _ip("link", "set", "lo", "up", ns=ns)
 
 
-def two_hosts(model, plain):
-    _two_hosts()
+def _engines(model, name, port, pre_role, dec_extra):
+    """A prefill engine in the first namespace on `port` and a decode engine (``kv_consumer``)
+    in the second, addressed only through llm-d's environment and sharing a fresh token; the
+    caller closes both."""
     token = secrets.token_hex(16)
-    pre = dec = None
+    pre = Engine(
+        model,
+        f"prefill-{name}",
+        {"pd": True},
+        netns=NS[0],
+        kv_role=pre_role,
+        env={
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[0],
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(port),
+            "KVFERRY_TOKEN": token,
+        },
+    )
     try:
-        pre = Engine(
-            model,
-            "prefill-llmd",
-            {"pd": True},
-            netns=NS[0],
-            kv_role="kv_producer",
-            env={
-                "VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[0],
-                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(PORT),
-                "KVFERRY_TOKEN": token,
-            },
-        )
         dec = Engine(
             model,
-            "decode-llmd",
-            {"pd": True},
+            f"decode-{name}",
+            {"pd": True, **dec_extra},
             netns=NS[1],
             kv_role="kv_consumer",
             env={"VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[1], "KVFERRY_TOKEN": token},
         )
-        pre.wait_ready(), dec.wait_ready()
+    except Exception:
+        pre.close()
+        raise
+    pre.wait_ready(), dec.wait_ready()
+    return pre, dec
+
+
+def two_hosts(model, plain):
+    _two_hosts()
+    pre = dec = None
+    try:
+        pre, dec = _engines(model, "llmd", PORT, "kv_producer", {})
         ps = prompts()
         first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
         pre.call(op="step")
@@ -131,29 +143,10 @@ def _send(engine, **cmd):
 
 def offloading(model, plain):
     _two_hosts()
-    token = secrets.token_hex(16)
     pre = dec = None
     try:
-        pre = Engine(
-            model,
-            "prefill-offloading",
-            {"pd": True},
-            netns=NS[0],
-            env={
-                "VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[0],
-                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(P2P_PORT),
-                "KVFERRY_TOKEN": token,
-            },
-        )
-        dec = Engine(
-            model,
-            "decode-offloading",
-            {"pd": True, "remote_prefill_wait_s": 4},
-            netns=NS[1],
-            kv_role="kv_consumer",
-            env={"VLLM_NIXL_SIDE_CHANNEL_HOST": ADDR[1], "KVFERRY_TOKEN": token},
-        )
-        pre.wait_ready(), dec.wait_ready()
+        # llm-d's offloading guide runs both pods as kv_both.
+        pre, dec = _engines(model, "offloading", P2P_PORT, "kv_both", {"remote_prefill_wait_s": 4})
         ps = prompts()
         keys = [f"kv-{uuid.uuid4()}" for _ in ps]
         to_dec = [

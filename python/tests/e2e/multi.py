@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 
-from run_e2e import Engine, check_same
+from run_e2e import check_same, plain_outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples"))
@@ -52,11 +52,7 @@ def multi_connector(model, plain):
     import vllm_demo
 
     prompts = vllm_demo.prompts(3, 300, seed=21)
-    base = Engine(model, "plain-multi")
-    try:
-        want, _ = base.generate(prompts, 16)
-    finally:
-        base.close()
+    want = plain_outputs(model, "plain-multi", prompts, 16)
     notes = []
     for order in ("nixl-first", "kvferry-first"):
         work = tempfile.mkdtemp(prefix="kvferry-multi-")

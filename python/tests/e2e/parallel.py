@@ -18,39 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from run_e2e import HERE, Engine, check_same
+from run_e2e import HERE, check_same, plain_outputs, quiet_ports
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples"))
-
-
-def _free_run(n):
-    """A base port with the n - 1 ports after it free too."""
-    for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-        s.close()
-        if base + n >= 65536:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            t = socket.socket()
-            try:
-                t.bind(("127.0.0.1", p))
-            except OSError:
-                ok = False
-            finally:
-                t.close()
-        if ok:
-            return base
-    raise RuntimeError("no run of free ports")
 
 
 def _post(url, body, dp_rank, api_key=None):
@@ -76,13 +52,9 @@ def pd_dp2(model, plain_unused):
     import vllm_demo
 
     rng_prompts = vllm_demo.prompts(8, 160, seed=21)
-    base = Engine(model, "plain-dp")
-    try:
-        want, _ = base.generate(rng_prompts, 12)
-    finally:
-        base.close()
+    want = plain_outputs(model, "plain-dp", rng_prompts, 12)
     work = tempfile.mkdtemp(prefix="kvferry-e2e-dp-")
-    port = _free_run(2)
+    port = quiet_ports(2)
     dp = ["--data-parallel-size", "2"]
     pre = vllm_demo.Server(
         model,

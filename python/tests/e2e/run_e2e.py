@@ -101,6 +101,15 @@ class Engine:
         self.log.close()
 
 
+def plain_outputs(model, name, ps, max_tokens, **opts):
+    """Greedy outputs of a vLLM without kvferry for prompts `ps`, what a scenario compares with."""
+    base = Engine(model, name, **opts)
+    try:
+        return base.generate(ps, max_tokens)[0]
+    finally:
+        base.close()
+
+
 def wait_released(pre, n, timeout=30):
     """Steps a prefill engine until `n` pulls were served (or `timeout` passes); its counters."""
     deadline = time.time() + timeout
@@ -117,6 +126,27 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def quiet_ports(n=1):
+    """A base port with the n - 1 after it free too, below the kernel's ephemeral range: vLLM's
+    own sockets (and every client's) take ephemeral ports, and one of them may take a port
+    free_port() handed out before the server under test binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - n)
+        ok = True
+        for p in range(base, base + n):
+            s = socket.socket()
+            try:
+                s.bind(("0.0.0.0", p))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+        if ok:
+            return base
+    raise RuntimeError(f"no {n} free ports in a row")
 
 
 def prompts(n=6, prefix_len=200, suffix_len=24, seed=7):
