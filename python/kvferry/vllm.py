@@ -17,8 +17,8 @@ Extra config (all optional):
   and decode dispatched at once): a prefill request with ``remote_decoder{kv_request_id}`` posts
   its offer under that key; a decode request with ``remote_prefiller{kv_request_id,
   remote_host, remote_port}`` waits unscheduled while its worker asks that engine for it, then
-  pulls it as above. An offer is taken only for the same prompt (a digest of the token ids
-  travels with it); none within ``remote_prefill_wait_s`` (default 30) and the prompt is
+  pulls it as above. An offer is taken only for the same prompt (a digest of the token ids,
+  LoRA adapter, cache salt and multimodal inputs travels with it); none within ``remote_prefill_wait_s`` (default 30) and the prompt is
   computed here. The sidecar names port ``--p2p-connector-port`` + DP rank: set it to the
   prefill's side-channel port (with DP > 1 and TP > 1 on the prefill, kvferry's rank 0 of DP
   rank d is on base + d x TP, which the sidecar does not know; keep TP 1 or DP 1 there).
