@@ -149,6 +149,9 @@ pub struct Finished {
     pub recving: Vec<String>,
     /// Local block ids that did not load: the engine recomputes them.
     pub load_errors: Vec<u32>,
+    /// Requests one of whose blocks did not load (also in `recving`): how an engine whose
+    /// block ids are not unique across KV cache groups hears of it (vLLM's `failed_recving`).
+    pub failed_recving: Vec<String>,
     /// Decode side, the `offloading` protocol: offers fetched for requests (`None`: the
     /// prefill engine withdrew it, or did not post it within the wait).
     pub offers: Vec<(String, Option<Posted>)>,
@@ -625,6 +628,7 @@ impl Core {
                 log::warn!("kvferry: onboard for {req} did not start: {e}");
                 st.counters.onboard_failed_blocks += blocks.len() as u64;
                 st.done.load_errors.extend(blocks.iter().map(|b| b.1));
+                st.done.failed_recving.push(req.to_string());
                 st.done.recving.push(req.to_string());
             }
         }
@@ -649,6 +653,7 @@ impl Core {
                 let st = &mut *st;
                 st.counters.pull_failures += 1;
                 st.done.load_errors.extend(&spec.local_blocks);
+                st.done.failed_recving.push(req.to_string());
                 load_done(st, req);
                 return;
             }
@@ -824,6 +829,7 @@ impl Core {
                 log::warn!("kvferry: pull of {req} failed: {why}");
                 st.counters.pull_failures += 1;
                 st.done.load_errors.extend(&p.spec.local_blocks);
+                st.done.failed_recving.push(req.to_string());
             }
             (None, Some(why)) => {
                 log::warn!(
@@ -834,6 +840,7 @@ impl Core {
                 );
                 st.counters.pulls_stale += 1;
                 st.done.load_errors.extend(&p.spec.local_blocks);
+                st.done.failed_recving.push(req.to_string());
             }
         }
         load_done(st, req);
@@ -1136,6 +1143,9 @@ impl Core {
                     }
                 }
                 Some(Op::Load { req, blocks }) => {
+                    if c.blocks.iter().any(|b| b.result.is_err()) {
+                        st.done.failed_recving.push(req.clone());
+                    }
                     for b in &c.blocks {
                         match (&b.result, blocks.get(&b.hash)) {
                             (Ok(()), _) => st.counters.onboarded_blocks += 1,
@@ -1197,6 +1207,7 @@ impl Core {
             all.sending.extend(f.sending);
             all.recving.extend(f.recving);
             all.load_errors.extend(f.load_errors);
+            all.failed_recving.extend(f.failed_recving);
             all.offers.extend(f.offers);
             let busy = {
                 let st = self.st.lock();

@@ -21,6 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::scheduler::MAX_GROUPS;
 use crate::RemoteParams;
 
 const TAG: &[u8] = b"kvferry-offer/1\n";
@@ -111,6 +112,7 @@ impl Answer {
                 for id in &r.block_ids {
                     b.extend_from_slice(&id.to_le_bytes());
                 }
+                b.extend_from_slice(&r.groups.to_le_bytes());
                 put_str(&mut b, &r.host);
                 put_str(&mut b, &r.engine_id);
                 put_str(&mut b, &r.request_id);
@@ -146,6 +148,10 @@ impl Answer {
                     .chunks_exact(4)
                     .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect();
+                let groups = r.u32()?;
+                if groups == 0 || groups > MAX_GROUPS || n % groups as usize != 0 {
+                    return Err(format!("{n} blocks in {groups} KV cache groups"));
+                }
                 let host = r.str()?;
                 let engine_id = r.str()?;
                 let request_id = r.str()?;
@@ -160,6 +166,7 @@ impl Answer {
                         engine_id,
                         tp_size,
                         block_ids,
+                        groups,
                         grant,
                         expires_unix,
                     },
@@ -347,6 +354,7 @@ mod tests {
                 engine_id: "pre".into(),
                 tp_size: 2,
                 block_ids: blocks,
+                groups: 1,
                 grant: 0xfeed,
                 expires_unix: 1.8e9,
             },
@@ -379,6 +387,23 @@ mod tests {
         assert!(Answer::decode(&big)
             .expect_err("refused")
             .contains("blocks"));
+    }
+
+    #[test]
+    fn an_offer_keeps_its_kv_cache_groups_and_a_list_they_do_not_split_is_refused() {
+        let mut p = posted(vec![0, 7, 8, 9, 10, 11]);
+        p.remote.groups = 2;
+        let a = Answer::Ready(p.clone());
+        let decoded = Answer::decode(&a.encode());
+        assert_eq!(decoded, Ok(a));
+        for groups in [0, 4, MAX_GROUPS + 1] {
+            let mut bad = p.clone();
+            bad.remote.groups = groups;
+            assert!(
+                Answer::decode(&Answer::Ready(bad).encode()).is_err(),
+                "{groups} groups"
+            );
+        }
     }
 
     #[test]

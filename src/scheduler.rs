@@ -45,7 +45,44 @@ pub struct SchedulerConfig {
     /// Decode side, llm-d's `offloading` protocol: how long a request waits for its prefill
     /// engine's offer before it is computed here.
     pub offer_wait: Duration,
+    /// vLLM's KV cache groups (hybrid models: one per attention kind), in vLLM's order; empty:
+    /// one group of full attention. Every group's blocks come from one pool of pages of one
+    /// size (the worker checks the layout), so a block id names the same page whichever group
+    /// holds it, and a group's block is stored under [`BlockHash::in_group`].
+    pub groups: Vec<GroupKind>,
 }
+
+/// How one KV cache group attends, which decides the blocks a prefix needs in that group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    Full,
+    /// Sliding-window attention over `window` tokens; `retained` more tokens' blocks are kept
+    /// below the window (vLLM's `extra_retained_tokens`, for speculative decoding).
+    Window {
+        window: u32,
+        retained: u32,
+    },
+}
+
+impl GroupKind {
+    /// The first block a sequence of `total` computed tokens still holds in this group. vLLM
+    /// (`SingleTypeKVCacheManager::add_local_computed_blocks`, `get_num_skipped_tokens`) gives
+    /// the blocks before it as its null block and allocates real ones from it on, so a hit of
+    /// `total` tokens must bring every block from here, and only those.
+    pub fn first_held(&self, total: u32, block_size: u32) -> usize {
+        match *self {
+            GroupKind::Full => 0,
+            GroupKind::Window { window, retained } => {
+                ((total + 1).saturating_sub(window.saturating_add(retained)) / block_size.max(1))
+                    as usize
+            }
+        }
+    }
+}
+
+/// vLLM's null block: what a group's block list holds where the group keeps no block (before a
+/// sliding window). It is never loaded into, saved, offered or pulled.
+pub const NULL_BLOCK: u32 = 0;
 
 /// A prefill engine's offer, as the decode engine's request carries it (vLLM's
 /// `kv_transfer_params` with `do_remote_prefill`).
@@ -56,8 +93,11 @@ pub struct RemoteParams {
     pub request_id: String,
     pub engine_id: String,
     pub tp_size: u32,
-    /// The prompt's blocks on the prefill engine, from the first.
+    /// The prompt's blocks on the prefill engine, from the first: `groups` lists of equal
+    /// length one after the other (one per KV cache group).
     pub block_ids: Vec<u32>,
+    /// How many KV cache groups `block_ids` holds (1 but for hybrid models).
+    pub groups: u32,
     /// The generation of the grant the offer was made under (0: none, which is refused).
     pub grant: u64,
     /// When the prefill engine said the grant ends unless extended (seconds since the Unix
@@ -67,6 +107,16 @@ pub struct RemoteParams {
 }
 
 impl RemoteParams {
+    /// Group `g`'s blocks (empty when the list does not split into `groups` equal parts).
+    pub fn group(&self, g: usize) -> &[u32] {
+        let n = self.groups.max(1) as usize;
+        if self.block_ids.len() % n != 0 {
+            return &[];
+        }
+        let len = self.block_ids.len() / n;
+        self.block_ids.get(g * len..(g + 1) * len).unwrap_or(&[])
+    }
+
     fn target(&self) -> LeaseTarget {
         LeaseTarget {
             remote_host: self.host.clone(),
@@ -124,8 +174,12 @@ pub struct HitSources {
 /// What a router needs to know of a block besides its hash (vLLM's self-describing
 /// `BlockStored`): the block before it in its chain, its tokens and LoRA adapter. Taken from the
 /// request when the block is saved.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Described {
+    /// vLLM's hash of the block (the tier key differs in groups other than 0).
+    pub hash: BlockHash,
+    /// The KV cache group whose KV the stored block holds.
+    pub group: u32,
     pub parent: Option<BlockHash>,
     pub tokens: Vec<u32>,
     pub lora: Option<String>,
@@ -178,7 +232,9 @@ pub struct Scheduler {
     cached: HashMap<BlockHash, [u64; 2]>,
     plans: HashMap<String, Plan>,
     step: StepPlan,
-    events: Vec<TierEvent>,
+    /// Rank 0's events for routers, with their blocks' descriptions as they were when the
+    /// event came (a removed block's leaves with it).
+    events: Vec<(TierEvent, Option<Described>)>,
     generations: Generations,
     /// Decode side: requests with an accepted offer not yet allocated, their last heartbeat,
     /// and how often they beat.
@@ -211,6 +267,9 @@ pub struct Scheduler {
 
 /// The most prefill ranks an offer may name (every rank is connected to and called).
 pub const MAX_REMOTE_TP: u32 = 256;
+
+/// The most KV cache groups an offer may name (vLLM's hybrid models have two or three).
+pub const MAX_GROUPS: u32 = 16;
 
 fn tier_index(t: Tier) -> usize {
     match t {
@@ -262,6 +321,16 @@ impl Scheduler {
     /// Updates the mirror of TP rank `rank`'s tiers; rank 0's events are kept for
     /// [`Scheduler::take_events`] (one event per block, not one per rank).
     pub fn apply_from(&mut self, rank: u32, events: &[TierEvent]) {
+        if rank == 0 {
+            // Routers hear of blocks stored and removed; `Unwanted` is between us and the worker.
+            for e in events {
+                let hash = match e {
+                    TierEvent::Unwanted { .. } => continue,
+                    TierEvent::Stored { hash, .. } | TierEvent::Removed { hash, .. } => hash,
+                };
+                self.events.push((*e, self.described.get(hash).cloned()));
+            }
+        }
         let resetting = self.resets_done < self.resets_sent;
         let me = 1u64 << rank.min(63);
         for e in events {
@@ -299,14 +368,6 @@ impl Scheduler {
                     }
                 }
             }
-        }
-        if rank == 0 {
-            // Routers hear of blocks stored and removed; `Unwanted` is between us and the worker.
-            self.events.extend(
-                events
-                    .iter()
-                    .filter(|e| !matches!(e, TierEvent::Unwanted { .. })),
-            );
         }
         self.drop_unwanted();
     }
@@ -494,12 +555,31 @@ impl Scheduler {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
+        let groups = self.group_count();
+        let bs = self.cfg.block_size.max(1);
+        // The blocks vLLM will allocate here for the whole prompt, per group: the offer must
+        // have a real block for each (a sliding-window group's window), or the pull could not
+        // write them all.
+        let lacking = (0..groups).find(|&g| {
+            let kind = self.group_kind(g);
+            let from = kind.first_held(prompt_tokens, bs).min(need);
+            let ids = r.group(g);
+            ids.len() < need || (kind != GroupKind::Full && ids[from..need].contains(&NULL_BLOCK))
+        });
         let why = if r.tp_size == 0 || r.tp_size > MAX_REMOTE_TP {
             Some(format!("a prefill TP size of {}", r.tp_size))
-        } else if r.block_ids.len() < need {
+        } else if r.groups as usize != groups {
             Some(format!(
-                "{} remote blocks for {prompt_tokens} prompt tokens ({need} blocks)",
-                r.block_ids.len()
+                "{} KV cache groups where this engine has {groups} (another model, or the \
+                 hybrid KV cache manager on in one engine only)",
+                r.groups
+            ))
+        } else if let Some(g) = lacking {
+            Some(format!(
+                "{} remote blocks in KV cache group {g} for {prompt_tokens} prompt tokens \
+                 ({need} blocks, the last {} of them real)",
+                r.group(g).len(),
+                need - self.group_kind(g).first_held(prompt_tokens, bs).min(need)
             ))
         } else if r.grant == 0 {
             Some("it names no grant".to_string())
@@ -560,6 +640,15 @@ impl Scheduler {
     }
 
     pub fn take_events(&mut self) -> Vec<TierEvent> {
+        self.take_described_events()
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect()
+    }
+
+    /// [`Scheduler::take_events`] with each block's description (vLLM's hash and group, its
+    /// tokens), where this engine saved it.
+    pub fn take_described_events(&mut self) -> Vec<(TierEvent, Option<Described>)> {
         std::mem::take(&mut self.events)
     }
 
@@ -568,20 +657,25 @@ impl Scheduler {
     /// `tokens[i * block_size..][..block_size]`), `lora` its adapter's name.
     pub fn describe(&mut self, hashes: &[BlockHash], tokens: &[u32], lora: Option<&str>) {
         let bs = self.cfg.block_size.max(1) as usize;
-        for (i, h) in hashes.iter().enumerate().take(tokens.len() / bs) {
-            if self.described.contains_key(h)
-                || !(self.saving.contains_key(h) || self.cached.contains_key(h))
-            {
-                continue;
+        for g in 0..self.group_count() as u32 {
+            for (i, h) in hashes.iter().enumerate().take(tokens.len() / bs) {
+                let key = h.in_group(g);
+                if self.described.contains_key(&key)
+                    || !(self.saving.contains_key(&key) || self.cached.contains_key(&key))
+                {
+                    continue;
+                }
+                self.described.insert(
+                    key,
+                    Described {
+                        hash: *h,
+                        group: g,
+                        parent: i.checked_sub(1).map(|p| hashes[p]),
+                        tokens: tokens[i * bs..(i + 1) * bs].to_vec(),
+                        lora: lora.map(str::to_string),
+                    },
+                );
             }
-            self.described.insert(
-                *h,
-                Described {
-                    parent: i.checked_sub(1).map(|p| hashes[p]),
-                    tokens: tokens[i * bs..(i + 1) * bs].to_vec(),
-                    lora: lora.map(str::to_string),
-                },
-            );
         }
         if self.described.len() > self.cached.len() + self.saving.len() + 1024 {
             // Saves that never reported back (they failed) leave descriptions behind.
@@ -591,9 +685,73 @@ impl Scheduler {
         }
     }
 
-    /// A block's description, if it was saved by this engine (not recovered from G3).
+    /// A block's description (by its tier key), if it was saved by this engine (not recovered
+    /// from G3).
     pub fn description(&self, h: &BlockHash) -> Option<&Described> {
         self.described.get(h)
+    }
+
+    /// vLLM's KV cache groups (one without HMA).
+    pub fn group_count(&self) -> usize {
+        self.cfg.groups.len().max(1)
+    }
+
+    fn group_kind(&self, g: usize) -> GroupKind {
+        self.cfg.groups.get(g).copied().unwrap_or(GroupKind::Full)
+    }
+
+    /// The longest prefix, in blocks, that the tiers can bring from block `start` on, up to
+    /// block `end`: in a full-attention group every block of it, in a sliding-window group the
+    /// blocks vLLM holds for it ([`GroupKind::first_held`]) — so a sliding-window group moves
+    /// only its window, and the hit is never longer than what every group can load.
+    fn tier_hit(&self, hashes: &[BlockHash], start: usize, end: usize) -> usize {
+        let bs = self.cfg.block_size.max(1);
+        let groups = self.group_count();
+        let mut n = end;
+        for g in 0..groups {
+            if self.group_kind(g) == GroupKind::Full {
+                let run = hashes[start..end]
+                    .iter()
+                    .take_while(|h| self.loadable(&h.in_group(g as u32)))
+                    .count();
+                n = n.min(start + run);
+            }
+        }
+        // Shorter hits need other window blocks: try each, longest first (a window is a few
+        // blocks, so this is O(blocks × window) at worst).
+        while n > start {
+            let fits = (0..groups).all(|g| match self.group_kind(g) {
+                GroupKind::Full => true,
+                kind => {
+                    let from = kind.first_held(n as u32 * bs, bs).max(start);
+                    hashes[from..n]
+                        .iter()
+                        .all(|h| self.loadable(&h.in_group(g as u32)))
+                }
+            });
+            if fits {
+                break;
+            }
+            n -= 1;
+        }
+        n - start
+    }
+
+    /// The positions `[start, start + n)` of every group whose blocks are real (not vLLM's null
+    /// block in a sliding-window group), as (group, position, block).
+    fn held(&self, blocks: &[&[u32]], start: usize, n: usize) -> Vec<(u32, usize, u32)> {
+        blocks
+            .iter()
+            .enumerate()
+            .take(self.group_count())
+            .flat_map(|(g, ids)| {
+                let kind = self.group_kind(g);
+                (start..start + n).filter_map(move |i| {
+                    let id = *ids.get(i)?;
+                    (kind == GroupKind::Full || id != NULL_BLOCK).then_some((g as u32, i, id))
+                })
+            })
+            .collect()
     }
 
     /// Leading blocks of `hashes` every rank's tiers hold, as far as the mirror knows.
@@ -656,9 +814,13 @@ impl Scheduler {
             return Some(count);
         }
         if self.cfg.offload {
-            let end = (num_tokens.saturating_sub(1) / bs) as usize;
-            let wanted = hashes.get(start..end.min(hashes.len())).unwrap_or(&[]);
-            let hits = self.lookup(wanted);
+            let end = ((num_tokens.saturating_sub(1) / bs) as usize).min(hashes.len());
+            let wanted = hashes.get(start..end).unwrap_or(&[]);
+            let hits = if start < end {
+                self.tier_hit(hashes, start, end)
+            } else {
+                0
+            };
             if hits > 0 {
                 self.plans.insert(
                     req.to_string(),
@@ -683,6 +845,20 @@ impl Scheduler {
         blocks: &[u32],
         external: u32,
     ) {
+        self.allocated_groups(req, remote, &[blocks], external);
+    }
+
+    /// [`Scheduler::allocated`] with the request's blocks in each KV cache group (vLLM's
+    /// `KVCacheBlocks.get_block_ids()`). Every real block of the loaded range is written — a
+    /// block vLLM allocated that the plan has no KV for is loaded under its key anyway, whose
+    /// miss fails the load (recomputed) rather than leaving the block unwritten under a hash.
+    pub fn allocated_groups(
+        &mut self,
+        req: &str,
+        remote: Option<&RemoteParams>,
+        blocks: &[&[u32]],
+        external: u32,
+    ) {
         let plan = self.plans.remove(req);
         let bs = self.cfg.block_size.max(1);
         // One transfer per request: a fetched offer is used once (a preempted request that comes
@@ -701,22 +877,31 @@ impl Scheduler {
             return;
         }
         if let (true, Some(r), true) = (self.cfg.pd, remote, accepted) {
-            let (mut local, mut start) = (Vec::new(), 0);
-            if let (true, Some(Plan::Pull { start: s })) = (external > 0, &plan) {
-                start = *s;
+            let (mut local, mut remote_blocks) = (Vec::new(), Vec::new());
+            if let (true, Some(Plan::Pull { start })) = (external > 0, &plan) {
                 let n = external.div_ceil(bs) as usize;
-                local = blocks
-                    .get(start..(start + n).min(blocks.len()))
-                    .unwrap_or(&[])
-                    .to_vec();
+                let mut short = false;
+                for (g, i, id) in self.held(blocks, *start, n) {
+                    local.push(id);
+                    match r.group(g as usize).get(i) {
+                        Some(&rid)
+                            if rid != NULL_BLOCK
+                                || self.group_kind(g as usize) == GroupKind::Full =>
+                        {
+                            remote_blocks.push(rid)
+                        }
+                        _ => short = true,
+                    }
+                }
+                if short {
+                    // The offer lacks a block vLLM allocated here (`accept` checks the window
+                    // it expects vLLM to hold): never shortened to fit — a remote list shorter
+                    // than the local one fails the pull (every local block a load error), it
+                    // does not leave blocks unwritten.
+                    log::warn!("kvferry: the offer for {req} lacks blocks this engine allocated");
+                    remote_blocks.clear();
+                }
             }
-            // Never shortened to fit: a remote list shorter than the local one fails the pull
-            // (every local block a load error), it does not leave blocks unwritten.
-            let remote_blocks: Vec<u32> = r
-                .block_ids
-                .get(start..(start + local.len()).min(r.block_ids.len()))
-                .unwrap_or(&[])
-                .to_vec();
             self.last_sources = Some((
                 req.to_string(),
                 HitSources {
@@ -741,25 +926,30 @@ impl Scheduler {
         }
         if let (true, Some(Plan::Load { hashes, start })) = (external > 0, plan) {
             let n = ((external / bs) as usize).min(hashes.len());
-            let ids = blocks
-                .get(start..(start + n).min(blocks.len()))
-                .unwrap_or(&[]);
-            let hs = hashes[..ids.len()].to_vec();
-            let in_dram = hs.iter().filter(|h| self.in_dram(h)).count() as u32;
+            let (mut hs, mut ids, mut on_disk) = (Vec::new(), Vec::new(), HashSet::new());
+            for (g, i, id) in self.held(blocks, start, n) {
+                let key = hashes[i - start].in_group(g);
+                if !self.in_dram(&key) {
+                    on_disk.insert(i);
+                }
+                hs.push(key);
+                ids.push(id);
+            }
+            let on_disk = on_disk.len() as u32;
             self.last_sources = Some((
                 req.to_string(),
                 HitSources {
-                    host: in_dram * bs,
-                    disk: (hs.len() as u32 - in_dram) * bs,
+                    host: (n as u32 - on_disk) * bs,
+                    disk: on_disk * bs,
                     p2p: 0,
                 },
             ));
             self.policy.begin_batch();
-            for (d, h) in hs.iter().enumerate() {
-                self.policy.touch(h, Access::at((start + d) as u32));
+            for (h, (_, i, _)) in hs.iter().zip(self.held(blocks, start, n)) {
+                self.policy.touch(h, Access::at(i as u32));
             }
             self.loading.insert(req.to_string(), hs.clone());
-            self.step.loads.push((req.to_string(), hs, ids.to_vec()));
+            self.step.loads.push((req.to_string(), hs, ids));
         }
     }
 
@@ -781,6 +971,41 @@ impl Scheduler {
         computed_tokens: u32,
         post: Option<(&str, u64)>,
     ) -> (bool, Option<Offer>) {
+        self.finished_groups(
+            req,
+            ok,
+            remote_decode,
+            hashes,
+            &[blocks],
+            computed_tokens,
+            post,
+        )
+    }
+
+    /// [`Scheduler::finished`] with the request's blocks in each KV cache group (vLLM's
+    /// `request_finished_all_groups`): each group's real blocks are saved under their group's
+    /// keys (a sliding-window group holds only its window by now), and offered, all groups'
+    /// lists one after the other.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finished_groups(
+        &mut self,
+        req: &str,
+        ok: bool,
+        remote_decode: bool,
+        hashes: &[BlockHash],
+        blocks: &[&[u32]],
+        computed_tokens: u32,
+        post: Option<(&str, u64)>,
+    ) -> (bool, Option<Offer>) {
+        let groups = self.group_count();
+        // One length for every group's list, so the offer splits back into them.
+        let len = blocks
+            .iter()
+            .take(groups)
+            .map(|b| b.len())
+            .min()
+            .filter(|_| blocks.len() >= groups)
+            .unwrap_or(0);
         self.plans.remove(req);
         // vLLM reports a load over before it finishes the request; an aborted one ends here.
         self.loading.remove(req);
@@ -799,36 +1024,48 @@ impl Scheduler {
             self.step.aborts.push(t);
         }
         let mut delay = false;
-        if ok && self.cfg.offload && !blocks.is_empty() {
+        if ok && self.cfg.offload && len > 0 {
             let n = hashes
                 .len()
-                .min(blocks.len())
+                .min(len)
                 .min((computed_tokens / self.cfg.block_size.max(1)) as usize);
-            let known = self.lookup(&hashes[..n]);
             self.policy.begin_batch();
-            for (d, h) in hashes[..known].iter().enumerate() {
-                self.policy.touch(h, Access::at(d as u32));
+            // Per group: the blocks the tiers hold from the first on are touched, the rest
+            // from the first they lack are saved.
+            let (mut keys, mut ids) = (Vec::new(), Vec::new());
+            let mut missing = vec![false; groups];
+            for (g, i, id) in self.held(blocks, 0, n) {
+                let key = hashes[i].in_group(g);
+                let m = &mut missing[g as usize];
+                *m = *m || !self.loadable(&key);
+                if *m {
+                    keys.push((key, i as u32));
+                    ids.push(id);
+                } else {
+                    self.policy.touch(&key, Access::at(i as u32));
+                }
             }
-            let new: Vec<(BlockHash, u32)> = (known..n)
-                .filter(|&i| !self.saving.contains_key(&hashes[i]) && !self.loadable(&hashes[i]))
-                .map(|i| (hashes[i], i as u32))
+            let new: Vec<(BlockHash, u32)> = keys
+                .iter()
+                .filter(|(k, _)| !self.saving.contains_key(k) && !self.loadable(k))
+                .copied()
                 .collect();
             self.make_room(new.len());
             let now = Instant::now();
             for (h, depth) in new {
                 self.saving.insert(h, (now, depth));
             }
-            if n > known {
+            if !keys.is_empty() {
                 self.step.saves.push((
                     req.to_string(),
-                    hashes[known..n].to_vec(),
-                    blocks[known..n].to_vec(),
+                    keys.into_iter().map(|(k, _)| k).collect(),
+                    ids,
                 ));
                 delay = true;
             }
         }
         let mut offer = None;
-        if ok && self.cfg.pd && remote_decode && !blocks.is_empty() {
+        if ok && self.cfg.pd && remote_decode && len > 0 {
             if let Some(port) = self.cfg.port {
                 let expires_unix = (SystemTime::now() + self.cfg.lease)
                     .duration_since(UNIX_EPOCH)
@@ -840,13 +1077,18 @@ impl Scheduler {
                         request_id: req.to_string(),
                         engine_id: self.cfg.engine_id.clone(),
                         tp_size: self.cfg.tp_size,
-                        block_ids: blocks.to_vec(),
+                        block_ids: blocks
+                            .iter()
+                            .take(groups)
+                            .flat_map(|b| b[..len].iter().copied())
+                            .collect(),
+                        groups: groups as u32,
                         grant: self.generations.issue(),
                         expires_unix,
                     },
                     expires_unix,
                     num_tokens: computed_tokens
-                        .min((blocks.len() as u32).saturating_mul(self.cfg.block_size)),
+                        .min((len as u32).saturating_mul(self.cfg.block_size)),
                 });
                 delay = true;
             } else {
@@ -901,6 +1143,7 @@ mod tests {
             capacity: None,
             eviction: PolicyKind::default(),
             offer_wait: Duration::from_secs(30),
+            groups: Vec::new(),
         })
     }
 
@@ -949,6 +1192,8 @@ mod tests {
         assert_eq!(
             d1,
             Described {
+                hash: h(1),
+                group: 0,
                 parent: Some(h(0)),
                 tokens: vec![104, 105, 106, 107],
                 lora: Some("adapter".into()),
@@ -1187,6 +1432,7 @@ mod tests {
             engine_id: "p".into(),
             tp_size: 1,
             block_ids: blocks,
+            groups: 1,
             grant,
             expires_unix: 0.0,
         }
@@ -1373,5 +1619,136 @@ mod tests {
         assert_eq!(s.lookup(&[h(0)]), 1);
         // Only rank 0's events are published (one per block, not one per rank).
         assert_eq!(s.take_events().len(), 2);
+    }
+
+    /// Blocks of 4 tokens, a sliding window of 8 in group 0 and full attention in group 1: a
+    /// prefix of n blocks needs blocks `[(4n + 1 - 8) / 4, n)` of group 0 and all of group 1.
+    fn hybrid(pd: bool) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            groups: vec![
+                GroupKind::Window {
+                    window: 8,
+                    retained: 0,
+                },
+                GroupKind::Full,
+            ],
+            ..sched(true, pd).cfg
+        })
+    }
+
+    fn stored_in(s: &mut Scheduler, g: u32, positions: std::ops::Range<u64>) {
+        let events: Vec<TierEvent> = positions
+            .map(|i| TierEvent::Stored {
+                hash: h(i).in_group(g),
+                tier: Tier::Dram,
+            })
+            .collect();
+        s.apply(&events);
+    }
+
+    #[test]
+    fn first_held_is_where_vllm_stops_padding_a_window_with_null_blocks() {
+        let w = GroupKind::Window {
+            window: 64,
+            retained: 0,
+        };
+        // vLLM: skipped tokens = total - window + 1; whole skipped blocks are null.
+        assert_eq!(w.first_held(192, 32), 4);
+        assert_eq!(w.first_held(224, 32), 5);
+        assert_eq!(w.first_held(63, 32), 0);
+        assert_eq!(GroupKind::Full.first_held(224, 32), 0);
+        let retained = GroupKind::Window {
+            window: 64,
+            retained: 32,
+        };
+        assert_eq!(retained.first_held(224, 32), 4);
+    }
+
+    #[test]
+    fn a_hybrid_hit_needs_every_group_and_loads_only_the_window() {
+        let mut s = hybrid(false);
+        let hashes: Vec<BlockHash> = (0..7).map(h).collect();
+        stored_in(&mut s, 1, 0..7);
+        // Only the window of a shorter prefix: the hit is that prefix (4 blocks need positions
+        // 2 and 3; 6 would need 4 and 5).
+        stored_in(&mut s, 0, 2..4);
+        assert_eq!(s.matched("r", None, 25, 25, &hashes, 0), Some(16));
+        stored_in(&mut s, 0, 4..6);
+        assert_eq!(s.matched("r", None, 25, 25, &hashes, 0), Some(24));
+        let window = [0, 0, 0, 0, 14, 15, 16];
+        let full = [20, 21, 22, 23, 24, 25, 26];
+        s.allocated_groups("r", None, &[&window, &full], 24);
+        let step = s.take_step();
+        let (_, keys, ids) = &step.loads[0];
+        assert_eq!(ids, &vec![14, 15, 20, 21, 22, 23, 24, 25]);
+        assert_eq!(keys[0], h(4));
+        assert_eq!(keys[2], h(0).in_group(1));
+        // Without window block 5, the longest hit is 5 blocks, whose window is 3 and 4.
+        s.apply(&[TierEvent::Removed {
+            hash: h(5),
+            tier: Tier::Dram,
+        }]);
+        assert_eq!(s.matched("q", None, 25, 25, &hashes, 0), Some(20));
+    }
+
+    #[test]
+    fn a_real_block_outside_the_planned_window_is_loaded_under_its_key_never_left_unwritten() {
+        let mut s = hybrid(false);
+        let hashes: Vec<BlockHash> = (0..7).map(h).collect();
+        stored_in(&mut s, 1, 0..7);
+        stored_in(&mut s, 0, 4..6);
+        assert_eq!(s.matched("r", None, 25, 25, &hashes, 0), Some(24));
+        // Were vLLM to keep block 3 of the window group, it must be written or fail the load.
+        s.allocated_groups(
+            "r",
+            None,
+            &[&[0, 0, 0, 13, 14, 15], &[20, 21, 22, 23, 24, 25]],
+            24,
+        );
+        let step = s.take_step();
+        let (_, keys, ids) = &step.loads[0];
+        assert_eq!((keys[0], ids[0]), (h(3), 13));
+        assert_eq!(
+            s.lookup(&[h(3)]),
+            0,
+            "not in the tiers: the worker fails its load"
+        );
+    }
+
+    #[test]
+    fn a_hybrid_finish_saves_each_groups_real_blocks_and_offers_them_group_by_group() {
+        let mut s = hybrid(true);
+        let hashes: Vec<BlockHash> = (0..4).map(h).collect();
+        let window = [0, 0, 12, 13];
+        let full = [20, 21, 22, 23];
+        let (delay, offer) =
+            s.finished_groups("p", true, true, &hashes, &[&window, &full], 16, None);
+        assert!(delay);
+        let step = s.take_step();
+        let (_, keys, ids) = &step.saves[0];
+        assert_eq!(ids, &vec![12, 13, 20, 21, 22, 23]);
+        assert_eq!(keys[..2], [h(2), h(3)]);
+        assert_eq!(keys[2], h(0).in_group(1));
+        let o = offer.expect("offered").remote;
+        assert_eq!(o.groups, 2);
+        assert_eq!(o.group(0), &window);
+        assert_eq!(o.group(1), &full);
+
+        // The decoder: 15 prompt tokens need the window's blocks 2 and 3 ((15 + 1 - 8) / 4 = 2)
+        // and every full-attention block; an offer whose window lacks one is refused.
+        let mut d = hybrid(true);
+        let mut short = o.clone();
+        short.block_ids = vec![0, 0, 0, 13, 20, 21, 22, 23];
+        assert_eq!(d.matched("d1", Some(&short), 15, 15, &[], 0), Some(0));
+        assert_eq!(d.take_step().aborts.len(), 1);
+        let mut one_group = o.clone();
+        one_group.groups = 1;
+        assert_eq!(d.matched("d2", Some(&one_group), 15, 15, &[], 0), Some(0));
+        assert_eq!(d.matched("d3", Some(&o), 15, 15, &[], 0), Some(15));
+        d.allocated_groups("d3", Some(&o), &[&[0, 0, 32, 33], &[40, 41, 42, 43]], 15);
+        let pull = &d.take_step().pulls[0].1;
+        assert_eq!(pull.local_blocks, vec![32, 33, 40, 41, 42, 43]);
+        assert_eq!(pull.remote_blocks, vec![12, 13, 20, 21, 22, 23]);
+        assert_eq!(pull.offer_blocks, crate::lease::blocks_digest(&o.block_ids));
     }
 }

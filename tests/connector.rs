@@ -227,6 +227,7 @@ fn a_decoder_asks_by_key_until_the_prefill_posts_its_offer_then_pulls_it() {
         engine_id: "prefill".into(),
         tp_size: 1,
         block_ids: remote.clone(),
+        groups: 1,
         grant: g,
         expires_unix: 0.0,
     };
@@ -284,6 +285,7 @@ fn posted_at(addr: std::net::SocketAddr, req: &str) -> Posted {
             engine_id: "prefill".into(),
             tp_size: 1,
             block_ids: vec![1],
+            groups: 1,
             grant: Generations::new().issue(),
             expires_unix: 0.0,
         },

@@ -47,6 +47,24 @@ impl BlockHash {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
     }
+
+    /// The key of this block's KV in cache group `group` of a hybrid model (vLLM's KV cache
+    /// groups: one per attention kind, each its own layers), whose groups share the block hash
+    /// but not the layers it covers. Group 0 is the hash itself, so a model with one group keeps
+    /// the keys it always had (and its G3 files); the others are SHA-256 of a domain tag, the
+    /// group and the hash, so no group's key can equal another's or an engine hash.
+    pub fn in_group(&self, group: u32) -> BlockHash {
+        if group == 0 {
+            return *self;
+        }
+        let mut d = Sha256::new();
+        d.update(b"kvferry.group\0");
+        d.update(group.to_be_bytes());
+        d.update(self.as_bytes());
+        let mut bytes = [0u8; MAX_HASH_LEN];
+        bytes[..32].copy_from_slice(&d.finalize());
+        BlockHash { len: 32, bytes }
+    }
 }
 
 impl fmt::Debug for BlockHash {
@@ -128,6 +146,17 @@ impl PrefixHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_keys_keep_group_zero_and_tell_the_others_apart() {
+        let h = BlockHash::from_u64(7);
+        assert_eq!(h.in_group(0), h);
+        let (g1, g2) = (h.in_group(1), h.in_group(2));
+        assert_ne!(g1, h);
+        assert_ne!(g1, g2);
+        assert_eq!(g1, BlockHash::from_u64(7).in_group(1), "deterministic");
+        assert_ne!(g1, BlockHash::from_u64(8).in_group(1));
+    }
 
     #[test]
     fn same_prefix_same_hashes_and_changes_propagate() {

@@ -93,6 +93,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+try:  # vLLM's hybrid KV cache manager (several KV cache groups) and how failures reach it
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorTransferResults,
+        SupportsHMA,
+    )
+except ImportError:  # an older vLLM: one group only
+
+    class SupportsHMA:  # type: ignore[no-redef]
+        pass
+
+    KVConnectorTransferResults = None  # type: ignore[assignment,misc]
+
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -173,6 +185,38 @@ def _prompt_identity(request: "Request") -> tuple[list[int], bytes]:
         ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
         parts.append(f"mm={ident}@{getattr(pos, 'offset', '?')}+{getattr(pos, 'length', '?')}")
     return list(request.prompt_token_ids or ()), "\n".join(parts).encode()
+
+
+def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[int, int]] | None:
+    """vLLM's KV cache groups as the scheduler takes them: ``(sliding window in tokens, or 0 for
+    full attention, extra retained tokens)`` each, in vLLM's order; None without a config (one
+    group of full attention). A kind kvferry cannot move exactly (Mamba state, chunked local
+    attention, ...) beside others stops the engine here, naming it: vLLM would otherwise run
+    with a connector that hands it wrong blocks for it."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or ())
+    if len(groups) <= 1:
+        return None
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    out = []
+    for i, g in enumerate(groups):
+        spec = g.kv_cache_spec
+        if int(getattr(spec, "block_size", block_size)) != block_size:
+            raise ValueError(
+                f"kvferry: KV cache group {i} has blocks of {spec.block_size} tokens, the engine "
+                f"{block_size}; kvferry moves one block size"
+            )
+        if type(spec) in (FullAttentionSpec, MLAAttentionSpec):
+            out.append((0, 0))
+        elif type(spec) is SlidingWindowSpec:
+            out.append((int(spec.sliding_window), int(getattr(spec, "extra_retained_tokens", 0))))
+        else:
+            raise ValueError(
+                f"kvferry: KV cache group {i} ({type(spec).__name__}, layers "
+                f"{', '.join(g.layer_names[:3])}...) is of a kind kvferry does not move yet; "
+                "run with --disable-hybrid-kv-cache-manager, or without kvferry"
+            )
+    return out
 
 
 def offer_wait_seconds(extra: dict[str, Any]) -> float:
@@ -356,7 +400,7 @@ class KVFerryMetadata(KVConnectorMetadata):
     cancels: list[str] = field(default_factory=list)
 
 
-class KVFerryConnector(KVConnectorBase_V1):
+class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(
         self,
         vllm_config: "VllmConfig",
@@ -368,6 +412,11 @@ class KVFerryConnector(KVConnectorBase_V1):
         self.extra: dict[str, Any] = dict(tc.kv_connector_extra_config or {})
         self.engine_id: str = tc.engine_id or "kvferry"
         self.block_size: int = vllm_config.cache_config.block_size
+        # Hybrid models: one KV cache group per attention kind (None: one group).
+        self.groups = kv_groups(kv_cache_config, self.block_size)
+        self._group_layers: list[list[str]] = [
+            list(g.layer_names) for g in getattr(kv_cache_config, "kv_cache_groups", None) or ()
+        ]
         self.tp_size: int = vllm_config.parallel_config.tensor_parallel_size
         self.offload = int(self.extra.get("dram_blocks", 0)) > 0
         self.pd = bool(self.extra.get("pd", True))
@@ -437,6 +486,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             capacity=_capacity(self.extra) if self.offload else None,
             eviction=_opt_str(self.extra, "eviction"),
             offer_wait_s=offer_wait_seconds(self.extra),
+            groups=self.groups,
         )
         # Worker-side state.
         self._load_errors: set[int] = set()
@@ -459,8 +509,35 @@ class KVFerryConnector(KVConnectorBase_V1):
             raise RuntimeError("kvferry's core runs in the worker; this is the scheduler side")
         return self.native
 
+    def _pages(self, kv_caches: dict[str, "torch.Tensor"]) -> list["torch.Tensor"]:
+        """The distinct caches behind vLLM's per-layer views. Under the hybrid KV cache manager
+        one layer of each group views the same memory, and a block id names one page of it,
+        whichever group holds the block: moving block b of every distinct cache moves that
+        group's KV of the block. That holds only when every group's layers view all the
+        distinct caches once each (checked here), else the engine stops with why."""
+        pages: dict[int, tuple[str, "torch.Tensor"]] = {}
+        for name, t in kv_caches.items():
+            seen = pages.get(t.data_ptr())
+            if seen is None:
+                pages[t.data_ptr()] = (name, t)
+            elif seen[1].shape != t.shape or seen[1].stride() != t.stride() or seen[1].dtype != t.dtype:
+                raise ValueError(
+                    f"kvferry: layers {seen[0]} and {name} share memory in different layouts "
+                    f"({tuple(seen[1].shape)} and {tuple(t.shape)})"
+                )
+        if self.groups:
+            for i, layers in enumerate(self._group_layers):
+                ptrs = [kv_caches[n].data_ptr() for n in layers if n in kv_caches]
+                if len(set(ptrs)) != len(ptrs) or set(ptrs) != set(pages):
+                    raise ValueError(
+                        f"kvferry: KV cache group {i}'s layers do not view the {len(pages)} "
+                        "caches once each (a layout where block ids differ per group); run with "
+                        "--disable-hybrid-kv-cache-manager"
+                    )
+        return [t for _, t in pages.values()]
+
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]):
-        tensors = list(kv_caches.values())
+        tensors = self._pages(kv_caches)
         if not tensors:
             return
         first = tensors[0]
@@ -495,7 +572,9 @@ class KVFerryConnector(KVConnectorBase_V1):
             strides=list(first.stride()),
         )
         log.info(
-            "kvferry: registered %d layers x %d blocks (%s) for engine %s; offload %s, P/D %s",
+            "kvferry: registered %d layers (%d caches) x %d blocks (%s) for engine %s; offload %s, "
+            "P/D %s",
+            len(kv_caches),
             len(tensors),
             blocks,
             first.dtype,
@@ -612,7 +691,24 @@ class KVFerryConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
+        if self.groups:
+            # Block ids are per group there: vLLM takes failures by request only
+            # (get_transfer_results' failed_recving), and stops on block-level ones.
+            return set()
         return out
+
+    def get_transfer_results(self, finished_req_ids: set[str]):
+        sending, recving = self.get_finished(finished_req_ids)
+        failed = set(self.native.take_failed_recving()) if self.native is not None else set()
+        if KVConnectorTransferResults is None:
+            return sending, recving
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()),
+            finished_recving=set(recving or ()) | failed,
+            # One group: the failed blocks say what to recompute (the rest of the prompt stays
+            # loaded); several: the request is recomputed.
+            failed_recving=failed if self.groups else set(),
+        )
 
     def shutdown(self):
         if self.native is None:
@@ -767,10 +863,13 @@ class KVFerryConnector(KVConnectorBase_V1):
         blocks = p.get("remote_block_ids") or []
         if not isinstance(blocks, (list, tuple)):
             raise TypeError("remote_block_ids is not a list")
-        if blocks and isinstance(blocks[0], (list, tuple)):
-            blocks = blocks[0]
-        ids = [int(b) for b in blocks]
-        if any(not 0 <= b < 2**32 for b in ids):
+        # One list per KV cache group, or one flat list (one group).
+        if not blocks or not isinstance(blocks[0], (list, tuple)):
+            blocks = [blocks]
+        if len(blocks) > 16 or not all(isinstance(g, (list, tuple)) for g in blocks):
+            raise ValueError("remote_block_ids is not one list per KV cache group")
+        ids = [[int(b) for b in g] for g in blocks]
+        if any(not 0 <= b < 2**32 for g in ids for b in g):
             raise ValueError("a block id out of range")
         try:
             grant = int(str(p.get("kvferry_grant") or "0"), 16)
@@ -817,7 +916,10 @@ class KVFerryConnector(KVConnectorBase_V1):
             # One transfer per request, as NixlConnector does.
             request.kv_transfer_params["do_remote_prefill"] = False
         self.sched.allocated(
-            request.request_id, remote, list(blocks.get_block_ids()[0]), num_external_tokens
+            request.request_id,
+            remote,
+            [list(g) for g in blocks.get_block_ids()],
+            num_external_tokens,
         )
 
     def get_external_cache_hit_sources(self, request: "Request", num_external_tokens: int):
@@ -838,7 +940,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         form: the medium "CPU" for G2 and "STORAGE" for G3, block hashes converted as vLLM
         converts its own (``maybe_convert_block_hash``: a router matches kvferry's events with the
         GPU's), and each stored block described as vLLM describes it (parent hash, token ids,
-        block size, LoRA name, group 0) when this engine saved it."""
+        block size, LoRA name, KV cache group) when this engine saved it."""
         from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
         try:
@@ -851,7 +953,7 @@ class KVFerryConnector(KVConnectorBase_V1):
         if self._cleared:
             self._cleared = False
             yield AllBlocksCleared()
-        for kind, h, medium, parent, tokens, lora in self.sched.take_events():
+        for kind, h, medium, parent, tokens, lora, group in self.sched.take_events():
             if kind == "stored":
                 yield BlockStored(
                     block_hashes=[convert(h)],
@@ -861,10 +963,10 @@ class KVFerryConnector(KVConnectorBase_V1):
                     lora_id=None,
                     medium=medium,
                     lora_name=lora,
-                    group_idx=0,
+                    group_idx=group,
                 )
             else:
-                yield BlockRemoved(block_hashes=[convert(h)], medium=medium, group_idx=0)
+                yield BlockRemoved(block_hashes=[convert(h)], medium=medium, group_idx=group)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         step = self.sched.take_step()
@@ -885,10 +987,18 @@ class KVFerryConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        if block_ids and isinstance(block_ids[0], (list, tuple)):
+            return self.request_finished_all_groups(request, tuple(block_ids))
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(
+        self, request: "Request", block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Each group's blocks are saved under that group's keys (a sliding-window group holds
+        only its window's by now: vLLM gave the rest back as the window moved), and offered to a
+        decoder one list per group, as NixlConnector offers them."""
         from vllm.v1.request import RequestStatus
 
-        if block_ids and isinstance(block_ids[0], (list, tuple)):
-            block_ids = list(block_ids[0])
         ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         params = request.kv_transfer_params or {}
         # llm-d's offloading protocol, prefill side: the offer goes to the decoder by key.
@@ -902,7 +1012,7 @@ class KVFerryConnector(KVConnectorBase_V1):
             ok,
             bool(params.get("do_remote_decode")) or post is not None,
             hashes,
-            [int(b) for b in block_ids],
+            [[int(b) for b in g] for g in block_ids],
             request.num_computed_tokens,
             post,
         )

@@ -13,7 +13,7 @@ use kvferry::kvcore::{BlockHash, CacheLayout, Dtype, Geometry};
 use kvferry::kvnet::TransportKind;
 use kvferry::kvtier::{Tier, TierEvent};
 use kvferry::rendezvous::{prompt_digest, Posted};
-use kvferry::scheduler::RemotePrefiller;
+use kvferry::scheduler::{GroupKind, RemotePrefiller, MAX_GROUPS};
 use kvferry::{
     Connector as Inner, ConnectorConfig, LeaseTarget, OffloadConfig, PdConfig, PullSpec,
     RemoteParams, Scheduler as SchedInner, SchedulerConfig,
@@ -57,6 +57,8 @@ struct Connector {
     inner: Inner,
     /// Offers fetched that `poll` collected, until `take_offers`.
     offers: Mutex<Vec<(String, Option<Posted>)>>,
+    /// Requests whose loads failed, polled but not yet taken (`take_failed_recving`).
+    failed_recving: Mutex<Vec<String>>,
 }
 
 #[pymethods]
@@ -156,6 +158,7 @@ impl Connector {
         Ok(Connector {
             inner,
             offers: Mutex::new(Vec::new()),
+            failed_recving: Mutex::new(Vec::new()),
         })
     }
 
@@ -283,7 +286,14 @@ impl Connector {
     fn poll(&self, py: Python<'_>) -> (Vec<String>, Vec<String>, Vec<u32>) {
         let f = py.detach(|| self.inner.poll());
         self.offers.lock().extend(f.offers);
+        self.failed_recving.lock().extend(f.failed_recving);
         (f.sending, f.recving, f.load_errors)
+    }
+
+    /// Requests one of whose blocks did not load, polled since the last call (each also among
+    /// the `finished_recving` of `poll`): vLLM's `failed_recving`.
+    fn take_failed_recving(&self) -> Vec<String> {
+        std::mem::take(&mut *self.failed_recving.lock())
     }
 
     /// Decode side, llm-d's `offloading` protocol: asks the prefill engine at `host:port` for
@@ -320,6 +330,7 @@ impl Connector {
         let t = Duration::from_secs_f64(timeout_s.max(0.0));
         let f = py.detach(|| self.inner.drain(t));
         self.offers.lock().extend(f.offers);
+        self.failed_recving.lock().extend(f.failed_recving);
         (f.sending, f.recving, f.load_errors)
     }
 
@@ -431,8 +442,9 @@ fn event_tuple<'py>(
     (kind, PyBytes::new(py, hash.as_bytes()), medium(tier))
 }
 
-/// `(host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix)` from Python.
-type RemoteTuple = (String, u16, String, String, u32, Vec<u32>, u64, f64);
+/// `(host, port, request_id, engine_id, tp_size, block_ids per KV cache group, grant,
+/// expires_unix)` from Python.
+type RemoteTuple = (String, u16, String, String, u32, Vec<Vec<u32>>, u64, f64);
 
 fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
     r.map(remote_params)
@@ -441,26 +453,39 @@ fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
 fn remote_params(
     (host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix): RemoteTuple,
 ) -> RemoteParams {
+    // Groups of unequal length, or too many, are no offer the scheduler can split: it refuses
+    // the empty list (fewer blocks than the prompt needs).
+    let even = block_ids.windows(2).all(|w| w[0].len() == w[1].len())
+        && block_ids.len() <= MAX_GROUPS as usize;
     RemoteParams {
         host,
         port,
         request_id,
         engine_id,
         tp_size,
-        block_ids,
+        groups: block_ids.len().max(1) as u32,
+        block_ids: if even { block_ids.concat() } else { Vec::new() },
         grant,
         expires_unix,
     }
 }
 
+/// An offer's blocks, one list per KV cache group.
+fn group_lists(r: &RemoteParams) -> Vec<Vec<u32>> {
+    (0..r.groups.max(1) as usize)
+        .map(|g| r.group(g).to_vec())
+        .collect()
+}
+
 fn remote_tuple(r: RemoteParams) -> RemoteTuple {
+    let groups = group_lists(&r);
     (
         r.host,
         r.port,
         r.request_id,
         r.engine_id,
         r.tp_size,
-        r.block_ids,
+        groups,
         r.grant,
         r.expires_unix,
     )
@@ -474,6 +499,7 @@ type DescribedEvent<'py> = (
     Option<Bound<'py, PyBytes>>,
     Vec<u32>,
     Option<String>,
+    u32,
 );
 
 /// `(token ids, what else tells the KV of a prompt apart)`: what `prompt_digest` takes.
@@ -534,7 +560,7 @@ impl Scheduler {
     #[new]
     #[pyo3(signature = (
         engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0,
-        capacity = None, eviction = None, offer_wait_s = 30.0
+        capacity = None, eviction = None, offer_wait_s = 30.0, groups = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -549,7 +575,20 @@ impl Scheduler {
         capacity: Option<u64>,
         eviction: Option<String>,
         offer_wait_s: f64,
+        groups: Option<Vec<(u32, u32)>>,
     ) -> PyResult<Scheduler> {
+        // `(sliding window in tokens or 0 for full attention, extra retained tokens)` per group.
+        let groups: Vec<GroupKind> = groups
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(window, retained)| match window {
+                0 => GroupKind::Full,
+                window => GroupKind::Window { window, retained },
+            })
+            .collect();
+        if groups.len() > MAX_GROUPS as usize {
+            return Err(err(format!("{} KV cache groups", groups.len())));
+        }
         let eviction = match eviction {
             Some(e) => e.parse::<kvferry::kvtier::PolicyKind>().map_err(err)?,
             None => kvferry::kvtier::PolicyKind::default(),
@@ -571,6 +610,7 @@ impl Scheduler {
                 capacity,
                 eviction,
                 offer_wait,
+                groups,
             })),
         })
     }
@@ -645,23 +685,39 @@ impl Scheduler {
         Ok(())
     }
 
-    /// `(kind, hash, medium, parent hash or None, token ids, LoRA name or None)` per block
-    /// stored in / removed from the tiers since the last call, for routers (the description is
-    /// empty for blocks this engine did not save, such as those recovered from G3).
+    /// `(kind, hash, medium, parent hash or None, token ids, LoRA name or None, KV cache
+    /// group)` per block stored in / removed from the tiers since the last call, for routers.
+    /// The description is empty for blocks this engine did not save (such as those recovered
+    /// from G3); with more than one KV cache group such a block's group and hash are unknown
+    /// (its tier key is all the tiers keep), and it is left out.
     fn take_events<'py>(&self, py: Python<'py>) -> Vec<DescribedEvent<'py>> {
         let mut inner = self.inner.lock();
-        let events = inner.take_events();
-        events
+        let hybrid = inner.group_count() > 1;
+        inner
+            .take_described_events()
             .into_iter()
-            .map(|e| {
-                let d = match e {
-                    TierEvent::Stored { hash, .. } => inner.description(&hash).cloned(),
-                    _ => None,
+            .filter_map(|(e, d)| {
+                if hybrid && d.is_none() {
+                    return None;
                 }
-                .unwrap_or_default();
-                let (kind, hash, medium) = event_tuple(py, e);
-                let parent = d.parent.map(|p| PyBytes::new(py, p.as_bytes()));
-                (kind, hash, medium, parent, d.tokens, d.lora)
+                let (kind, key, medium) = event_tuple(py, e);
+                Some(match d {
+                    Some(d) => (
+                        kind,
+                        PyBytes::new(py, d.hash.as_bytes()),
+                        medium,
+                        d.parent.map(|p| PyBytes::new(py, p.as_bytes())),
+                        // A removal names the block only, as vLLM's `BlockRemoved` does.
+                        if kind == "stored" {
+                            d.tokens
+                        } else {
+                            Vec::new()
+                        },
+                        d.lora,
+                        d.group,
+                    ),
+                    None => (kind, key, medium, None, Vec::new(), None, 0),
+                })
             })
             .collect()
     }
@@ -702,11 +758,19 @@ impl Scheduler {
             .matched(req, r.as_ref(), prompt_tokens, num_tokens, &hs, computed))
     }
 
-    fn allocated(&self, req: &str, remote_: Option<RemoteTuple>, blocks: Vec<u32>, external: u32) {
+    /// `blocks`: the request's blocks in each KV cache group.
+    fn allocated(
+        &self,
+        req: &str,
+        remote_: Option<RemoteTuple>,
+        blocks: Vec<Vec<u32>>,
+        external: u32,
+    ) {
         let r = remote(remote_);
+        let lists: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
         self.inner
             .lock()
-            .allocated(req, r.as_ref(), &blocks, external);
+            .allocated_groups(req, r.as_ref(), &lists, external);
     }
 
     /// `(delay_free, kv_transfer_params or None)`; the params are NixlConnector's protocol.
@@ -722,18 +786,19 @@ impl Scheduler {
         ok: bool,
         remote_decode: bool,
         hashes_: Vec<Vec<u8>>,
-        blocks: Vec<u32>,
+        blocks: Vec<Vec<u32>>,
         computed_tokens: u32,
         post: Option<(String, PromptTuple)>,
     ) -> PyResult<(bool, Option<Bound<'py, PyDict>>)> {
         let hs = hashes(hashes_)?;
         let post = post.map(|(k, (tokens, extra))| (k, prompt_digest(&tokens, &extra)));
-        let (delay, offer) = self.inner.lock().finished(
+        let lists: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
+        let (delay, offer) = self.inner.lock().finished_groups(
             req,
             ok,
             remote_decode,
             &hs,
-            &blocks,
+            &lists,
             computed_tokens,
             post.as_ref().map(|(k, d)| (k.as_str(), *d)),
         );
@@ -745,7 +810,7 @@ impl Scheduler {
                 d.set_item("do_remote_decode", false)?;
                 // One list per KV cache group, as NixlConnector 0.33 sends them (decoders take
                 // the flat form too).
-                d.set_item("remote_block_ids", vec![r.block_ids])?;
+                d.set_item("remote_block_ids", group_lists(&r))?;
                 d.set_item("remote_engine_id", r.engine_id)?;
                 d.set_item("remote_request_id", r.request_id)?;
                 d.set_item("remote_host", r.host)?;

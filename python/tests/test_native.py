@@ -106,7 +106,7 @@ def test_scheduler_plans_loads_from_the_mirror():
     hashes = [bytes([i]) * 32 for i in range(4)]
     s.apply([("stored", h, "CPU") for h in hashes[:3]])
     assert s.matched("r", None, 16, 16, hashes, 0) == 12
-    s.allocated("r", None, [5, 6, 7, 8], 12)
+    s.allocated("r", None, [[5, 6, 7, 8]], 12)
     step = s.take_step()
     assert step["loads"] == [("r", hashes[:3], [5, 6, 7])], step
 

@@ -6,7 +6,7 @@ CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...},
 "kv_connector": "KVFerryConnector" (default) | "OffloadingConnector", "kv_role" (default
 "kv_both"), "policy": vLLM's
 kv_load_failure_policy ("recompute" by default here; vLLM's own default is "fail"),
-"max_num_seqs": N, "block_size": N}. Commands, one JSON object per line; each answer is one
+"max_num_seqs": N, "block_size": N, "hybrid": true (vLLM's hybrid KV cache manager on)}. Commands, one JSON object per line; each answer is one
 line starting with "@@ " (vLLM logs on stdout too):
 
     {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N or [N, ...],
@@ -19,6 +19,7 @@ line starting with "@@ " (vLLM logs on stdout too):
     {"op": "settle"}    -> steps the engine until no request holds blocks, then resets vLLM's
                            prefix cache (so the next prompt cannot hit it)
     {"op": "stats"}     -> kvferry's counters for this engine
+    {"op": "kv_groups"} -> the kinds of vLLM's KV cache groups
     {"op": "metrics"}   -> vLLM's counters by name (config "metrics": true)
     {"op": "quit"}
 """
@@ -59,6 +60,9 @@ def main():
         )
     if cfg.get("metrics"):
         kw["disable_log_stats"] = False
+    if cfg.get("hybrid"):
+        # As llm-d's gpt-oss manifests start vLLM: one KV cache group per attention kind.
+        kw["disable_hybrid_kv_cache_manager"] = False
     if cfg.get("max_num_seqs"):
         kw["max_num_seqs"] = int(cfg["max_num_seqs"])
     t0 = time.time()
@@ -104,6 +108,11 @@ def main():
                     ],
                 }
             )
+        elif op == "kv_groups":
+            # The KV cache groups vLLM made: one per attention kind under the hybrid manager.
+            sched = llm.llm_engine.engine_core.engine_core.scheduler
+            groups = sched.kv_cache_config.kv_cache_groups
+            answer({"groups": [type(g.kv_cache_spec).__name__ for g in groups]})
         elif op == "settle":
             # Finished requests whose saves or pulls are in flight still hold blocks; step the
             # engine until they are released, then empty vLLM's own prefix cache.

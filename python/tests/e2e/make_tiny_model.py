@@ -1,12 +1,14 @@
 """Writes a tiny, randomly initialised Llama-style model and a word-level tokenizer to a
 directory, offline (no hub access): the model kvferry's end-to-end tests serve with vLLM on CPU.
 
-usage: python make_tiny_model.py OUT_DIR [--seed N] [--layers L] [--kv-heads H]
+usage: python make_tiny_model.py OUT_DIR [--seed N] [--layers L] [--kv-heads H] [--sliding W]
 
 By default 3 layers, 4 query heads and 2 KV heads of size 64 (the CPU attention needs a supported
 head size), float32 so that outputs compare exactly, a fixed seed so every run writes the same
 weights; another seed makes other weights of the same shape (a "new checkpoint"), other layer
-and head counts another geometry.
+and head counts another geometry. `--sliding W` makes a hybrid model: layers alternate sliding-window
+(window W) and full attention, as gpt-oss and Gemma 3 do, so vLLM's hybrid KV cache manager
+gives it two KV cache groups.
 """
 import os
 import sys
@@ -21,6 +23,7 @@ def arg(name, default):
 def main():
     out = sys.argv[1]
     seed, layers, kv_heads = arg("--seed", 1234), arg("--layers", 3), arg("--kv-heads", 2)
+    sliding = arg("--sliding", 0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -38,6 +41,16 @@ def main():
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)
+    hybrid = {}
+    if sliding:
+        # vLLM's Llama reads `layer_types`; transformers' own Llama ignores it (the weights are
+        # the same either way).
+        hybrid = {
+            "sliding_window": sliding,
+            "layer_types": [
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+            ],
+        }
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=256,
@@ -51,6 +64,7 @@ def main():
         eos_token_id=2,
         torch_dtype="float32",
         tie_word_embeddings=False,
+        **hybrid,
     )
     model = LlamaForCausalLM(cfg).to(torch.float32)
     # Larger random weights than the default init keep greedy outputs from collapsing into one

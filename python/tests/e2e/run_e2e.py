@@ -428,6 +428,7 @@ def main():
     import failclosed
     import llmd
     import events
+    import hybrid
     import multi
     import parallel
 
@@ -436,6 +437,7 @@ def main():
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in multi.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in parallel.SCENARIOS]
     scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in events.SCENARIOS]
+    scenarios += [(n, (lambda f: lambda: f(model, plain))(f)) for n, f in hybrid.SCENARIOS]
     for name, run in scenarios:
         if only and name not in only:
             continue

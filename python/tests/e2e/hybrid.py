@@ -1,0 +1,154 @@
+"""Hybrid models under vLLM's hybrid KV cache manager (kvferry is `SupportsHMA`): a tiny Llama
+whose layers alternate sliding-window (window 64) and full attention, blocks of 32 tokens, so
+vLLM makes two KV cache groups. Offload to G2 and G3 across a restart, P/D, and a killed prefill,
+token for token against a plain vLLM with the same manager; the counters show that a
+sliding-window group moves only its window (vLLM's one-block margin included).
+
+Offload saves each group's blocks that a request holds when it ends. vLLM frees the blocks a
+sliding window leaves behind before it calls the connector, so those saves never hold the window
+a later prefix hit ends in: such prompts are computed (never a wrong or failed load). Saving
+windows as they pass, before vLLM frees them, is what brings those hits.
+
+With window 64 and blocks of 32, a sliding-window group holds the last cdiv(64 - 1, 32) = 2
+blocks of a prefix (vLLM's `get_num_skipped_tokens`), the full-attention group all of them.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from run_e2e import BS, HERE, Engine, check_same, plain_outputs, prompts, quiet_ports, wait_released
+
+WINDOW = 64
+# Blocks a sliding-window group needs for a prefix: the window's, as vLLM holds them.
+WINDOW_BLOCKS = -(-(WINDOW - 1) // BS)
+HYBRID = {"hybrid": True}
+
+
+def hybrid_model():
+    path = os.path.join(tempfile.gettempdir(), "kvferry-e2e-hybrid-model")
+    if not os.path.isdir(path):
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(HERE, "make_tiny_model.py"),
+                path,
+                "--layers",
+                "4",
+                "--sliding",
+                str(WINDOW),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return path
+
+
+def two_groups(e):
+    kinds = e.call(op="kv_groups")["groups"]
+    assert kinds == ["SlidingWindowSpec", "FullAttentionSpec"], kinds
+    return kinds
+
+
+def reference(model, ps):
+    return plain_outputs(model, "plain-hybrid", ps, 16, **HYBRID)
+
+
+def offload(_model, _plain):
+    model = hybrid_model()
+    ps = prompts()
+    plain = reference(model, ps)
+    nvme = tempfile.mkdtemp(prefix="kvferry-e2e-hybrid-g3-")
+    conn = {"pd": False, "dram_blocks": 256, "nvme_dir": nvme, "nvme_blocks": 512}
+    e = Engine(model, "hybrid-offload", conn, **HYBRID)
+    try:
+        two_groups(e)
+        out, _ = e.generate(ps, 16)
+        check_same("hybrid offload round 1", out, plain)
+        assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
+        s1 = e.stats()
+        # Each group's blocks that the request still holds at its end: the full-attention
+        # group's 7 per prompt, the sliding group's window (vLLM frees the blocks a window
+        # leaves behind before it calls the connector).
+        want = 0
+        for x in ps:
+            computed = len(x) + 16 - 1  # the last token sampled is not computed
+            full = computed // BS
+            first_held = (computed + 1 - WINDOW) // BS
+            want += full + (full - first_held)
+        assert s1["saved_blocks"] == want, (want, s1)
+        # A prefix hit needs the sliding group's window at the hit's end, which the saves at a
+        # request's end do not hold: nothing is claimed, the prompts are computed, and no load
+        # fails (saving windows as they pass is the step that brings these hits).
+        out, _ = e.generate(ps, 16)
+        check_same("hybrid offload round 2", out, plain)
+        s2 = e.stats()
+        assert s2["onboard_failed_blocks"] == 0, s2
+        e.close()
+        # A restart: the blocks come back from the G3 files, every group's.
+        e = Engine(model, "hybrid-offload-restarted", conn, **HYBRID)
+        out, _ = e.generate(ps, 16)
+        check_same("hybrid offload after a restart", out, plain)
+        s3 = e.stats()
+        assert s3["nvme_recovered"] > 0 and s3["onboard_failed_blocks"] == 0, s3
+        return (
+            f"2 KV cache groups; {s1['saved_blocks']} blocks saved (sliding group: its window); "
+            f"prompts recomputed, identical, no load failed; {s3['nvme_recovered']} blocks "
+            "recovered from G3 after a restart"
+        )
+    finally:
+        e.close()
+
+
+def pd(_model, _plain):
+    model = hybrid_model()
+    ps = prompts()
+    plain = reference(model, ps)
+    base = quiet_ports(2)
+    port, port2 = base, base + 1
+    pre = Engine(model, "hybrid-prefill", {"pd": True, "port": port}, **HYBRID)
+    dec = Engine(model, "hybrid-decode", {"pd": True}, **HYBRID)
+    try:
+        pre.wait_ready(), dec.wait_ready()
+        two_groups(dec)
+        first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        pre.call(op="step")
+        params = [o["kv_transfer_params"] for o in first]
+        for p in params:
+            groups = p["remote_block_ids"]
+            assert len(groups) == 2 and len(groups[0]) == len(groups[1]), p
+        out, _ = dec.generate(ps, 16, params)
+        check_same("hybrid pd", out, plain)
+        d = dec.stats()
+        released = wait_released(pre, len(ps))
+        # The whole prompt: every block of the full-attention group, the window's blocks of
+        # the sliding one (vLLM allocates no others there).
+        want = sum(-(-len(x) // BS) + WINDOW_BLOCKS for x in ps)
+        assert d["pulled_blocks"] == want and d["pull_failures"] == 0, (want, d)
+        assert released["pulls_served"] == len(ps), released
+        msg = f"{d['pulled_blocks']} blocks pulled (full group whole, sliding group its window)"
+    finally:
+        pre.close()
+        dec.close()
+    # A prefill killed before its decoder pulls: vLLM hears of the failure by request (its
+    # block ids are per group) and recomputes.
+    pre = Engine(model, "hybrid-prefill-killed", {"pd": True, "port": port2}, **HYBRID)
+    dec = Engine(model, "hybrid-decode-orphaned", {"pd": True}, **HYBRID)
+    try:
+        pre.wait_ready(), dec.wait_ready()
+        first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        params = [o["kv_transfer_params"] for o in first]
+        pre.p.kill()
+        pre.p.wait(timeout=30)
+        out, _ = dec.generate(ps, 16, params)
+        check_same("hybrid pd, prefill killed", out, plain)
+        d = dec.stats()
+        assert d["pull_failures"] >= 1 and d["pulled_blocks"] == 0, d
+        return f"{msg}; prefill killed: {d['pull_failures']} failed pulls, all recomputed"
+    finally:
+        pre.close()
+        dec.close()
+
+
+SCENARIOS = [("hybrid-offload", offload), ("hybrid-pd", pd)]
