@@ -213,6 +213,10 @@ pub struct StepPlan {
     pub posts: Vec<(String, Option<Posted>)>,
     /// Decode side: asks to stop (their requests went away).
     pub cancels: Vec<String>,
+    /// Sliding-window blocks that leave their window after this step: the worker saves them
+    /// when the step's forward pass is done and before the step ends (vLLM frees them when it
+    /// schedules the next one, without waiting for the connector).
+    pub window_saves: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
 }
 
 enum Plan {
@@ -263,6 +267,9 @@ pub struct Scheduler {
     /// Blocks discarded and not yet reported removed: a `Stored` event for one of them was
     /// emitted before the worker dropped it, and must not bring it back into the mirror.
     discarded: HashMap<BlockHash, Instant>,
+    /// Running requests of a model with sliding-window groups: per group, the position up to
+    /// which its window's departed blocks were saved.
+    windows: HashMap<String, Vec<usize>>,
 }
 
 /// The most prefill ranks an offer may name (every rank is connected to and called).
@@ -299,6 +306,7 @@ impl Scheduler {
             saving: HashMap::new(),
             unwanted: HashSet::new(),
             discarded: HashMap::new(),
+            windows: HashMap::new(),
         }
     }
 
@@ -1007,6 +1015,7 @@ impl Scheduler {
             .filter(|_| blocks.len() >= groups)
             .unwrap_or(0);
         self.plans.remove(req);
+        self.windows.remove(req);
         // vLLM reports a load over before it finishes the request; an aborted one ends here.
         self.loading.remove(req);
         self.drop_unwanted();
@@ -1110,6 +1119,80 @@ impl Scheduler {
             self.step.finished.push((req.to_string(), grant));
         }
         (delay, offer)
+    }
+
+    /// A running request's step, for models with sliding-window groups: `blocks` is its block
+    /// table per group as this step runs it, `computed` its tokens computed before the step,
+    /// `scheduled` those the step computes. The blocks its windows leave behind once the step
+    /// is done — those at positions from `first_held(computed)` (still held this step) up to
+    /// `first_held(computed + scheduled)` (freed when vLLM schedules the next step) — are saved
+    /// by the worker at the end of this step ([`StepPlan::window_saves`]). They are full and
+    /// written by this step's forward pass or earlier, and no one writes a request's full block
+    /// while it holds it, so the bytes saved are the block's. So every position of a window
+    /// group reaches the tiers once (the window left at the end with the request's other
+    /// blocks), and a later prefix hit finds the window it ends in.
+    ///
+    /// With asynchronous scheduling vLLM frees on fewer tokens (those in flight are not
+    /// counted), never earlier: a block saved here may stay held a step longer, which is fine.
+    pub fn stepped(
+        &mut self,
+        req: &str,
+        hashes: &[BlockHash],
+        blocks: &[&[u32]],
+        computed: u32,
+        scheduled: u32,
+    ) {
+        if !self.cfg.offload {
+            return;
+        }
+        let bs = self.cfg.block_size.max(1);
+        let groups = self.group_count();
+        let done = computed.saturating_add(scheduled);
+        let mut keys = Vec::new();
+        let mut ids = Vec::new();
+        let mut progress = self.windows.remove(req).unwrap_or_else(|| vec![0; groups]);
+        for (g, ids_g) in blocks.iter().enumerate().take(groups) {
+            let kind = self.group_kind(g);
+            if kind == GroupKind::Full {
+                continue;
+            }
+            let from = kind.first_held(computed, bs).max(progress[g]);
+            let to = kind
+                .first_held(done, bs)
+                .min((done / bs) as usize)
+                .min(hashes.len())
+                .min(ids_g.len());
+            for i in from..to {
+                let key = hashes[i].in_group(g as u32);
+                if ids_g[i] != NULL_BLOCK && !self.loadable(&key) && !self.saving.contains_key(&key)
+                {
+                    keys.push((key, i as u32));
+                    ids.push(ids_g[i]);
+                }
+            }
+            progress[g] = progress[g].max(to);
+        }
+        self.windows.insert(req.to_string(), progress);
+        if keys.is_empty() {
+            return;
+        }
+        self.make_room(keys.len());
+        let now = Instant::now();
+        self.policy.begin_batch();
+        for &(k, depth) in &keys {
+            self.saving.insert(k, (now, depth));
+        }
+        self.step.window_saves.push((
+            req.to_string(),
+            keys.into_iter().map(|(k, _)| k).collect(),
+            ids,
+        ));
+    }
+
+    /// Whether any KV cache group is a sliding window (the engine then reports its steps to
+    /// [`Scheduler::stepped`]).
+    pub fn has_windows(&self) -> bool {
+        self.cfg.offload && self.cfg.groups.iter().any(|g| *g != GroupKind::Full)
     }
 
     /// This step's decisions; the next step starts empty. Requests waiting for their pull get a
@@ -1750,5 +1833,42 @@ mod tests {
         assert_eq!(pull.local_blocks, vec![32, 33, 40, 41, 42, 43]);
         assert_eq!(pull.remote_blocks, vec![12, 13, 20, 21, 22, 23]);
         assert_eq!(pull.offer_blocks, crate::lease::blocks_digest(&o.block_ids));
+    }
+
+    #[test]
+    fn window_blocks_are_saved_in_the_step_they_leave_the_window_once() {
+        let mut s = hybrid(false);
+        assert!(s.has_windows());
+        let hashes: Vec<BlockHash> = (0..6).map(h).collect();
+        let window = [10, 11, 12, 13, 14, 15];
+        let full = [20, 21, 22, 23, 24, 25];
+        // A prefill of 20 tokens: after it, vLLM keeps blocks from (21 - 8) / 4 = 3 on, so
+        // blocks 0..3 of the window group go, and are saved in this step.
+        s.stepped("r", &hashes, &[&window, &full], 0, 20);
+        let step = s.take_step();
+        assert_eq!(
+            step.window_saves,
+            vec![("r".into(), vec![h(0), h(1), h(2)], vec![10, 11, 12])]
+        );
+        // A decode step that moves the window by less than a block saves nothing; the next
+        // block is saved when it leaves, once.
+        s.stepped("r", &hashes, &[&[0, 0, 0, 13, 14, 15], &full], 20, 1);
+        s.stepped("r", &hashes, &[&[0, 0, 0, 13, 14, 15], &full], 21, 1);
+        assert!(s.take_step().window_saves.is_empty());
+        // After 23 tokens vLLM keeps blocks from 4 on: block 3 is saved in the step that
+        // computes the 23rd.
+        s.stepped("r", &hashes, &[&[0, 0, 0, 13, 14, 15], &full], 22, 1);
+        let step = s.take_step();
+        assert_eq!(step.window_saves, vec![("r".into(), vec![h(3)], vec![13])]);
+        s.stepped("r", &hashes, &[&[0, 0, 0, 0, 14, 15], &full], 23, 1);
+        assert!(s.take_step().window_saves.is_empty());
+        // Another request with the same prefix in flight does not save them again.
+        s.stepped("q", &hashes, &[&window, &full], 0, 20);
+        assert!(s.take_step().window_saves.is_empty());
+        // Nothing of the kind without offload, or without a window group.
+        let mut plain = sched(true, false);
+        assert!(!plain.has_windows());
+        plain.stepped("r", &hashes, &[&window], 0, 20);
+        assert!(plain.take_step().window_saves.is_empty());
     }
 }

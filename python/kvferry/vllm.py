@@ -398,6 +398,9 @@ class KVFerryMetadata(KVConnectorMetadata):
     posts: list[tuple[str, Any]] = field(default_factory=list)
     # Asks to stop (their requests went away).
     cancels: list[str] = field(default_factory=list)
+    # Sliding-window blocks to save when this step's forward pass is done (wait_for_save):
+    # vLLM frees them when it schedules the next step.
+    window_saves: list[tuple[str, list[bytes], list[int]]] = field(default_factory=list)
 
 
 class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
@@ -488,6 +491,11 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             offer_wait_s=offer_wait_seconds(self.extra),
             groups=self.groups,
         )
+        # Offload with a sliding-window group: running requests' steps are reported, so the
+        # blocks their windows leave behind are saved before vLLM frees them.
+        self._windows = self.sched.has_windows()
+        self._running: dict[str, "Request"] = {}
+        self._tables: dict[str, list[list[int]]] = {}
         # Worker-side state.
         self._load_errors: set[int] = set()
         self._resets = 0
@@ -661,6 +669,20 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         return None
 
     def wait_for_save(self):
+        """The step's forward pass is done: the blocks its sliding windows left behind are
+        saved before the step ends (vLLM may hand them to another request in the next one);
+        on a CPU cache a memcpy into G2."""
+        if self.native is None:
+            return None
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVFerryMetadata):
+            return None
+        timeout = float(self.extra.get("window_save_timeout_s", 10.0))
+        for req, hashes, blocks in meta.window_saves:
+            try:
+                self.native.save_now(hashes, blocks, timeout)
+            except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
+                log.warning("kvferry: saving %s's window failed: %s", req, e)
         return None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -912,6 +934,8 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
     ):
         remote = self._remote(request)
+        if self._windows:
+            self._running[request.request_id] = request
         if remote is not None:
             # One transfer per request, as NixlConnector does.
             request.kv_transfer_params["do_remote_prefill"] = False
@@ -968,7 +992,35 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             else:
                 yield BlockRemoved(block_hashes=[convert(h)], medium=medium, group_idx=group)
 
+    def _report_steps(self, out: "SchedulerOutput") -> None:
+        """Tells the scheduler each running request's step under sliding-window offload: its
+        block table per group (the full one for a new or resumed request, the new blocks
+        otherwise) and its tokens, for the blocks its windows leave behind."""
+        for nr in out.scheduled_new_reqs:
+            self._tables[nr.req_id] = [list(g) for g in nr.block_ids]
+        cached = out.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", set()) or set()
+        for i, req in enumerate(cached.req_ids):
+            new = cached.new_block_ids[i]
+            table = self._tables.get(req)
+            if new is None:
+                continue
+            if req in resumed or table is None or len(table) != len(new):
+                self._tables[req] = [list(g) for g in new]
+            else:
+                for g, ids in zip(table, new):
+                    g.extend(ids)
+        computed = {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs}
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        for req, n in out.num_scheduled_tokens.items():
+            request, table = self._running.get(req), self._tables.get(req)
+            if request is None or table is None or req not in computed:
+                continue
+            self.sched.stepped(req, list(request.block_hashes), table, computed[req], int(n))
+
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        if self._windows:
+            self._report_steps(scheduler_output)
         step = self.sched.take_step()
         return KVFerryMetadata(
             saves={req: (hashes, blocks) for req, hashes, blocks in step["saves"]},
@@ -982,6 +1034,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             asks=list(step["asks"]),
             posts=list(step["posts"]),
             cancels=list(step["cancels"]),
+            window_saves=list(step["window_saves"]),
         )
 
     def request_finished(
@@ -999,6 +1052,8 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         decoder one list per group, as NixlConnector offers them."""
         from vllm.v1.request import RequestStatus
 
+        self._running.pop(request.request_id, None)
+        self._tables.pop(request.request_id, None)
         ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         params = request.kv_transfer_params or {}
         # llm-d's offloading protocol, prefill side: the offer goes to the decoder by key.

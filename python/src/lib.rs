@@ -220,6 +220,21 @@ impl Connector {
         py.detach(|| self.inner.save(req, &items)).map_err(err)
     }
 
+    /// Saves now: returns once the blocks' bytes are out of the engine's cache (see
+    /// `kvferry::Connector::save_now`), with how many were saved.
+    fn save_now(
+        &self,
+        py: Python<'_>,
+        hashes_: Vec<Vec<u8>>,
+        blocks: Vec<u32>,
+        timeout_s: f64,
+    ) -> PyResult<usize> {
+        let items = pairs(hashes_, blocks)?;
+        let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::ZERO);
+        py.detach(|| self.inner.save_now(&items, timeout))
+            .map_err(err)
+    }
+
     fn load(
         &self,
         py: Python<'_>,
@@ -773,6 +788,31 @@ impl Scheduler {
             .allocated_groups(req, r.as_ref(), &lists, external);
     }
 
+    /// A running request's step (models with sliding-window groups, see `has_windows`):
+    /// its block table per group as the step runs it, tokens computed before the step and
+    /// scheduled in it.
+    fn stepped(
+        &self,
+        req: &str,
+        hashes_: Vec<Vec<u8>>,
+        blocks: Vec<Vec<u32>>,
+        computed: u32,
+        scheduled: u32,
+    ) -> PyResult<()> {
+        let hs = hashes(hashes_)?;
+        let lists: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
+        self.inner
+            .lock()
+            .stepped(req, &hs, &lists, computed, scheduled);
+        Ok(())
+    }
+
+    /// Whether the engine must report its steps (`stepped`): offload with a sliding-window
+    /// group.
+    fn has_windows(&self) -> bool {
+        self.inner.lock().has_windows()
+    }
+
     /// `(delay_free, kv_transfer_params or None)`; the params are NixlConnector's protocol.
     /// `post`: `(key, (prompt token ids, what else tells its KV apart: LoRA, cache salt,
     /// multimodal hashes))` of a prefill under llm-d's `offloading` protocol, whose offer is
@@ -832,7 +872,11 @@ impl Scheduler {
     fn take_step<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let step = self.inner.lock().take_step();
         let d = PyDict::new(py);
-        for (key, items) in [("saves", &step.saves), ("loads", &step.loads)] {
+        for (key, items) in [
+            ("saves", &step.saves),
+            ("loads", &step.loads),
+            ("window_saves", &step.window_saves),
+        ] {
             let l = PyList::empty(py);
             for (req, hs, blocks) in items {
                 l.append((req, hash_list(py, hs), blocks.clone()))?;

@@ -4,10 +4,10 @@ vLLM makes two KV cache groups. Offload to G2 and G3 across a restart, P/D, and 
 token for token against a plain vLLM with the same manager; the counters show that a
 sliding-window group moves only its window (vLLM's one-block margin included).
 
-Offload saves each group's blocks that a request holds when it ends. vLLM frees the blocks a
-sliding window leaves behind before it calls the connector, so those saves never hold the window
-a later prefix hit ends in: such prompts are computed (never a wrong or failed load). Saving
-windows as they pass, before vLLM frees them, is what brings those hits.
+vLLM frees the blocks a sliding window leaves behind as the request goes on (and before it
+calls the connector at the request's end), so kvferry saves them at the end of the step that
+last wrote them, while the request still holds them; a later prefix hit finds the window it
+ends in.
 
 With window 64 and blocks of 32, a sliding-window group holds the last cdiv(64 - 1, 32) = 2
 blocks of a prefix (vLLM's `get_num_skipped_tokens`), the full-attention group all of them.
@@ -68,19 +68,24 @@ def offload(_model, _plain):
         check_same("hybrid offload round 1", out, plain)
         assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
         s1 = e.stats()
-        # Each group's blocks that the request still holds at its end: the full-attention
-        # group's 7 per prompt, the sliding group's window (vLLM frees the blocks a window
-        # leaves behind before it calls the connector).
-        want = 0
-        for x in ps:
-            computed = len(x) + 16 - 1  # the last token sampled is not computed
-            full = computed // BS
-            first_held = (computed + 1 - WINDOW) // BS
-            want += full + (full - first_held)
-        assert s1["saved_blocks"] == want, (want, s1)
-        # A prefix hit needs the sliding group's window at the hit's end, which the saves at a
-        # request's end do not hold: nothing is claimed, the prompts are computed, and no load
-        # fails (saving windows as they pass is the step that brings these hits).
+        # Every full block of both groups is in the tiers: the full-attention group's saved
+        # with the request's end, the sliding group's as its window left them (at the end of
+        # the step whose forward pass wrote them last, before vLLM frees them) and the window
+        # left at the end. Per group: the 6 blocks the prompts share and each prompt's 7th
+        # (the 16 tokens decoded after it fill no block).
+        distinct = len({tuple(x[: 6 * BS]) for x in ps}) * 6 + len({tuple(x[: 7 * BS]) for x in ps})
+        assert s1["dram_blocks"] == 2 * distinct, (2 * distinct, s1)
+        # One prompt alone: its hit is the longest prefix whose blocks every group holds,
+        # leaving a token to compute: floor((224 - 1) / 32) = 6 blocks of the full-attention
+        # group and the window's 2 of the sliding one (12 if the sliding group moved them all).
+        hit = (len(ps[0]) - 1) // BS
+        out, _ = e.generate(ps[:1], 16)
+        check_same("hybrid offload, one prompt", out, plain[:1])
+        s2 = e.stats()
+        moved = s2["onboarded_blocks"] - s1["onboarded_blocks"]
+        assert moved == hit + WINDOW_BLOCKS, (moved, hit, s2)
+        assert s2["onboard_failed_blocks"] == 0, s2
+        assert e.call(op="settle")["reset"]
         out, _ = e.generate(ps, 16)
         check_same("hybrid offload round 2", out, plain)
         s2 = e.stats()
@@ -91,11 +96,11 @@ def offload(_model, _plain):
         out, _ = e.generate(ps, 16)
         check_same("hybrid offload after a restart", out, plain)
         s3 = e.stats()
-        assert s3["nvme_recovered"] > 0 and s3["onboard_failed_blocks"] == 0, s3
+        assert s3["onboarded_blocks"] > 0 and s3["onboard_failed_blocks"] == 0, s3
         return (
-            f"2 KV cache groups; {s1['saved_blocks']} blocks saved (sliding group: its window); "
-            f"prompts recomputed, identical, no load failed; {s3['nvme_recovered']} blocks "
-            "recovered from G3 after a restart"
+            f"2 KV cache groups; {s1['saved_blocks']} blocks saved; one prompt onboarded {moved} "
+            f"blocks ({hit} full + {WINDOW_BLOCKS} in the window); {s3['onboarded_blocks']} "
+            "onboarded from G3 after a restart"
         )
     finally:
         e.close()
