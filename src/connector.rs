@@ -612,41 +612,39 @@ impl Core {
     /// cache (copied into G2, or already there), up to `timeout`: for blocks the engine frees
     /// without waiting for the connector (a sliding window's, which vLLM gives back as the
     /// window moves), so they must be read before this step ends — the engine may hand them to
-    /// another request in the next. Returns how many were saved. A save still running at the
-    /// timeout is discarded (the tiers drop its blocks when it ends): the bytes it reads later
-    /// may be another request's, and never stay under these hashes.
-    pub fn save_now(&self, blocks: &[(BlockHash, u32)], timeout: Duration) -> Result<usize> {
+    /// another request in the next. Returns how many were saved.
+    ///
+    /// It returns only once the copy is over, however long that takes (a warning every
+    /// `warn_every`): while the engine's step waits here no one can reuse the blocks, and a copy
+    /// that went on after the return could read another request's bytes into these hashes.
+    /// (Discarding at a timeout is not enough: an offload still queued has no entry to doom.)
+    /// A stalled G2 therefore stalls the step; giving G2 operations their own deadlines is the
+    /// reliability work's.
+    pub fn save_now(&self, blocks: &[(BlockHash, u32)], warn_every: Duration) -> Result<usize> {
         if blocks.is_empty() {
             return Ok(0);
         }
         // Under the cache's lock, which keeps the engine (and the memory it reads) registered
         // while the copy runs; on a CPU cache it is a memcpy.
-        let done = self.tiers(|t, g1| {
+        let c = self.tiers(|t, g1| {
             let id = t.offload(g1, blocks)?;
-            Ok(t.wait(id, timeout))
+            let started = Instant::now();
+            loop {
+                if let Some(c) = t.wait(id, warn_every.max(Duration::from_millis(100))) {
+                    return Ok(c);
+                }
+                log::warn!(
+                    "kvferry: a window save of {} blocks has run for {:?}; the step waits for it",
+                    blocks.len(),
+                    started.elapsed()
+                );
+            }
         })?;
         let mut st = self.st.lock();
-        match done {
-            Some(c) => {
-                let failed = c.blocks.iter().filter(|b| b.result.is_err()).count();
-                st.counters.saved_blocks += (blocks.len() - failed) as u64;
-                st.counters.save_failed_blocks += failed as u64;
-                Ok(blocks.len() - failed)
-            }
-            None => {
-                drop(st);
-                let hashes: Vec<BlockHash> = blocks.iter().map(|b| b.0).collect();
-                self.tiers(|t, _| Ok(t.discard(&hashes)))?;
-                let mut st = self.st.lock();
-                st.counters.save_failed_blocks += blocks.len() as u64;
-                // Its completion, when it comes, matches no operation of ours and is dropped.
-                log::warn!(
-                    "kvferry: a window save of {} blocks took over {timeout:?}; dropped",
-                    blocks.len()
-                );
-                Ok(0)
-            }
-        }
+        let failed = c.blocks.iter().filter(|b| b.result.is_err()).count();
+        st.counters.saved_blocks += (blocks.len() - failed) as u64;
+        st.counters.save_failed_blocks += failed as u64;
+        Ok(blocks.len() - failed)
     }
 
     /// Loads blocks `(hash, local block)` of `req` from the tiers, asynchronously. A failure to

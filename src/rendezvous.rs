@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use crate::scheduler::MAX_GROUPS;
 use crate::RemoteParams;
 
-const TAG: &[u8] = b"kvferry-offer/1\n";
+// 2: offers carry their KV cache group count.
+const TAG: &[u8] = b"kvferry-offer/2\n";
 
 /// The longest key accepted (llm-d sends a UUID).
 pub const MAX_KEY: usize = 256;

@@ -73,8 +73,10 @@ impl GroupKind {
         match *self {
             GroupKind::Full => 0,
             GroupKind::Window { window, retained } => {
-                ((total + 1).saturating_sub(window.saturating_add(retained)) / block_size.max(1))
-                    as usize
+                (total
+                    .saturating_add(1)
+                    .saturating_sub(window.saturating_add(retained))
+                    / block_size.max(1)) as usize
             }
         }
     }
@@ -1134,6 +1136,9 @@ impl Scheduler {
     ///
     /// With asynchronous scheduling vLLM frees on fewer tokens (those in flight are not
     /// counted), never earlier: a block saved here may stay held a step longer, which is fine.
+    ///
+    /// Returns whether blocks are saved this step (describe them then: their events come
+    /// before the request ends).
     pub fn stepped(
         &mut self,
         req: &str,
@@ -1141,9 +1146,9 @@ impl Scheduler {
         blocks: &[&[u32]],
         computed: u32,
         scheduled: u32,
-    ) {
+    ) -> bool {
         if !self.cfg.offload {
-            return;
+            return false;
         }
         let bs = self.cfg.block_size.max(1);
         let groups = self.group_count();
@@ -1174,7 +1179,7 @@ impl Scheduler {
         }
         self.windows.insert(req.to_string(), progress);
         if keys.is_empty() {
-            return;
+            return false;
         }
         self.make_room(keys.len());
         let now = Instant::now();
@@ -1187,6 +1192,7 @@ impl Scheduler {
             keys.into_iter().map(|(k, _)| k).collect(),
             ids,
         ));
+        true
     }
 
     /// Whether any KV cache group is a sliding window (the engine then reports its steps to

@@ -194,9 +194,15 @@ def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[int, int]] | 
     attention, ...) beside others stops the engine here, naming it: vLLM would otherwise run
     with a connector that hands it wrong blocks for it."""
     groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or ())
-    if len(groups) <= 1:
+    if not groups:
         return None
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    if len(groups) == 1 and isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+        # One group of full attention (or a kind of it): what kvferry always moved.
+        return None
+    # A lone sliding-window group (a model whose every layer slides keeps vLLM's sliding-window
+    # manager, whose null blocks must never be saved, loaded into or pulled) is a window group.
 
     out = []
     for i, g in enumerate(groups):
@@ -214,7 +220,8 @@ def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[int, int]] | 
             raise ValueError(
                 f"kvferry: KV cache group {i} ({type(spec).__name__}, layers "
                 f"{', '.join(g.layer_names[:3])}...) is of a kind kvferry does not move yet; "
-                "run with --disable-hybrid-kv-cache-manager, or without kvferry"
+                "run with --disable-hybrid-kv-cache-manager (when it has other groups), or "
+                "without kvferry"
             )
     return out
 
@@ -1016,7 +1023,15 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             request, table = self._running.get(req), self._tables.get(req)
             if request is None or table is None or req not in computed:
                 continue
-            self.sched.stepped(req, list(request.block_hashes), table, computed[req], int(n))
+            hashes = list(request.block_hashes)
+            if self.sched.stepped(req, hashes, table, computed[req], int(n)):
+                # Their Stored events come before the request ends: described now.
+                lora = getattr(request, "lora_request", None)
+                self.sched.describe(
+                    hashes,
+                    list(request.all_token_ids),
+                    getattr(lora, "lora_name", None) if lora else None,
+                )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         if self._windows:

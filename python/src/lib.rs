@@ -790,7 +790,7 @@ impl Scheduler {
 
     /// A running request's step (models with sliding-window groups, see `has_windows`):
     /// its block table per group as the step runs it, tokens computed before the step and
-    /// scheduled in it.
+    /// scheduled in it. Returns whether blocks are saved this step (describe them).
     fn stepped(
         &self,
         req: &str,
@@ -798,13 +798,13 @@ impl Scheduler {
         blocks: Vec<Vec<u32>>,
         computed: u32,
         scheduled: u32,
-    ) -> PyResult<()> {
+    ) -> PyResult<bool> {
         let hs = hashes(hashes_)?;
         let lists: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
-        self.inner
+        Ok(self
+            .inner
             .lock()
-            .stepped(req, &hs, &lists, computed, scheduled);
-        Ok(())
+            .stepped(req, &hs, &lists, computed, scheduled))
     }
 
     /// Whether the engine must report its steps (`stepped`): offload with a sliding-window
