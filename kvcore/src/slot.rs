@@ -14,6 +14,21 @@
 //!     96    8 sequence number (higher wins when two slots claim one hash)
 //!    104    8 header checksum (xxh3-64 of bytes 0..104)
 //! ```
+//!
+//! The rest of the header page may hold the block's *note*: bytes the tier keeps with the block
+//! for its owner and hands back when it recovers the slot (kvferry's scheduler keeps what a
+//! router needs to announce the block: its tokens and parent). A note is not part of the block:
+//! a torn or stale one is dropped, never the block.
+//!
+//! ```text
+//! offset       size field
+//!    112          4 note length n (u32 LE), 0: none
+//!    116          8 note checksum (xxh3-64 of the block hash, then the note)
+//!    124          n note
+//! ```
+//!
+//! The checksum binds the note to the block hash, so a note left in a page by the block that
+//! used the slot before is never read as this block's.
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -23,6 +38,47 @@ use crate::hash::{BlockHash, MAX_HASH_LEN};
 pub const SLOT_MAGIC: [u8; 4] = *b"KVFS";
 pub const SLOT_VERSION: u16 = 1;
 pub const SLOT_HEADER_LEN: usize = 112;
+
+/// Where a note starts in the header page.
+pub const NOTE_OFFSET: usize = SLOT_HEADER_LEN;
+const NOTE_PREFIX: usize = 12;
+
+/// The longest note a header page of `page` bytes holds.
+pub const fn max_note_len(page: usize) -> usize {
+    page.saturating_sub(NOTE_OFFSET + NOTE_PREFIX)
+}
+
+fn note_checksum(hash: &BlockHash, note: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(hash.as_bytes());
+    h.update(note);
+    h.digest()
+}
+
+/// Writes `note` for block `hash` into `area`, the header page from [`NOTE_OFFSET`] on; a note
+/// that does not fit is written as none. Returns whether the note was written.
+pub fn write_note(area: &mut [u8], hash: &BlockHash, note: &[u8]) -> bool {
+    let fits = area.len() >= NOTE_PREFIX && note.len() <= area.len() - NOTE_PREFIX;
+    let Some(prefix) = area.get_mut(..NOTE_PREFIX) else {
+        return false;
+    };
+    if note.is_empty() || !fits {
+        prefix.fill(0);
+        return false;
+    }
+    prefix[..4].copy_from_slice(&(note.len() as u32).to_le_bytes());
+    prefix[4..].copy_from_slice(&note_checksum(hash, note).to_le_bytes());
+    area[NOTE_PREFIX..NOTE_PREFIX + note.len()].copy_from_slice(note);
+    true
+}
+
+/// The note [`write_note`] left for block `hash` in `area`, if it is whole and this block's.
+pub fn read_note<'a>(area: &'a [u8], hash: &BlockHash) -> Option<&'a [u8]> {
+    let len = u32::from_le_bytes(area.get(..4)?.try_into().ok()?) as usize;
+    let sum = u64::from_le_bytes(area.get(4..NOTE_PREFIX)?.try_into().ok()?);
+    let note = area.get(NOTE_PREFIX..NOTE_PREFIX.checked_add(len)?)?;
+    (len > 0 && note_checksum(hash, note) == sum).then_some(note)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotHeader {
@@ -187,5 +243,35 @@ mod tests {
             h.verify(&other, 77, &payload),
             Err(SlotError::WrongBlock { .. })
         ));
+    }
+
+    #[test]
+    fn a_note_is_read_back_only_whole_and_for_its_own_block() {
+        let (a, b) = (BlockHash::from_u64(7), BlockHash::from_u64(8));
+        let mut page = vec![0u8; 4096];
+        let area = &mut page[NOTE_OFFSET..];
+        assert_eq!(read_note(area, &a), None, "a zeroed page has none");
+        assert!(write_note(area, &a, b"tokens"));
+        assert_eq!(read_note(area, &a), Some(&b"tokens"[..]));
+        // The slot's next block finds the old note but never takes it for its own.
+        assert_eq!(read_note(area, &b), None);
+        for i in 0..NOTE_PREFIX + 6 {
+            let mut bad = area.to_vec();
+            bad[i] ^= 0x04;
+            assert_eq!(read_note(&bad, &a), None, "flip at {i} undetected");
+        }
+        // A length past the page is refused, not read.
+        area[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(read_note(area, &a), None);
+        // Too long for the page: written as none, so an older note cannot stay behind.
+        assert!(write_note(area, &a, b"tokens"));
+        let long = vec![1u8; max_note_len(4096) + 1];
+        assert!(!write_note(area, &a, &long));
+        assert_eq!(read_note(area, &a), None);
+        let longest = vec![2u8; max_note_len(4096)];
+        assert!(write_note(area, &a, &longest));
+        assert_eq!(read_note(area, &a), Some(&longest[..]));
+        assert!(!write_note(&mut [0u8; 5], &a, b"x"));
+        assert_eq!(read_note(&[0u8; 5], &a), None);
     }
 }

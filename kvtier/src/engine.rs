@@ -27,7 +27,7 @@ use crate::cuda::{CudaCopy, CudaCopyConfig, Gpu};
 use crate::error::{CopyError, TierError};
 use crate::index::{BlockIndex, Entry, Tier};
 use crate::memory::{plan_pairs, MemoryRegistry};
-use crate::nvme::{IoDone, IoOp, IoRequest, NvmeConfig, NvmeStore, HEADER_PAGE};
+use crate::nvme::{IoDone, IoOp, IoRequest, NvmeConfig, NvmeStore, ScannedSlot, HEADER_PAGE};
 use crate::policy::PolicyKind;
 use crate::pool::{round_up, PinnedPool, ALIGN};
 
@@ -178,6 +178,8 @@ enum Event {
         id: RequestId,
         g1: G1Id,
         blocks: Vec<(BlockHash, u32)>,
+        /// One per block, or none at all.
+        notes: Vec<Vec<u8>>,
     },
     Onboard {
         id: RequestId,
@@ -232,6 +234,7 @@ enum Waiting {
         g1: G1Id,
         hash: BlockHash,
         block: u32,
+        note: Vec<u8>,
     },
     Read {
         hash: BlockHash,
@@ -261,6 +264,8 @@ struct State {
     spills: usize,
     flushes: Vec<FlushWait>,
     events: Vec<TierEvent>,
+    /// The notes of the blocks recovered from G3, until their owner takes them.
+    recovered_notes: Vec<(BlockHash, Vec<u8>)>,
     stats: TierStats,
     shutting_down: bool,
     /// What every slot header written now carries and every read must match: the geometry,
@@ -409,6 +414,7 @@ impl TierEngine {
             spills: 0,
             flushes: Vec::new(),
             events: Vec::new(),
+            recovered_notes: Vec::new(),
             stats,
             shutting_down: false,
             fingerprint: 0,
@@ -548,7 +554,15 @@ impl TierEngine {
         kind: RequestKind,
         g1: G1Id,
         blocks: &[(BlockHash, u32)],
+        notes: Vec<Vec<u8>>,
     ) -> Result<RequestId, TierError> {
+        if !notes.is_empty() && notes.len() != blocks.len() {
+            return Err(TierError::Config(format!(
+                "{} notes for {} blocks",
+                notes.len(),
+                blocks.len()
+            )));
+        }
         {
             let st = self.inner.state.lock();
             let (_, layout) = st
@@ -573,7 +587,12 @@ impl TierEngine {
         let id = self.inner.next_req.fetch_add(1, Ordering::Relaxed);
         let blocks = blocks.to_vec();
         let ev = match kind {
-            RequestKind::Offload => Event::Offload { id, g1, blocks },
+            RequestKind::Offload => Event::Offload {
+                id,
+                g1,
+                blocks,
+                notes,
+            },
             RequestKind::Onboard => Event::Onboard { id, g1, blocks },
         };
         // Registered before the driver sees the event, so `Busy` accounting is exact.
@@ -592,13 +611,27 @@ impl TierEngine {
     /// Copies blocks `(hash, G1 block id)` from G1 into G2. Blocks already cached complete at
     /// once; G2 spills to G3 as it fills.
     pub fn offload(&self, g1: G1Id, blocks: &[(BlockHash, u32)]) -> Result<RequestId, TierError> {
-        self.start(RequestKind::Offload, g1, blocks)
+        self.start(RequestKind::Offload, g1, blocks, Vec::new())
+    }
+
+    /// [`TierEngine::offload`], with a note per block (or none: empty) that the tiers keep with
+    /// the block — in its slot's header page, written to G3 with it — and hand back when they
+    /// recover the block after a restart ([`TierEngine::take_recovered_notes`]). A note longer
+    /// than `kvcore::slot::max_note_len` of a 4 KiB page is not kept. A block already cached
+    /// keeps the note it has.
+    pub fn offload_noted(
+        &self,
+        g1: G1Id,
+        blocks: &[(BlockHash, u32)],
+        notes: Vec<Vec<u8>>,
+    ) -> Result<RequestId, TierError> {
+        self.start(RequestKind::Offload, g1, blocks, notes)
     }
 
     /// Copies cached blocks into G1 blocks, reading G3 through G2 where needed. Each block's
     /// result says whether its bytes landed, verified; any error means: recompute it.
     pub fn onboard(&self, g1: G1Id, blocks: &[(BlockHash, u32)]) -> Result<RequestId, TierError> {
-        self.start(RequestKind::Onboard, g1, blocks)
+        self.start(RequestKind::Onboard, g1, blocks, Vec::new())
     }
 
     /// How many leading blocks of `hashes` are cached, and in which tier.
@@ -730,6 +763,12 @@ impl TierEngine {
             .collect()
     }
 
+    /// The notes ([`TierEngine::offload_noted`]) of the blocks recovered from G3 when the
+    /// engine started, once: `(hash, note)` for those that had one, whole.
+    pub fn take_recovered_notes(&self) -> Vec<(BlockHash, Vec<u8>)> {
+        std::mem::take(&mut self.inner.state.lock().recovered_notes)
+    }
+
     pub fn events(&self) -> Vec<TierEvent> {
         std::mem::take(&mut self.inner.state.lock().events)
     }
@@ -779,14 +818,14 @@ fn recover(
     payload: u64,
     verify: bool,
 ) -> Result<(), TierError> {
-    let mut best: HashMap<BlockHash, (u64, SlotHeader)> = HashMap::new();
+    let mut best: HashMap<BlockHash, (u64, SlotHeader, Option<Vec<u8>>)> = HashMap::new();
     let mut free = Vec::new();
     let scratch = if verify {
         Some(PinnedPool::new(store.slot_bytes(), 1)?)
     } else {
         None
     };
-    for (slot, header) in store.scan()? {
+    for ScannedSlot { slot, header, note } in store.scan()? {
         let h = match header {
             Ok(h) if h.geometry == fingerprint && h.payload_len == payload => h,
             Ok(_) => {
@@ -819,18 +858,21 @@ fn recover(
         }
         // Two slots claiming one block: the later write wins, the other is stale.
         let stale = match best.get(&h.hash) {
-            Some((_, older)) if older.seq >= h.seq => slot,
-            _ => match best.insert(h.hash, (slot, h)) {
-                Some((other, _)) => other,
+            Some((_, older, _)) if older.seq >= h.seq => slot,
+            _ => match best.insert(h.hash, (slot, h, note)) {
+                Some((other, _, _)) => other,
                 None => continue,
             },
         };
         st.stats.dropped += 1;
         free.push(stale);
     }
-    let mut found: Vec<(u64, SlotHeader)> = best.into_values().collect();
-    found.sort_by_key(|(_, h)| h.seq);
-    for (slot, h) in found {
+    let mut found: Vec<_> = best.into_values().collect();
+    found.sort_by_key(|(_, h, _)| h.seq);
+    for (slot, h, note) in found {
+        if let Some(note) = note {
+            st.recovered_notes.push((h.hash, note));
+        }
         st.seq = st.seq.max(h.seq + 1);
         // Where it sat in its chain is not recorded: recovered blocks count as heads.
         st.index.pin_new(h.hash, 0);
@@ -865,9 +907,12 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
         };
         let mut st = inner.state.lock();
         match ev {
-            Some(Event::Offload { id, g1, blocks }) => {
-                start_offload(inner, &mut st, id, g1, blocks)
-            }
+            Some(Event::Offload {
+                id,
+                g1,
+                blocks,
+                notes,
+            }) => start_offload(inner, &mut st, id, g1, blocks, notes),
             Some(Event::Onboard { id, g1, blocks }) => {
                 start_onboard(inner, &mut st, id, g1, blocks)
             }
@@ -989,6 +1034,7 @@ fn start_offload(
     id: RequestId,
     g1: G1Id,
     blocks: Vec<(BlockHash, u32)>,
+    notes: Vec<Vec<u8>>,
 ) {
     if !begin(inner, st, id, blocks.len()) {
         return;
@@ -1001,8 +1047,10 @@ fn start_offload(
         return;
     }
     st.index.begin_batch();
+    let mut notes = notes.into_iter();
     for (depth, (hash, block)) in blocks.into_iter().enumerate() {
         let depth = depth as u32;
+        let note = notes.next().unwrap_or_default();
         st.gate.record(&hash);
         if st.doomed.contains(&hash) {
             // The old copy is still in use and goes when that ends: this save cannot take
@@ -1052,6 +1100,7 @@ fn start_offload(
             g1,
             hash,
             block,
+            note,
         });
     }
 }
@@ -1557,15 +1606,23 @@ fn after_change(inner: &Inner, st: &mut State) {
                 g1,
                 hash,
                 block,
-            } => offloads.push((
-                g1,
-                Item {
-                    req,
-                    hash,
-                    block,
-                    slot,
-                },
-            )),
+                note,
+            } => {
+                // SAFETY: the slot was just allocated and no operation names it yet; the copy
+                // submitted below writes the payload only, after the header page.
+                let page = unsafe { &mut inner.pool.slot_mut(slot)[..HEADER_PAGE as usize] };
+                // Always written, empty or not: the slot's last block left its note there.
+                kvcore::slot::write_note(&mut page[kvcore::slot::NOTE_OFFSET..], &hash, &note);
+                offloads.push((
+                    g1,
+                    Item {
+                        req,
+                        hash,
+                        block,
+                        slot,
+                    },
+                ))
+            }
             Waiting::Read { hash } => {
                 let Some(g3) = st.index.get(&hash).and_then(|e| e.g3) else {
                     inner.pool.free(slot);

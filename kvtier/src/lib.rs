@@ -24,6 +24,6 @@ pub use error::{CopyError, TierError};
 pub use index::{BlockIndex, Entry, Tier};
 pub use kvcore;
 pub use memory::{plan_pairs, CopyPair, MemoryRegistry};
-pub use nvme::{IoDone, IoMode, IoOp, IoRequest, NvmeConfig, NvmeStore};
+pub use nvme::{IoDone, IoMode, IoOp, IoRequest, NvmeConfig, NvmeStore, ScannedSlot};
 pub use policy::{Access, EvictionPolicy, Lfu, Lru, PolicyKind, S3Fifo};
 pub use pool::PinnedPool;

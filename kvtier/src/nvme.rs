@@ -127,8 +127,15 @@ struct StoreFile {
     path: PathBuf,
 }
 
-/// A slot and what its header says.
-pub type ScannedSlot = (u64, Result<SlotHeader, SlotError>);
+/// A slot and what its header page says.
+#[derive(Debug)]
+pub struct ScannedSlot {
+    pub slot: u64,
+    pub header: Result<SlotHeader, SlotError>,
+    /// The block's note (`kvcore::slot::write_note`), where the header parses and the note is
+    /// whole and its own.
+    pub note: Option<Vec<u8>>,
+}
 
 pub struct NvmeStore {
     /// Held (flock'd) for the store's life: one process per directory.
@@ -310,11 +317,21 @@ impl NvmeStore {
 
     /// Reads a slot's header page synchronously (used when recovering the index).
     pub fn read_header(&self, slot: u64, scratch: &PinnedPool) -> Result<SlotHeader, TierError> {
+        self.read_header_page(slot, scratch)?
+            .header
+            .map_err(|source| TierError::Slot { slot, source })
+    }
+
+    fn read_header_page(&self, slot: u64, scratch: &PinnedPool) -> Result<ScannedSlot, TierError> {
         let (file, off) = locate(&self.files, slot, self.slot_bytes, self.files.len() as u64);
         // SAFETY: slot 0 of the scratch pool is owned by this call (callers pass a private pool).
         let page = unsafe { &mut scratch.slot_mut(0)[..HEADER_PAGE as usize] };
         read_full(&file.file, page, off).map_err(|e| TierError::io("read", &file.path, e))?;
-        SlotHeader::decode(page).map_err(|source| TierError::Slot { slot, source })
+        let header = SlotHeader::decode(page);
+        let note = header.as_ref().ok().and_then(|h| {
+            kvcore::slot::read_note(&page[kvcore::slot::NOTE_OFFSET..], &h.hash).map(<[u8]>::to_vec)
+        });
+        Ok(ScannedSlot { slot, header, note })
     }
 
     /// Reads a whole slot synchronously into slot 0 of `scratch` (which must be at least
@@ -331,11 +348,7 @@ impl NvmeStore {
     pub fn scan(&self) -> Result<Vec<ScannedSlot>, TierError> {
         let scratch = PinnedPool::new(HEADER_PAGE, 1)?;
         (0..self.slots)
-            .map(|s| match self.read_header(s, &scratch) {
-                Ok(h) => Ok((s, Ok(h))),
-                Err(TierError::Slot { source, .. }) => Ok((s, Err(source))),
-                Err(e) => Err(e),
-            })
+            .map(|s| self.read_header_page(s, &scratch))
             .collect()
     }
 

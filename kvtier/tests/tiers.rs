@@ -173,7 +173,7 @@ fn slot_of(dir: &std::path::Path, g: Geometry, i: u64) -> (std::path::PathBuf, u
         .scan()
         .expect("scan")
         .into_iter()
-        .find_map(|(s, h)| h.ok().filter(|h| h.hash == hash(i)).map(|_| s))
+        .find_map(|s| s.header.ok().filter(|h| h.hash == hash(i)).map(|_| s.slot))
         .expect("block is on disk");
     store.file_of(slot)
 }
@@ -183,6 +183,48 @@ fn crossbeam_channel_unbounded() -> (
     crossbeam_channel::Receiver<kvtier::IoDone>,
 ) {
     crossbeam_channel::unbounded()
+}
+
+#[test]
+fn notes_come_back_with_their_blocks_after_a_restart_and_never_with_another() {
+    let g = geometry();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut src = G1::new(g, 32, 5);
+    {
+        // 8 DRAM slots for 24 blocks: the unnoted blocks 8.. reuse the slots (and the header
+        // pages) the noted blocks 0..8 spilled from.
+        let mut cfg = TierConfig::new(g, 8);
+        cfg.nvme = Some(nvme(dir.path(), 64, IoMode::Auto));
+        let t = TierEngine::new(cfg).expect("engine");
+        let s = src.register(&t);
+        let noted: Vec<_> = (0..8u32).map(|i| (hash(u64::from(i)), i)).collect();
+        let notes = (0..8u8)
+            .map(|i| vec![i; 1 + usize::from(i) * 100])
+            .collect();
+        assert!(wait(&t, t.offload_noted(s, &noted, notes).expect("queued")).all_ok());
+        for chunk in (8..24u32).collect::<Vec<_>>().chunks(4) {
+            let blocks: Vec<_> = chunk.iter().map(|&i| (hash(u64::from(i)), i)).collect();
+            assert!(wait(&t, t.offload(s, &blocks).expect("queued")).all_ok());
+        }
+        t.flush(WAIT).expect("flush");
+        assert!(t.take_recovered_notes().is_empty(), "nothing was recovered");
+        let short = t.offload_noted(s, &noted[..2], vec![vec![1]]);
+        assert!(matches!(short, Err(TierError::Config(_))), "{short:?}");
+    }
+    let mut cfg = TierConfig::new(g, 8);
+    cfg.nvme = Some(nvme(dir.path(), 64, IoMode::Auto));
+    let t = TierEngine::new(cfg).expect("reopen");
+    assert_eq!(t.stats().recovered, 24);
+    let mut notes = t.take_recovered_notes();
+    notes.sort_by_key(|(h, n)| (n.len(), *h));
+    let want: Vec<_> = (0..8u8)
+        .map(|i| (hash(u64::from(i)), vec![i; 1 + usize::from(i) * 100]))
+        .collect();
+    assert_eq!(
+        notes, want,
+        "each noted block's own note, and no other block's"
+    );
+    assert!(t.take_recovered_notes().is_empty(), "handed out once");
 }
 
 #[test]
