@@ -271,6 +271,8 @@ struct State {
     done: Finished,
     counters: ConnectorCounters,
     events: Vec<TierEvent>,
+    /// Notes of the blocks recovered from G3 (see [`Connector::save_noted`]), until taken.
+    recovered_notes: Vec<(BlockHash, Vec<u8>)>,
 }
 
 /// The connector: [`Core`] (reachable through `Deref`) plus the thread that connects to prefill
@@ -515,7 +517,10 @@ impl Core {
                 let g1 = unsafe { t.register_g1(layout.clone(), base) }?;
                 // Blocks recovered from G3 are announced like new ones, so a scheduler that
                 // mirrors the tiers from events knows them after a restart.
-                self.st.lock().events.extend(t.snapshot());
+                let mut st = self.st.lock();
+                st.events.extend(t.snapshot());
+                st.recovered_notes.extend(t.take_recovered_notes());
+                drop(st);
                 Some((t, g1))
             }
             None => None,
@@ -592,10 +597,23 @@ impl Core {
 
     /// Saves blocks `(hash, local block)` of `req` to the tiers, asynchronously.
     pub fn save(&self, req: &str, blocks: &[(BlockHash, u32)]) -> Result<()> {
+        self.save_noted(req, blocks, Vec::new())
+    }
+
+    /// [`Connector::save`] with a note per block (or none), which the tiers keep with the block
+    /// and hand back after a restart that recovers it from G3
+    /// ([`Connector::take_recovered_notes`]): the scheduler's description of the block, so that
+    /// routers hear of recovered blocks in full.
+    pub fn save_noted(
+        &self,
+        req: &str,
+        blocks: &[(BlockHash, u32)],
+        notes: Vec<Vec<u8>>,
+    ) -> Result<()> {
         if blocks.is_empty() {
             return Ok(());
         }
-        let id = self.tiers(|t, g1| Ok(t.offload(g1, blocks)?))?;
+        let id = self.tiers(|t, g1| Ok(t.offload_noted(g1, blocks, notes)?))?;
         let mut st = self.st.lock();
         st.reqs.entry(req.to_string()).or_default().saves += 1;
         st.tier_ops.insert(
@@ -620,14 +638,20 @@ impl Core {
     /// (Discarding at a timeout is not enough: an offload still queued has no entry to doom.)
     /// A stalled G2 therefore stalls the step; giving G2 operations their own deadlines is the
     /// reliability work's.
-    pub fn save_now(&self, blocks: &[(BlockHash, u32)], warn_every: Duration) -> Result<usize> {
+    /// `notes` as in [`Connector::save_noted`].
+    pub fn save_now(
+        &self,
+        blocks: &[(BlockHash, u32)],
+        notes: Vec<Vec<u8>>,
+        warn_every: Duration,
+    ) -> Result<usize> {
         if blocks.is_empty() {
             return Ok(0);
         }
         // Under the cache's lock, which keeps the engine (and the memory it reads) registered
         // while the copy runs; on a CPU cache it is a memcpy.
         let c = self.tiers(|t, g1| {
-            let id = t.offload(g1, blocks)?;
+            let id = t.offload_noted(g1, blocks, notes)?;
             let started = Instant::now();
             loop {
                 if let Some(c) = t.wait(id, warn_every.max(Duration::from_millis(100))) {
@@ -1274,6 +1298,12 @@ impl Core {
     /// Stored/removed events per tier since the last call (for cache-aware routers).
     pub fn take_events(&self) -> Vec<TierEvent> {
         std::mem::take(&mut self.st.lock().events)
+    }
+
+    /// The notes of the blocks this connector's tiers recovered from G3 at registration, once
+    /// (a scheduler restores its descriptions from them before it applies their events).
+    pub fn take_recovered_notes(&self) -> Vec<(BlockHash, Vec<u8>)> {
+        std::mem::take(&mut self.st.lock().recovered_notes)
     }
 
     /// Lets in-flight work finish and, with G3 configured, writes every G2 block to it, so an

@@ -13,6 +13,7 @@
 //! carries it out next to the KV cache (tiers, agent, frees, timeouts).
 
 pub mod connector;
+pub mod described;
 pub mod lease;
 pub mod rendezvous;
 pub mod scheduler;

@@ -50,6 +50,11 @@ pub struct SchedulerConfig {
     /// size (the worker checks the layout), so a block id names the same page whichever group
     /// holds it, and a group's block is stored under [`BlockHash::in_group`].
     pub groups: Vec<GroupKind>,
+    /// Each step's saves carry their blocks' descriptions as notes ([`StepPlan::notes`]), for
+    /// the worker to keep with the blocks in G3: a scheduler restarted over the same G3
+    /// restores them ([`Scheduler::noted`]) and announces recovered blocks in full. Worth it
+    /// only with G3 and routers listening.
+    pub notes: bool,
 }
 
 /// How one KV cache group attends, which decides the blocks a prefix needs in that group.
@@ -173,19 +178,7 @@ pub struct HitSources {
     pub p2p: u32,
 }
 
-/// What a router needs to know of a block besides its hash (vLLM's self-describing
-/// `BlockStored`): the block before it in its chain, its tokens and LoRA adapter. Taken from the
-/// request when the block is saved.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Described {
-    /// vLLM's hash of the block (the tier key differs in groups other than 0).
-    pub hash: BlockHash,
-    /// The KV cache group whose KV the stored block holds.
-    pub group: u32,
-    pub parent: Option<BlockHash>,
-    pub tokens: Vec<u32>,
-    pub lora: Option<String>,
-}
+pub use crate::described::Described;
 
 /// A grant's generation and the blocks it offers.
 pub type OfferedGrant = (u64, Vec<u32>);
@@ -219,6 +212,9 @@ pub struct StepPlan {
     /// when the step's forward pass is done and before the step ends (vLLM frees them when it
     /// schedules the next one, without waiting for the connector).
     pub window_saves: Vec<(String, Vec<BlockHash>, Vec<u32>)>,
+    /// With [`SchedulerConfig::notes`]: the note of each block saved this step (in `saves` or
+    /// `window_saves`) that has a description, by tier key.
+    pub notes: HashMap<BlockHash, Vec<u8>>,
 }
 
 enum Plan {
@@ -1211,7 +1207,32 @@ impl Scheduler {
                 self.step.extends.push(t.clone());
             }
         }
+        if self.cfg.notes {
+            let step = &mut self.step;
+            for (_, hashes, _) in step.saves.iter().chain(&step.window_saves) {
+                for h in hashes {
+                    if let Some(n) = self.described.get(h).and_then(Described::note) {
+                        step.notes.insert(*h, n);
+                    }
+                }
+            }
+        }
         std::mem::take(&mut self.step)
+    }
+
+    /// Restores descriptions from the notes a worker's tiers recovered with their blocks
+    /// (`(tier key, note)`), before the blocks' `Stored` events are applied. Notes that do not
+    /// parse, or describe another block than their key, are dropped. Returns how many were
+    /// taken.
+    pub fn noted(&mut self, notes: &[(BlockHash, Vec<u8>)]) -> usize {
+        let mut taken = 0;
+        for (key, note) in notes {
+            if let Some(d) = Described::from_note(key, note) {
+                self.described.insert(*key, d);
+                taken += 1;
+            }
+        }
+        taken
     }
 }
 
@@ -1233,6 +1254,7 @@ mod tests {
             eviction: PolicyKind::default(),
             offer_wait: Duration::from_secs(30),
             groups: Vec::new(),
+            notes: false,
         })
     }
 
@@ -1306,6 +1328,48 @@ mod tests {
         assert!(s.description(&h(1)).is_none());
         s.reset();
         assert!(s.description(&h(0)).is_none());
+    }
+
+    #[test]
+    fn saves_carry_notes_and_a_restarted_scheduler_announces_recovered_blocks_in_full() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            notes: true,
+            ..sched(true, false).cfg
+        });
+        let hashes: Vec<BlockHash> = (0..2).map(h).collect();
+        let tokens: Vec<u32> = (100..108).collect();
+        s.finished("r", true, false, &hashes, &[5, 6], 8, None);
+        s.describe(&hashes, &tokens, Some("adapter"));
+        let step = s.take_step();
+        assert_eq!(step.saves.len(), 1);
+        assert_eq!(step.notes.len(), 2, "one note per saved, described block");
+        let want = s.description(&h(1)).expect("described").clone();
+        // Without notes configured (no G3): none travel.
+        let mut plain = sched(true, false);
+        plain.finished("r", true, false, &hashes, &[5, 6], 8, None);
+        plain.describe(&hashes, &tokens, None);
+        assert!(plain.take_step().notes.is_empty());
+
+        // A new scheduler over the recovered tiers: notes first, then the snapshot's events.
+        let mut after = sched(true, false);
+        let mut notes: Vec<(BlockHash, Vec<u8>)> = step.notes.into_iter().collect();
+        // One note came back damaged and one under another block's key: both are dropped.
+        notes.push((h(9), notes[0].1.clone()));
+        notes.push((h(0), vec![1, 2, 3]));
+        assert_eq!(after.noted(&notes), 2);
+        after.apply(
+            &(0..3)
+                .map(|i| TierEvent::Stored {
+                    hash: h(i),
+                    tier: Tier::Nvme,
+                })
+                .collect::<Vec<_>>(),
+        );
+        let events = after.take_described_events();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[1].1.as_ref(), Some(&want), "announced in full");
+        assert_eq!(events[0].1.as_ref().map(|d| d.parent), Some(None));
+        assert!(events[2].1.is_none(), "no note, no description");
     }
 
     #[test]

@@ -147,8 +147,12 @@ def _opt_float(extra: dict[str, Any], key: str) -> float | None:
     return None if v is None else float(v)
 
 
+def _has_g3(extra: dict[str, Any]) -> bool:
+    return bool(extra.get("nvme_dir")) and int(extra.get("nvme_blocks", 0)) > 0
+
+
 def _capacity(extra: dict[str, Any]) -> int:
-    if extra.get("nvme_dir") and int(extra.get("nvme_blocks", 0)) > 0:
+    if _has_g3(extra):
         return int(extra["nvme_blocks"])
     return int(extra.get("dram_blocks", 0))
 
@@ -359,6 +363,8 @@ class KVFerryHandshake(KVConnectorHandshakeMetadata):
 
     port: int | None
     events: list[tuple[str, bytes, str]] = field(default_factory=list)
+    # (tier key, note) of the recovered blocks that had one: their descriptions for routers.
+    notes: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -408,6 +414,13 @@ class KVFerryMetadata(KVConnectorMetadata):
     # Sliding-window blocks to save when this step's forward pass is done (wait_for_save):
     # vLLM frees them when it schedules the next step.
     window_saves: list[tuple[str, list[bytes], list[int]]] = field(default_factory=list)
+    # With G3: the saved blocks' descriptions, by tier key, kept with them in G3.
+    notes: dict[bytes, bytes] = field(default_factory=dict)
+
+    def notes_for(self, hashes: list[bytes]) -> list[bytes | None] | None:
+        if not self.notes:
+            return None
+        return [self.notes.get(h) for h in hashes]
 
 
 class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
@@ -497,6 +510,9 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             eviction=_opt_str(self.extra, "eviction"),
             offer_wait_s=offer_wait_seconds(self.extra),
             groups=self.groups,
+            # Saved blocks' descriptions go to G3 with them, so that after a restart the blocks
+            # recovered from it are announced to routers as fully as new ones.
+            notes=self.offload and _has_g3(self.extra),
         )
         # Offload with a sliding-window group: running requests' steps are reported, so the
         # blocks their windows leave behind are saved before vLLM frees them.
@@ -602,12 +618,14 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         if self.native is None:
             return None
         events = list(self.native.take_events())
+        # Only rank 0's events reach routers: only its notes are needed.
+        notes = list(self.native.take_recovered_notes()) if self._rank == 0 else []
         if not events and (not self.pd or self.addrs.base_port is not None):
             # Nothing the scheduler does not know already (its port is configured, no block was
             # recovered from G3): no handshake object, so that beside another connector in a
             # MultiConnector (which forwards the first one it gets) theirs reaches them.
             return None
-        return KVFerryHandshake(port=self.native.listen_port(), events=events)
+        return KVFerryHandshake(port=self.native.listen_port(), events=events, notes=notes)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if self.native is None:
@@ -636,7 +654,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             self.native.discard(meta.discards)
         for req, (hashes, blocks) in meta.saves.items():
             try:
-                self.native.save(req, hashes, blocks)
+                self.native.save(req, hashes, blocks, meta.notes_for(hashes))
             except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
                 log.warning("kvferry: saving %s failed: %s", req, e)
         for req, (hashes, blocks) in meta.loads.items():
@@ -687,7 +705,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         timeout = float(self.extra.get("window_save_timeout_s", 10.0))
         for req, hashes, blocks in meta.window_saves:
             try:
-                self.native.save_now(hashes, blocks, timeout)
+                self.native.save_now(hashes, blocks, timeout, meta.notes_for(hashes))
             except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
                 log.warning("kvferry: saving %s's window failed: %s", req, e)
         return None
@@ -804,6 +822,9 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
                 continue
             if rank == 0 and md.port:
                 self.sched.set_port(md.port)
+            if rank == 0 and md.notes:
+                n = self.sched.noted(md.notes)
+                log.info("kvferry: %d of %d recovered blocks' descriptions restored", n, len(md.notes))
             self.sched.apply(md.events, int(rank))
 
     def update_connector_output(self, connector_output: Any):
@@ -1050,6 +1071,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             posts=list(step["posts"]),
             cancels=list(step["cancels"]),
             window_saves=list(step["window_saves"]),
+            notes=dict(step["notes"]),
         )
 
     def request_finished(

@@ -209,30 +209,51 @@ impl Connector {
         py.detach(|| self.inner.discard(&hs)).map_err(err)
     }
 
+    /// `notes`: none, or one per block (bytes, or None for none), kept with the block in G3
+    /// (see `kvferry::Connector::save_noted`).
+    #[pyo3(signature = (req, hashes_, blocks, notes = None))]
     fn save(
         &self,
         py: Python<'_>,
         req: &str,
         hashes_: Vec<Vec<u8>>,
         blocks: Vec<u32>,
+        notes: Option<Vec<Option<Vec<u8>>>>,
     ) -> PyResult<()> {
         let items = pairs(hashes_, blocks)?;
-        py.detach(|| self.inner.save(req, &items)).map_err(err)
+        let notes = note_list(notes);
+        py.detach(|| self.inner.save_noted(req, &items, notes))
+            .map_err(err)
     }
 
     /// Saves now: returns once the blocks' bytes are out of the engine's cache (see
     /// `kvferry::Connector::save_now`), with how many were saved.
+    #[pyo3(signature = (hashes_, blocks, timeout_s, notes = None))]
     fn save_now(
         &self,
         py: Python<'_>,
         hashes_: Vec<Vec<u8>>,
         blocks: Vec<u32>,
         timeout_s: f64,
+        notes: Option<Vec<Option<Vec<u8>>>>,
     ) -> PyResult<usize> {
         let items = pairs(hashes_, blocks)?;
+        let notes = note_list(notes);
         let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::ZERO);
-        py.detach(|| self.inner.save_now(&items, timeout))
+        py.detach(|| self.inner.save_now(&items, notes, timeout))
             .map_err(err)
+    }
+
+    /// `(tier key, note)` of the blocks recovered from G3 at registration, once.
+    fn take_recovered_notes<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let notes = py.detach(|| self.inner.take_recovered_notes());
+        notes
+            .into_iter()
+            .map(|(h, n)| (PyBytes::new(py, h.as_bytes()), PyBytes::new(py, &n)))
+            .collect()
     }
 
     fn load(
@@ -444,6 +465,14 @@ impl Connector {
     }
 }
 
+fn note_list(notes: Option<Vec<Option<Vec<u8>>>>) -> Vec<Vec<u8>> {
+    notes
+        .unwrap_or_default()
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect()
+}
+
 fn event_tuple<'py>(
     py: Python<'py>,
     e: TierEvent,
@@ -575,7 +604,7 @@ impl Scheduler {
     #[new]
     #[pyo3(signature = (
         engine_id, *, block_size, offload, pd, host, port = None, tp_size = 1, lease_s = 30.0,
-        capacity = None, eviction = None, offer_wait_s = 30.0, groups = None
+        capacity = None, eviction = None, offer_wait_s = 30.0, groups = None, notes = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -591,6 +620,7 @@ impl Scheduler {
         eviction: Option<String>,
         offer_wait_s: f64,
         groups: Option<Vec<(u32, u32)>>,
+        notes: bool,
     ) -> PyResult<Scheduler> {
         // `(sliding window in tokens or 0 for full attention, extra retained tokens)` per group.
         let groups: Vec<GroupKind> = groups
@@ -626,12 +656,23 @@ impl Scheduler {
                 eviction,
                 offer_wait,
                 groups,
+                notes,
             })),
         })
     }
 
     fn set_port(&self, port: u16) {
         self.inner.lock().set_port(port);
+    }
+
+    /// Descriptions restored from a worker's recovered notes (`(tier key, note)`), before the
+    /// blocks' events are applied; returns how many were taken.
+    fn noted(&self, notes: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<usize> {
+        let mut parsed = Vec::with_capacity(notes.len());
+        for (h, n) in notes {
+            parsed.push((BlockHash::from_bytes(&h).map_err(err)?, n));
+        }
+        Ok(self.inner.lock().noted(&parsed))
     }
 
     /// The engine reset its prefix cache and the connector's.
@@ -911,6 +952,11 @@ impl Scheduler {
         d.set_item("aborts", targets(step.aborts))?;
         d.set_item("reset", step.reset)?;
         d.set_item("discards", hash_list(py, &step.discards))?;
+        let notes = PyDict::new(py);
+        for (h, n) in &step.notes {
+            notes.set_item(PyBytes::new(py, h.as_bytes()), PyBytes::new(py, n))?;
+        }
+        d.set_item("notes", notes)?;
         let asks: Vec<(String, (String, String, u16))> = step
             .asks
             .into_iter()
