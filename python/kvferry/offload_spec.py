@@ -17,7 +17,19 @@ the backing store, DRAM an inclusive cache in front of it, so DRAM adds no disti
 A transfer that fails anyway (a disk error) is reported as failed, never as success: vLLM then
 stops the engine rather than compute from blocks that were not loaded.
 
-Scope of this version: one KV cache group, ``blocks_per_chunk`` 1, host KV caches.
+Hybrid models (several KV cache groups, ``--no-disable-hybrid-kv-cache-manager``): vLLM's keys
+are per group (the block hash and the group index), its GPU specs list each group's blocks in
+turn; kvferry stores each GPU block under its chunk's key, so a sliding-window group moves only
+the blocks vLLM asks it to.
+
+``blocks_per_chunk`` > 1 (an offloaded block of several GPU blocks): each GPU block is stored as
+its own tier block under its chunk's key and its place in the chunk, and the manager counts
+chunks against the tiers' capacity divided by ``blocks_per_chunk``. Refused with several KV
+cache groups: vLLM then stores chunks of a sliding window whose leading blocks it had already
+freed, and a later load of those blocks would find nothing (kvferry fails the load, vLLM 0.32
+stops the engine on any failed transfer; vLLM's CPU tier copies whatever its buffer held).
+
+Scope of this version: host KV caches.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from vllm.v1.kv_offload.base import (
 )
 
 from kvferry._native import Connector as _Native
+from kvferry.chunks import chunk_block_keys
 
 log = logging.getLogger("vllm.kvferry")
 
@@ -149,30 +162,38 @@ class KVFerryManager(OffloadingManager):
 class KVFerryWorker(OffloadingWorker):
     """Stores and loads through kvferry's Rust core, one request per job."""
 
-    def __init__(self, native: _Native):
+    def __init__(self, native: _Native, per_chunk: int = 1):
         self.native = native
+        self.per_chunk = per_chunk
         self.jobs: dict[str, int] = {}
         # A load job's destination blocks, to attribute load errors to the job they belong to.
         self.load_blocks: dict[str, set[int]] = {}
         self.done: list[TransferResult] = []
 
-    @staticmethod
-    def _blocks(spec: GPULoadStoreSpec, keys: list[bytes]) -> list[int]:
-        blocks = [int(b) for b in spec.block_ids]
-        if len(blocks) != len(keys):
-            raise ValueError(f"{len(keys)} keys for {len(blocks)} blocks")
-        return blocks
+    def _pairs(self, spec: GPULoadStoreSpec, keys: list[bytes]) -> tuple[list[bytes], list[int]]:
+        return chunk_block_keys(
+            keys,
+            spec.block_ids,
+            getattr(spec, "group_sizes", None),
+            getattr(spec, "block_indices", None),
+            self.per_chunk,
+        )
+
+    def _sub_keys(self, keys: list[bytes]) -> list[bytes]:
+        if self.per_chunk == 1:
+            return list(keys)
+        return [k + bytes([i]) for k in keys for i in range(self.per_chunk)]
 
     def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
         assert isinstance(dst_spec, KVFerrySpec)
         if getattr(dst_spec, "reset", False):
             self.native.reset_cache()
         if dst_spec.evicted:
-            self.native.discard(dst_spec.evicted)
+            self.native.discard(self._sub_keys(dst_spec.evicted))
         name = f"store-{job_id}"
         self.jobs[name] = job_id
         try:
-            self.native.save(name, dst_spec.keys, self._blocks(src_spec, dst_spec.keys))
+            self.native.save(name, *self._pairs(src_spec, dst_spec.keys))
         except Exception as e:  # noqa: BLE001 - reported as the job's failure
             log.error("kvferry: store job %d did not start: %s", job_id, e)
             self.jobs.pop(name, None)
@@ -185,9 +206,15 @@ class KVFerryWorker(OffloadingWorker):
         assert isinstance(src_spec, KVFerrySpec)
         name = f"load-{job_id}"
         self.jobs[name] = job_id
-        blocks = self._blocks(dst_spec, src_spec.keys)
+        try:
+            keys, blocks = self._pairs(dst_spec, src_spec.keys)
+        except ValueError as e:
+            log.error("kvferry: load job %d: %s", job_id, e)
+            self.jobs.pop(name, None)
+            self.done.append(TransferResult(job_id=job_id, success=False))
+            return True
         self.load_blocks[name] = set(blocks)
-        self.native.load(name, src_spec.keys, blocks)
+        self.native.load(name, keys, blocks)
         return True
 
     def _collect(self):
@@ -244,10 +271,15 @@ class KVFerryOffloadingSpec(OffloadingSpec):
                 "kvferry: nvme_admission and nvme_write_mib_s need kvferry's own connector "
                 "(KVFerryConnector); vLLM's OffloadingConnector owns what its tiers store"
             )
-        if self.blocks_per_chunk != 1 or len(self.tokens_per_block) != 1:
+        self.per_chunk = int(self.blocks_per_chunk)
+        if self.per_chunk > 1 and len(self.tokens_per_block) > 1:
             raise NotImplementedError(
-                "kvferry's offloading spec handles one KV cache group and blocks_per_chunk 1"
+                "kvferry's offloading spec: blocks_per_chunk > 1 needs one KV cache group (vLLM "
+                "stores a sliding window's chunks with blocks it already freed, which a later "
+                "load would not find); use blocks_per_chunk 1 with hybrid models"
             )
+        if not 1 <= self.per_chunk <= 255:
+            raise ValueError(f"kvferry: blocks_per_chunk {self.per_chunk} (1 to 255)")
         self._manager: KVFerryManager | None = None
 
     def get_manager(self) -> OffloadingManager:
@@ -255,8 +287,9 @@ class KVFerryOffloadingSpec(OffloadingSpec):
             from vllm.v1.kv_offload.base import Medium
 
             # Events name the tier blocks enter (G2, DRAM); G3 holds spills of the same blocks.
+            # The tiers hold GPU blocks; the manager counts chunks of `per_chunk` of them.
             self._manager = KVFerryManager(
-                self.nvme_blocks if self.nvme_dir else self.dram_blocks,
+                (self.nvme_blocks if self.nvme_dir else self.dram_blocks) // self.per_chunk,
                 Medium.CPU,
                 self.kv_events_config.enable_kv_cache_events,
             )
@@ -321,4 +354,4 @@ class KVFerryOffloadingSpec(OffloadingSpec):
         from kvferry.vllm import _ENGINES
 
         _ENGINES[str(self.config.engine_id)] = native
-        return KVFerryWorker(native)
+        return KVFerryWorker(native, self.per_chunk)

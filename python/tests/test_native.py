@@ -272,6 +272,28 @@ def test_proxy_behaves_as_llm_ds_sidecar():
             s.shutdown()
 
 
+def test_offloading_keys_pair_with_gpu_blocks_per_group_and_chunk():
+    from kvferry.chunks import chunk_block_keys
+
+    # Two groups, chunks of 2 GPU blocks: group 0 loads blocks 3..11 (5 chunks, the first
+    # entered at its second block), group 1 (a sliding window) blocks 9..11 (2 chunks).
+    keys = [b"a3", b"a5", b"a7", b"a9", b"a11", b"b9", b"b11"]
+    ids = list(range(100, 109)) + [200, 201, 202]
+    got, blocks = chunk_block_keys(keys, ids, [9, 3], [3, 9], 2)
+    assert blocks == ids
+    want = [b"a3\x01", b"a5\x00", b"a5\x01", b"a7\x00", b"a7\x01", b"a9\x00", b"a9\x01"]
+    want += [b"a11\x00", b"a11\x01", b"b9\x01", b"b11\x00", b"b11\x01"]
+    assert got == want, got
+    # One block a chunk: the keys themselves (G3 files and events as before).
+    assert chunk_block_keys(keys[:2], [7, 8], [2], [4], 1) == ([b"a3", b"a5"], [7, 8])
+    for bad in ((keys, ids, [9, 2], [3, 9], 2), (keys[:6], ids, [9, 3], [3, 9], 2), (keys, ids, [9, 3], [3], 2)):
+        try:
+            chunk_block_keys(*bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad}")
+
+
 if __name__ == "__main__":
     print(f"kvferry {kvferry.__version__}")
     n = 0

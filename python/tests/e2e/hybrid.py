@@ -156,4 +156,17 @@ def pd(_model, _plain):
         dec.close()
 
 
-SCENARIOS = [("hybrid-offload", offload), ("hybrid-pd", pd)]
+def offloading_spec(_model, _plain):
+    """vLLM's OffloadingConnector with kvferry's spec under the hybrid manager: its keys are per
+    group, its GPU specs list each group's blocks in turn."""
+    from run_e2e import offloading_spec as spec
+
+    model = hybrid_model()
+    return spec(model, reference(model, prompts()), name="hybrid-offloading-spec", **HYBRID)
+
+
+SCENARIOS = [
+    ("hybrid-offload", offload),
+    ("hybrid-pd", pd),
+    ("hybrid-offloading-spec", offloading_spec),
+]

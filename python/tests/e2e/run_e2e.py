@@ -18,7 +18,9 @@ means blocks really moved:
   production) behind `kvferry.proxy`, the decode server also offloading: the README's demo
   (python/examples/vllm_demo.py), with its outputs checked against plain vLLM.
 - offloading-spec: vLLM's own OffloadingConnector with kvferry.offload_spec as its
-  out-of-tree spec (kvferry's G2 under vLLM's offloading scheduler), across a prefix-cache reset.
+  out-of-tree spec (kvferry's G2 under vLLM's offloading scheduler), across a prefix-cache reset;
+  -chunks with offloaded blocks of 2 GPU blocks (blocks_per_chunk 2), and hybrid.py's under the
+  hybrid KV cache manager.
 - prefill-down: the decode engine is pointed at a prefill engine that is not running; requests
   complete by recomputing (kv_load_failure_policy=recompute), with the failures counted.
 - and failclosed.py's: late decoders with and without heartbeats, cut-down offers, aborts before
@@ -284,20 +286,24 @@ def prefill_killed(model, plain):
         dec.close()
 
 
-def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None):
+def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None, per_chunk=1, name=None, **opts):
     """vLLM's own OffloadingConnector with kvferry's tiers as an out-of-tree spec; with a small
     capacity the manager evicts and kvferry drops the evicted blocks. With NVMe as small as DRAM
     the manager must not count DRAM and NVMe as separate room (an over-committed manager promised
-    blocks the tiers had dropped, and vLLM's worker died on its `assert transfer_result.success`)."""
+    blocks the tiers had dropped, and vLLM's worker died on its `assert transfer_result.success`).
+    `per_chunk`: vLLM's blocks_per_chunk (offloaded blocks of that many GPU blocks); `opts`: the
+    engine's (a hybrid model's KV cache manager)."""
     conn = {
         "spec_name": "KVFerryOffloadingSpec",
         "spec_module_path": "kvferry.offload_spec",
         "dram_blocks": dram_blocks,
     }
+    if per_chunk != 1:
+        conn["blocks_per_chunk"] = per_chunk
     if nvme_dir:
         conn.update(nvme_dir=nvme_dir, nvme_blocks=dram_blocks)
-    name = f"offloading-spec-{dram_blocks}" + ("-nvme" if nvme_dir else "")
-    e = Engine(model, name, conn, kv_connector="OffloadingConnector")
+    name = name or f"offloading-spec-{dram_blocks}" + ("-nvme" if nvme_dir else "")
+    e = Engine(model, name, conn, kv_connector="OffloadingConnector", **opts)
     ps = prompts()
     try:
         s1, _ = saved_round(e, "offloading-spec", ps, plain)
@@ -411,6 +417,10 @@ def main():
         ("offload-admission", lambda: offload_admission(model, plain, os.path.join(tmp, "adm"))),
         ("offloading-spec", lambda: offloading_spec(model, plain)),
         ("offloading-spec-evict", lambda: offloading_spec(model, plain, dram_blocks=8)),
+        (
+            "offloading-spec-chunks",
+            lambda: offloading_spec(model, plain, per_chunk=2, name="offloading-spec-chunks"),
+        ),
         (
             "offloading-spec-nvme",
             lambda: offloading_spec(model, plain, dram_blocks=8, nvme_dir=os.path.join(tmp, "spec")),
