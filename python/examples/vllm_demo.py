@@ -133,14 +133,14 @@ class Server:
 
 def prom(url: str, api_key: str | None = None) -> dict[str, float]:
     """kvferry's series on a server's /metrics (vLLM's Prometheus endpoint), summed over labels,
-    and vLLM's cached prompt tokens by source as ``vllm:prompt_tokens_cached_by_source:<source>``."""
+    vLLM's offloading families kvferry feeds (``vllm:kv_offload_*``), and vLLM's cached prompt tokens by source as ``vllm:prompt_tokens_cached_by_source:<source>``."""
     req = urllib.request.Request(
         url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
     )
     out: dict[str, float] = {}
     with urllib.request.urlopen(req, timeout=30) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("vllm:kvferry_"):
+            if line.startswith(("vllm:kvferry_", "vllm:kv_offload_")):
                 name, _, value = line.rpartition(" ")
                 name = name.split("{")[0]
                 out[name] = out.get(name, 0.0) + float(value)

@@ -312,7 +312,13 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
     and bytes moved, per path and tier, failures by cause, lease expiries, NVMe admission) and
     ``vllm:kvferry_dram_blocks`` / ``vllm:kvferry_nvme_blocks`` gauges, with vLLM's
     ``model_name`` and ``engine`` labels. Made in the API server process; fed each engine step
-    with the workers' deltas."""
+    with the workers' deltas.
+
+    vLLM's own offloading families beside them, where they mean the same:
+    ``vllm:kv_offload_store_bytes`` (engine cache to the tiers) and ``vllm:kv_offload_load_bytes``
+    (the tiers to the engine cache, G3's through G2), so dashboards made for vLLM's
+    OffloadingConnector read kvferry too. Not when an OffloadingConnector runs beside kvferry
+    (a MultiConnector): the two would register one family twice, and it is that connector's."""
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -335,6 +341,19 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
             )
             self._gauges[k] = create_metric_per_engine(g, per_engine_labelvalues)
         self._counters: dict[str, Any] = {}
+        # kvferry's counter -> vLLM's family for the same bytes.
+        self._vllm_families: dict[str, Any] = {}
+        ktc = getattr(vllm_config, "kv_transfer_config", None)
+        beside = ktc is not None and hasattr(ktc, "has_connector") and ktc.has_connector(
+            "OffloadingConnector"
+        )
+        if not beside:
+            for ours, family, doc in (
+                ("dram_bytes_in", "vllm:kv_offload_store_bytes", "Total bytes stored from GPU to offload storage."),
+                ("dram_bytes_out", "vllm:kv_offload_load_bytes", "Total bytes loaded from offload storage to GPU."),
+            ):
+                c = self._counter_cls(name=family, documentation=doc, labelnames=labelnames)
+                self._vllm_families[ours] = create_metric_per_engine(c, per_engine_labelvalues)
 
     def _counter(self, k: str):
         c = self._counters.get(k)
@@ -354,6 +373,8 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
                 self._gauges[k][engine_idx].set(v)
             elif isinstance(v, (int, float)) and v > 0:
                 self._counter(k)[engine_idx].inc(v)
+                if k in self._vllm_families:
+                    self._vllm_families[k][engine_idx].inc(v)
 
 
 @dataclass

@@ -384,6 +384,10 @@ def proxy(model, transport="tcp", block_size=BS, policy="recompute", protocol="n
     assert md.get("vllm:kvferry_onboarded_blocks_total", 0) > 0, md
     assert mp.get("vllm:kvferry_pulls_served_total", 0) > 0, mp
     assert "vllm:kvferry_dram_blocks" in md, md
+    # vLLM's own offloading families, fed with the same bytes as kvferry's DRAM counters.
+    assert md.get("vllm:kv_offload_load_bytes_total", 0) == md.get("vllm:kvferry_dram_bytes_out_total"), md
+    assert md.get("vllm:kv_offload_store_bytes_total", 0) == md.get("vllm:kvferry_dram_bytes_in_total"), md
+    assert md.get("vllm:kv_offload_load_bytes_total", 0) > 0, md
     # Capacity in tokens (1024 DRAM blocks on the decode server), and vLLM's own hit metrics
     # split by tier: pulled tokens as p2p, onboarded ones as host.
     assert md.get("vllm:kvferry_dram_capacity_tokens") == 1024 * block_size, md
