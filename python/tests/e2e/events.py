@@ -5,6 +5,9 @@ vLLM's own event classes, as llm-d's indexer does.
 - kv-events: every block kvferry reports stored in ``CPU`` was announced on ``GPU`` by vLLM
   first under the same hash, in the same (converted) form, with the same parent and token ids;
   each once, not once per worker.
+- kv-events-tp2: two TP workers (vLLM's CPU build runs TP 2 here with one core per worker):
+  each block kvferry stores is announced once, not once per worker, described as vLLM's GPU
+  event; the second round loads every rank's heads from G2 and answers as the first.
 - kv-events-g3: a DRAM tier smaller than the prompts: blocks spill (``STORAGE`` stored, in full)
   and leave DRAM (``CPU`` removed). After a restart over the same G3 the recovered blocks are
   announced ``STORAGE`` stored with the parent and token ids vLLM announced for them before the
@@ -72,7 +75,7 @@ def _log_of(e):
 
 
 @contextlib.contextmanager
-def _served(model, name, conn, port, work):
+def _served(model, name, conn, port, work, args=(), env=None):
     """A server publishing its KV events on `port`, and the list its subscriber fills."""
     import vllm_demo
 
@@ -83,7 +86,9 @@ def _served(model, name, conn, port, work):
         "endpoint": f"tcp://*:{port}",
         "topic": "kv",
     }
-    srv = vllm_demo.Server(model, name, conn, work, args=["--kv-events-config", json.dumps(cfg)])
+    srv = vllm_demo.Server(
+        model, name, conn, work, args=["--kv-events-config", json.dumps(cfg), *args], env=env
+    )
     got, stop, connected = [], threading.Event(), threading.Event()
     endpoint = f"tcp://127.0.0.1:{port}"
     t = threading.Thread(target=_subscribe, args=(endpoint, got, stop, connected), daemon=True)
@@ -166,6 +171,56 @@ def _kv_events(model, port):
         )
 
 
+def _reset_prefix_cache(url, external):
+    for _ in range(50):
+        r = urllib.request.urlopen(
+            urllib.request.Request(f"{url}/reset_prefix_cache?reset_external={external}", method="POST"),
+            timeout=30,
+        )
+        if json.loads(r.read()).get("success"):
+            return
+        time.sleep(0.2)
+    raise AssertionError("reset_prefix_cache never succeeded")
+
+
+def kv_events_tp2(model, plain_unused):
+    return _retrying(lambda port: _kv_events_tp2(model, port))
+
+
+def _kv_events_tp2(model, port):
+    import vllm_demo
+
+    work = tempfile.mkdtemp(prefix="kvferry-e2e-events-tp2-")
+    tp2 = ["--tensor-parallel-size", "2"]
+    # One core per worker: vLLM's CPU build binds each worker's threads to cores of its own.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    with _served(model, "events-tp2", {"pd": False, "dram_blocks": 64}, port, work, tp2, env) as (srv, got):
+        ps = vllm_demo.prompts(2, 200, seed=47)
+        first = [vllm_demo.complete(srv.url, p, 4)[0] for p in ps]
+        gpu = _gpu_blocks(got)
+        _until("both workers' blocks", lambda: len(_stored(got, "CPU")) >= len(gpu) > 0, timeout=60)
+        time.sleep(2.0)  # a second announcement of a block, if any, comes with the next steps
+        cpu = _check_described(_stored(got, "CPU"), gpu, "CPU")
+        _reset_prefix_cache(srv.url, "false")
+        again = [vllm_demo.complete(srv.url, p, 4)[0] for p in ps]
+        assert again == first, (first, again)
+        # One counters file per worker (rewritten every second): each rank loaded its own heads.
+        paths = [srv.stats_path.replace(".prom", f".events-tp2.rank{r}.prom") for r in (0, 1)]
+
+        def ranks():
+            return [vllm_demo.stats(p) for p in paths]
+
+        _until("both ranks' loads", lambda: all(s.get("onboarded_blocks", 0) >= len(cpu) for s in ranks()))
+        final = ranks()
+        for s in final:
+            assert s.get("onboard_failed_blocks", 0) == 0, s
+        return (
+            f"TP 2: {len(cpu)} blocks announced CPU stored once each (not per worker), as vLLM's "
+            f"GPU events; round 2 loaded {[s['onboarded_blocks'] for s in final]} blocks (rank 0, 1) "
+            "from G2 and answered as round 1"
+        )
+
+
 def kv_events_g3(model, plain_unused):
     work = tempfile.mkdtemp(prefix="kvferry-e2e-events-g3-")
     conn = {"pd": False, "dram_blocks": 8, "nvme_dir": os.path.join(work, "g3"), "nvme_blocks": 64}
@@ -219,18 +274,7 @@ def _events_recovered(model, conn, port, work, gpu, n_cpu, n_storage, n_gone):
         counts = []
         for external in ("false", "true"):
             before = cleared()
-            for _ in range(50):
-                r = urllib.request.urlopen(
-                    urllib.request.Request(
-                        f"{srv.url}/reset_prefix_cache?reset_external={external}", method="POST"
-                    ),
-                    timeout=30,
-                )
-                if json.loads(r.read()).get("success"):
-                    break
-                time.sleep(0.2)
-            else:
-                raise AssertionError("reset_prefix_cache never succeeded")
+            _reset_prefix_cache(srv.url, external)
             vllm_demo.complete(srv.url, vllm_demo.prompts(1, 40, seed=43)[0], 2)
             _until("AllBlocksCleared", lambda b=before: cleared() > b)
             time.sleep(1.0)  # a second one, if any, is in the same or the next batch
@@ -243,4 +287,8 @@ def _events_recovered(model, conn, port, work, gpu, n_cpu, n_storage, n_gone):
         )
 
 
-SCENARIOS = [("kv-events", kv_events), ("kv-events-g3", kv_events_g3)]
+SCENARIOS = [
+    ("kv-events", kv_events),
+    ("kv-events-g3", kv_events_g3),
+    ("kv-events-tp2", kv_events_tp2),
+]
