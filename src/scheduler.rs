@@ -67,6 +67,13 @@ pub enum GroupKind {
         window: u32,
         retained: u32,
     },
+    /// A recurrent state per block boundary (Mamba, Gated DeltaNet) under vLLM's "align" cache
+    /// mode: the block at position `j` holds the state after `(j + 1) × block_size` tokens once
+    /// the request is past it, so a prefix of `k` blocks needs only block `k - 1` of this group
+    /// (vLLM's `get_num_skipped_tokens` is `total - 1`). vLLM frees those states two steps after
+    /// writing them and hands each one to the connector as it is written
+    /// ([`Scheduler::boundary_states`]).
+    State,
 }
 
 impl GroupKind {
@@ -83,6 +90,7 @@ impl GroupKind {
                     .saturating_sub(window.saturating_add(retained))
                     / block_size.max(1)) as usize
             }
+            GroupKind::State => (total.saturating_sub(1) / block_size.max(1)) as usize,
         }
     }
 }
@@ -572,7 +580,11 @@ impl Scheduler {
             let ids = r.group(g);
             ids.len() < need || (kind != GroupKind::Full && ids[from..need].contains(&NULL_BLOCK))
         });
-        let why = if r.tp_size == 0 || r.tp_size > MAX_REMOTE_TP {
+        let why = if self.cfg.groups.contains(&GroupKind::State) {
+            // The prefill's last state block holds the state after its whole prompt (and the
+            // token it sampled), not after a block boundary this engine could resume from.
+            Some("P/D of a model with recurrent-state (Mamba) groups is not supported".to_string())
+        } else if r.tp_size == 0 || r.tp_size > MAX_REMOTE_TP {
             Some(format!("a prefill TP size of {}", r.tp_size))
         } else if r.groups as usize != groups {
             Some(format!(
@@ -1154,7 +1166,9 @@ impl Scheduler {
         let mut progress = self.windows.remove(req).unwrap_or_else(|| vec![0; groups]);
         for (g, ids_g) in blocks.iter().enumerate().take(groups) {
             let kind = self.group_kind(g);
-            if kind == GroupKind::Full {
+            if matches!(kind, GroupKind::Full | GroupKind::State) {
+                // A state group's blocks leave the same way but vLLM names them for us: a
+                // state block's position says nothing of the state in it until it is complete.
                 continue;
             }
             let from = kind.first_held(computed, bs).max(progress[g]);
@@ -1174,6 +1188,53 @@ impl Scheduler {
             progress[g] = progress[g].max(to);
         }
         self.windows.insert(req.to_string(), progress);
+        self.save_at_step_end(req, keys, ids)
+    }
+
+    /// The boundary states vLLM wrote for a running request this step (`(group, block,
+    /// boundary tokens)`, vLLM's `boundary_state_offloads`): block `block` of state group
+    /// `group` holds the state after `boundary tokens` when this step's forward pass is done,
+    /// so it is saved then ([`StepPlan::window_saves`]) under the key of the prefix it ends —
+    /// vLLM frees it two steps on, before the request ends. An entry for another kind of group,
+    /// off a block boundary or past the request's hashes is ignored. Returns whether blocks are
+    /// saved this step.
+    pub fn boundary_states(
+        &mut self,
+        req: &str,
+        hashes: &[BlockHash],
+        states: &[(u32, u32, u32)],
+    ) -> bool {
+        if !self.cfg.offload {
+            return false;
+        }
+        let bs = self.cfg.block_size.max(1);
+        let (mut keys, mut ids) = (Vec::new(), Vec::new());
+        for &(g, block, boundary) in states {
+            let Some(j) = (boundary / bs).checked_sub(1) else {
+                continue;
+            };
+            let j = j as usize;
+            if self.group_kind(g as usize) != GroupKind::State
+                || (g as usize) >= self.group_count()
+                || boundary % bs != 0
+                || block == NULL_BLOCK
+                || j >= hashes.len()
+            {
+                continue;
+            }
+            let key = hashes[j].in_group(g);
+            if !self.loadable(&key)
+                && !self.saving.contains_key(&key)
+                && !keys.iter().any(|(k, _)| *k == key)
+            {
+                keys.push((key, j as u32));
+                ids.push(block);
+            }
+        }
+        self.save_at_step_end(req, keys, ids)
+    }
+
+    fn save_at_step_end(&mut self, req: &str, keys: Vec<(BlockHash, u32)>, ids: Vec<u32>) -> bool {
         if keys.is_empty() {
             return false;
         }
@@ -1797,6 +1858,90 @@ mod tests {
             })
             .collect();
         s.apply(&events);
+    }
+
+    fn state_sched() -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            groups: vec![GroupKind::Full, GroupKind::State],
+            ..sched(true, false).cfg
+        })
+    }
+
+    #[test]
+    fn a_state_group_saves_the_boundary_states_vllm_names_and_loads_only_the_last() {
+        assert_eq!(GroupKind::State.first_held(16, 4), 3);
+        assert_eq!(GroupKind::State.first_held(17, 4), 4);
+        assert_eq!(GroupKind::State.first_held(0, 4), 0);
+        let mut s = state_sched();
+        let hashes: Vec<BlockHash> = (0..5).map(h).collect();
+        // Boundary 8 (block 1) written into block 61 this step; bad entries are ignored: off a
+        // boundary, past the hashes, the full group's, the null block, boundary 0.
+        let states = [
+            (1, 61, 8),
+            (1, 62, 9),
+            (1, 63, 40),
+            (0, 64, 8),
+            (1, 0, 12),
+            (1, 65, 0),
+        ];
+        assert!(s.boundary_states("r", &hashes, &states));
+        let step = s.take_step();
+        assert_eq!(
+            step.window_saves,
+            vec![("r".to_string(), vec![h(1).in_group(1)], vec![61])]
+        );
+        assert!(!s.boundary_states("r", &hashes, &states), "saved once");
+        // At the end: the full group's blocks, and of the state group only a block already
+        // past (its lagged boundary state at position 2); the running block at position 3
+        // holds the state after 15 tokens, mid-block, and is never saved.
+        s.finished_groups(
+            "r",
+            true,
+            false,
+            &hashes,
+            &[&[10, 11, 12, 13], &[0, 0, 72, 73]],
+            15,
+            None,
+        );
+        let saves = s.take_step().saves;
+        assert_eq!(saves.len(), 1);
+        let (_, keys, ids) = &saves[0];
+        assert!(
+            keys.contains(&h(2).in_group(1)) && ids.contains(&72),
+            "{saves:?}"
+        );
+        assert!(!ids.contains(&73), "{saves:?}");
+        let stored: Vec<TierEvent> = keys
+            .iter()
+            .chain([h(1).in_group(1)].iter())
+            .map(|&hash| TierEvent::Stored {
+                hash,
+                tier: Tier::Dram,
+            })
+            .collect();
+        s.apply(&stored);
+        // A prompt of 17 tokens: 3 blocks hit (block 3's state is not in the tiers), loading
+        // the full group's 3 and the state group's block 2 alone.
+        assert_eq!(s.matched("q", None, 17, 17, &hashes, 0), Some(12));
+        s.allocated_groups("q", None, &[&[20, 21, 22, 23, 24], &[0, 0, 32, 33, 0]], 12);
+        let loads = s.take_step().loads;
+        assert_eq!(loads.len(), 1);
+        assert_eq!(loads[0].2, vec![20, 21, 22, 32]);
+        assert_eq!(loads[0].1[3], h(2).in_group(1));
+    }
+
+    #[test]
+    fn offers_are_refused_with_a_state_group() {
+        let mut d = Scheduler::new(SchedulerConfig {
+            groups: vec![GroupKind::Full, GroupKind::State],
+            ..sched(false, true).cfg
+        });
+        let r = RemoteParams {
+            groups: 2,
+            ..offer((1..=8).collect(), 9)
+        };
+        assert_eq!(d.matched("r", Some(&r), 16, 16, &[], 0), Some(0));
+        assert_eq!(d.take_step().aborts.len(), 1, "the prefill engine may free");
     }
 
     #[test]

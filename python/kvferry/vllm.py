@@ -191,16 +191,22 @@ def _prompt_identity(request: "Request") -> tuple[list[int], bytes]:
     return list(request.prompt_token_ids or ()), "\n".join(parts).encode()
 
 
-def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[int, int]] | None:
-    """vLLM's KV cache groups as the scheduler takes them: ``(sliding window in tokens, or 0 for
-    full attention, extra retained tokens)`` each, in vLLM's order; None without a config (one
-    group of full attention). A kind kvferry cannot move exactly (Mamba state, chunked local
-    attention, ...) beside others stops the engine here, naming it: vLLM would otherwise run
-    with a connector that hands it wrong blocks for it."""
+def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[str, int, int]] | None:
+    """vLLM's KV cache groups as the scheduler takes them: ``(kind, sliding window in tokens,
+    extra retained tokens)`` each, kind ``"full"``, ``"window"`` or ``"state"`` (Mamba / Gated
+    DeltaNet under vLLM's "align" cache mode: a state per block boundary), in vLLM's order;
+    None without a config (one group of full attention). A kind kvferry cannot move exactly
+    (chunked local attention, Mamba in another cache mode, ...) stops the engine here, naming
+    it: vLLM would otherwise run with a connector that hands it wrong blocks for it."""
     groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or ())
     if not groups:
         return None
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    try:
+        from vllm.v1.kv_cache_interface import MambaSpec
+    except ImportError:  # an older vLLM
+        MambaSpec = ()  # noqa: N806 - matches no spec below
 
     if len(groups) == 1 and isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
         # One group of full attention (or a kind of it): what kvferry always moved.
@@ -217,15 +223,31 @@ def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[int, int]] | 
                 f"{block_size}; kvferry moves one block size"
             )
         if type(spec) in (FullAttentionSpec, MLAAttentionSpec):
-            out.append((0, 0))
+            out.append(("full", 0, 0))
         elif type(spec) is SlidingWindowSpec:
-            out.append((int(spec.sliding_window), int(getattr(spec, "extra_retained_tokens", 0))))
+            out.append(
+                ("window", int(spec.sliding_window), int(getattr(spec, "extra_retained_tokens", 0)))
+            )
+        elif MambaSpec and type(spec) is MambaSpec and getattr(spec, "mamba_cache_mode", "") == "align":
+            if int(getattr(spec, "num_speculative_blocks", 0) or 0):
+                raise ValueError(
+                    f"kvferry: KV cache group {i} ({type(spec).__name__}) keeps speculative "
+                    "state blocks, which kvferry does not move yet; run without speculative "
+                    "decoding"
+                )
+            out.append(("state", 0, 0))
         else:
             raise ValueError(
                 f"kvferry: KV cache group {i} ({type(spec).__name__}, layers "
-                f"{', '.join(g.layer_names[:3])}...) is of a kind kvferry does not move yet; "
-                "run with --disable-hybrid-kv-cache-manager (when it has other groups), or "
-                "without kvferry"
+                f"{', '.join(g.layer_names[:3])}...) is of a kind kvferry does not move yet"
+                + (
+                    f" (Mamba state in cache mode {spec.mamba_cache_mode!r}; kvferry moves "
+                    "'align')"
+                    if MambaSpec and type(spec) is MambaSpec
+                    else ""
+                )
+                + "; run with --disable-hybrid-kv-cache-manager (when it has other groups), "
+                "or without kvferry"
             )
     return out
 
@@ -464,6 +486,12 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         self.tp_size: int = vllm_config.parallel_config.tensor_parallel_size
         self.offload = int(self.extra.get("dram_blocks", 0)) > 0
         self.pd = bool(self.extra.get("pd", True))
+        if self.pd and any(k == "state" for k, _, _ in self.groups or ()):
+            raise ValueError(
+                "kvferry: P/D of a model with Mamba / Gated DeltaNet state groups is not "
+                "supported yet (a decoder would need the state after a block boundary, which a "
+                "prefill engine frees before it finishes); set \"pd\": false for offload"
+            )
         pc = vllm_config.parallel_config
         if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
             raise ValueError(
@@ -568,7 +596,16 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         group's KV of the block. That holds only when every group's layers view all the
         distinct caches once each (checked here), else the engine stops with why."""
         pages: dict[int, tuple[str, "torch.Tensor"]] = {}
+        state_layers = {
+            n
+            for (kind, _, _), layers in zip(self.groups or (), self._group_layers)
+            if kind == "state"
+            for n in layers
+        }
+        states = {n: t for n, t in kv_caches.items() if n in state_layers}
         for name, t in kv_caches.items():
+            if name in states:
+                continue
             seen = pages.get(t.data_ptr())
             if seen is None:
                 pages[t.data_ptr()] = (name, t)
@@ -576,6 +613,21 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
                 raise ValueError(
                     f"kvferry: layers {seen[0]} and {name} share memory in different layouts "
                     f"({tuple(seen[1].shape)} and {tuple(t.shape)})"
+                )
+        # A state layer's page is bytes of its own (conv and recurrent state, then padding) in
+        # the page an attention layer of another group views (vLLM pads state pages to the
+        # attention page): moving that page by block id moves the state.
+        stride = {p: t.stride(0) * t.element_size() for p, (_, t) in pages.items()}
+        for name, t in states.items():
+            if t.data_ptr() not in pages:
+                raise ValueError(
+                    f"kvferry: state layer {name}'s cache is not in memory an attention layer "
+                    "views; kvferry moves pages of attention layouts"
+                )
+            if t.stride(0) * t.element_size() != stride[t.data_ptr()]:
+                raise ValueError(
+                    f"kvferry: state layer {name}'s pages ({t.stride(0) * t.element_size()} "
+                    f"bytes) differ from the attention pages ({stride[t.data_ptr()]} bytes)"
                 )
         if self.groups:
             for i, layers in enumerate(self._group_layers):
@@ -1067,13 +1119,29 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
                 continue
             hashes = list(request.block_hashes)
             if self.sched.stepped(req, hashes, table, computed[req], int(n)):
-                # Their Stored events come before the request ends: described now.
-                lora = getattr(request, "lora_request", None)
-                self.sched.describe(
-                    hashes,
-                    list(request.all_token_ids),
-                    getattr(lora, "lora_name", None) if lora else None,
-                )
+                self._describe(request, hashes)
+        # Mamba "align" groups: vLLM names the boundary states this step writes (a state
+        # block's position says nothing until it is complete); they are saved after the
+        # forward pass, before vLLM frees them two steps on.
+        block_state = getattr(out, "kv_connector_block_state", None)
+        for req, states in (getattr(block_state, "boundary_state_offloads", None) or {}).items():
+            request = self._running.get(req)
+            if request is None:
+                continue
+            hashes = list(request.block_hashes)
+            entries = [(int(g), int(b), int(t)) for g, b, t in states]
+            if self.sched.boundary_states(req, hashes, entries):
+                self._describe(request, hashes)
+
+    def _describe(self, request: "Request", hashes: list[bytes]) -> None:
+        # Before the Stored events of the blocks being saved (those of a window or a state
+        # group come before the request ends).
+        lora = getattr(request, "lora_request", None)
+        self.sched.describe(
+            hashes,
+            list(request.all_token_ids),
+            getattr(lora, "lora_name", None) if lora else None,
+        )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         if self._windows:
@@ -1131,10 +1199,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         )
         if ok and self.offload:
             # What routers' BlockStored events say of the blocks being saved.
-            lora = getattr(request, "lora_request", None)
-            self.sched.describe(
-                hashes, list(request.all_token_ids), getattr(lora, "lora_name", None) if lora else None
-            )
+            self._describe(request, hashes)
         return out
 
 

@@ -619,18 +619,23 @@ impl Scheduler {
         capacity: Option<u64>,
         eviction: Option<String>,
         offer_wait_s: f64,
-        groups: Option<Vec<(u32, u32)>>,
+        groups: Option<Vec<(String, u32, u32)>>,
         notes: bool,
     ) -> PyResult<Scheduler> {
-        // `(sliding window in tokens or 0 for full attention, extra retained tokens)` per group.
+        // `(kind, sliding window in tokens, extra retained tokens)` per group; kind "full",
+        // "window" or "state" (Mamba's, in vLLM's align mode).
         let groups: Vec<GroupKind> = groups
             .unwrap_or_default()
             .into_iter()
-            .map(|(window, retained)| match window {
-                0 => GroupKind::Full,
-                window => GroupKind::Window { window, retained },
+            .map(|(kind, window, retained)| match kind.as_str() {
+                "full" => Ok(GroupKind::Full),
+                "window" if window > 0 => Ok(GroupKind::Window { window, retained }),
+                "state" => Ok(GroupKind::State),
+                other => Err(err(format!(
+                    "KV cache group kind {other:?} (window {window})"
+                ))),
             })
-            .collect();
+            .collect::<PyResult<_>>()?;
         if groups.len() > MAX_GROUPS as usize {
             return Err(err(format!("{} KV cache groups", groups.len())));
         }
@@ -848,8 +853,21 @@ impl Scheduler {
             .stepped(req, &hs, &lists, computed, scheduled))
     }
 
-    /// Whether the engine must report its steps (`stepped`): offload with a sliding-window
-    /// group.
+    /// vLLM's boundary-state hand-offs for a running request this step, `(group, block,
+    /// boundary tokens)` each (`kvferry::Scheduler::boundary_states`). Returns whether blocks
+    /// are saved this step (describe them).
+    fn boundary_states(
+        &self,
+        req: &str,
+        hashes_: Vec<Vec<u8>>,
+        states: Vec<(u32, u32, u32)>,
+    ) -> PyResult<bool> {
+        let hs = hashes(hashes_)?;
+        Ok(self.inner.lock().boundary_states(req, &hs, &states))
+    }
+
+    /// Whether the engine must report its steps (`stepped`, `boundary_states`): offload with a
+    /// sliding-window or state group.
     fn has_windows(&self) -> bool {
         self.inner.lock().has_windows()
     }

@@ -6,7 +6,8 @@ CONFIG_JSON: {"name": ..., "connector": null | {kv_connector_extra_config...},
 "kv_connector": "KVFerryConnector" (default) | "OffloadingConnector", "kv_role" (default
 "kv_both"), "policy": vLLM's
 kv_load_failure_policy ("recompute" by default here; vLLM's own default is "fail"),
-"max_num_seqs": N, "block_size": N, "hybrid": true (vLLM's hybrid KV cache manager on)}. Commands, one JSON object per line; each answer is one
+"max_num_seqs": N, "block_size": N or null (vLLM's choice), "dtype" (default "float32"), "hybrid":
+true (vLLM's hybrid KV cache manager on)}. Commands, one JSON object per line; each answer is one
 line starting with "@@ " (vLLM logs on stdout too):
 
     {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N or [N, ...],
@@ -68,8 +69,9 @@ def main():
     t0 = time.time()
     llm = LLM(
         model=model,
-        dtype="float32",
-        block_size=int(cfg.get("block_size", 32)),
+        dtype=cfg.get("dtype", "float32"),
+        # null: vLLM's choice (a Mamba hybrid's blocks are sized to its state pages).
+        block_size=None if cfg.get("block_size", 32) is None else int(cfg.get("block_size", 32)),
         max_model_len=2048,
         enforce_eager=True,
         seed=0,

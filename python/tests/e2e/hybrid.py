@@ -11,6 +11,10 @@ ends in.
 
 With window 64 and blocks of 32, a sliding-window group holds the last cdiv(64 - 1, 32) = 2
 blocks of a prefix (vLLM's `get_num_skipped_tokens`), the full-attention group all of them.
+
+hybrid-gdn-offload: a Gated DeltaNet hybrid (tiny Qwen3-Next, bfloat16, 256-token blocks, vLLM's
+Mamba "align" mode): its state group keeps one state per block boundary, which vLLM names to the
+connector as it writes it; a hit loads the state at its end alone.
 """
 
 import os
@@ -165,8 +169,77 @@ def offloading_spec(_model, _plain):
     return spec(model, reference(model, prompts()), name="hybrid-offloading-spec", **HYBRID)
 
 
+GDN = {"hybrid": True, "dtype": "bfloat16", "block_size": None}
+GDN_BLOCK = 256
+
+
+def gdn_model():
+    path = os.path.join(tempfile.gettempdir(), "kvferry-e2e-gdn-model")
+    if not os.path.isdir(path):
+        subprocess.run(
+            [sys.executable, os.path.join(HERE, "make_tiny_model.py"), path, "--gdn", "--layers", "4"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return path
+
+
+def gdn_offload(_model, _plain):
+    """A Gated DeltaNet hybrid (a tiny Qwen3-Next: linear attention with a recurrent state, and
+    full attention) in bfloat16 with vLLM's 256-token blocks: the state group moves only the
+    states at block boundaries vLLM hands over as it writes them, a hit loads the last one
+    alone; G2 and G3 across a restart, token for token against plain vLLM."""
+    model = gdn_model()
+    # Prompts of 3 blocks and 40 tokens, the first 2 blocks shared: a repeated prompt hits its
+    # 3 blocks, loading 3 full-attention blocks and the state after block 3 alone.
+    ps = prompts(4, prefix_len=2 * GDN_BLOCK + 40, suffix_len=GDN_BLOCK)
+    plain = plain_outputs(model, "plain-gdn", ps, 8, **GDN)
+    nvme = tempfile.mkdtemp(prefix="kvferry-e2e-gdn-g3-")
+    conn = {"pd": False, "dram_blocks": 64, "nvme_dir": nvme, "nvme_blocks": 128}
+    e = Engine(model, "gdn-offload", conn, **GDN)
+    try:
+        kinds = e.call(op="kv_groups")["groups"]
+        assert "MambaSpec" in kinds and "FullAttentionSpec" in kinds, kinds
+        out, _ = e.generate(ps, 8)
+        check_same("gdn offload round 1", out, plain)
+        assert e.call(op="settle")["reset"], "vLLM's prefix cache did not empty"
+        s1 = e.stats()
+        assert s1["saved_blocks"] > 0, s1
+        out2, _ = e.generate(ps, 8)
+        check_same("gdn offload round 2 (from G2)", out2, plain)
+        s2 = e.stats()
+        loaded = s2["onboarded_blocks"]
+        # 4 per prompt: 3 of the full-attention group, 1 of the state group (6 if the state
+        # group moved every position).
+        assert loaded == 4 * len(ps) and s2["onboard_failed_blocks"] == 0, s2
+        e.close()
+        e = Engine(model, "gdn-offload-restarted", conn, **GDN)
+        out3, _ = e.generate(ps, 8)
+        check_same("gdn offload after a restart (from G3)", out3, plain)
+        s3 = e.stats()
+        assert s3["onboarded_blocks"] == 4 * len(ps) and s3["onboard_failed_blocks"] == 0, s3
+        e.close()
+        # P/D of state groups is refused at start, with the reason, rather than run.
+        e = Engine(model, "gdn-pd-refused", {"pd": True}, **GDN)
+        try:
+            e.wait_ready()
+            raise AssertionError("a GDN engine started with P/D on")
+        except RuntimeError:
+            pass
+        log = open(e.log.name).read()
+        assert "P/D of a model with Mamba / Gated DeltaNet state groups" in log, log[-2000:]
+        return (
+            f"groups {kinds}: {s1['saved_blocks']} blocks saved, {loaded} onboarded from G2, "
+            f"{s3['onboarded_blocks']} from G3 after a restart (per prompt 3 full-attention "
+            "blocks and one state); outputs as plain vLLM's; P/D refused at start"
+        )
+    finally:
+        e.close()
+
+
 SCENARIOS = [
     ("hybrid-offload", offload),
+    ("hybrid-gdn-offload", gdn_offload),
     ("hybrid-pd", pd),
     ("hybrid-offloading-spec", offloading_spec),
 ]
