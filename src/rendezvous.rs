@@ -50,9 +50,8 @@ pub enum Answer {
 /// An offer as posted under a key.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Posted {
+    /// The offer (`num_tokens`: the prompt tokens its blocks hold).
     pub remote: RemoteParams,
-    /// Prompt tokens the offered blocks hold.
-    pub num_tokens: u32,
     /// [`prompt_digest`] of the prefill request's prompt.
     pub prompt: u64,
 }
@@ -107,7 +106,7 @@ impl Answer {
                 b.extend_from_slice(&r.expires_unix.to_bits().to_le_bytes());
                 b.extend_from_slice(&r.tp_size.to_le_bytes());
                 b.extend_from_slice(&r.port.to_le_bytes());
-                b.extend_from_slice(&p.num_tokens.to_le_bytes());
+                b.extend_from_slice(&r.num_tokens.to_le_bytes());
                 b.extend_from_slice(&p.prompt.to_le_bytes());
                 b.extend_from_slice(&(r.block_ids.len() as u32).to_le_bytes());
                 for id in &r.block_ids {
@@ -170,8 +169,8 @@ impl Answer {
                         groups,
                         grant,
                         expires_unix,
+                        num_tokens,
                     },
-                    num_tokens,
                     prompt,
                 }))
             }
@@ -358,8 +357,8 @@ mod tests {
                 groups: 1,
                 grant: 0xfeed,
                 expires_unix: 1.8e9,
+                num_tokens: 64,
             },
-            num_tokens: 64,
             prompt: prompt_digest(&[1, 2, 3], b""),
         }
     }

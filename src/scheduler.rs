@@ -119,6 +119,10 @@ pub struct RemoteParams {
     /// epoch; 0: not said). An offer that arrives after it is refused up front, so a late
     /// request is computed here instead of failing its load.
     pub expires_unix: f64,
+    /// Prompt tokens whose KV the offered blocks hold (NixlConnector's `remote_num_tokens`;
+    /// 0: not said). A model with state groups goes on from the prefill's state, which must be
+    /// after exactly the tokens this engine does not compute.
+    pub num_tokens: u32,
 }
 
 impl RemoteParams {
@@ -173,8 +177,6 @@ pub struct Offer {
     /// When the lease runs out if no decoder extends it (seconds since the Unix epoch; vLLM
     /// NixlConnector's `remote_blocks_expiry_time`).
     pub expires_unix: f64,
-    /// Prompt tokens whose KV the offered blocks hold (NixlConnector's `remote_num_tokens`).
-    pub num_tokens: u32,
 }
 
 /// Where a request's loaded tokens come from, for vLLM's cache-hit metrics split by tier
@@ -565,6 +567,7 @@ impl Scheduler {
         if self.waiting.contains_key(req) {
             return true;
         }
+        let prompt_tokens = self.pulled_tokens(prompt_tokens);
         let need = prompt_tokens.div_ceil(self.cfg.block_size.max(1)) as usize;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -580,10 +583,20 @@ impl Scheduler {
             let ids = r.group(g);
             ids.len() < need || (kind != GroupKind::Full && ids[from..need].contains(&NULL_BLOCK))
         });
-        let why = if self.cfg.groups.contains(&GroupKind::State) {
-            // The prefill's last state block holds the state after its whole prompt (and the
-            // token it sampled), not after a block boundary this engine could resume from.
-            Some("P/D of a model with recurrent-state (Mamba) groups is not supported".to_string())
+        let why = if self.has_state() && r.num_tokens != prompt_tokens {
+            // A state cannot be wound back (nor brought forward): only the prefill's state
+            // after exactly the tokens pulled lets this engine go on.
+            Some(format!(
+                "its state is after {} prompt tokens, this engine goes on after {prompt_tokens} \
+                 (a model with state groups: the prefill computes all but the last)",
+                r.num_tokens
+            ))
+        } else if self.has_state() && r.tp_size != self.cfg.tp_size {
+            // A state page is not laid out by KV heads: it moves whole, between equal ranks.
+            Some(format!(
+                "a prefill TP size of {} for a model with state groups (this engine's is {})",
+                r.tp_size, self.cfg.tp_size
+            ))
         } else if r.tp_size == 0 || r.tp_size > MAX_REMOTE_TP {
             Some(format!("a prefill TP size of {}", r.tp_size))
         } else if r.groups as usize != groups {
@@ -714,6 +727,24 @@ impl Scheduler {
         self.cfg.groups.len().max(1)
     }
 
+    /// The prompt tokens a decode request takes from its prefill engine: all of them, but for
+    /// models with a state group the last one, which this engine computes — the prefill
+    /// computed all but it, and its state after them is what this engine goes on from (vLLM
+    /// would otherwise recompute the last of a whole-prompt hit, applying it to a state that
+    /// already holds it).
+    fn pulled_tokens(&self, prompt_tokens: u32) -> u32 {
+        if self.has_state() {
+            prompt_tokens.saturating_sub(1)
+        } else {
+            prompt_tokens
+        }
+    }
+
+    /// Whether a KV cache group holds recurrent state ([`GroupKind::State`]).
+    pub fn has_state(&self) -> bool {
+        self.cfg.groups.contains(&GroupKind::State)
+    }
+
     fn group_kind(&self, g: usize) -> GroupKind {
         self.cfg.groups.get(g).copied().unwrap_or(GroupKind::Full)
     }
@@ -825,7 +856,7 @@ impl Scheduler {
                 self.awaiting.remove(req);
                 return Some(0);
             }
-            let count = prompt_tokens.saturating_sub(computed);
+            let count = self.pulled_tokens(prompt_tokens).saturating_sub(computed);
             if count > 0 {
                 self.plans.insert(req.to_string(), Plan::Pull { start });
             }
@@ -1104,10 +1135,10 @@ impl Scheduler {
                         groups: groups as u32,
                         grant: self.generations.issue(),
                         expires_unix,
+                        num_tokens: computed_tokens
+                            .min((len as u32).saturating_mul(self.cfg.block_size)),
                     },
                     expires_unix,
-                    num_tokens: computed_tokens
-                        .min((len as u32).saturating_mul(self.cfg.block_size)),
                 });
                 delay = true;
             } else {
@@ -1117,7 +1148,6 @@ impl Scheduler {
         if let (true, Some((key, prompt))) = (self.cfg.pd, post) {
             let posted = offer.as_ref().map(|o| Posted {
                 remote: o.remote.clone(),
-                num_tokens: o.num_tokens,
                 prompt,
             });
             self.step.posts.push((key.to_string(), posted));
@@ -1589,8 +1619,10 @@ mod tests {
         use crate::rendezvous::prompt_digest;
         let (mine, theirs) = (prompt_digest(&[1; 10], b""), prompt_digest(&[2; 10], b""));
         let posted = |prompt| Posted {
-            remote: offer(vec![5, 6, 7], 9),
-            num_tokens: 10,
+            remote: RemoteParams {
+                num_tokens: 10,
+                ..offer(vec![5, 6, 7], 9)
+            },
             prompt,
         };
         let mut d = sched(false, true);
@@ -1649,6 +1681,7 @@ mod tests {
             groups: 1,
             grant,
             expires_unix: 0.0,
+            num_tokens: 0,
         }
     }
 
@@ -1931,17 +1964,50 @@ mod tests {
     }
 
     #[test]
-    fn offers_are_refused_with_a_state_group() {
+    fn a_state_group_pulls_all_but_the_last_prompt_token_and_only_its_state_block() {
         let mut d = Scheduler::new(SchedulerConfig {
             groups: vec![GroupKind::Full, GroupKind::State],
             ..sched(false, true).cfg
         });
+        // 13 prompt tokens in blocks of 4: the prefill computed 12 (3 blocks); its state
+        // group's last block (position 2) holds the state after them.
         let r = RemoteParams {
             groups: 2,
-            ..offer((1..=8).collect(), 9)
+            num_tokens: 12,
+            ..offer(vec![1, 2, 3, 0, 0, 7], 9)
         };
-        assert_eq!(d.matched("r", Some(&r), 16, 16, &[], 0), Some(0));
-        assert_eq!(d.take_step().aborts.len(), 1, "the prefill engine may free");
+        assert_eq!(d.matched("r", Some(&r), 13, 13, &[], 0), Some(12));
+        d.allocated_groups("r", Some(&r), &[&[20, 21, 22, 23], &[0, 0, 32, 33]], 12);
+        let pulls = d.take_step().pulls;
+        assert_eq!(pulls.len(), 1);
+        assert_eq!(pulls[0].1.local_blocks, vec![20, 21, 22, 32]);
+        assert_eq!(pulls[0].1.remote_blocks, vec![1, 2, 3, 7]);
+        // An offer whose state block is missing, or from another TP size, is refused.
+        let lacking = RemoteParams {
+            groups: 2,
+            num_tokens: 12,
+            ..offer(vec![1, 2, 3, 0, 0, 0], 10)
+        };
+        assert_eq!(d.matched("s", Some(&lacking), 13, 13, &[], 0), Some(0));
+        let other_tp = RemoteParams {
+            groups: 2,
+            tp_size: 2,
+            num_tokens: 12,
+            ..offer(vec![1, 2, 3, 0, 0, 7], 11)
+        };
+        assert_eq!(d.matched("t", Some(&other_tp), 13, 13, &[], 0), Some(0));
+        // A prefill that computed the whole prompt: its state is one token on.
+        let whole = RemoteParams {
+            groups: 2,
+            num_tokens: 13,
+            ..offer(vec![1, 2, 3, 0, 0, 7], 12)
+        };
+        assert_eq!(d.matched("u", Some(&whole), 13, 13, &[], 0), Some(0));
+        assert_eq!(
+            d.take_step().aborts.len(),
+            3,
+            "the prefill engines may free"
+        );
     }
 
     #[test]

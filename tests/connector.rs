@@ -230,13 +230,13 @@ fn a_decoder_asks_by_key_until_the_prefill_posts_its_offer_then_pulls_it() {
         groups: 1,
         grant: g,
         expires_unix: 0.0,
+        num_tokens: 96,
     };
     prefill.conn.finish("p-req", Some((g, &remote)));
     prefill.conn.post(
         "kv-1",
         Some(Posted {
             remote: made.clone(),
-            num_tokens: 96,
             prompt,
         }),
     );
@@ -288,8 +288,8 @@ fn posted_at(addr: std::net::SocketAddr, req: &str) -> Posted {
             groups: 1,
             grant: Generations::new().issue(),
             expires_unix: 0.0,
+            num_tokens: 32,
         },
-        num_tokens: 32,
         prompt: prompt_digest(&[1], b""),
     }
 }

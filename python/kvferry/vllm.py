@@ -188,7 +188,12 @@ def _prompt_identity(request: "Request") -> tuple[list[int], bytes]:
         pos = getattr(f, "mm_position", None)
         ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
         parts.append(f"mm={ident}@{getattr(pos, 'offset', '?')}+{getattr(pos, 'length', '?')}")
-    return list(request.prompt_token_ids or ()), "\n".join(parts).encode()
+    tokens = list(request.prompt_token_ids or ())
+    params = request.kv_transfer_params if isinstance(request.kv_transfer_params, dict) else {}
+    # A prefill that stopped short of its last prompt token (state groups) names the whole
+    # prompt, as its decoder does.
+    tokens += [int(t) for t in params.get("_kvferry_stopped_short") or ()]
+    return tokens, "\n".join(parts).encode()
 
 
 def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[str, int, int]] | None:
@@ -486,12 +491,9 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         self.tp_size: int = vllm_config.parallel_config.tensor_parallel_size
         self.offload = int(self.extra.get("dram_blocks", 0)) > 0
         self.pd = bool(self.extra.get("pd", True))
-        if self.pd and any(k == "state" for k, _, _ in self.groups or ()):
-            raise ValueError(
-                "kvferry: P/D of a model with Mamba / Gated DeltaNet state groups is not "
-                "supported yet (a decoder would need the state after a block boundary, which a "
-                "prefill engine frees before it finishes); set \"pd\": false for offload"
-            )
+        # Mamba / Gated DeltaNet: a decoder goes on from the prefill's state after all but the
+        # last prompt token (see on_new_request).
+        self._states = any(k == "state" for k, _, _ in self.groups or ())
         pc = vllm_config.parallel_config
         if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
             raise ValueError(
@@ -920,6 +922,8 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         return True
 
     def on_new_request(self, request: "Request") -> None:
+        if self.pd and self._states:
+            self._stop_short(request)
         # Heartbeats for the prefill engine's grant start here, however long the request waits.
         remote = self._remote(request)
         if remote is not None:
@@ -930,6 +934,29 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             # llm-d's offloading protocol: the prefill runs now, elsewhere; its offer is asked
             # for by key, and until it is here the request waits (see get_num_new_matched_tokens).
             self.sched.expect(request.request_id, prefiller, _prompt_identity(request))
+
+    @staticmethod
+    def _stop_short(request: "Request") -> None:
+        """Prefill side, models with state groups: the prefill computes all but the last
+        prompt token, so that its state is the one the decoder goes on from (the decoder
+        computes that token itself: a state cannot be wound back), and samples one token, as
+        NixlConnector's prefill does. Once: a preempted request that comes back is not cut
+        again."""
+        params = request.kv_transfer_params
+        if not isinstance(params, dict) or params.get("_kvferry_stopped_short"):
+            return
+        if not (params.get("do_remote_decode") or isinstance(params.get("remote_decoder"), dict)):
+            return
+        skip = getattr(request, "get_skip_reading_prefix_cache", None)
+        if request.num_prompt_tokens <= 1 or request.prompt_token_ids is None or (skip and skip()):
+            # Nothing a decoder would load (it computes the whole prompt).
+            return
+        last = int(request.prompt_token_ids[-1])
+        del request.prompt_token_ids[-1:]
+        del request._all_token_ids[-1:]
+        request.num_prompt_tokens -= 1
+        request.max_tokens = 1
+        params["_kvferry_stopped_short"] = [last]
 
     @staticmethod
     def _role_key(p: Any, role: str) -> dict[str, Any] | None:
@@ -1004,6 +1031,9 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         expires = float(p.get("remote_blocks_expiry_time") or 0.0)
         if not math.isfinite(expires) or not 0.0 <= expires < 1e11:
             expires = 0.0
+        num_tokens = int(p.get("remote_num_tokens") or 0)
+        if not 0 <= num_tokens < 2**32:
+            num_tokens = 0  # not said: refused where it matters (models with state groups)
         return (
             str(p["remote_host"]),
             port,
@@ -1013,6 +1043,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             ids,
             grant if 0 < grant < 2**64 else 0,
             expires,
+            num_tokens,
         )
 
     def get_num_new_matched_tokens(

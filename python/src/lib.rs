@@ -487,15 +487,25 @@ fn event_tuple<'py>(
 }
 
 /// `(host, port, request_id, engine_id, tp_size, block_ids per KV cache group, grant,
-/// expires_unix)` from Python.
-type RemoteTuple = (String, u16, String, String, u32, Vec<Vec<u32>>, u64, f64);
+/// expires_unix, num_tokens)` from Python.
+type RemoteTuple = (
+    String,
+    u16,
+    String,
+    String,
+    u32,
+    Vec<Vec<u32>>,
+    u64,
+    f64,
+    u32,
+);
 
 fn remote(r: Option<RemoteTuple>) -> Option<RemoteParams> {
     r.map(remote_params)
 }
 
 fn remote_params(
-    (host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix): RemoteTuple,
+    (host, port, request_id, engine_id, tp_size, block_ids, grant, expires_unix, num_tokens): RemoteTuple,
 ) -> RemoteParams {
     // Groups of unequal length, or too many, are no offer the scheduler can split: it refuses
     // the empty list (fewer blocks than the prompt needs).
@@ -511,6 +521,7 @@ fn remote_params(
         block_ids: if even { block_ids.concat() } else { Vec::new() },
         grant,
         expires_unix,
+        num_tokens,
     }
 }
 
@@ -532,6 +543,7 @@ fn remote_tuple(r: RemoteParams) -> RemoteTuple {
         groups,
         r.grant,
         r.expires_unix,
+        r.num_tokens,
     )
 }
 
@@ -549,19 +561,18 @@ type DescribedEvent<'py> = (
 /// `(token ids, what else tells the KV of a prompt apart)`: what `prompt_digest` takes.
 type PromptTuple = (Vec<u32>, Vec<u8>);
 
-/// `(offer as RemoteTuple, num_tokens, prompt digest)`: an offer posted under a key.
-type PostedTuple = (RemoteTuple, u32, u64);
+/// `(offer as RemoteTuple, prompt digest)`: an offer posted under a key.
+type PostedTuple = (RemoteTuple, u64);
 
-fn posted((r, num_tokens, prompt): PostedTuple) -> Posted {
+fn posted((r, prompt): PostedTuple) -> Posted {
     Posted {
         remote: remote_params(r),
-        num_tokens,
         prompt,
     }
 }
 
 fn posted_tuple(p: Posted) -> PostedTuple {
-    (remote_tuple(p.remote), p.num_tokens, p.prompt)
+    (remote_tuple(p.remote), p.prompt)
 }
 
 /// `(host, port, tp_size, request_id, grant)`: where a grant lives.
@@ -916,7 +927,7 @@ impl Scheduler {
                 d.set_item("remote_port", r.port)?;
                 d.set_item("tp_size", r.tp_size)?;
                 d.set_item("pp_size", 1)?;
-                d.set_item("remote_num_tokens", o.num_tokens)?;
+                d.set_item("remote_num_tokens", r.num_tokens)?;
                 // NixlConnector's lease fields, and the grant a decoder must release.
                 d.set_item("remote_blocks_expiry_time", o.expires_unix)?;
                 d.set_item("kvferry_grant", format!("{:016x}", r.grant))?;

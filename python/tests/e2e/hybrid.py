@@ -218,28 +218,61 @@ def gdn_offload(_model, _plain):
         check_same("gdn offload after a restart (from G3)", out3, plain)
         s3 = e.stats()
         assert s3["onboarded_blocks"] == 4 * len(ps) and s3["onboard_failed_blocks"] == 0, s3
-        e.close()
-        # P/D of state groups is refused at start, with the reason, rather than run.
-        e = Engine(model, "gdn-pd-refused", {"pd": True}, **GDN)
-        try:
-            e.wait_ready()
-            raise AssertionError("a GDN engine started with P/D on")
-        except RuntimeError:
-            pass
-        log = open(e.log.name).read()
-        assert "P/D of a model with Mamba / Gated DeltaNet state groups" in log, log[-2000:]
         return (
             f"groups {kinds}: {s1['saved_blocks']} blocks saved, {loaded} onboarded from G2, "
             f"{s3['onboarded_blocks']} from G3 after a restart (per prompt 3 full-attention "
-            "blocks and one state); outputs as plain vLLM's; P/D refused at start"
+            "blocks and one state); outputs as plain vLLM's"
         )
     finally:
         e.close()
 
 
+def gdn_pd(_model, _plain):
+    """P/D of the Gated DeltaNet hybrid: the prefill engine computes all but the last prompt
+    token (a state cannot be wound back: the decoder goes on from the prefill's state after
+    them and computes that token itself), the decoder pulls every full-attention block of those
+    tokens and the one state block; token for token against plain vLLM. The prompts end on a
+    block boundary and off it (the state after a whole block, and mid-block)."""
+    model = gdn_model()
+    ps = [x[: 2 * GDN_BLOCK + 1] if i == 0 else x for i, x in enumerate(prompts(3, prefix_len=300, suffix_len=60))]
+    plain = plain_outputs(model, "plain-gdn-pd", ps, 8, **GDN)
+    port = quiet_ports(1)
+    pre = Engine(model, "gdn-prefill", {"pd": True, "port": port}, **GDN)
+    dec = Engine(model, "gdn-decode", {"pd": True}, **GDN)
+    try:
+        pre.wait_ready(), dec.wait_ready()
+        first, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        pre.call(op="step")
+        params = [o["kv_transfer_params"] for o in first]
+        out, _ = dec.generate(ps, 8, params)
+        check_same("gdn pd", out, plain)
+        d = dec.stats()
+        released = wait_released(pre, len(ps))
+        # Per prompt of P tokens: the full-attention blocks of P - 1 tokens, one state block.
+        want = sum(-(-(len(x) - 1) // GDN_BLOCK) + 1 for x in ps)
+        assert d["pulled_blocks"] == want and d["pull_failures"] == 0, (want, d)
+        assert released["pulls_served"] == len(ps), released
+        # An offer whose state is after the whole prompt (a prefill that did not stop short)
+        # is refused, and the prompt computed here: the state cannot be wound back.
+        again, _ = pre.generate(ps, 1, [{"do_remote_decode": True}] * len(ps))
+        params = [dict(o["kv_transfer_params"], remote_num_tokens=len(x)) for o, x in zip(again, ps)]
+        out, _ = dec.generate(ps, 8, params)
+        check_same("gdn pd, offers a token on", out, plain)
+        d2 = dec.stats()
+        assert d2["pulled_blocks"] == d["pulled_blocks"] and d2["pull_failures"] == 0, d2
+        return (
+            f"{d['pulled_blocks']} blocks pulled (per prompt its full-attention blocks and one "
+            "state); offers of a state a token on refused and computed here"
+        )
+    finally:
+        pre.close()
+        dec.close()
+
+
 SCENARIOS = [
     ("hybrid-offload", offload),
     ("hybrid-gdn-offload", gdn_offload),
+    ("hybrid-gdn-pd", gdn_pd),
     ("hybrid-pd", pd),
     ("hybrid-offloading-spec", offloading_spec),
 ]
