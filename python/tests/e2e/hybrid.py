@@ -269,10 +269,21 @@ def gdn_pd(_model, _plain):
         dec.close()
 
 
+def gdn_offloading_spec(_model, _plain):
+    """vLLM's OffloadingConnector with kvferry's spec on the Gated DeltaNet hybrid."""
+    from run_e2e import offloading_spec as spec
+
+    model = gdn_model()
+    ps = prompts(4, prefix_len=2 * GDN_BLOCK + 40, suffix_len=GDN_BLOCK)
+    plain = plain_outputs(model, "plain-gdn-spec", ps, 16, **GDN)
+    return spec(model, plain, name="gdn-offloading-spec", ps=ps, **GDN)
+
+
 SCENARIOS = [
     ("hybrid-offload", offload),
     ("hybrid-gdn-offload", gdn_offload),
     ("hybrid-gdn-pd", gdn_pd),
+    ("hybrid-gdn-offloading-spec", gdn_offloading_spec),
     ("hybrid-pd", pd),
     ("hybrid-offloading-spec", offloading_spec),
 ]

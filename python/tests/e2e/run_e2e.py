@@ -286,7 +286,7 @@ def prefill_killed(model, plain):
         dec.close()
 
 
-def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None, per_chunk=1, name=None, **opts):
+def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None, per_chunk=1, name=None, ps=None, **opts):
     """vLLM's own OffloadingConnector with kvferry's tiers as an out-of-tree spec; with a small
     capacity the manager evicts and kvferry drops the evicted blocks. With NVMe as small as DRAM
     the manager must not count DRAM and NVMe as separate room (an over-committed manager promised
@@ -304,7 +304,7 @@ def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None, per_chunk=1, n
         conn.update(nvme_dir=nvme_dir, nvme_blocks=dram_blocks)
     name = name or f"offloading-spec-{dram_blocks}" + ("-nvme" if nvme_dir else "")
     e = Engine(model, name, conn, kv_connector="OffloadingConnector", **opts)
-    ps = prompts()
+    ps = ps or prompts()
     try:
         s1, _ = saved_round(e, "offloading-spec", ps, plain)
         for rnd in range(3 if nvme_dir else 1):
