@@ -591,6 +591,13 @@ impl Scheduler {
                  (a model with state groups: the prefill computes all but the last)",
                 r.num_tokens
             ))
+        } else if r.num_tokens != 0 && r.num_tokens < prompt_tokens {
+            // Blocks the prefill computed fewer tokens of: the rest of their slots hold
+            // whatever their last request left there.
+            Some(format!(
+                "its blocks hold {} prompt tokens of the {prompt_tokens} this engine would load",
+                r.num_tokens
+            ))
         } else if self.has_state() && r.tp_size != self.cfg.tp_size {
             // A state page is not laid out by KV heads: it moves whole, between equal ranks.
             Some(format!(
@@ -1891,6 +1898,30 @@ mod tests {
             })
             .collect();
         s.apply(&events);
+    }
+
+    #[test]
+    fn an_offer_of_fewer_tokens_than_the_prompt_loads_is_refused() {
+        // The prefill computed 10 tokens; this prompt has 12 in the same 3 blocks of 4: slots
+        // 10 and 11 of the last block were never written for it.
+        let mut d = sched(false, true);
+        let short = RemoteParams {
+            num_tokens: 10,
+            ..offer(vec![5, 6, 7], 9)
+        };
+        assert_eq!(d.matched("d1", Some(&short), 12, 12, &[], 0), Some(0));
+        assert_eq!(d.take_step().aborts, vec![short.target()]);
+        // As many as the prompt (or not said, as from an older prefill): pulled.
+        for n in [12, 0] {
+            let ok = RemoteParams {
+                num_tokens: n,
+                ..offer(vec![5, 6, 7], 10 + u64::from(n))
+            };
+            assert_eq!(
+                d.matched(&format!("d{n}"), Some(&ok), 12, 12, &[], 0),
+                Some(12)
+            );
+        }
     }
 
     fn state_sched() -> Scheduler {

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -57,7 +58,7 @@ from vllm.v1.kv_offload.base import (
 )
 
 from kvferry._native import Connector as _Native
-from kvferry.chunks import chunk_block_keys
+from kvferry.chunks import chunk_block_keys, sub_key
 
 log = logging.getLogger("vllm.kvferry")
 
@@ -162,10 +163,15 @@ class KVFerryManager(OffloadingManager):
 class KVFerryWorker(OffloadingWorker):
     """Stores and loads through kvferry's Rust core, one request per job."""
 
-    def __init__(self, native: _Native, per_chunk: int = 1):
+    def __init__(self, native: _Native, per_chunk: int = 1, block_bytes: int = 0):
         self.native = native
         self.per_chunk = per_chunk
+        # Bytes a GPU block moves (every layer's page), for vLLM's transfer metrics.
+        self.block_bytes = block_bytes
         self.jobs: dict[str, int] = {}
+        # A job's blocks and when it started: `transfer_size` and `transfer_time`, which vLLM's
+        # kv_offload store/load families count.
+        self.started: dict[str, tuple[int, float]] = {}
         # A load job's destination blocks, to attribute load errors to the job they belong to.
         self.load_blocks: dict[str, set[int]] = {}
         self.done: list[TransferResult] = []
@@ -180,9 +186,7 @@ class KVFerryWorker(OffloadingWorker):
         )
 
     def _sub_keys(self, keys: list[bytes]) -> list[bytes]:
-        if self.per_chunk == 1:
-            return list(keys)
-        return [k + bytes([i]) for k in keys for i in range(self.per_chunk)]
+        return [sub_key(k, self.per_chunk, i) for k in keys for i in range(self.per_chunk)]
 
     def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
         assert isinstance(dst_spec, KVFerrySpec)
@@ -193,10 +197,13 @@ class KVFerryWorker(OffloadingWorker):
         name = f"store-{job_id}"
         self.jobs[name] = job_id
         try:
-            self.native.save(name, *self._pairs(src_spec, dst_spec.keys))
+            keys, blocks = self._pairs(src_spec, dst_spec.keys)
+            self.started[name] = (len(blocks), time.perf_counter())
+            self.native.save(name, keys, blocks)
         except Exception as e:  # noqa: BLE001 - reported as the job's failure
             log.error("kvferry: store job %d did not start: %s", job_id, e)
             self.jobs.pop(name, None)
+            self.started.pop(name, None)
             self.done.append(TransferResult(job_id=job_id, success=False))
             return True
         self.native.finish(name)
@@ -214,6 +221,7 @@ class KVFerryWorker(OffloadingWorker):
             self.done.append(TransferResult(job_id=job_id, success=False))
             return True
         self.load_blocks[name] = set(blocks)
+        self.started[name] = (len(blocks), time.perf_counter())
         self.native.load(name, keys, blocks)
         return True
 
@@ -228,15 +236,25 @@ class KVFerryWorker(OffloadingWorker):
                 "kvferry: %d blocks failed to load through vLLM's offloading connector",
                 len(errors),
             )
+        now = time.perf_counter()
         for name in list(sending) + list(recving):
             job = self.jobs.pop(name, None)
             blocks = self.load_blocks.pop(name, set())
+            n, t0 = self.started.pop(name, (0, now))
             if job is None:
                 continue
             ok = not (blocks & errors) and name not in failed_saves
             if not ok:
                 log.error("kvferry: offloading job %s failed", name)
-            self.done.append(TransferResult(job_id=job, success=ok))
+            size = n * self.block_bytes if ok and self.block_bytes else None
+            self.done.append(
+                TransferResult(
+                    job_id=job,
+                    success=ok,
+                    transfer_size=size,
+                    transfer_time=now - t0 if size else None,
+                )
+            )
 
     def get_finished(self) -> list[TransferResult]:
         self._collect()
@@ -244,14 +262,26 @@ class KVFerryWorker(OffloadingWorker):
         return out
 
     def wait(self, job_ids: set[int]) -> None:
-        import time
-
         while job_ids & set(self.jobs.values()):
             self._collect()
             time.sleep(0.001)
 
     def shutdown(self) -> None:
         self.native.shutdown(60.0)
+
+
+def _slides() -> bool:
+    """Whether the model being served has sliding-window layers (as far as its config says)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        hf = get_current_vllm_config().model_config.hf_text_config
+    except Exception:  # noqa: BLE001 - no model config to read: nothing known to slide
+        return False
+    kinds = getattr(hf, "layer_types", None) or ()
+    return bool(getattr(hf, "sliding_window", None)) and (
+        not kinds or any("sliding" in str(k) for k in kinds)
+    )
 
 
 class KVFerryOffloadingSpec(OffloadingSpec):
@@ -272,11 +302,12 @@ class KVFerryOffloadingSpec(OffloadingSpec):
                 "(KVFerryConnector); vLLM's OffloadingConnector owns what its tiers store"
             )
         self.per_chunk = int(self.blocks_per_chunk)
-        if self.per_chunk > 1 and len(self.tokens_per_block) > 1:
+        if self.per_chunk > 1 and (len(self.tokens_per_block) > 1 or _slides()):
             raise NotImplementedError(
-                "kvferry's offloading spec: blocks_per_chunk > 1 needs one KV cache group (vLLM "
-                "stores a sliding window's chunks with blocks it already freed, which a later "
-                "load would not find); use blocks_per_chunk 1 with hybrid models"
+                "kvferry's offloading spec: blocks_per_chunk > 1 needs one KV cache group of "
+                "full attention (vLLM stores a sliding window's chunks with blocks it already "
+                "freed, which a later load would not find); use blocks_per_chunk 1 with this "
+                "model"
             )
         if not 1 <= self.per_chunk <= 255:
             raise ValueError(f"kvferry: blocks_per_chunk {self.per_chunk} (1 to 255)")
@@ -349,9 +380,12 @@ class KVFerryOffloadingSpec(OffloadingSpec):
             layer_offsets=[t.data_ptr() - base for t in tensors],
             strides=[first.stride(0), page, page // tokens, 1],
         )
+        # vLLM's manager knows nothing of blocks recovered from G3 (it starts empty): their
+        # notes are of no use here.
+        native.take_recovered_notes()
         self._tensors = tensors  # vLLM keeps them alive; this documents the contract
         # Reachable like KVFerryConnector's core, for stats in tools and tests.
         from kvferry.vllm import _ENGINES
 
         _ENGINES[str(self.config.engine_id)] = native
-        return KVFerryWorker(native, self.per_chunk)
+        return KVFerryWorker(native, self.per_chunk, block_bytes=page * len(tensors))

@@ -175,7 +175,7 @@ def _stats_path(path: str | None, engine_id: str, rank: int, tp_size: int, dp_si
     return f"{root}.{engine_id}.rank{rank}{ext}"
 
 
-def _prompt_identity(request: "Request") -> tuple[list[int], bytes]:
+def _prompt_identity(request: "Request", cut: list[int] = ()) -> tuple[list[int], bytes]:
     """A prompt as both engines of the ``offloading`` protocol name it: its token ids, and what
     else makes the KV of the same tokens differ (the LoRA adapter, the cache salt, multimodal
     inputs' hashes and places). A decoder takes an offer only for the same."""
@@ -188,12 +188,9 @@ def _prompt_identity(request: "Request") -> tuple[list[int], bytes]:
         pos = getattr(f, "mm_position", None)
         ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
         parts.append(f"mm={ident}@{getattr(pos, 'offset', '?')}+{getattr(pos, 'length', '?')}")
-    tokens = list(request.prompt_token_ids or ())
-    params = request.kv_transfer_params if isinstance(request.kv_transfer_params, dict) else {}
-    # A prefill that stopped short of its last prompt token (state groups) names the whole
+    # `cut`: the prompt tokens a prefill stopped short of (state groups): it names the whole
     # prompt, as its decoder does.
-    tokens += [int(t) for t in params.get("_kvferry_stopped_short") or ()]
-    return tokens, "\n".join(parts).encode()
+    return list(request.prompt_token_ids or ()) + list(cut), "\n".join(parts).encode()
 
 
 def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[str, int, int]] | None:
@@ -345,7 +342,7 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
     ``vllm:kv_offload_store_bytes`` (engine cache to the tiers) and ``vllm:kv_offload_load_bytes``
     (the tiers to the engine cache, G3's through G2), so dashboards made for vLLM's
     OffloadingConnector read kvferry too. Not when an OffloadingConnector runs beside kvferry
-    (a MultiConnector): the two would register one family twice, and it is that connector's."""
+    (a MultiConnector): the family is that connector's."""
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -368,19 +365,9 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
             )
             self._gauges[k] = create_metric_per_engine(g, per_engine_labelvalues)
         self._counters: dict[str, Any] = {}
-        # kvferry's counter -> vLLM's family for the same bytes.
+        # kvferry's counter -> vLLM's family for the same bytes, made at the first bytes (see
+        # _vllm_family); None: left to an OffloadingConnector beside kvferry.
         self._vllm_families: dict[str, Any] = {}
-        ktc = getattr(vllm_config, "kv_transfer_config", None)
-        beside = ktc is not None and hasattr(ktc, "has_connector") and ktc.has_connector(
-            "OffloadingConnector"
-        )
-        if not beside:
-            for ours, family, doc in (
-                ("dram_bytes_in", "vllm:kv_offload_store_bytes", "Total bytes stored from GPU to offload storage."),
-                ("dram_bytes_out", "vllm:kv_offload_load_bytes", "Total bytes loaded from offload storage to GPU."),
-            ):
-                c = self._counter_cls(name=family, documentation=doc, labelnames=labelnames)
-                self._vllm_families[ours] = create_metric_per_engine(c, per_engine_labelvalues)
 
     def _counter(self, k: str):
         c = self._counters.get(k)
@@ -394,14 +381,44 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
             c = self._counters[k] = self._per_engine(metric, self.per_engine_labelvalues)
         return c
 
+    _VLLM_FAMILIES = {
+        "dram_bytes_in": ("vllm:kv_offload_store_bytes", "Total bytes stored from GPU to offload storage."),
+        "dram_bytes_out": ("vllm:kv_offload_load_bytes", "Total bytes loaded from offload storage to GPU."),
+    }
+
+    def _vllm_family(self, k: str):
+        """vLLM's family for kvferry's counter `k`, or None. Made at the first bytes, after
+        every connector's metrics exist: an OffloadingConnector beside kvferry (a
+        MultiConnector, which hands each child a config naming it alone) registers the same
+        family when it is made, and a second registration fails; then the family is its."""
+        if k not in self._VLLM_FAMILIES:
+            return None
+        if k not in self._vllm_families:
+            name, doc = self._VLLM_FAMILIES[k]
+            try:
+                from prometheus_client import REGISTRY
+
+                taken = name in getattr(REGISTRY, "_names_to_collectors", {}) or (
+                    name + "_total" in getattr(REGISTRY, "_names_to_collectors", {})
+                )
+                family = None
+                if not taken:
+                    c = self._counter_cls(name=name, documentation=doc, labelnames=self._labelnames)
+                    family = self._per_engine(c, self.per_engine_labelvalues)
+            except ValueError:  # registered between the check and here
+                family = None
+            self._vllm_families[k] = family
+        return self._vllm_families[k]
+
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for k, v in (transfer_stats_data or {}).items():
             if k in self._gauges:
                 self._gauges[k][engine_idx].set(v)
             elif isinstance(v, (int, float)) and v > 0:
                 self._counter(k)[engine_idx].inc(v)
-                if k in self._vllm_families:
-                    self._vllm_families[k][engine_idx].inc(v)
+                family = self._vllm_family(k)
+                if family is not None:
+                    family[engine_idx].inc(v)
 
 
 @dataclass
@@ -485,6 +502,15 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         self.block_size: int = vllm_config.cache_config.block_size
         # Hybrid models: one KV cache group per attention kind (None: one group).
         self.groups = kv_groups(kv_cache_config, self.block_size)
+        hash_bs = getattr(kv_cache_config, "hash_block_size", None)
+        if hash_bs and int(hash_bs) != self.block_size:
+            # kvferry keys block i by the request's hash i: hashes of another span (vLLM's
+            # prefix_match_unit) would name other prefixes.
+            raise ValueError(
+                f"kvferry: vLLM hashes prefixes every {hash_bs} tokens and its blocks hold "
+                f"{self.block_size}; kvferry needs one block per hash (leave prefix_match_unit "
+                "unset)"
+            )
         self._group_layers: list[list[str]] = [
             list(g.layer_names) for g in getattr(kv_cache_config, "kv_cache_groups", None) or ()
         ]
@@ -570,6 +596,9 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         self._windows = self.sched.has_windows()
         self._running: dict[str, "Request"] = {}
         self._tables: dict[str, list[list[int]]] = {}
+        # Prefill requests that stopped one prompt token short (state groups): the token cut.
+        # Kept here, not in the request's kv_transfer_params, which clients write.
+        self._cut: dict[str, list[int]] = {}
         # Worker-side state.
         self._load_errors: set[int] = set()
         self._resets = 0
@@ -693,8 +722,11 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         if self.native is None:
             return None
         events = list(self.native.take_events())
-        # Only rank 0's events reach routers: only its notes are needed.
-        notes = list(self.native.take_recovered_notes()) if self._rank == 0 else []
+        # Only rank 0's events reach routers: only its notes are needed (the others are
+        # taken all the same, or they would stay in memory).
+        notes = list(self.native.take_recovered_notes())
+        if self._rank != 0:
+            notes = []
         if not events and (not self.pd or self.addrs.base_port is not None):
             # Nothing the scheduler does not know already (its port is configured, no block was
             # recovered from G3): no handshake object, so that beside another connector in a
@@ -935,28 +967,36 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             # for by key, and until it is here the request waits (see get_num_new_matched_tokens).
             self.sched.expect(request.request_id, prefiller, _prompt_identity(request))
 
-    @staticmethod
-    def _stop_short(request: "Request") -> None:
+    def _stop_short(self, request: "Request") -> None:
         """Prefill side, models with state groups: the prefill computes all but the last
         prompt token, so that its state is the one the decoder goes on from (the decoder
         computes that token itself: a state cannot be wound back), and samples one token, as
         NixlConnector's prefill does. Once: a preempted request that comes back is not cut
         again."""
         params = request.kv_transfer_params
-        if not isinstance(params, dict) or params.get("_kvferry_stopped_short"):
+        if request.request_id in self._cut or not isinstance(params, dict):
             return
         if not (params.get("do_remote_decode") or isinstance(params.get("remote_decoder"), dict)):
             return
         skip = getattr(request, "get_skip_reading_prefix_cache", None)
-        if request.num_prompt_tokens <= 1 or request.prompt_token_ids is None or (skip and skip()):
-            # Nothing a decoder would load (it computes the whole prompt).
+        if (
+            request.num_prompt_tokens <= 1
+            or request.prompt_token_ids is None
+            or (skip and skip())
+            or getattr(request, "resumable", False)
+        ):
+            # Nothing a decoder would load (it computes the whole prompt), or a session that
+            # goes on after this turn.
             return
         last = int(request.prompt_token_ids[-1])
         del request.prompt_token_ids[-1:]
         del request._all_token_ids[-1:]
         request.num_prompt_tokens -= 1
         request.max_tokens = 1
-        params["_kvferry_stopped_short"] = [last]
+        # A hash of the block the cut token ended would name it whole: dropped (vLLM hashes
+        # the block again once it is full).
+        del request.block_hashes[request.num_prompt_tokens // self.block_size :]
+        self._cut[request.request_id] = [last]
 
     @staticmethod
     def _role_key(p: Any, role: str) -> dict[str, Any] | None:
@@ -1211,13 +1251,14 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
 
         self._running.pop(request.request_id, None)
         self._tables.pop(request.request_id, None)
+        cut = self._cut.pop(request.request_id, ())
         ok = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         params = request.kv_transfer_params or {}
         # llm-d's offloading protocol, prefill side: the offer goes to the decoder by key.
         decoder = self._role_key(params, "remote_decoder") if self.pd else None
         post = None
         if decoder is not None:
-            post = (decoder["kv_request_id"], _prompt_identity(request))
+            post = (decoder["kv_request_id"], _prompt_identity(request, cut))
         hashes = list(request.block_hashes)
         out = self.sched.finished(
             request.request_id,

@@ -281,8 +281,10 @@ def test_offloading_keys_pair_with_gpu_blocks_per_group_and_chunk():
     ids = list(range(100, 109)) + [200, 201, 202]
     got, blocks = chunk_block_keys(keys, ids, [9, 3], [3, 9], 2)
     assert blocks == ids
-    want = [b"a3\x01", b"a5\x00", b"a5\x01", b"a7\x00", b"a7\x01", b"a9\x00", b"a9\x01"]
-    want += [b"a11\x00", b"a11\x01", b"b9\x01", b"b11\x00", b"b11\x01"]
+    # Each under its chunk's key, the chunk size and its place in the chunk.
+    want = [b"a3\x02\x01", b"a5\x02\x00", b"a5\x02\x01", b"a7\x02\x00", b"a7\x02\x01"]
+    want += [b"a9\x02\x00", b"a9\x02\x01", b"a11\x02\x00", b"a11\x02\x01"]
+    want += [b"b9\x02\x01", b"b11\x02\x00", b"b11\x02\x01"]
     assert got == want, got
     # One block a chunk: the keys themselves (G3 files and events as before).
     assert chunk_block_keys(keys[:2], [7, 8], [2], [4], 1) == ([b"a3", b"a5"], [7, 8])

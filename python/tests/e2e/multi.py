@@ -5,9 +5,13 @@ where MultiConnector asks every child for its Prometheus metrics). The server mu
 serve, outputs must equal plain vLLM's token for token, kvferry must offload and onboard a
 prefix, and its counters must be on vLLM's /metrics.
 
-- multi-connector: both orders.
+- multi-connector: both orders, and ``[KVFerryConnector, OffloadingConnector]`` (vLLM's own
+  offloading scheduler, on kvferry's spec): vLLM's ``vllm:kv_offload_*`` families are then the
+  OffloadingConnector's, and kvferry does not register them a second time (which would stop
+  the server at start).
 
-Skips with the reason when NIXL's Python package is not importable in vLLM's environment.
+The NixlConnector orders are left out, with the reason printed, when NIXL's Python package is
+not importable in vLLM's environment.
 """
 
 from __future__ import annotations
@@ -24,10 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples"))
 
 
-class Skip(Exception):
-    pass
-
-
 def _children(order):
     nixl = {
         "kv_connector": "NixlConnector",
@@ -41,20 +41,36 @@ def _children(order):
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"pd": False, "dram_blocks": 256},
     }
-    return [nixl, ferry] if order == "nixl-first" else [ferry, nixl]
+    offloading = {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "spec_name": "KVFerryOffloadingSpec",
+            "spec_module_path": "kvferry.offload_spec",
+            "dram_blocks": 256,
+        },
+    }
+    return {
+        "nixl-first": [nixl, ferry],
+        "kvferry-first": [ferry, nixl],
+        "beside-offloading": [ferry, offloading],
+    }[order]
 
 
 def multi_connector(model, plain):
-    try:
-        import nixl  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        raise Skip(f"NIXL is not importable here ({e})") from e
     import vllm_demo
 
+    orders = ["beside-offloading"]
+    try:
+        import nixl  # noqa: F401
+
+        orders = ["nixl-first", "kvferry-first", *orders]
+    except Exception as e:  # noqa: BLE001
+        print(f"multi-connector: NIXL is not importable here ({e}); its orders are skipped")
     prompts = vllm_demo.prompts(3, 300, seed=21)
     want = plain_outputs(model, "plain-multi", prompts, 16)
     notes = []
-    for order in ("nixl-first", "kvferry-first"):
+    for order in orders:
         work = tempfile.mkdtemp(prefix="kvferry-multi-")
         cfg = {
             "kv_connector": "MultiConnector",
@@ -87,6 +103,9 @@ def multi_connector(model, plain):
             assert m.get("vllm:kvferry_saved_blocks_total", 0) > 0, m
             assert m.get("vllm:kvferry_onboarded_blocks_total", 0) > 0, m
             assert srv.proc.poll() is None, f"the server died; log: {srv.log_path}"
+            if order == "beside-offloading":
+                # The OffloadingConnector's own families, fed by its jobs on kvferry's spec.
+                assert m.get("vllm:kv_offload_store_bytes_total", 0) > 0, m
             notes.append(
                 f"{order}: served, {int(m['vllm:kvferry_saved_blocks_total'])} blocks saved, "
                 f"{int(m['vllm:kvferry_onboarded_blocks_total'])} onboarded (vLLM's /metrics)"

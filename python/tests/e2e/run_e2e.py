@@ -303,7 +303,7 @@ def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None, per_chunk=1, n
     if nvme_dir:
         conn.update(nvme_dir=nvme_dir, nvme_blocks=dram_blocks)
     name = name or f"offloading-spec-{dram_blocks}" + ("-nvme" if nvme_dir else "")
-    e = Engine(model, name, conn, kv_connector="OffloadingConnector", **opts)
+    e = Engine(model, name, conn, kv_connector="OffloadingConnector", metrics=True, **opts)
     ps = ps or prompts()
     try:
         s1, _ = saved_round(e, "offloading-spec", ps, plain)
@@ -315,6 +315,11 @@ def offloading_spec(model, plain, dram_blocks=256, nvme_dir=None, per_chunk=1, n
         assert s2["onboard_failed_blocks"] == 0, s2
         assert s2["onboarded_blocks"] > 0 or dram_blocks < 12, s2
         assert s2["dram_blocks"] <= dram_blocks, s2
+        # vLLM's own transfer families count kvferry's jobs (their sizes and times).
+        m = e.call(op="metrics")["metrics"]
+        moved = {k: v for k, v in m.items() if "kv_offload_" in k and "bytes" in k}
+        assert any("store" in k and v > 0 for k, v in moved.items()), moved
+        assert any("load" in k and v > 0 for k, v in moved.items()) or s2["onboarded_blocks"] == 0, moved
         return (
             f"vLLM's OffloadingConnector on kvferry's G2 ({dram_blocks} blocks): "
             f"{s1['saved_blocks']} blocks saved, {s2['onboarded_blocks']} onboarded, "
