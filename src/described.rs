@@ -149,6 +149,35 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_or_not_without_panicking(
+            note in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            key in proptest::num::u64::ANY,
+        ) {
+            let _ = Described::from_note(&BlockHash::from_u64(key), &note);
+        }
+
+        #[test]
+        fn every_description_round_trips(
+            group in 0u32..16,
+            parent in proptest::option::of(proptest::num::u64::ANY),
+            tokens in proptest::collection::vec(proptest::num::u32::ANY, 0..64),
+            lora in proptest::option::of("[a-z0-9-]{1,40}"),
+            hash in proptest::num::u64::ANY,
+        ) {
+            let d = Described {
+                hash: BlockHash::from_u64(hash),
+                group,
+                parent: parent.map(BlockHash::from_u64),
+                tokens,
+                lora,
+            };
+            let note = d.note().expect("fits");
+            proptest::prop_assert_eq!(Described::from_note(&d.key(), &note), Some(d));
+        }
+    }
+
     #[test]
     fn hostile_lengths_are_refused_not_allocated() {
         let d = described(0, true, None);
