@@ -1216,8 +1216,7 @@ impl Scheduler {
                 .min(ids_g.len());
             for i in from..to {
                 let key = hashes[i].in_group(g as u32);
-                if ids_g[i] != NULL_BLOCK && !self.loadable(&key) && !self.saving.contains_key(&key)
-                {
+                if ids_g[i] != NULL_BLOCK {
                     keys.push((key, i as u32));
                     ids.push(ids_g[i]);
                 }
@@ -1251,27 +1250,31 @@ impl Scheduler {
                 continue;
             };
             let j = j as usize;
+            // `group_kind` is Full for a group past the engine's.
             if self.group_kind(g as usize) != GroupKind::State
-                || (g as usize) >= self.group_count()
                 || boundary % bs != 0
                 || block == NULL_BLOCK
                 || j >= hashes.len()
             {
                 continue;
             }
-            let key = hashes[j].in_group(g);
-            if !self.loadable(&key)
-                && !self.saving.contains_key(&key)
-                && !keys.iter().any(|(k, _)| *k == key)
-            {
-                keys.push((key, j as u32));
-                ids.push(block);
-            }
+            keys.push((hashes[j].in_group(g), j as u32));
+            ids.push(block);
         }
         self.save_at_step_end(req, keys, ids)
     }
 
+    /// Saves `(key, depth)` from block `ids` at the end of this step, but those the tiers
+    /// hold or are saving already (and a key named twice, once).
     fn save_at_step_end(&mut self, req: &str, keys: Vec<(BlockHash, u32)>, ids: Vec<u32>) -> bool {
+        let mut seen = HashSet::new();
+        let (keys, ids): (Vec<_>, Vec<_>) = keys
+            .into_iter()
+            .zip(ids)
+            .filter(|((k, _), _)| {
+                !self.loadable(k) && !self.saving.contains_key(k) && seen.insert(*k)
+            })
+            .unzip();
         if keys.is_empty() {
             return false;
         }
