@@ -52,6 +52,7 @@ fn prefill() -> Res<()> {
         layout,
         tp_size: 1,
         tp_rank: 0,
+        staged: false,
     })?;
     println!("{}", agent.listen_addr());
     std::io::stdout().flush()?;

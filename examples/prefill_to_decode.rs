@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             layout: prefill_layout.clone(),
             tp_size: 1,
             tp_rank: 0,
+            staged: false,
         }],
     })
     .encode();

@@ -26,6 +26,7 @@ use kvnet::{Agent, AgentConfig, NetError, TransportKind, Verdict};
 use crate::lease::{Ended, GrantId, Grants, LeaseCall, LeaseReply};
 use crate::rendezvous::{Answer, Board, Posted};
 use crate::served::{Granted, ServeGuard, Serving};
+use crate::staging::{Direction, Staging};
 use kvtier::{G1Id, NvmeConfig, Tier, TierConfig, TierEngine, TierError, TierEvent};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -97,6 +98,10 @@ pub struct PdConfig {
     pub lease: Duration,
     /// Connecting to a prefill engine and each transfer step give up after this long.
     pub timeout: Duration,
+    /// Serve and land blocks through a host copy of the cache ([`crate::staging`]) even when
+    /// the cache itself could be exported: NixlConnector's `kv_buffer_device: "cpu"`. A device
+    /// cache that no transport here can export is staged whatever this says.
+    pub staged: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -206,6 +211,18 @@ struct PullState {
     outstanding: usize,
     failed: Option<String>,
     bytes: u64,
+    /// The reads land in the staging copy (our cache is staged): copied into the cache after
+    /// the release confirmed them.
+    staged: bool,
+}
+
+/// A pull ready to post: the prefill ranks' peer names, the reads by source rank, and whether
+/// either side goes through a staging copy.
+struct Prepared {
+    peers: Vec<String>,
+    posts: Vec<(usize, Vec<Descriptor>, Vec<Descriptor>)>,
+    remote_staged: bool,
+    local_staged: bool,
 }
 
 /// Work for the lease threads.
@@ -216,6 +233,23 @@ enum LeaseJob {
     },
     Extend(LeaseTarget),
     Abort(LeaseTarget),
+    /// Prefill side: a finished request's blocks reached the staging mirror (or failed to):
+    /// its grant goes live (or is abandoned).
+    Staged {
+        req: String,
+        generation: u64,
+        digest: u64,
+        runs: Vec<(u64, u64)>,
+        result: std::result::Result<u64, kvtier::CopyError>,
+    },
+    /// Decode side: a confirmed pull's blocks were copied from the staging mirror into the
+    /// cache (or failed to): report the pull.
+    Landed {
+        req: String,
+        spec: PullSpec,
+        bytes: u64,
+        result: std::result::Result<u64, kvtier::CopyError>,
+    },
     Stop,
 }
 
@@ -238,6 +272,15 @@ struct Cache {
     layout: CacheLayout,
     tiers: Option<(TierEngine, G1Id)>,
     region: Option<RegionId>,
+    /// P/D through a host copy of the cache: `region` is then the copy's.
+    staging: Option<Staging>,
+}
+
+/// Where the engine's KV cache is.
+#[derive(Clone, Copy, Debug)]
+enum CacheMemory {
+    Host(u64),
+    Device { ordinal: u32, ptr: u64 },
 }
 
 #[derive(Default)]
@@ -483,19 +526,66 @@ impl Core {
         self.agent.as_ref().map(Agent::listen_addr)
     }
 
-    /// Registers the engine's KV cache (host memory: CPU engines, or a host mirror).
+    /// Registers the engine's KV cache in host memory (CPU engines).
     ///
     /// # Safety
     /// `base..base + layout.span_bytes()` must stay valid until the connector is dropped, and the
     /// engine must not write a block while it is being saved or pulled by a peer, nor touch a
     /// block being loaded, until the connector reports the request finished.
     pub unsafe fn register_cache(&self, layout: CacheLayout, base: *mut u8) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.register(layout, CacheMemory::Host(base as u64)) }
+    }
+
+    /// Registers the engine's KV cache in device memory of CUDA device `ordinal` (vLLM on a
+    /// GPU): G2 is then CUDA pinned memory and blocks move with kvtier's CUDA copy engine; for
+    /// P/D the cache is exported as device memory where UCX has CUDA, and staged through a host
+    /// copy otherwise ([`crate::staging`]). Every layer's extent is checked to be device memory
+    /// of that device. Without a CUDA driver or device the error says so.
+    ///
+    /// The engine must order its own work before the connector's copies: a block handed to a
+    /// save (or a finish) must hold its final bytes when the call is made — its writes complete,
+    /// not merely enqueued on a stream — and a block handed to a load must have no kernel still
+    /// reading it. (vLLM's adapter waits on the compute stream where that does not already
+    /// hold.)
+    ///
+    /// # Safety
+    /// The device memory `device_ptr..device_ptr + layout.span_bytes()` must stay allocated until
+    /// the connector is dropped; otherwise as [`Core::register_cache`].
+    pub unsafe fn register_device_cache(
+        &self,
+        layout: CacheLayout,
+        ordinal: u32,
+        device_ptr: u64,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            self.register(
+                layout,
+                CacheMemory::Device {
+                    ordinal,
+                    ptr: device_ptr,
+                },
+            )
+        }
+    }
+
+    /// # Safety
+    /// As for [`Core::register_cache`] / [`Core::register_device_cache`].
+    unsafe fn register(&self, layout: CacheLayout, mem: CacheMemory) -> Result<()> {
         let mut slot = self.cache.lock();
         if slot.is_some() {
             return Err(ConnectorError::Config(
                 "the KV cache is already registered".into(),
             ));
         }
+        let gpu = match mem {
+            CacheMemory::Device { ordinal, .. } => Some(
+                kvtier::cuda::Gpu::open(ordinal)
+                    .map_err(|e| ConnectorError::Config(format!("a CUDA KV cache: {e}")))?,
+            ),
+            CacheMemory::Host(_) => None,
+        };
         let tiers = match &self.cfg.offload {
             Some(o) => {
                 let mut tc = TierConfig::new(*layout.geometry(), o.dram_blocks);
@@ -503,6 +593,7 @@ impl Core {
                 tc.eviction = o.eviction;
                 tc.admission = o.admission;
                 tc.write_budget = o.write_budget;
+                tc.gpu = gpu.as_ref().map(kvtier::cuda::Gpu::ordinal);
                 if let Some((dir, blocks)) = &o.nvme {
                     tc.nvme = Some(NvmeConfig::new(dir.clone(), *blocks));
                     // The engine's cache layout is not part of it: tier blocks have kvferry's own
@@ -513,8 +604,16 @@ impl Core {
                     ));
                 }
                 let t = TierEngine::new(tc)?;
-                // SAFETY: forwarded from this function's contract.
-                let g1 = unsafe { t.register_g1(layout.clone(), base) }?;
+                let g1 = match mem {
+                    // SAFETY: forwarded from this function's contract.
+                    CacheMemory::Host(base) => {
+                        unsafe { t.register_g1(layout.clone(), base as *mut u8) }?
+                    }
+                    // SAFETY: forwarded from this function's contract.
+                    CacheMemory::Device { ptr, .. } => {
+                        unsafe { t.register_g1_device(layout.clone(), ptr) }?
+                    }
+                };
                 // Blocks recovered from G3 are announced like new ones, so a scheduler that
                 // mirrors the tiers from events knows them after a restart.
                 let mut st = self.st.lock();
@@ -525,30 +624,65 @@ impl Core {
             }
             None => None,
         };
-        let region = match &self.agent {
-            Some(a) => {
-                // SAFETY: forwarded from this function's contract.
-                let id = unsafe {
-                    a.register(Region {
+        let (region, staging) = match (&self.agent, self.cfg.pd.as_ref()) {
+            (Some(a), Some(pd)) => {
+                let staging = match (mem, &gpu) {
+                    (CacheMemory::Device { ptr, .. }, Some(gpu))
+                        if pd.staged || !a.device_memory() =>
+                    {
+                        log::info!(
+                            "kvferry: P/D stages the device KV cache through pinned host memory \
+                             ({})",
+                            if pd.staged {
+                                "as configured".to_string()
+                            } else {
+                                format!(
+                                    "transports {:?} cannot export device memory",
+                                    a.transports()
+                                )
+                            }
+                        );
+                        // SAFETY: forwarded from this function's contract.
+                        Some(unsafe { Staging::device(gpu, &layout, ptr) }?)
+                    }
+                    // SAFETY: forwarded from this function's contract.
+                    (CacheMemory::Host(base), _) if pd.staged => {
+                        Some(unsafe { Staging::host(&layout, base) }?)
+                    }
+                    _ => None,
+                };
+                let exported = match (&staging, mem) {
+                    (Some(s), _) => s.mirror(),
+                    (None, CacheMemory::Host(base)) => Region {
                         kind: MemKind::Host,
-                        base: base as u64,
+                        base,
                         len: layout.span_bytes(),
-                    })
-                }?;
+                    },
+                    (None, CacheMemory::Device { ordinal, ptr }) => Region {
+                        kind: MemKind::Device { ordinal },
+                        base: ptr,
+                        len: layout.span_bytes(),
+                    },
+                };
+                // SAFETY: forwarded from this function's contract (a staging mirror lives in
+                // the cache slot until the connector, and with it the agent, is dropped).
+                let id = unsafe { a.register(exported) }?;
                 a.export_cache(ExportedCache {
                     region: id,
                     layout: layout.clone(),
                     tp_size: self.cfg.tp_size,
                     tp_rank: self.cfg.tp_rank,
+                    staged: staging.is_some(),
                 })?;
-                Some(id)
+                (Some(id), staging)
             }
-            None => None,
+            _ => (None, None),
         };
         *slot = Some(Cache {
             layout,
             tiers,
             region,
+            staging,
         });
         Ok(())
     }
@@ -700,8 +834,18 @@ impl Core {
     /// Connects, plans and posts one pull (on the pull thread). The placeholder load that
     /// [`Connector::pull`] counted stays until the pull is reported, after its grant's release.
     fn run_pull(&self, req: &str, spec: &PullSpec) {
-        let prepared = self.prepare_pull(spec);
-        let (peers, posts) = match prepared {
+        let prepared = self.prepare_pull(spec).and_then(|p| {
+            if p.remote_staged {
+                self.await_staged(spec, &p)?;
+            }
+            Ok(p)
+        });
+        let Prepared {
+            peers,
+            posts,
+            local_staged,
+            ..
+        } = match prepared {
             Ok(p) => p,
             Err(e) => {
                 log::warn!(
@@ -736,6 +880,7 @@ impl Core {
                 outstanding: 0,
                 failed: None,
                 bytes: 0,
+                staged: local_staged,
             },
         );
         // Each read is recorded as soon as its post returns; a post that fails stops the
@@ -776,6 +921,28 @@ impl Core {
                 });
             }
         }
+    }
+
+    /// Before reading a staged export: waits until the grant is live on every rank read from,
+    /// which it is only once the request's blocks are in the copy (see [`crate::staging`]).
+    fn await_staged(&self, spec: &PullSpec, p: &Prepared) -> Result<()> {
+        let t = spec.target();
+        let call = LeaseCall::Extend(t.grant_id());
+        for (rank, r) in self.call_ranks(&t, &call, true) {
+            if !p.posts.iter().any(|post| post.0 == rank) {
+                continue;
+            }
+            match r? {
+                LeaseReply::Live => {}
+                other => {
+                    return Err(ConnectorError::Config(format!(
+                        "prefill rank {rank} stages its blocks and says the grant is {other:?} \
+                         before the reads"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One posted read finished.
@@ -830,6 +997,38 @@ impl Core {
             // of finished requests a step later), within the deadline.
             LeaseJob::Extend(t) => self.tell(&t, LeaseCall::Extend(t.grant_id()), false),
             LeaseJob::Abort(t) => self.tell(&t, LeaseCall::Abort(t.grant_id()), true),
+            LeaseJob::Staged {
+                req,
+                generation,
+                digest,
+                runs,
+                result,
+            } => self.staged(&req, generation, digest, runs, result),
+            LeaseJob::Landed {
+                req,
+                spec,
+                bytes,
+                result,
+            } => {
+                let mut st = self.st.lock();
+                let st = &mut *st;
+                match result {
+                    Ok(_) => {
+                        st.counters.pulled_blocks += spec.local_blocks.len() as u64;
+                        st.counters.pulled_bytes += bytes;
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "kvferry: pull of {req}: copying its blocks from the staging copy \
+                             into the cache failed: {e}"
+                        );
+                        st.counters.pull_failures += 1;
+                        st.done.load_errors.extend(&spec.local_blocks);
+                        st.done.failed_recving.push(req.clone());
+                    }
+                }
+                load_done(st, &req);
+            }
             LeaseJob::Stop => {}
         }
     }
@@ -878,6 +1077,9 @@ impl Core {
                 }
             }
         }
+        if failed.is_none() && stale.is_none() && self.land(req) {
+            return;
+        }
         let mut st = self.st.lock();
         let st = &mut *st;
         let Some(p) = st.pulls.remove(req) else {
@@ -907,6 +1109,88 @@ impl Core {
             }
         }
         load_done(st, req);
+    }
+
+    /// A confirmed pull whose reads landed in the staging copy: starts copying its blocks into
+    /// the cache, after which it is reported (`LeaseJob::Landed`). Returns false when the pull is
+    /// not staged (or is gone), and for a copy that did not start, which then fails the pull.
+    fn land(&self, req: &str) -> bool {
+        let (spec, bytes) = {
+            let mut st = self.st.lock();
+            match st.pulls.get(req) {
+                Some(p) if p.staged => {}
+                _ => return false,
+            }
+            let Some(p) = st.pulls.remove(req) else {
+                return false;
+            };
+            (p.spec, p.bytes)
+        };
+        let blocks = spec.local_blocks.clone();
+        let tx = self.lease_tx.clone();
+        let (r, s2) = (req.to_string(), spec.clone());
+        let done: kvtier::CopyCallback = Box::new(move |result| {
+            let _ = tx.send(LeaseJob::Landed {
+                req: r,
+                spec: s2,
+                bytes,
+                result,
+            });
+        });
+        // The cache's lock before the state's, as everywhere.
+        let started = match self.cache.lock().as_ref().and_then(|c| c.staging.as_ref()) {
+            Some(s) => s.copy(Direction::In, &blocks, done),
+            None => Err(ConnectorError::Config(
+                "no staging copy to land from".into(),
+            )),
+        };
+        if let Err(e) = started {
+            let _ = self.lease_tx.send(LeaseJob::Landed {
+                req: req.to_string(),
+                spec,
+                bytes,
+                result: Err(kvtier::CopyError::Failed(e.to_string())),
+            });
+        }
+        true
+    }
+
+    /// Prefill side: a finished request's blocks reached the staging copy, or did not.
+    fn staged(
+        &self,
+        req: &str,
+        generation: u64,
+        digest: u64,
+        runs: Vec<(u64, u64)>,
+        result: std::result::Result<u64, kvtier::CopyError>,
+    ) {
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        let Some(grants) = st.grants.as_mut() else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                grants.grant(req, generation, digest, Instant::now());
+                // `finish` ended the request's earlier grant's runs (and its posted offers,
+                // which must stay withdrawn only for that one); this grant's runs go live now.
+                st.granted.add(&runs);
+                if let Some(old) = st.grant_runs.insert(req.to_string(), runs) {
+                    st.granted.remove(&old);
+                    st.draining.insert(req.to_string(), old);
+                }
+            }
+            Err(e) => {
+                log::warn!(
+                    "kvferry: staging {req}'s blocks for decoders failed ({e}); its decoders \
+                     recompute"
+                );
+                grants.abandon(req, generation);
+                if let Some(r) = st.reqs.get_mut(req) {
+                    r.granted = false;
+                }
+            }
+        }
     }
 
     /// Sends `call` to every rank of the prefill engine; with `wait_pending`, asks again while a
@@ -1049,10 +1333,7 @@ impl Core {
     /// Connects to every prefill rank and plans every read, posting nothing: returns the ranks'
     /// agent names and, per read, (rank, local descriptors, remote descriptors).
     #[allow(clippy::type_complexity)]
-    fn prepare_pull(
-        &self,
-        spec: &PullSpec,
-    ) -> Result<(Vec<String>, Vec<(usize, Vec<Descriptor>, Vec<Descriptor>)>)> {
+    fn prepare_pull(&self, spec: &PullSpec) -> Result<Prepared> {
         let agent = self
             .agent
             .as_ref()
@@ -1072,9 +1353,14 @@ impl Core {
             peers.push(self.peer_for(agent, &spec.remote_host, port)?);
         }
         if spec.local_blocks.is_empty() {
-            return Ok((peers, Vec::new()));
+            return Ok(Prepared {
+                peers,
+                posts: Vec::new(),
+                remote_staged: false,
+                local_staged: false,
+            });
         }
-        let (layout, region) = {
+        let (layout, region, local_staged) = {
             let c = self.cache.lock();
             let c = c
                 .as_ref()
@@ -1083,8 +1369,10 @@ impl Core {
                 c.layout.clone(),
                 c.region
                     .ok_or_else(|| ConnectorError::Config("no exported region".into()))?,
+                c.staging.is_some(),
             )
         };
+        let mut remote_staged = false;
         let reads = tp_reads(
             self.total_kv_heads(layout.geometry()),
             remote_tp,
@@ -1110,6 +1398,7 @@ impl Core {
                         read.src_rank
                     ))
                 })?;
+            remote_staged |= src.staged;
             let plan = PlanBuilder::new(&src.layout, &layout)?
                 .heads(read.heads)?
                 .build(&spec.remote_blocks, &spec.local_blocks)?;
@@ -1129,7 +1418,12 @@ impl Core {
             posts.push((read.src_rank as usize, local, remote));
         }
         posts.sort_by_key(|p| p.0);
-        Ok((peers, posts))
+        Ok(Prepared {
+            peers,
+            posts,
+            remote_staged,
+            local_staged,
+        })
     }
 
     /// The model's KV heads over every TP rank: one latent for MLA (every rank holds it), the
@@ -1148,7 +1442,8 @@ impl Core {
     /// ended (every decode rank released it, a decoder aborted it, or the lease ran out). Until
     /// then decoders may read those blocks, and only those.
     pub fn finish(&self, req: &str, grant: Option<(u64, &[u32])>) {
-        let runs: Vec<(u64, u64)> = match (grant, self.cache.lock().as_ref()) {
+        let cache = self.cache.lock();
+        let runs: Vec<(u64, u64)> = match (grant, cache.as_ref()) {
             (Some((_, blocks)), Some(c)) => blocks
                 .iter()
                 .filter_map(|&b| c.layout.block_runs(b).ok())
@@ -1156,18 +1451,51 @@ impl Core {
                 .collect(),
             _ => Vec::new(),
         };
+        let staging = cache.as_ref().and_then(|c| c.staging.as_ref());
         let mut st = self.st.lock();
         let st = &mut *st;
         let r = st.reqs.entry(req.to_string()).or_default();
         r.finishing = true;
-        if let (Some((g, blocks)), Some(grants)) = (grant, st.grants.as_mut()) {
-            let digest = crate::lease::blocks_digest(blocks);
+        let (Some((g, blocks)), Some(grants)) = (grant, st.grants.as_mut()) else {
+            return;
+        };
+        let digest = crate::lease::blocks_digest(blocks);
+        r.granted = true;
+        let Some(staging) = staging else {
             grants.grant(req, g, digest, Instant::now());
-            r.granted = true;
             // A request id offered again replaces its earlier grant, and that grant's runs.
             end_runs(st, req);
             st.granted.add(&runs);
             st.grant_runs.insert(req.to_string(), runs);
+            return;
+        };
+        // Staged: the grant goes live once its blocks are in the copy decoders read
+        // (`Core::staged`); until then calls about it are answered pending.
+        grants.stage(req, g);
+        end_runs(st, req);
+        let tx = self.lease_tx.clone();
+        let (r, done_runs) = (req.to_string(), runs);
+        let started = staging.copy(
+            Direction::Out,
+            blocks,
+            Box::new(move |result| {
+                let _ = tx.send(LeaseJob::Staged {
+                    req: r,
+                    generation: g,
+                    digest,
+                    runs: done_runs,
+                    result,
+                });
+            }),
+        );
+        if let Err(e) = started {
+            let _ = self.lease_tx.send(LeaseJob::Staged {
+                req: req.to_string(),
+                generation: g,
+                digest,
+                runs: Vec::new(),
+                result: Err(kvtier::CopyError::Failed(e.to_string())),
+            });
         }
     }
 

@@ -221,6 +221,10 @@ pub struct Grants {
     ended_order: VecDeque<GrantId>,
     /// The newest generation per scheduler instance the worker was told of.
     newest: HashMap<u64, u64>,
+    /// Grants whose blocks are being copied to where decoders read them (see
+    /// [`crate::staging`]): answered `pending` until they go live or are abandoned. Bounded by
+    /// the copies in flight.
+    staging: HashSet<GrantId>,
 }
 
 impl Grants {
@@ -231,12 +235,39 @@ impl Grants {
             ended: HashSet::new(),
             ended_order: VecDeque::new(),
             newest: HashMap::new(),
+            staging: HashSet::new(),
+        }
+    }
+
+    /// The engine finished `request` under `generation`, and its blocks are being staged: calls
+    /// about the grant are answered `pending` until [`Grants::grant`] (the copy completed) or
+    /// [`Grants::abandon`] (it failed). No decoder can see it live before its blocks are there.
+    pub fn stage(&mut self, request: &str, generation: u64) {
+        self.staging.insert(GrantId {
+            request: request.to_string(),
+            generation,
+        });
+    }
+
+    /// A staged grant whose copy failed: it never goes live (calls about it are answered
+    /// `gone`).
+    pub fn abandon(&mut self, request: &str, generation: u64) {
+        let id = GrantId {
+            request: request.to_string(),
+            generation,
+        };
+        if self.staging.remove(&id) {
+            self.remember_ended(request, generation);
         }
     }
 
     /// The engine finished `request` and offered `blocks` (a [`blocks_digest`]) under
     /// `generation`: hold them.
     pub fn grant(&mut self, request: &str, generation: u64, blocks: u64, now: Instant) {
+        self.staging.remove(&GrantId {
+            request: request.to_string(),
+            generation,
+        });
         let n = self.newest.entry(generation >> 32).or_insert(0);
         *n = (*n).max(generation);
         if let Some(old) = self.live.remove(request) {
@@ -307,6 +338,9 @@ impl Grants {
     /// A grant this worker does not hold: `Pending` only if its offer may still be on its way to
     /// the worker (a generation newer than any it was told of).
     fn unknown(&self, g: &GrantId) -> LeaseReply {
+        if self.staging.contains(g) {
+            return LeaseReply::Pending;
+        }
         // Generation 0 is never issued (instances start at 1).
         if self.ended.contains(g) || g.generation >> 32 == 0 {
             return LeaseReply::Gone;
@@ -427,6 +461,34 @@ mod tests {
         assert_eq!(t.answer(&rel(g2, 0), "d", now).0, LeaseReply::Live);
         // A generation below the newest one seen, never granted here: gone, not pending.
         assert_eq!(t.answer(&rel(g1 - 1, 0), "d", now).0, LeaseReply::Gone);
+    }
+
+    /// A staged grant is pending while its copy runs, even after a later grant went live
+    /// (which would otherwise make an unknown older generation `gone`), then live; an abandoned
+    /// one is gone for good.
+    #[test]
+    fn a_staged_grant_is_pending_until_its_copy_lands_then_live_or_gone() {
+        let now = Instant::now();
+        let mut gens = Generations::new();
+        let (g1, g2, g3) = (gens.issue(), gens.issue(), gens.issue());
+        let mut t = Grants::new(Duration::from_secs(30));
+        let ext = |r: &str, g| LeaseCall::Extend(gid(r, g));
+        t.stage("a", g1);
+        t.stage("c", g3);
+        // A later grant went live first (staging copies complete in any order).
+        t.grant("b", g2, 0, now);
+        assert_eq!(t.answer(&ext("a", g1), "d", now).0, LeaseReply::Pending);
+        assert_eq!(
+            t.answer(&LeaseCall::Abort(gid("a", g1)), "d", now),
+            (LeaseReply::Pending, None)
+        );
+        t.grant("a", g1, 0, now);
+        assert_eq!(t.answer(&ext("a", g1), "d", now).0, LeaseReply::Live);
+        t.abandon("c", g3);
+        assert_eq!(t.answer(&ext("c", g3), "d", now).0, LeaseReply::Gone);
+        // Abandoning a grant that is not staging (it went live) changes nothing.
+        t.abandon("a", g1);
+        assert_eq!(t.answer(&ext("a", g1), "d", now).0, LeaseReply::Live);
     }
 
     #[test]

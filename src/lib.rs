@@ -18,6 +18,7 @@ pub mod lease;
 pub mod rendezvous;
 pub mod scheduler;
 mod served;
+mod staging;
 
 pub use connector::{
     Connector, ConnectorConfig, Finished, LeaseTarget, OffloadConfig, PdConfig, PullSpec,

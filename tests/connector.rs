@@ -61,6 +61,32 @@ fn build_on(
     total_kv_heads: Option<u32>,
     seed: u8,
 ) -> Engine {
+    build_staged(
+        transport,
+        false,
+        name,
+        g,
+        offload,
+        pd,
+        tp,
+        total_kv_heads,
+        seed,
+    )
+}
+
+/// `build_on`, serving and landing P/D blocks through a staging copy when `staged`.
+#[allow(clippy::too_many_arguments)]
+fn build_staged(
+    transport: TransportKind,
+    staged: bool,
+    name: &str,
+    g: Geometry,
+    offload: bool,
+    pd: Option<(u16, Duration)>,
+    tp: (u32, u32),
+    total_kv_heads: Option<u32>,
+    seed: u8,
+) -> Engine {
     let layout = CacheLayout::named(g, BLOCKS, StrideOrder::Lbhnc).expect("layout");
     let mut cache: Vec<u8> = (0..layout.span_bytes())
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -83,6 +109,7 @@ fn build_on(
             insecure: false,
             lease,
             timeout: Duration::from_secs(5),
+            staged,
         }),
         tp_size: tp.0,
         tp_rank: tp.1,
@@ -1112,4 +1139,157 @@ fn a_decoder_pulling_another_requests_blocks_under_its_grant_gets_load_errors() 
     assert_eq!(f.load_errors, vec![9, 10], "{f:?}");
     let c = decode.conn.counters();
     assert_eq!((c.pulls_stale, c.pulled_blocks), (1, 0));
+}
+
+fn staged_engine(name: &str, transport: TransportKind, staged: bool, seed: u8) -> Engine {
+    let lease = Some((0, Duration::from_millis(300)));
+    build_staged(
+        transport,
+        staged,
+        name,
+        geometry(),
+        false,
+        lease,
+        (1, 0),
+        None,
+        seed,
+    )
+}
+
+/// P/D through staging copies (what a GPU cache without CUDA-capable UCX does, on host memory
+/// here): staged prefill to plain decoder, plain to staged, staged to staged, over TCP and, where
+/// it loads, UCX; the bytes land bit-exact in the decoder's cache and nowhere else.
+#[test]
+fn staged_exports_and_landings_move_blocks_bit_exact() {
+    let mut transports = vec![TransportKind::Tcp];
+    if ucx_loads() {
+        transports.push(TransportKind::Ucx);
+    } else {
+        println!("kvferry-test skipped staged P/D over UCX: no libucp loads here");
+    }
+    let mut seed = 20;
+    for t in transports {
+        for (sp, sd) in [(true, false), (false, true), (true, true)] {
+            seed += 2;
+            let prefill = staged_engine("staged-prefill", t, sp, seed);
+            let decode = staged_engine("staged-decode", t, sd, seed + 1);
+            let before = decode.cache.clone();
+            let addr = prefill.conn.listen_addr().expect("listening");
+            let host = addr.ip().to_string();
+            let (remote, local) = ([7u32, 8, 33], [1u32, 2, 60]);
+            let g = Generations::new().issue();
+            prefill.conn.finish("p", Some((g, &remote)));
+            decode
+                .conn
+                .pull("d", &spec((&host, addr.port()), 1, "p", g, &remote, &local));
+            let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+            assert!(f.load_errors.is_empty(), "{t:?} {sp}/{sd}: {f:?}");
+            for (r, l) in remote.iter().zip(&local) {
+                assert_eq!(
+                    prefill.block(*r),
+                    decode.block(*l),
+                    "{t:?} {sp}/{sd}: {r} -> {l}"
+                );
+            }
+            for b in (0..BLOCKS).filter(|b| !local.contains(b)) {
+                for (o, l) in decode.layout.block_runs(b).expect("runs") {
+                    let r = o as usize..(o + l) as usize;
+                    assert_eq!(decode.cache[r.clone()], before[r], "block {b} was written");
+                }
+            }
+            prefill.until(|f| f.sending == vec!["p".to_string()]);
+            assert_eq!(decode.conn.counters().pulled_blocks, 3);
+        }
+    }
+}
+
+/// A decoder that reaches a staged prefill before its worker heard of the request (so before
+/// the blocks were copied out) does not read until the grant is live, then gets the right bytes
+/// — not what the staging copy held before.
+#[test]
+fn a_decoder_never_reads_a_staged_export_before_its_blocks_are_there() {
+    let mut transports = vec![TransportKind::Tcp];
+    if ucx_loads() {
+        transports.push(TransportKind::Ucx);
+    }
+    for t in transports {
+        let prefill = staged_engine("early-staged-prefill", t, true, 40);
+        let decode = staged_engine("early-staged-decode", t, false, 41);
+        let addr = prefill.conn.listen_addr().expect("listening");
+        let host = addr.ip().to_string();
+        let g = Generations::new().issue();
+        decode
+            .conn
+            .pull("d", &spec((&host, addr.port()), 1, "p", g, &[4], &[9]));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            decode.conn.poll().recving.is_empty(),
+            "{t:?}: reported early"
+        );
+        prefill.conn.finish("p", Some((g, &[4])));
+        let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+        assert!(f.load_errors.is_empty(), "{t:?}: {f:?}");
+        assert_eq!(decode.block(9), prefill.block(4), "{t:?}");
+    }
+}
+
+/// A late decoder of a staged grant, after the blocks were reused and a new request staged
+/// them: load errors, over TCP and UCX alike.
+#[test]
+fn a_late_decoder_of_a_staged_grant_after_reuse_gets_load_errors() {
+    let mut transports = vec![TransportKind::Tcp];
+    if ucx_loads() {
+        transports.push(TransportKind::Ucx);
+    }
+    for t in transports {
+        let mut prefill = staged_engine("late-staged-prefill", t, true, 50);
+        let decode = staged_engine("late-staged-decode", t, true, 51);
+        let addr = prefill.conn.listen_addr().expect("listening");
+        let host = addr.ip().to_string();
+        let mut gens = Generations::new();
+        let (g, g2) = (gens.issue(), gens.issue());
+        prefill.conn.finish("p", Some((g, &[3])));
+        prefill.until(|f| f.sending == vec!["p".to_string()]);
+        reuse(&mut prefill, 3, 0xCD);
+        prefill.conn.finish("q", Some((g2, &[3])));
+        decode
+            .conn
+            .pull("d", &spec((&host, addr.port()), 1, "p", g, &[3], &[5]));
+        let f = decode.until(|f| f.recving.contains(&"d".to_string()));
+        assert_eq!(f.load_errors, vec![5], "{t:?}: {f:?}");
+        assert_eq!(decode.conn.counters().pulled_blocks, 0, "{t:?}");
+    }
+}
+
+/// A device cache on a machine without a CUDA driver (or device) is refused at registration
+/// with the reason, not at the first copy.
+#[test]
+fn a_device_cache_without_a_gpu_is_refused_with_the_reason() {
+    if kvferry::kvtier::cuda::Gpu::open(0).is_ok() {
+        println!("kvferry-test skipped the no-GPU refusal: this machine has a GPU");
+        return;
+    }
+    let layout = CacheLayout::named(geometry(), BLOCKS, StrideOrder::Lbnhc).expect("layout");
+    let conn = Connector::new(ConnectorConfig {
+        engine_id: "no-gpu".into(),
+        offload: Some(OffloadConfig {
+            dram_blocks: 8,
+            nvme: None,
+            identity: "m".into(),
+            caller_evicts: false,
+            eviction: Default::default(),
+            admission: Default::default(),
+            write_budget: None,
+        }),
+        pd: None,
+        tp_size: 1,
+        tp_rank: 0,
+        total_kv_heads: None,
+    })
+    .expect("connector");
+    // SAFETY: the pointer is never dereferenced: registration fails before any copy can start.
+    let e = unsafe { conn.register_device_cache(layout, 0, 0x7f00_0000_0000) }
+        .expect_err("no GPU here");
+    let msg = e.to_string();
+    assert!(msg.contains("CUDA"), "{msg}");
 }

@@ -31,6 +31,7 @@ fn prefill(order: StrideOrder) -> (CacheLayout, Vec<u8>, Vec<u8>) {
             layout: layout.clone(),
             tp_size: 1,
             tp_rank: 0,
+            staged: false,
         }],
     })
     .encode();

@@ -226,6 +226,7 @@ pub fn run(a: &PlanArgs) -> Result<Vec<Row>, String> {
             layout: layout(geo(a.kv_heads)?, 16, StrideOrder::Lbhnc)?,
             tp_size: 1,
             tp_rank: 0,
+            staged: false,
         }],
     });
     for (path, msg) in [

@@ -52,12 +52,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 layout: named,
                 tp_size: 2,
                 tp_rank: 1,
+                staged: false,
             },
             ExportedCache {
                 region: RegionId(1),
                 layout: explicit,
                 tp_size: 1,
                 tp_rank: 0,
+                staged: false,
             },
         ],
     });

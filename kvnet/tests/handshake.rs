@@ -36,6 +36,7 @@ fn geometry_mismatch_names_the_field() {
             layout: layout.clone(),
             tp_size: 1,
             tp_rank: 0,
+            staged: false,
         })
         .expect("fits its region");
     assert_eq!(

@@ -70,7 +70,7 @@ impl Connector {
         insecure = false,
         lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None,
         identity = String::new(), caller_evicts = false, eviction = None, nvme_admission = None,
-        nvme_write_mib_s = None
+        nvme_write_mib_s = None, staged = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -95,6 +95,7 @@ impl Connector {
         eviction: Option<String>,
         nvme_admission: Option<String>,
         nvme_write_mib_s: Option<f64>,
+        staged: bool,
     ) -> PyResult<Connector> {
         let eviction = match eviction {
             Some(e) => e.parse::<kvferry::kvtier::PolicyKind>().map_err(err)?,
@@ -146,6 +147,7 @@ impl Connector {
                     insecure,
                     lease: secs(lease_s, "kv_lease_duration")?,
                     timeout: secs(timeout_s, "timeout")?,
+                    staged,
                 })
             } else {
                 None
@@ -171,6 +173,11 @@ impl Connector {
     /// `[blocks, heads, tokens, channels]` view at `base + layer_offsets[l]` with `strides` in
     /// elements. The caller (the vLLM adapter) keeps the tensors alive for the connector's life.
     #[allow(clippy::too_many_arguments)]
+    /// `device`: the CUDA device ordinal when the cache is in device memory (None: host).
+    #[pyo3(signature = (
+        kv_heads, head_size, dtype, block_tokens, num_blocks, base, layer_offsets, strides,
+        device = None
+    ))]
     fn register_cache(
         &self,
         py: Python<'_>,
@@ -182,17 +189,21 @@ impl Connector {
         base: u64,
         layer_offsets: Vec<u64>,
         strides: [u64; 4],
+        device: Option<u32>,
     ) -> PyResult<()> {
         let dtype = Dtype::parse(dtype).ok_or_else(|| err(format!("dtype {dtype:?}")))?;
         let layers = u32::try_from(layer_offsets.len()).map_err(err)?;
         let g = Geometry::mha(layers, kv_heads, head_size, dtype, block_tokens).map_err(err)?;
         let layout = CacheLayout::from_element_strides(g, num_blocks, layer_offsets, strides)
             .map_err(err)?;
-        py.detach(|| {
+        py.detach(|| match device {
             // SAFETY: the adapter passes the data pointers of vLLM's KV cache tensors, which vLLM
             // keeps for the engine's lifetime (longer than this connector), and follows vLLM's
             // protocol of not reusing blocks until the connector reports them finished.
-            unsafe { self.inner.register_cache(layout, base as *mut u8) }
+            None => unsafe { self.inner.register_cache(layout, base as *mut u8) },
+            // SAFETY: as above, for device memory (whose extent the connector checks with the
+            // driver); the adapter orders vLLM's streams before the connector's copies.
+            Some(ordinal) => unsafe { self.inner.register_device_cache(layout, ordinal, base) },
         })
         .map_err(err)
     }

@@ -13,7 +13,8 @@ use crate::region::{Descriptor, MemKind, Region, RegionId, RegionTable};
 /// 2: mutual authentication (the listener names itself in its challenge, the dialer sends a
 /// nonce of its own, the listener proves the token too; see [`crate::auth`]), calls and replies.
 /// 3: everything after the proofs is sealed under the session key when a token is set.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: an exported cache says whether it is a staged copy ([`ExportedCache::staged`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_TRANSPORT_LEN: usize = 64;
 /// Transport blobs: UCX worker addresses and packed rkeys are well under this.
@@ -55,6 +56,11 @@ pub struct ExportedCache {
     pub layout: CacheLayout,
     pub tp_size: u32,
     pub tp_rank: u32,
+    /// The region is a host copy of the engine's cache (its cache is in device memory that no
+    /// transport here can export), into which a finished request's blocks are copied before
+    /// their grant goes live: a block's bytes there are the request's only once the grant
+    /// answers live, so a peer reads only after such an answer.
+    pub staged: bool,
 }
 
 /// What an agent publishes about itself (NIXL's "local metadata").
@@ -334,6 +340,7 @@ impl AgentMetadata {
             w.u32(c.region.0);
             w.u32(c.tp_size);
             w.u32(c.tp_rank);
+            w.u8(u8::from(c.staged));
             write_layout(w, &c.layout);
         }
     }
@@ -374,7 +381,7 @@ impl AgentMetadata {
             }
             regions.push(ExportedRegion { id, region, keys });
         }
-        let n = r.count("caches", 12 + MIN_LAYOUT_LEN, MAX_CACHES)?;
+        let n = r.count("caches", 13 + MIN_LAYOUT_LEN, MAX_CACHES)?;
         let mut caches = Vec::with_capacity(n);
         for _ in 0..n {
             let region = RegionId(r.u32("cache_region")?);
@@ -386,6 +393,16 @@ impl AgentMetadata {
                     reason: format!("rank {tp_rank} of TP size {tp_size}"),
                 });
             }
+            let staged = match r.u8("staged")? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(WireError::Invalid {
+                        field: "staged",
+                        reason: format!("{v} is not a boolean"),
+                    })
+                }
+            };
             let layout = read_layout(r)?;
             let reg = table.get(region).ok_or_else(|| WireError::Invalid {
                 field: "cache_region",
@@ -406,6 +423,7 @@ impl AgentMetadata {
                 layout,
                 tp_size,
                 tp_rank,
+                staged,
             });
         }
         Ok(AgentMetadata {
