@@ -72,8 +72,10 @@ the scheduler side keeps a mirror of which block hashes the worker's tiers hold,
 worker's stored/removed events through vLLM's worker metadata, and learns the worker's port from
 vLLM's handshake metadata — so it works whether the two share a process or not.
 
-Scope of this version: the CPU engine (and any engine whose KV cache tensors are in host
-memory).
+Caches: host (the CPU engine) and CUDA tensors. On a GPU, G2 is CUDA pinned memory and blocks
+move with kvferry's CUDA copy engine; for P/D the cache is exported as device memory when UCX
+has CUDA, and staged through a pinned host copy otherwise (``"staged": true`` or
+``"kv_buffer_device": "cpu"`` forces that, also on the CPU engine).
 """
 
 from __future__ import annotations
@@ -254,6 +256,13 @@ def kv_groups(kv_cache_config: Any, block_size: int) -> list[tuple[str, int, int
     return out
 
 
+def staged(extra: dict[str, Any]) -> bool:
+    """P/D through a host copy of the cache: ``"staged": true``, or NixlConnector's
+    ``"kv_buffer_device": "cpu"``. A CUDA cache that the transport cannot export (TCP, or UCX
+    without CUDA) is staged whatever this says."""
+    return bool(extra.get("staged", False)) or str(extra.get("kv_buffer_device", "")) == "cpu"
+
+
 def offer_wait_seconds(extra: dict[str, Any]) -> float:
     return float(extra.get("remote_prefill_wait_s", 30.0))
 
@@ -294,6 +303,7 @@ def _shared(
                 eviction=_opt_str(extra, "eviction"),
                 nvme_admission=_opt_str(extra, "nvme_admission"),
                 nvme_write_mib_s=_opt_float(extra, "nvme_write_mib_s"),
+                staged=staged(extra),
             )
             _ENGINES[engine_id] = n
         return n
@@ -604,6 +614,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         self._resets = 0
         self._cleared = False
         self._caches: list["torch.Tensor"] = []
+        self._cuda = False
         self._reported: dict[str, int] = {}
         self._offers: list[tuple[str, Any]] = []
         self._stats_path: str | None = _stats_path(
@@ -676,11 +687,18 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         if not tensors:
             return
         first = tensors[0]
-        if first.device.type != "cpu":
+        device: int | None = None
+        if first.device.type == "cuda":
+            import torch
+
+            device = first.device.index if first.device.index is not None else torch.cuda.current_device()
+        elif first.device.type != "cpu":
             raise NotImplementedError(
-                "kvferry's vLLM connector registers host KV caches (the CPU engine) in this "
-                f"version; this engine's cache is on {first.device}"
+                f"kvferry registers host and CUDA KV caches; this engine's cache is on {first.device}"
             )
+        if any(t.device != first.device for t in tensors):
+            raise ValueError("kvferry needs every layer's KV cache on one device")
+        self._cuda = device is not None
         if first.dim() != 4:
             raise ValueError(
                 f"expected per-layer KV caches [blocks, kv_heads, block_size, K|V channels], "
@@ -705,6 +723,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             base=base,
             layer_offsets=[t.data_ptr() - base for t in tensors],
             strides=list(first.stride()),
+            device=device,
         )
         log.info(
             "kvferry: registered %d layers (%d caches) x %d blocks (%s) for engine %s; offload %s, "
@@ -759,7 +778,14 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             self._resets += 1
         if meta.discards:
             self.native.discard(meta.discards)
-        for req, (hashes, blocks) in meta.saves.items():
+        if self._cuda and (meta.loads or meta.pulls):
+            # Loads and pulls write blocks vLLM just handed to requests; a kernel of a step
+            # still running (async scheduling) may read what they held before (a preempted
+            # request's). kvferry's copies are not on vLLM's stream: wait for what it queued.
+            # Saves and finishes need no wait: they name full blocks of finished requests, whose
+            # last writes ended before vLLM saw them finish (it sampled from that step), and
+            # a step scheduled past the end writes only beyond the last full block.
+            self._fence()
             try:
                 self.native.save(req, hashes, blocks, meta.notes_for(hashes))
             except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
@@ -810,12 +836,23 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
         if not isinstance(meta, KVFerryMetadata):
             return None
         timeout = float(self.extra.get("window_save_timeout_s", 10.0))
+        if self._cuda and meta.window_saves:
+            # This step's forward pass wrote these blocks, and is only queued on vLLM's stream.
+            self._fence()
         for req, hashes, blocks in meta.window_saves:
             try:
                 self.native.save_now(hashes, blocks, timeout, meta.notes_for(hashes))
             except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
                 log.warning("kvferry: saving %s's window failed: %s", req, e)
         return None
+
+    @staticmethod
+    def _fence() -> None:
+        """Waits until the work queued on the current CUDA stream is done. (An event the copy
+        streams wait on would keep the CPU free; kvferry's copy engine does not take one yet.)"""
+        import torch
+
+        torch.cuda.current_stream().synchronize()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self.native is None:

@@ -165,10 +165,13 @@ def check_same(name, got, want):
             )
 
 
-def pd(model, plain, transport):
+def pd(model, plain, transport, staged=False):
+    """P/D token for token against plain vLLM; `staged`: both engines serve and land through a
+    host copy of the cache, the path a GPU cache takes without CUDA-capable UCX."""
     port = free_port()
-    pre = Engine(model, f"prefill-{transport}", {"pd": True, "port": port, "transport": transport})
-    dec = Engine(model, f"decode-{transport}", {"pd": True, "transport": transport})
+    conn = {"pd": True, "transport": transport, "staged": staged}
+    pre = Engine(model, f"prefill-{transport}", {**conn, "port": port})
+    dec = Engine(model, f"decode-{transport}", conn)
     try:
         pre.wait_ready(), dec.wait_ready()
         ps = prompts()
@@ -180,7 +183,7 @@ def pd(model, plain, transport):
         for p in params:
             assert p and p.get("do_remote_prefill") and p["remote_port"] == port, p
         out, secs = dec.generate(ps, 16, params)
-        check_same(f"pd-{transport}", out, plain)
+        check_same(f"pd-{transport}{'-staged' if staged else ''}", out, plain)
         d = dec.stats()
         p = wait_released(pre, len(ps))
         blocks = sum(-(-len(x) // BS) for x in ps)
@@ -421,6 +424,9 @@ def main():
     scenarios = [
         ("pd-tcp", lambda: pd(model, plain, "tcp")),
         ("pd-ucx", lambda: pd(model, plain, "ucx")),
+        # The staging path of GPU caches (a host copy between the cache and the transport).
+        ("pd-staged", lambda: pd(model, plain, "tcp", staged=True)),
+        ("pd-ucx-staged", lambda: pd(model, plain, "ucx", staged=True)),
         ("offload", lambda: offload(model, plain)),
         ("offload-g3", lambda: offload(model, plain, tmp)),
         ("offload-admission", lambda: offload_admission(model, plain, os.path.join(tmp, "adm"))),
@@ -460,7 +466,7 @@ def main():
     for name, run in scenarios:
         if only and name not in only:
             continue
-        if name in ("pd-ucx", "proxy-ucx") and not ucx_available():
+        if name in ("pd-ucx", "pd-ucx-staged", "proxy-ucx") and not ucx_available():
             print(f"kvferry-test skipped e2e {name}: no libucp loads here", flush=True)
             results.append((name, "skipped"))
             continue
