@@ -45,6 +45,9 @@ for line in sys.stdin:
     else
         echo "note: no libucx wheel here (pip install libucx-cu12); the UCX GPU test will skip" >&2
     fi
+    # The wheel (abi3) for the connector check, which drives it on torch CUDA tensors.
+    rm -f "$dir"/kvferry-*.whl
+    python3 -m pip wheel -q --disable-pip-version-check --no-deps -w "$dir" ./python
     du -sh "$dir"
 }
 
@@ -83,6 +86,18 @@ print(f"{'model':8} {'dt':4} {'path':10} {'batch':>5} {'method':16} {'GB/s':>7} 
 for r in rows:
     print(f"{r['model']:8} {r['dtype']:4} {r['path']:10} {r['batch']:5d} {r['method']:16} {r['gbps']:7.1f} {r['limit_gbps']:7.1f} {r['ratio']:6.2f} {r['vs_naive']:7.2f}")
 EOF
+    # The connector as vLLM drives it, on CUDA tensors laid out as vLLM 0.32 allocates them:
+    # offload G1->G2->G3->G1 and P/D (device memory over UCX, staged over TCP), bit-exact.
+    local whl
+    whl=$(ls "$dir"/kvferry-*.whl 2>/dev/null | head -1)
+    if [ -n "$whl" ] && python3 -c "import torch" 2>/dev/null; then
+        rm -rf "$dir/py" && python3 -m pip install -q --no-deps --no-index --target "$dir/py" "$whl"
+        PYTHONPATH="$PWD/$dir/py" timeout "${KVFERRY_GPU_CHECK_TIMEOUT:-180}" \
+            python3 bench/gpu_connector_check.py --device cuda 2>&1 | tee "$out/connector.jsonl" || rc=1
+    else
+        echo "note: no kvferry wheel in $dir or no torch here; the connector check did not run" >&2
+        rc=1
+    fi
     return $rc
 }
 
