@@ -786,6 +786,7 @@ class KVFerryConnector(KVConnectorBase_V1, SupportsHMA):
             # last writes ended before vLLM saw them finish (it sampled from that step), and
             # a step scheduled past the end writes only beyond the last full block.
             self._fence()
+        for req, (hashes, blocks) in meta.saves.items():
             try:
                 self.native.save(req, hashes, blocks, meta.notes_for(hashes))
             except Exception as e:  # noqa: BLE001 - a save that fails is a future miss
