@@ -1171,7 +1171,10 @@ impl Core {
         };
         match result {
             Ok(_) => {
-                grants.grant(req, generation, digest, Instant::now());
+                // Superseded by a newer offer of the request (or abandoned): its copy is stale.
+                if !grants.grant_staged(req, generation, digest, Instant::now()) {
+                    return;
+                }
                 // `finish` ended the request's earlier grant's runs (and its posted offers,
                 // which must stay withdrawn only for that one); this grant's runs go live now.
                 st.granted.add(&runs);
@@ -1186,8 +1189,9 @@ impl Core {
                      recompute"
                 );
                 grants.abandon(req, generation);
+                let held = grants.holds(req);
                 if let Some(r) = st.reqs.get_mut(req) {
-                    r.granted = false;
+                    r.granted = held;
                 }
             }
         }
@@ -1283,8 +1287,11 @@ impl Core {
                 LeaseCall::Extend(g) | LeaseCall::Abort(g) => &g.request,
                 LeaseCall::Release { grant, .. } => &grant.request,
             };
+            // One grant per request at a time (a new offer ends the earlier one, staging or
+            // not), so this is false; kept exact should that ever change.
+            let held = grants.holds(req);
             if let Some(r) = st.reqs.get_mut(req) {
-                r.granted = false;
+                r.granted = held;
             }
             end_runs(st, req);
             match how {
@@ -1556,14 +1563,20 @@ impl Core {
             self.read_done(st, t.id, t.result);
         }
         let now = Instant::now();
-        if let Some(grants) = st.grants.as_mut() {
-            for id in grants.expire(now) {
+        let expired = st
+            .grants
+            .as_mut()
+            .map(|g| g.expire(now))
+            .unwrap_or_default();
+        {
+            for id in expired {
                 st.counters.lease_expired += 1;
                 log::warn!(
                     "kvferry: no decoder released {id} within its lease; freeing its blocks"
                 );
+                let held = st.grants.as_ref().is_some_and(|g| g.holds(&id));
                 if let Some(r) = st.reqs.get_mut(&id) {
-                    r.granted = false;
+                    r.granted = held;
                 }
                 end_runs(st, &id);
             }

@@ -242,7 +242,21 @@ impl Grants {
     /// The engine finished `request` under `generation`, and its blocks are being staged: calls
     /// about the grant are answered `pending` until [`Grants::grant`] (the copy completed) or
     /// [`Grants::abandon`] (it failed). No decoder can see it live before its blocks are there.
+    ///
+    /// Like [`Grants::grant`], a new offer of the request ends its earlier grant, live or still
+    /// staging, at once: one grant per request, whichever way it was offered.
     pub fn stage(&mut self, request: &str, generation: u64) {
+        self.end(request);
+        let older: Vec<GrantId> = self
+            .staging
+            .iter()
+            .filter(|g| g.request == request)
+            .cloned()
+            .collect();
+        for g in older {
+            self.staging.remove(&g);
+            self.remember_ended(&g.request, g.generation);
+        }
         self.staging.insert(GrantId {
             request: request.to_string(),
             generation,
@@ -287,6 +301,31 @@ impl Grants {
 
     pub fn is_live(&self, request: &str) -> bool {
         self.live.contains_key(request)
+    }
+
+    /// A staged grant's copy completed: it goes live, unless it was superseded or abandoned
+    /// meanwhile (then false, and nothing changes).
+    pub fn grant_staged(
+        &mut self,
+        request: &str,
+        generation: u64,
+        blocks: u64,
+        now: Instant,
+    ) -> bool {
+        let id = GrantId {
+            request: request.to_string(),
+            generation,
+        };
+        if !self.staging.contains(&id) {
+            return false;
+        }
+        self.grant(request, generation, blocks, now);
+        true
+    }
+
+    /// Whether any grant of `request` is live or staging: its blocks must stay held.
+    pub fn holds(&self, request: &str) -> bool {
+        self.live.contains_key(request) || self.staging.iter().any(|g| g.request == request)
     }
 
     /// Answers a decoder's call from the engine `caller`; returns the reply and, when the call
@@ -489,6 +528,36 @@ mod tests {
         // Abandoning a grant that is not staging (it went live) changes nothing.
         t.abandon("a", g1);
         assert_eq!(t.answer(&ext("a", g1), "d", now).0, LeaseReply::Live);
+    }
+
+    /// A request offered again while staged ends its earlier grant, live or staging, at once;
+    /// the earlier copy's completion is stale and installs nothing.
+    #[test]
+    fn a_new_offer_of_a_staged_request_supersedes_every_earlier_grant() {
+        let now = Instant::now();
+        let mut gens = Generations::new();
+        let (g1, g2, g3) = (gens.issue(), gens.issue(), gens.issue());
+        let mut t = Grants::new(Duration::from_secs(30));
+        let ext = |g| LeaseCall::Extend(gid("r", g));
+        t.stage("r", g1);
+        assert!(t.grant_staged("r", g1, 0, now));
+        assert_eq!(t.answer(&ext(g1), "d", now).0, LeaseReply::Live);
+        // Offered again: the live g1 ends now, not when g2's copy lands.
+        t.stage("r", g2);
+        assert_eq!(t.answer(&ext(g1), "d", now).0, LeaseReply::Gone);
+        assert!(t.holds("r"));
+        // Offered a third time while g2 still copies: g2 is gone, and its late copy is stale.
+        t.stage("r", g3);
+        assert!(!t.grant_staged("r", g2, 0, now));
+        assert_eq!(t.answer(&ext(g2), "d", now).0, LeaseReply::Gone);
+        assert_eq!(t.answer(&ext(g3), "d", now).0, LeaseReply::Pending);
+        assert!(t.grant_staged("r", g3, 0, now));
+        assert_eq!(t.answer(&ext(g3), "d", now).0, LeaseReply::Live);
+        t.abandon("r", g3);
+        assert!(
+            t.holds("r"),
+            "abandoning a grant that went live changes nothing"
+        );
     }
 
     #[test]

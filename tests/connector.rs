@@ -1293,3 +1293,37 @@ fn a_device_cache_without_a_gpu_is_refused_with_the_reason() {
     let msg = e.to_string();
     assert!(msg.contains("CUDA"), "{msg}");
 }
+
+/// A request offered again while its first staging copy may still run: the first grant's
+/// decoder gets load errors (never the second copy's bytes as its own), the second's decoder
+/// the right bytes, and the prefill frees the request only after the second grant ended.
+#[test]
+fn a_staged_request_offered_again_keeps_one_grant_and_frees_after_it() {
+    let prefill = staged_engine("reoffer-prefill", TransportKind::Tcp, true, 60);
+    let decode = staged_engine("reoffer-decode", TransportKind::Tcp, false, 61);
+    let addr = prefill.conn.listen_addr().expect("listening");
+    let host = addr.ip().to_string();
+    let mut gens = Generations::new();
+    let (g1, g2) = (gens.issue(), gens.issue());
+    prefill.conn.finish("p", Some((g1, &[2, 3])));
+    prefill.conn.finish("p", Some((g2, &[5, 6])));
+    decode.conn.pull(
+        "d1",
+        &spec((&host, addr.port()), 1, "p", g1, &[2, 3], &[10, 11]),
+    );
+    let f = decode.until(|f| f.recving.contains(&"d1".to_string()));
+    assert_eq!(f.load_errors.len(), 2, "the superseded grant: {f:?}");
+    assert!(
+        prefill.conn.poll().sending.is_empty(),
+        "freed while the second grant is held"
+    );
+    decode.conn.pull(
+        "d2",
+        &spec((&host, addr.port()), 1, "p", g2, &[5, 6], &[12, 13]),
+    );
+    let f = decode.until(|f| f.recving.contains(&"d2".to_string()));
+    assert!(f.load_errors.is_empty(), "{f:?}");
+    assert_eq!(decode.block(12), prefill.block(5));
+    assert_eq!(decode.block(13), prefill.block(6));
+    prefill.until(|f| f.sending == vec!["p".to_string()]);
+}
