@@ -859,8 +859,7 @@ impl Core {
                 let mut st = self.st.lock();
                 let st = &mut *st;
                 st.counters.pull_failures += 1;
-                st.done.load_errors.extend(&spec.local_blocks);
-                st.done.failed_recving.push(req.to_string());
+                pull_failed(st, req, &spec.local_blocks);
                 load_done(st, req);
                 return;
             }
@@ -1009,26 +1008,7 @@ impl Core {
                 spec,
                 bytes,
                 result,
-            } => {
-                let mut st = self.st.lock();
-                let st = &mut *st;
-                match result {
-                    Ok(_) => {
-                        st.counters.pulled_blocks += spec.local_blocks.len() as u64;
-                        st.counters.pulled_bytes += bytes;
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "kvferry: pull of {req}: copying its blocks from the staging copy \
-                             into the cache failed: {e}"
-                        );
-                        st.counters.pull_failures += 1;
-                        st.done.load_errors.extend(&spec.local_blocks);
-                        st.done.failed_recving.push(req.clone());
-                    }
-                }
-                load_done(st, &req);
-            }
+            } => self.landed(&req, &spec, bytes, result),
             LeaseJob::Stop => {}
         }
     }
@@ -1093,8 +1073,7 @@ impl Core {
             (Some(why), _) => {
                 log::warn!("kvferry: pull of {req} failed: {why}");
                 st.counters.pull_failures += 1;
-                st.done.load_errors.extend(&p.spec.local_blocks);
-                st.done.failed_recving.push(req.to_string());
+                pull_failed(st, req, &p.spec.local_blocks);
             }
             (None, Some(why)) => {
                 log::warn!(
@@ -1104,8 +1083,7 @@ impl Core {
                     p.spec.remote_request_id
                 );
                 st.counters.pulls_stale += 1;
-                st.done.load_errors.extend(&p.spec.local_blocks);
-                st.done.failed_recving.push(req.to_string());
+                pull_failed(st, req, &p.spec.local_blocks);
             }
         }
         load_done(st, req);
@@ -1117,9 +1095,8 @@ impl Core {
     fn land(&self, req: &str) -> bool {
         let (spec, bytes) = {
             let mut st = self.st.lock();
-            match st.pulls.get(req) {
-                Some(p) if p.staged => {}
-                _ => return false,
+            if !st.pulls.get(req).is_some_and(|p| p.staged) {
+                return false;
             }
             let Some(p) = st.pulls.remove(req) else {
                 return false;
@@ -1153,6 +1130,34 @@ impl Core {
             });
         }
         true
+    }
+
+    /// Decode side: a confirmed pull's blocks reached the cache from the staging copy, or did
+    /// not: the pull is reported either way.
+    fn landed(
+        &self,
+        req: &str,
+        spec: &PullSpec,
+        bytes: u64,
+        result: std::result::Result<u64, kvtier::CopyError>,
+    ) {
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        match result {
+            Ok(_) => {
+                st.counters.pulled_blocks += spec.local_blocks.len() as u64;
+                st.counters.pulled_bytes += bytes;
+            }
+            Err(e) => {
+                log::warn!(
+                    "kvferry: pull of {req}: copying its blocks from the staging copy into the \
+                     cache failed: {e}"
+                );
+                st.counters.pull_failures += 1;
+                pull_failed(st, req, &spec.local_blocks);
+            }
+        }
+        load_done(st, req);
     }
 
     /// Prefill side: a finished request's blocks reached the staging copy, or did not.
@@ -1459,8 +1464,8 @@ impl Core {
             _ => Vec::new(),
         };
         let staging = cache.as_ref().and_then(|c| c.staging.as_ref());
-        let mut st = self.st.lock();
-        let st = &mut *st;
+        let mut guard = self.st.lock();
+        let st = &mut *guard;
         let r = st.reqs.entry(req.to_string()).or_default();
         r.finishing = true;
         let (Some((g, blocks)), Some(grants)) = (grant, st.grants.as_mut()) else {
@@ -1477,9 +1482,12 @@ impl Core {
             return;
         };
         // Staged: the grant goes live once its blocks are in the copy decoders read
-        // (`Core::staged`); until then calls about it are answered pending.
+        // (`Core::staged`); until then calls about it are answered pending. The copy starts
+        // after the state lock is released (decoders' lease calls need it meanwhile); the
+        // cache's lock keeps the staging alive.
         grants.stage(req, g);
         end_runs(st, req);
+        drop(guard);
         let tx = self.lease_tx.clone();
         let (r, done_runs) = (req.to_string(), runs);
         let started = staging.copy(
@@ -1568,18 +1576,14 @@ impl Core {
             .as_mut()
             .map(|g| g.expire(now))
             .unwrap_or_default();
-        {
-            for id in expired {
-                st.counters.lease_expired += 1;
-                log::warn!(
-                    "kvferry: no decoder released {id} within its lease; freeing its blocks"
-                );
-                let held = st.grants.as_ref().is_some_and(|g| g.holds(&id));
-                if let Some(r) = st.reqs.get_mut(&id) {
-                    r.granted = held;
-                }
-                end_runs(st, &id);
+        for id in expired {
+            st.counters.lease_expired += 1;
+            log::warn!("kvferry: no decoder released {id} within its lease; freeing its blocks");
+            let held = st.grants.as_ref().is_some_and(|g| g.holds(&id));
+            if let Some(r) = st.reqs.get_mut(&id) {
+                r.granted = held;
             }
+            end_runs(st, &id);
         }
         let mut ready = Vec::new();
         let serving = self.serving.lock();
@@ -1676,6 +1680,12 @@ fn end_runs(st: &mut State, req: &str) {
         // Serves that began under the grant may still be reading: `poll` waits for them.
         st.draining.insert(req.to_string(), runs);
     }
+}
+
+/// A pull that loaded nothing: its blocks are load errors and the request failed receiving.
+fn pull_failed(st: &mut State, req: &str, blocks: &[u32]) {
+    st.done.load_errors.extend(blocks);
+    st.done.failed_recving.push(req.to_string());
 }
 
 fn load_done(st: &mut State, req: &str) {

@@ -80,14 +80,7 @@ impl Staging {
         layout: &CacheLayout,
         device_ptr: u64,
     ) -> Result<Staging, ConnectorError> {
-        let extent = layout.layer_extent();
-        for l in 0..layout.geometry().layers {
-            let at = device_ptr
-                .checked_add(layout.layer_offset(l)?)
-                .ok_or(kvcore::LayoutError::TooLarge)?;
-            gpu.check_device_range(at, extent)
-                .map_err(kvtier::TierError::from)?;
-        }
+        gpu.check_cache(layout, device_ptr)?;
         let mirror = kvtier::cuda::pinned_pool(gpu, layout.span_bytes(), 1)?;
         let memory = MemoryRegistry::new();
         let region = Region {
@@ -144,6 +137,18 @@ impl Staging {
         blocks: &[u32],
         done: CopyCallback,
     ) -> Result<(), ConnectorError> {
+        let pairs = self.pairs(dir, blocks)?;
+        if pairs.is_empty() {
+            done(Ok(0));
+            return Ok(());
+        }
+        self.copy
+            .submit(&pairs, done)
+            .map_err(|e| ConnectorError::Tier(e.into()))
+    }
+
+    /// Every byte run of `blocks`, from one side to the other.
+    fn pairs(&self, dir: Direction, blocks: &[u32]) -> Result<Vec<CopyPair>, ConnectorError> {
         let mut pairs = Vec::new();
         for &b in blocks {
             for (offset, len) in self.layout.block_runs(b)? {
@@ -159,13 +164,7 @@ impl Staging {
                 pairs.push(CopyPair { src, dst });
             }
         }
-        if pairs.is_empty() {
-            done(Ok(0));
-            return Ok(());
-        }
-        self.copy
-            .submit(&pairs, done)
-            .map_err(|e| ConnectorError::Tier(e.into()))
+        Ok(pairs)
     }
 
     /// [`Staging::copy`], waiting up to `timeout` (tests).
@@ -176,16 +175,9 @@ impl Staging {
         blocks: &[u32],
         timeout: std::time::Duration,
     ) -> Result<u64, ConnectorError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.copy(
-            dir,
-            blocks,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| ConnectorError::Config(format!("no staging copy within {timeout:?}")))?
+        let pairs = self.pairs(dir, blocks)?;
+        self.copy
+            .copy_blocking(&pairs, timeout)
             .map_err(|e| ConnectorError::Tier(e.into()))
     }
 }

@@ -511,13 +511,7 @@ impl TierEngine {
         let gpu = self.inner.gpu.as_ref().ok_or_else(|| {
             TierError::Config("this tier engine has no GPU (TierConfig::gpu is None)".into())
         })?;
-        let extent = layout.layer_extent();
-        for l in 0..layout.geometry().layers {
-            let at = device_ptr
-                .checked_add(layout.layer_offset(l)?)
-                .ok_or(kvcore::LayoutError::TooLarge)?;
-            gpu.check_device_range(at, extent)?;
-        }
+        gpu.check_cache(&layout, device_ptr)?;
         let kind = MemKind::Device {
             ordinal: gpu.ordinal(),
         };

@@ -103,6 +103,24 @@ impl Gpu {
             .map_err(|e| driver_error("cuCtxSetCurrent", e))
     }
 
+    /// Checks that every layer of a cache laid out as `layout` from `device_ptr` lies inside one
+    /// allocation of device memory on this GPU ([`Gpu::check_device_range`] per layer), so a
+    /// wrong pointer or geometry is refused at registration, not found as a fault in a copy.
+    pub fn check_cache(
+        &self,
+        layout: &kvcore::CacheLayout,
+        device_ptr: u64,
+    ) -> Result<(), crate::error::TierError> {
+        let extent = layout.layer_extent();
+        for l in 0..layout.geometry().layers {
+            let at = device_ptr
+                .checked_add(layout.layer_offset(l)?)
+                .ok_or(kvcore::LayoutError::TooLarge)?;
+            self.check_device_range(at, extent)?;
+        }
+        Ok(())
+    }
+
     /// Checks that `ptr..ptr+len` lies inside one allocation of device memory on this GPU, so a
     /// descriptor bounds-checked against a region registered with it can never make the copy
     /// engine touch memory the caller does not own. Returns that allocation's `(start, size)`.
