@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvcore::nixl::NixlComm;
 use kvcore::wire::{AgentMetadata, ExportedCache, Message, Notification, Op, TransportKey};
@@ -584,13 +584,25 @@ impl Agent {
     }
 
     /// Completed transfers, oldest first.
+    /// Progresses UCX once on the caller's thread first (as NIXL's status check does), so a
+    /// caller polling in a loop completes UCX transfers without waiting for the UCX thread.
     pub fn poll(&self) -> Vec<TransferDone> {
+        if let Some(u) = &self.ucx {
+            u.progress();
+        }
         self.ctx.inbox.poll()
     }
 
-    /// Waits for one transfer; others stay queued for `poll`.
+    /// Waits for one transfer; others stay queued for `poll`. A UCX transfer is progressed on
+    /// the caller's thread while it waits (no hand-off to the UCX thread and back).
     pub fn wait(&self, id: TransferId, timeout: Duration) -> Option<TransferDone> {
-        self.ctx.inbox.wait(id, timeout)
+        let until = Instant::now() + timeout;
+        if let Some(u) = &self.ucx {
+            u.drive(id, until);
+        }
+        self.ctx
+            .inbox
+            .wait(id, until.saturating_duration_since(Instant::now()))
     }
 
     /// Sends opaque bytes to a peer: to a kvferry peer on the side channel's authenticated

@@ -1,10 +1,21 @@
-//! The UCX transport: one UCP context and worker per agent, owned by a dedicated thread that
-//! also drives progress (busy while transfers are in flight, every 200 µs when idle). Exported regions are `ucp_mem_map`ped and their packed rkeys published
-//! in the metadata; transfers are lists of `ucp_get_nbx`/`ucp_put_nbx` operations (all
-//! outstanding at once) tracked to completion, then a flush, then — if asked — a notification as
-//! an eager active message. Endpoints use error mode PEER, so a dead peer fails the operations
-//! instead of hanging them; a transfer past its deadline force-closes its endpoint for the same
-//! effect. UCX's environment (`UCX_TLS`, `UCX_NET_DEVICES`, ...) applies as usual.
+//! The UCX transport: one UCP context and worker per agent, behind one lock (the worker runs
+//! in UCX's SERIALIZED thread mode: any thread, one at a time). A caller posts its operations
+//! itself, under the lock, and a caller waiting for a transfer progresses the worker itself, as
+//! NIXL's initiators do, so a transfer takes no hand-off to another thread on its way in or out.
+//! The agent's UCX thread progresses what nobody waits for (transfers collected by `poll`, their
+//! deadlines, incoming notifications): busy while such transfers are in flight, every 200 µs when
+//! idle, and out of the way (parked) while a caller drives the worker.
+//!
+//! Exported regions are `ucp_mem_map`ped and their packed rkeys published in the metadata;
+//! transfers are lists of `ucp_get_nbx`/`ucp_put_nbx` operations, all outstanding at once with
+//! the endpoint's flush right behind them, then — if asked — a notification as an eager active
+//! message. Completion is by callback: each operation's decrements its transfer's count, so
+//! progress costs nothing per request. Endpoints use error mode PEER, so a dead peer fails the
+//! operations instead of hanging them; a transfer past its deadline force-closes its endpoint
+//! for the same effect. UCX's environment (`UCX_TLS`, `UCX_NET_DEVICES`, ...) applies as usual.
+//!
+//! Completions (the transfers' callbacks into the agent) run after the lock is released, so
+//! they may take the agent's other locks without ordering against this one.
 //!
 //! libucp is loaded at run time: from `KVFERRY_UCX_LIB` (the library or its folder), else from
 //! the `libucx-cu12`/`libucx-cu13` wheel of a Python environment it can find, else the system's
@@ -14,20 +25,20 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvcore::wire::{Notification, Op};
 use kvcore::RegionId;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::ctx::Ctx;
 use crate::peers::{Flavour, Peer};
 
 use crate::error::NetError;
-use crate::transport::{Refused, Transfer, Transport, TransportKind};
+use crate::transport::{Refused, Transfer, TransferId, Transport, TransportKind};
 use kvferry_ucx_sys::*;
 
 /// Active-message id of notifications (NIXL uses 0 too).
@@ -42,69 +53,124 @@ pub(crate) struct RmaOp {
 }
 
 /// Called once when an operation ended: its result, and whether the memory it used may be
-/// released (`false` only after the UCX thread panicked, when UCX may still be writing it).
+/// released (`false` only after code holding the worker panicked, when UCX may still write it).
 pub(crate) type Done = Box<dyn FnOnce(Result<u64, NetError>, Released) + Send>;
 
 /// Whether an operation's memory is no longer touched by UCX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Released {
     Yes,
-    /// The UCX thread panicked with the operation in flight: keep the memory held for ever.
+    /// Code holding the worker panicked with the operation in flight: keep the memory held for
+    /// ever.
     Never,
 }
 
-enum Cmd {
-    Map {
-        id: RegionId,
-        base: u64,
-        len: u64,
-        device: bool,
-        reply: Sender<Result<Vec<u8>, NetError>>,
-    },
-    Unmap {
-        id: RegionId,
-        done: Sender<()>,
-    },
-    Transfer {
-        op: Op,
-        peer: String,
-        address: Arc<Vec<u8>>,
-        ops: Vec<RmaOp>,
-        notification: Option<Vec<u8>>,
-        deadline: Instant,
-        done: Done,
-    },
-    Notify {
-        peer: String,
-        address: Arc<Vec<u8>>,
-        frame: Vec<u8>,
-        deadline: Instant,
-        done: Done,
-    },
-    Forget {
-        peer: String,
-    },
-    /// Fault injection: panics the UCX thread, as a bug in it would.
-    #[cfg(feature = "fault-injection")]
-    Panic,
+/// A completion, run once the worker's lock is released.
+struct Ended {
+    done: Done,
+    result: Result<u64, NetError>,
+    released: Released,
 }
 
 pub(crate) struct Ucx {
     /// Our agent's name (the sender of notifications) and its per-step timeout.
     name: String,
     timeout: Duration,
-    tx: Sender<Cmd>,
+    shared: Arc<Shared>,
     address: Vec<u8>,
     library: String,
     cuda: bool,
     thread: Option<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-    /// Set when the UCX thread panicked: its context and mappings were leaked alive (a peer
+    /// Regions this transport mapped and has not unmapped.
+    mapped: Mutex<std::collections::HashSet<RegionId>>,
+}
+
+/// What the callers and the UCX thread share.
+struct Shared {
+    /// `None` once shut down, or once code holding it panicked: it was then leaked alive (a peer
     /// may still reach mapped memory, over cma or RDMA without our progress), so nothing can be
     /// unmapped any more and the agent stops choosing UCX.
-    panicked: Arc<AtomicBool>,
-    /// Regions this transport mapped and has not unmapped.
-    mapped: parking_lot::Mutex<std::collections::HashSet<RegionId>>,
+    worker: Mutex<Option<Worker>>,
+    panicked: AtomicBool,
+    stop: AtomicBool,
+    /// Callers inside [`Ucx::drive`]: while there are any, the UCX thread keeps out of the lock.
+    pollers: AtomicUsize,
+    /// Transfers in flight, as of the last release of the lock (read without it).
+    busy: AtomicUsize,
+    /// The UCX thread, to wake when the last poller leaves transfers in flight.
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl Shared {
+    /// Runs `f` on the worker under the lock, then the completions it produced, outside it. A
+    /// panic in `f` fails every transfer in flight without releasing its memory and leaks the
+    /// worker, its context and its mappings, alive: dropping them could free memory UCX still
+    /// writes, or request state its callbacks still reach.
+    fn with<R>(&self, f: impl FnOnce(&mut Worker) -> R) -> Result<R, NetError> {
+        let mut slot = self.worker.lock();
+        let Some(w) = slot.as_mut() else {
+            return Err(self.gone());
+        };
+        let (r, ended) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(w))) {
+            Ok(r) => {
+                self.busy.store(w.inflight.len(), Ordering::Release);
+                (Ok(r), std::mem::take(&mut w.ended))
+            }
+            Err(_) => {
+                self.panicked.store(true, Ordering::Release);
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.fail_after_panic()));
+                let ended = std::mem::take(&mut w.ended);
+                std::mem::forget(slot.take());
+                self.busy.store(0, Ordering::Release);
+                (Err(self.gone()), ended)
+            }
+        };
+        // Fair: a caller waiting to post is not starved by the UCX thread's loop.
+        MutexGuard::unlock_fair(slot);
+        for e in ended {
+            (e.done)(e.result, e.released);
+        }
+        r
+    }
+
+    fn gone(&self) -> NetError {
+        if self.panicked.load(Ordering::Acquire) {
+            NetError::Unavailable("code driving UCX panicked; UCX is out of service".into())
+        } else {
+            NetError::Shutdown
+        }
+    }
+
+    /// The UCX thread: progress for transfers nobody drives, deadlines and notifications.
+    fn background(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            let Ok(busy) = self.with(|w| {
+                w.progress();
+                w.inflight.len()
+            }) else {
+                return;
+            };
+            if busy > 0 && self.pollers.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            // Idle, or a caller drives: look again soon (a poller that leaves transfers in
+            // flight wakes us at once).
+            let nap = if busy > 0 { 1000 } else { 200 };
+            std::thread::park_timeout(Duration::from_micros(nap));
+        }
+    }
+
+    /// Takes the worker out and closes it (after the UCX thread stopped).
+    fn shutdown(&self) {
+        let ended = match self.worker.lock().take() {
+            Some(w) => w.shutdown(),
+            None => Vec::new(),
+        };
+        for e in ended {
+            (e.done)(e.result, e.released);
+        }
+    }
 }
 
 fn status_str(lib: &UcpLib, s: ucs_status_t) -> String {
@@ -232,66 +298,47 @@ fn load() -> Result<(UcpLib, String), NetError> {
 }
 
 impl Ucx {
-    /// Loads libucp, creates the context and worker on a new thread, returns once they work.
+    /// Loads libucp, creates the context and worker, and starts the UCX thread.
     pub fn start(
         ctx: Arc<Ctx>,
         peer_errors: bool,
         options: &[(String, String)],
     ) -> Result<Ucx, NetError> {
-        let options = options.to_vec();
         let (name, timeout) = (ctx.name.clone(), ctx.timeout);
-        let (tx, rx) = channel();
-        let (ready_tx, ready_rx) = channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_w = stop.clone();
-        let panicked = Arc::new(AtomicBool::new(false));
-        let panicked_w = panicked.clone();
+        let (w, address, library) = Worker::new(ctx, peer_errors, options)?;
+        let cuda = w.cuda;
+        let shared = Arc::new(Shared {
+            worker: Mutex::new(Some(w)),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            pollers: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            thread: OnceLock::new(),
+        });
+        let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kvferry-ucx".into())
-            .spawn(move || match Worker::new(ctx, peer_errors, &options) {
-                Ok((w, address, library)) => {
-                    let _ = ready_tx.send(Ok((address, library, w.cuda)));
-                    // A panic must not drop what the worker owns: dropping an in-flight
-                    // operation's completion would release its memory while UCX may still
-                    // write it. The worker is kept (never dropped), every operation in flight
-                    // fails without releasing its memory, and the UCX resources are leaked.
-                    let mut w = std::mem::ManuallyDrop::new(w);
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        w.serve(&rx, &stop_w)
-                    }));
-                    match served {
-                        Ok(()) => std::mem::ManuallyDrop::into_inner(w).shutdown(),
-                        Err(_) => {
-                            panicked_w.store(true, Ordering::Release);
-                            w.fail_after_panic()
-                        }
-                    }
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
-            .map_err(|e| NetError::Unavailable(format!("cannot start the UCX thread: {e}")))?;
-        let (address, library, cuda) = ready_rx
-            .recv()
-            .map_err(|_| NetError::Unavailable("the UCX thread died while starting".into()))??;
+            .spawn(move || s.background());
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                shared.shutdown();
+                return Err(NetError::Unavailable(format!(
+                    "cannot start the UCX thread: {e}"
+                )));
+            }
+        };
+        let _ = shared.thread.set(thread.thread().clone());
         Ok(Ucx {
             name,
             timeout,
-            tx,
+            shared,
             address,
             library,
             cuda,
             thread: Some(thread),
-            stop,
-            panicked,
             mapped: Default::default(),
         })
-    }
-
-    /// Sends a command; the worker thread wakes on it.
-    fn send(&self, c: Cmd) -> Result<(), std::sync::mpsc::SendError<Cmd>> {
-        self.tx.send(c)
     }
 
     pub fn address(&self) -> &[u8] {
@@ -316,23 +363,14 @@ impl Ucx {
         len: u64,
         device: bool,
     ) -> Result<Vec<u8>, NetError> {
-        let (reply, rx) = channel();
-        self.send(Cmd::Map {
-            id,
-            base,
-            len,
-            device,
-            reply,
-        })
-        .map_err(|_| NetError::Shutdown)?;
-        let key = rx.recv().map_err(|_| NetError::Shutdown)??;
+        let key = self.shared.with(|w| w.map(id, base, len, device))??;
         self.mapped.lock().insert(id);
         Ok(key)
     }
 
-    /// Unmaps a region and waits until UCX did. One that does not answer in `timeout` leaves
-    /// the region mapped, and the caller must keep the memory until the agent drops; so does a
-    /// UCX thread that panicked (its mappings were leaked with the context, alive).
+    /// Unmaps a region and waits until UCX did. If the worker's lock cannot be had in
+    /// `timeout` the region stays mapped, and the caller must keep the memory until the agent
+    /// drops; so it does once code driving UCX panicked (its mappings were leaked alive).
     fn mem_unmap(&self, id: RegionId, timeout: Duration) -> Result<(), NetError> {
         if !self.mapped.lock().contains(&id) {
             return Ok(());
@@ -340,83 +378,83 @@ impl Ucx {
         if !self.alive() {
             return Err(NetError::Busy(id.0));
         }
-        let (done, rx) = channel();
-        // The thread ends only with this `Ucx` (which a deregistration borrows) or by a panic:
-        // a command it cannot take, or drops unanswered, means it panicked with the mapping
-        // alive (the command it was handling is dropped while unwinding, before the flag is
-        // set), so the memory stays kept.
-        if self.send(Cmd::Unmap { id, done }).is_err() {
+        let Some(mut slot) = self.shared.worker.try_lock_for(timeout) else {
             return Err(NetError::Busy(id.0));
-        }
-        let r = match rx.recv_timeout(timeout) {
-            Ok(()) => Ok(()),
-            Err(_) => Err(NetError::Busy(id.0)),
         };
-        if r.is_ok() {
-            self.mapped.lock().remove(&id);
+        let Some(w) = slot.as_mut() else {
+            return Err(NetError::Busy(id.0));
+        };
+        if let Some(m) = w.memh.remove(&id) {
+            // SAFETY: the handle came from ucp_mem_map on this context, under this lock.
+            unsafe { w.lib.ucp_mem_unmap(w.ctx, m) };
         }
-        r
+        drop(slot);
+        self.mapped.lock().remove(&id);
+        Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn transfer(
-        &self,
-        op: Op,
-        peer: String,
-        address: Arc<Vec<u8>>,
-        ops: Vec<RmaOp>,
-        notification: Option<Vec<u8>>,
-        deadline: Instant,
-        done: Done,
-    ) {
-        let cmd = Cmd::Transfer {
-            op,
-            peer,
-            address,
-            ops,
-            notification,
-            deadline,
-            done,
-        };
-        if let Err(std::sync::mpsc::SendError(Cmd::Transfer { done, .. })) = self.send(cmd) {
-            done(Err(NetError::Shutdown), Released::Yes);
+    /// Progresses the worker on the caller's thread until transfer `id` is no longer in UCX's
+    /// hands or `until` passes. Its completion has run when this returns (into the agent's
+    /// inbox); a transfer UCX does not carry returns at once.
+    pub fn drive(&self, id: TransferId, until: Instant) {
+        self.drive_while(until, |t| t.tid == Some(id));
+    }
+
+    fn drive_while(&self, until: Instant, ours: impl Fn(&Inflight) -> bool) {
+        if self.shared.busy.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        self.shared.pollers.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(&self.shared);
+        loop {
+            let more = self.shared.with(|w| {
+                if !w.inflight.iter().any(&ours) {
+                    return false;
+                }
+                w.progress();
+                w.inflight.iter().any(&ours)
+            });
+            if !matches!(more, Ok(true)) || Instant::now() >= until {
+                return;
+            }
         }
     }
 
-    fn send_am(
-        &self,
-        peer: String,
-        address: Arc<Vec<u8>>,
-        frame: Vec<u8>,
-        deadline: Instant,
-        done: Done,
-    ) {
-        let cmd = Cmd::Notify {
-            peer,
-            address,
-            frame,
-            deadline,
-            done,
-        };
-        if let Err(std::sync::mpsc::SendError(Cmd::Notify { done, .. })) = self.send(cmd) {
-            done(Err(NetError::Shutdown), Released::Yes);
+    /// One turn of progress, if anything is in flight (for callers that poll).
+    pub fn progress(&self) {
+        if self.shared.busy.load(Ordering::Acquire) > 0 {
+            let _ = self.shared.with(Worker::progress);
         }
     }
 
     fn forget(&self, peer: &str) {
-        let _ = self.send(Cmd::Forget {
-            peer: peer.to_string(),
-        });
+        let _ = self.shared.with(|w| w.forget(peer));
     }
 
-    /// False once the UCX thread panicked.
+    /// False once code driving UCX panicked.
     pub fn alive(&self) -> bool {
-        !self.panicked.load(Ordering::Acquire)
+        !self.shared.panicked.load(Ordering::Acquire)
     }
 
     #[cfg(feature = "fault-injection")]
     pub fn inject_panic(&self) {
-        let _ = self.send(Cmd::Panic);
+        let _ = self
+            .shared
+            .with(|_| panic!("kvferry fault injection: code driving UCX panics"));
+    }
+}
+
+/// A poller leaving: the UCX thread takes over what is still in flight.
+struct Leave<'a>(&'a Shared);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let last = self.0.pollers.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last && self.0.busy.load(Ordering::Acquire) > 0 {
+            if let Some(t) = self.0.thread.get() {
+                t.unpark();
+            }
+        }
     }
 }
 
@@ -468,22 +506,36 @@ impl Transport for Ucx {
                 return Err(Box::new((no_ucx(p.name(), why), t)));
             }
         };
+        if !self.alive() {
+            let why = "code driving UCX panicked";
+            return Err(Box::new((no_ucx(p.name(), why), t)));
+        }
         let deadline =
             Instant::now() + self.timeout + Duration::from_secs_f64(t.bytes() as f64 / 100e6);
-        self.transfer(
-            t.op,
-            p.name().to_string(),
-            address,
-            ops,
-            frame,
-            deadline,
-            Box::new(move |result, released| match released {
-                Released::Yes => t.finish(result),
-                // UCX may still write this memory: its hold is never given back, so
-                // deregistering it reports Busy and the memory is kept.
-                Released::Never => t.abandon(result),
-            }),
-        );
+        let (op, tid) = (t.op, t.id);
+        let done: Done = Box::new(move |result, released| match released {
+            Released::Yes => t.finish(result),
+            // UCX may still write this memory: its hold is never given back, so
+            // deregistering it reports Busy and the memory is kept.
+            Released::Never => t.abandon(result),
+        });
+        // Posted here, on the caller's thread, and progressed once: what completes at once (a
+        // small READ over shared memory) is reported before this returns. Should the worker
+        // be gone by now (a panic elsewhere), the transfer is dropped unstarted, which keeps
+        // its memory held and reports it failed.
+        let _ = self.shared.with(|w| {
+            let start = Start {
+                tid: Some(tid),
+                op,
+                peer: p.name().to_string(),
+                address,
+                ops,
+                notification: frame,
+                deadline,
+            };
+            w.start(start, done);
+            w.progress();
+        });
         Ok(())
     }
 
@@ -498,17 +550,29 @@ impl Transport for Ucx {
             .ucx_address
             .clone()
             .ok_or_else(|| no_ucx(p.name(), "it offers no UCX address"))?;
-        let (tx, rx) = channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         let limit = self.timeout;
-        self.send_am(
-            p.name().to_string(),
-            address,
-            nixl_notification(&self.name, payload),
-            Instant::now() + limit,
-            Box::new(move |r, _| {
-                let _ = tx.send(r);
-            }),
-        );
+        let deadline = Instant::now() + limit;
+        let seq = self.shared.with(|w| {
+            let start = Start {
+                tid: None,
+                op: Op::Write,
+                peer: p.name().to_string(),
+                address,
+                ops: Vec::new(),
+                notification: Some(nixl_notification(&self.name, payload)),
+                deadline,
+            };
+            let seq = w.start(
+                start,
+                Box::new(move |r, _| {
+                    let _ = tx.send(r);
+                }),
+            );
+            w.progress();
+            seq
+        })?;
+        self.drive_while(deadline, |t| t.seq == seq);
         rx.recv_timeout(limit + Duration::from_secs(3))
             .map_err(|_| NetError::Timeout {
                 op: "notify",
@@ -541,11 +605,13 @@ fn nixl_notification(from: &str, payload: Vec<u8>) -> Vec<u8> {
 
 impl Drop for Ucx {
     fn drop(&mut self) {
-        // Stop the thread: it cancels what is in flight and cleans up.
-        self.stop.store(true, Ordering::Release);
+        // Stop the thread, then cancel what is in flight and clean up.
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
+        self.shared.shutdown();
     }
 }
 
@@ -557,25 +623,69 @@ struct Endpoint {
     rkeys: HashMap<Arc<Vec<u8>>, ucp_rkey_h>,
 }
 
-enum Stage {
-    Data,
-    Flush,
-    Notify,
+/// A transfer's outstanding UCX requests, counted down by their completion callbacks. Shared
+/// (an `Arc`, whose address the callbacks get as user data) so that a callback writing it never
+/// aliases a unique borrow of the transfer.
+struct Pending {
+    left: AtomicUsize,
+    /// The first error status a request ended with (`UCS_OK` while none).
+    status: AtomicI8,
+    /// `ucp_request_free`, for the callback to free its request.
+    free: unsafe extern "C" fn(*mut c_void),
+}
+
+/// Called by UCX, under the worker's lock (it runs only inside calls made under it), when a
+/// request posted with it completes; never for one that completed at once.
+unsafe extern "C" fn on_request_done(req: *mut c_void, status: ucs_status_t, user: *mut c_void) {
+    if user.is_null() {
+        return;
+    }
+    // SAFETY: `user` is `Arc::as_ptr` of the transfer's `Pending`, which its in-flight entry
+    // keeps alive while `left > 0` (this request is counted in it) or for ever (leaked after a
+    // panic); `req` is the completed request, ours to free, here or never.
+    unsafe {
+        let p = &*(user as *const Pending);
+        if status != ucs_status_t_UCS_OK {
+            let _ = p.status.compare_exchange(
+                ucs_status_t_UCS_OK,
+                status,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        (p.free)(req);
+        p.left.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a caller asks the worker to start.
+struct Start {
+    tid: Option<TransferId>,
+    op: Op,
+    peer: String,
+    address: Arc<Vec<u8>>,
+    ops: Vec<RmaOp>,
+    notification: Option<Vec<u8>>,
+    deadline: Instant,
 }
 
 struct Inflight {
+    /// The agent's transfer id (none for a bare notification).
+    tid: Option<TransferId>,
+    /// The worker's own number for it.
+    seq: u64,
     peer: String,
-    reqs: Vec<*mut c_void>,
+    pending: Arc<Pending>,
     bytes: u64,
     error: Option<String>,
     /// It passed its deadline (its requests were cancelled): a timeout, whatever UCX said.
     timed_out: bool,
     posted: Instant,
-    stage: Stage,
+    /// Sent once the data and the flush completed; kept here until its send completes.
     notification: Option<Vec<u8>>,
+    notifying: bool,
     deadline: Instant,
     done: Option<Done>,
-    flush_after: bool,
 }
 
 struct Worker {
@@ -588,6 +698,10 @@ struct Worker {
     eps: HashMap<String, Endpoint>,
     memh: HashMap<RegionId, ucp_mem_h>,
     inflight: Vec<Inflight>,
+    /// Completions to run once the lock is released.
+    ended: Vec<Ended>,
+    seq: u64,
+    free_request: unsafe extern "C" fn(*mut c_void),
     /// Peers forgotten while transfers to them were in flight: closed when the last one ends.
     forgotten: std::collections::HashSet<String>,
     /// The context supports CUDA memory (UCX built with its cuda transports).
@@ -595,6 +709,12 @@ struct Worker {
     /// Owned by the worker for the AM handler's lifetime.
     sink: *mut Arc<Ctx>,
 }
+
+// SAFETY: the UCX handles (context, worker, endpoints, rkeys, memory handles, requests) are
+// used only through `Shared::worker`'s lock, one thread at a time, which is what UCX's
+// SERIALIZED thread mode (the worker's) allows; the context is used only by this worker. `sink`
+// is an `Arc<Ctx>` (Send and Sync), read by the AM handler during progress, under the lock.
+unsafe impl Send for Worker {}
 
 unsafe extern "C" fn on_peer_error(arg: *mut c_void, _ep: ucp_ep_h, _status: ucs_status_t) {
     if !arg.is_null() {
@@ -730,13 +850,21 @@ impl Worker {
             }
             let mut wp: ucp_worker_params_t = std::mem::zeroed();
             wp.field_mask = ucp_worker_params_field_UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
-            wp.thread_mode = ucs_thread_mode_t_UCS_THREAD_MODE_SINGLE;
+            wp.thread_mode = ucs_thread_mode_t_UCS_THREAD_MODE_SERIALIZED;
             let mut worker: ucp_worker_h = ptr::null_mut();
             let s = lib.ucp_worker_create(ctx, &wp, &mut worker);
             if s != ucs_status_t_UCS_OK {
                 lib.ucp_cleanup(ctx);
                 return Err(fail("ucp_worker_create", s, &lib));
             }
+            let free_request = match lib.ucp_request_free.as_ref() {
+                Ok(f) => *f,
+                Err(e) => {
+                    lib.ucp_worker_destroy(worker);
+                    lib.ucp_cleanup(ctx);
+                    return Err(NetError::Unavailable(format!("ucp_request_free: {e}")));
+                }
+            };
             let sink = Box::into_raw(Box::new(sink_ctx));
             let mut am: ucp_am_handler_param_t = std::mem::zeroed();
             am.field_mask = (ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ID
@@ -754,6 +882,9 @@ impl Worker {
                 eps: HashMap::new(),
                 memh: HashMap::new(),
                 inflight: Vec::new(),
+                ended: Vec::new(),
+                seq: 0,
+                free_request,
                 forgotten: Default::default(),
                 cuda: false,
                 sink,
@@ -783,99 +914,36 @@ impl Worker {
         }
     }
 
-    /// Serves commands until told to stop or the agent went away; the caller shuts down.
-    fn serve(&mut self, rx: &Receiver<Cmd>, stop: &AtomicBool) {
-        while !stop.load(Ordering::Acquire) {
-            loop {
-                match rx.try_recv() {
-                    Ok(c) => self.handle(c),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            }
-            // Bounded: a peer flooding us with active messages must not starve commands and
-            // deadlines (each call makes progress; what is left waits for the next turn).
-            for _ in 0..PROGRESS_BURST {
-                // SAFETY: the worker is ours and used only on this thread.
-                if unsafe { self.lib.ucp_worker_progress(self.worker) } == 0 {
-                    break;
-                }
-            }
-            self.advance();
-            if !self.inflight.is_empty() {
-                continue;
-            }
-            // Idle: wait for a command (a send wakes us at once) or 200 µs, then progress again
-            // for incoming notifications.
-            match rx.recv_timeout(Duration::from_micros(200)) {
-                Ok(c) => self.handle(c),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+    /// A burst of progress, then what it completed moves on.
+    fn progress(&mut self) {
+        // Bounded: a peer flooding us with active messages must not starve deadlines and the
+        // callers waiting for the lock (what is left waits for the next turn).
+        for _ in 0..PROGRESS_BURST {
+            // SAFETY: the worker is ours, used under the lock.
+            if unsafe { self.lib.ucp_worker_progress(self.worker) } == 0 {
+                break;
             }
         }
+        self.advance();
     }
 
-    /// After a panic on this thread: every operation in flight fails, keeping its memory held
-    /// (its completion is told `Released::Never`), and nothing UCX owns is freed.
+    /// After a panic with the worker held: every operation in flight fails, keeping its memory
+    /// held (its completion is told `Released::Never`), and nothing UCX owns is freed.
     fn fail_after_panic(&mut self) {
         log::error!(
-            "kvferry: the UCX thread panicked; {} transfers in flight fail, and the memory they \
+            "kvferry: code driving UCX panicked; {} transfers in flight fail, and the memory they \
              use stays held (deregistering it reports Busy) because UCX may still write it",
             self.inflight.len()
         );
         for t in &mut self.inflight {
             if let Some(done) = t.done.take() {
-                let e = NetError::Unavailable("the UCX thread panicked".into());
-                done(Err(e), Released::Never);
+                let e = NetError::Unavailable("code driving UCX panicked".into());
+                self.ended.push(Ended {
+                    done,
+                    result: Err(e),
+                    released: Released::Never,
+                });
             }
-        }
-    }
-
-    fn handle(&mut self, c: Cmd) {
-        match c {
-            Cmd::Map {
-                id,
-                base,
-                len,
-                device,
-                reply,
-            } => {
-                let _ = reply.send(self.map(id, base, len, device));
-            }
-            Cmd::Unmap { id, done } => {
-                if let Some(m) = self.memh.remove(&id) {
-                    // SAFETY: the handle came from ucp_mem_map on this context.
-                    unsafe { self.lib.ucp_mem_unmap(self.ctx, m) };
-                }
-                let _ = done.send(());
-            }
-            Cmd::Transfer {
-                op,
-                peer,
-                address,
-                ops,
-                notification,
-                deadline,
-                done,
-            } => self.start(op, peer, address, ops, notification, deadline, done),
-            Cmd::Notify {
-                peer,
-                address,
-                frame,
-                deadline,
-                done,
-            } => self.start(
-                Op::Write,
-                peer,
-                address,
-                Vec::new(),
-                Some(frame),
-                deadline,
-                done,
-            ),
-            Cmd::Forget { peer } => self.forget(&peer),
-            #[cfg(feature = "fault-injection")]
-            Cmd::Panic => panic!("kvferry fault injection: the UCX thread panics"),
         }
     }
 
@@ -956,28 +1024,60 @@ impl Worker {
         Ok(rk)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        &mut self,
-        op: Op,
-        peer: String,
-        address: Arc<Vec<u8>>,
-        ops: Vec<RmaOp>,
-        notification: Option<Vec<u8>>,
-        deadline: Instant,
-        done: Done,
-    ) {
+    /// A parameter struct whose completion counts down `pending`.
+    fn param(pending: &Arc<Pending>) -> ucp_request_param_t {
+        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
+        let mut p: ucp_request_param_t = unsafe { std::mem::zeroed() };
+        p.op_attr_mask =
+            ucp_op_attr_t_UCP_OP_ATTR_FIELD_CALLBACK | ucp_op_attr_t_UCP_OP_ATTR_FIELD_USER_DATA;
+        p.cb.send = Some(on_request_done);
+        p.user_data = Arc::as_ptr(pending) as *mut c_void;
+        p
+    }
+
+    /// Counts what `post` started in `pending`: counted before the call (a callback may in
+    /// principle run before the call returns), uncounted when it completed or failed at once.
+    fn counted(
+        pending: &Pending,
+        lib: &UcpLib,
+        what: &str,
+        post: impl FnOnce() -> ucs_status_ptr_t,
+    ) -> Result<(), String> {
+        pending.left.fetch_add(1, Ordering::AcqRel);
+        let r = post();
+        if r.is_null() {
+            pending.left.fetch_sub(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        if let Some(s) = ptr_status(r) {
+            pending.left.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!("{what}: {}", status_str(lib, s)));
+        }
+        Ok(())
+    }
+
+    /// Posts a transfer's operations and, behind them, the endpoint's flush (for writes, and
+    /// whatever a notification follows: the notification is sent only once the data is in
+    /// place); returns the worker's number for it.
+    fn start(&mut self, s: Start, done: Done) -> u64 {
+        self.seq += 1;
+        let flush_after = s.op == Op::Write || s.notification.is_some();
         let mut t = Inflight {
-            peer: peer.clone(),
-            reqs: Vec::with_capacity(ops.len()),
-            bytes: ops.iter().map(|o| o.len).sum(),
+            tid: s.tid,
+            seq: self.seq,
+            peer: s.peer.clone(),
+            pending: Arc::new(Pending {
+                left: AtomicUsize::new(0),
+                status: AtomicI8::new(ucs_status_t_UCS_OK),
+                free: self.free_request,
+            }),
+            bytes: s.ops.iter().map(|o| o.len).sum(),
             error: None,
             timed_out: false,
             posted: Instant::now(),
-            stage: Stage::Data,
-            flush_after: op == Op::Write || notification.is_some(),
-            notification,
-            deadline,
+            notification: s.notification,
+            notifying: false,
+            deadline: s.deadline,
             done: Some(done),
         };
         let lib = &self.lib;
@@ -986,19 +1086,18 @@ impl Worker {
             lib,
             self.worker,
             self.peer_errors,
-            &peer,
-            &address,
+            &s.peer,
+            &s.address,
         ) {
             Ok(e) => e,
             Err(e) => {
                 t.error = Some(e);
                 self.inflight.push(t);
-                return;
+                return self.seq;
             }
         };
-        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
-        let param: ucp_request_param_t = unsafe { std::mem::zeroed() };
-        for o in ops {
+        let param = Self::param(&t.pending);
+        for o in &s.ops {
             let rk = match Self::rkey(lib, ep, &o.key) {
                 Ok(r) => r,
                 Err(e) => {
@@ -1006,47 +1105,51 @@ impl Worker {
                     break;
                 }
             };
+            let (what, read) = match s.op {
+                Op::Read => ("ucp_get_nbx", true),
+                Op::Write => ("ucp_put_nbx", false),
+            };
             // SAFETY: `o.local` lies in memory the agent holds in use for the whole transfer (the
             // caller checked it against its region table); the remote range was bounds-checked
-            // against the peer's exported region; the request is polled to completion below.
-            let r = unsafe {
-                match op {
-                    Op::Read => lib.ucp_get_nbx(
+            // against the peer's exported region; the request is counted in `t.pending`, which
+            // outlives it, and the transfer ends only once it completed.
+            let posted = Self::counted(&t.pending, lib, what, || unsafe {
+                if read {
+                    lib.ucp_get_nbx(
                         ep.ep,
                         o.local as *mut c_void,
                         o.len as usize,
                         o.remote,
                         rk,
                         &param,
-                    ),
-                    Op::Write => lib.ucp_put_nbx(
+                    )
+                } else {
+                    lib.ucp_put_nbx(
                         ep.ep,
                         o.local as *const c_void,
                         o.len as usize,
                         o.remote,
                         rk,
                         &param,
-                    ),
+                    )
                 }
-            };
-            if r.is_null() {
-                continue;
-            }
-            if let Some(s) = ptr_status(r) {
-                t.error = Some(format!(
-                    "{}: {}",
-                    if op == Op::Read {
-                        "ucp_get_nbx"
-                    } else {
-                        "ucp_put_nbx"
-                    },
-                    status_str(lib, s)
-                ));
+            });
+            if let Err(e) = posted {
+                t.error = Some(e);
                 break;
             }
-            t.reqs.push(r);
+        }
+        if flush_after && t.error.is_none() {
+            // SAFETY: a live endpoint of our worker; the request is counted like the others.
+            let posted = Self::counted(&t.pending, lib, "ucp_ep_flush_nbx", || unsafe {
+                lib.ucp_ep_flush_nbx(ep.ep, &param)
+            });
+            if let Err(e) = posted {
+                t.error = Some(e);
+            }
         }
         self.inflight.push(t);
+        self.seq
     }
 
     /// The endpoint to `peer`, created (or re-created when stale) from its worker address.
@@ -1111,57 +1214,35 @@ impl Worker {
             .ok_or_else(|| "endpoint vanished".to_string())
     }
 
-    /// Polls every transfer's requests and moves it through data → flush → notify → done.
+    /// Moves every transfer whose requests all completed on: to its notification, or to its
+    /// end; a transfer past its deadline has its endpoint force-closed (UCX then fails its
+    /// requests, through their callbacks).
     fn advance(&mut self) {
         let now = Instant::now();
         let mut i = 0;
         while i < self.inflight.len() {
-            let lib = &self.lib;
             let t = &mut self.inflight[i];
-            t.reqs.retain(|&r| {
-                // SAFETY: `r` is an outstanding request handle from an nbx call on our worker.
-                let s = unsafe { lib.ucp_request_check_status(r) };
-                if s == ucs_status_t_UCS_INPROGRESS {
-                    return true;
-                }
-                // SAFETY: completed, so ours to free.
-                unsafe { lib.ucp_request_free(r) };
-                if s != ucs_status_t_UCS_OK && t.error.is_none() {
-                    t.error = Some(status_str(lib, s));
-                }
-                false
-            });
-            if !t.reqs.is_empty() {
-                if now > t.deadline {
-                    // Cancel by force-closing the endpoint: UCX then fails the requests.
-                    let peer = t.peer.clone();
+            if t.pending.left.load(Ordering::Acquire) > 0 {
+                if now > t.deadline && !t.timed_out {
                     t.timed_out = true;
                     if t.error.is_none() {
                         t.error = Some("past its deadline".into());
                     }
+                    let peer = t.peer.clone();
                     self.close(&peer, true);
                 }
                 i += 1;
                 continue;
             }
-            if t.error.is_none() {
-                let next = match t.stage {
-                    Stage::Data if t.flush_after => Some(Stage::Flush),
-                    Stage::Flush if t.notification.is_some() => Some(Stage::Notify),
-                    _ => None,
-                };
-                if let Some(stage) = next {
-                    let started = match stage {
-                        Stage::Flush => self.post_flush(i),
-                        _ => self.post_notify(i),
-                    };
-                    let t = &mut self.inflight[i];
-                    t.stage = stage;
-                    if let Err(e) = started {
-                        t.error = Some(e);
-                    } else {
-                        continue;
-                    }
+            let s = t.pending.status.load(Ordering::Acquire);
+            if s != ucs_status_t_UCS_OK && t.error.is_none() {
+                t.error = Some(status_str(&self.lib, s));
+            }
+            if t.error.is_none() && !t.notifying && t.notification.is_some() {
+                t.notifying = true;
+                match self.post_notify(i) {
+                    Ok(()) => continue,
+                    Err(e) => self.inflight[i].error = Some(e),
                 }
             }
             let mut t = self.inflight.swap_remove(i);
@@ -1179,7 +1260,11 @@ impl Worker {
                 }),
             };
             if let Some(done) = t.done.take() {
-                done(result, Released::Yes);
+                self.ended.push(Ended {
+                    done,
+                    result,
+                    released: Released::Yes,
+                });
             }
             if self.forgotten.contains(&t.peer) && !self.inflight.iter().any(|o| o.peer == t.peer) {
                 self.forgotten.remove(&t.peer);
@@ -1188,46 +1273,23 @@ impl Worker {
         }
     }
 
-    fn post_flush(&mut self, i: usize) -> Result<(), String> {
-        let peer = self.inflight[i].peer.clone();
-        let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
-        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
-        let param: ucp_request_param_t = unsafe { std::mem::zeroed() };
-        // SAFETY: a live endpoint of our worker; the request is polled in `advance`.
-        let r = unsafe { self.lib.ucp_ep_flush_nbx(ep, &param) };
-        self.track(i, r, "ucp_ep_flush_nbx")
-    }
-
     fn post_notify(&mut self, i: usize) -> Result<(), String> {
-        let peer = self.inflight[i].peer.clone();
-        let ep = self.eps.get(&peer).ok_or("endpoint closed")?.ep;
-        let frame = self.inflight[i].notification.take().unwrap_or_default();
-        // SAFETY: a bindgen C parameter struct; all-zero is its "no fields set" value.
-        let mut param: ucp_request_param_t = unsafe { std::mem::zeroed() };
-        param.op_attr_mask = ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
+        let t = &self.inflight[i];
+        let ep = self.eps.get(&t.peer).ok_or("endpoint closed")?.ep;
+        let mut param = Self::param(&t.pending);
+        param.op_attr_mask |= ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
         param.flags = ucp_send_am_flags_UCP_AM_SEND_FLAG_EAGER;
-        // The payload must outlive the request: keep it with the transfer until completion.
-        let t = &mut self.inflight[i];
-        t.notification = Some(frame);
-        let data = t.notification.as_ref().map_or(ptr::null(), |f| f.as_ptr()) as *const c_void;
-        let len = t.notification.as_ref().map_or(0, Vec::len);
-        // SAFETY: `data..data+len` is owned by the in-flight entry until the request completes.
-        let r = unsafe {
-            self.lib
-                .ucp_am_send_nbx(ep, AM_NOTIFY, ptr::null(), 0, data, len, &param)
-        };
-        self.track(i, r, "ucp_am_send_nbx")
-    }
-
-    fn track(&mut self, i: usize, r: ucs_status_ptr_t, what: &str) -> Result<(), String> {
-        if r.is_null() {
-            return Ok(());
-        }
-        if let Some(s) = ptr_status(r) {
-            return Err(format!("{what}: {}", status_str(&self.lib, s)));
-        }
-        self.inflight[i].reqs.push(r);
-        Ok(())
+        // The payload stays with the in-flight entry, unmoved, until the send completed.
+        let (data, len) = t
+            .notification
+            .as_ref()
+            .map_or((ptr::null(), 0), |f| (f.as_ptr() as *const c_void, f.len()));
+        let lib = &self.lib;
+        // SAFETY: a live endpoint of our worker; `data..data+len` is owned by the in-flight
+        // entry until the request, counted in its `pending`, completed.
+        Self::counted(&t.pending, lib, "ucp_am_send_nbx", || unsafe {
+            lib.ucp_am_send_nbx(ep, AM_NOTIFY, ptr::null(), 0, data, len, &param)
+        })
     }
 
     fn close(&mut self, peer: &str, force: bool) {
@@ -1299,25 +1361,28 @@ impl Worker {
         }
     }
 
-    fn shutdown(mut self) {
+    /// Cancels what is in flight, waits for it (bounded), frees UCX's resources; returns the
+    /// completions to run.
+    fn shutdown(mut self) -> Vec<Ended> {
+        for t in &mut self.inflight {
+            if t.error.is_none() {
+                t.error = Some("agent shut down".into());
+            }
+            t.notification = None;
+        }
         let peers: Vec<String> = self.eps.keys().cloned().collect();
         for p in peers {
             self.close(&p, true);
         }
         // Let the cancelled requests complete, then report them.
         let deadline = Instant::now() + Duration::from_secs(2);
+        self.advance();
         while !self.inflight.is_empty() && Instant::now() < deadline {
-            // SAFETY: our worker, on our thread.
-            unsafe { self.lib.ucp_worker_progress(self.worker) };
-            for t in &mut self.inflight {
-                if t.error.is_none() {
-                    t.error = Some("agent shut down".into());
-                }
-                t.flush_after = false;
-            }
-            self.advance();
+            self.progress();
         }
-        // SAFETY: nothing references the memory handles, worker or context any more.
+        // SAFETY: nothing references the memory handles, worker or context any more; requests
+        // still outstanding are purged with the worker (their callbacks, if UCX runs them,
+        // reach `Pending`s that the in-flight entries keep alive until after this).
         unsafe {
             for (_, m) in self.memh.drain() {
                 self.lib.ucp_mem_unmap(self.ctx, m);
@@ -1327,12 +1392,18 @@ impl Worker {
             drop(Box::from_raw(self.sink));
         }
         // Whatever outlived the deadline: the worker that carried it and the context that
-        // mapped its memory are destroyed (UCX purges a destroyed worker's requests), so its
-        // memory is no longer reachable and may be given back.
+        // mapped its memory are destroyed, so its memory is no longer reachable and may be
+        // given back.
+        let mut ended = std::mem::take(&mut self.ended);
         for mut t in self.inflight.drain(..) {
             if let Some(done) = t.done.take() {
-                done(Err(NetError::Shutdown), Released::Yes);
+                ended.push(Ended {
+                    done,
+                    result: Err(NetError::Shutdown),
+                    released: Released::Yes,
+                });
             }
         }
+        ended
     }
 }
