@@ -1,6 +1,9 @@
 //! `kvferry-bench net`: READ and WRITE bandwidth between two agents on loopback, per transport,
-//! block size and batch, and small-transfer latency; each next to `ucx_perftest` measured in the
-//! same run on the same UCX transport (the TCP backend is compared with UCX's own TCP transport).
+//! block size and batch, and small-transfer latency, each next to a limit measured in the same
+//! run on the same bytes: for UCX, `ucx_perftest` when kvferry loaded the same libucp as it (the
+//! system's), else one memcpy of the same scattered blocks (shared memory and cma move each byte
+//! once); for the TCP backend, as many loopback TCP streams as it opens per peer. Every timing
+//! is repeated until stable or marked noisy, and a row above its physical limit is flagged.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,7 +12,7 @@ use clap::Args;
 use kvferry::kvcore::{Descriptor, MemKind, Region, RegionId};
 use kvferry::kvnet::{Agent, AgentConfig, TransportKind};
 
-use crate::limits::median;
+use crate::limits::{scattered_memcpy_gbps, settle, Settled};
 use crate::report::{Row, Value};
 
 #[derive(Args, Debug)]
@@ -44,7 +47,8 @@ pub struct NetArgs {
 
 struct Pair {
     init: Agent,
-    target: Agent,
+    /// Kept alive (and its memory registered) while the initiator uses it.
+    _target: Agent,
     local: RegionId,
     remote: RegionId,
     _bufs: (Vec<u8>, Vec<u8>),
@@ -89,21 +93,22 @@ fn pair(
         .map_err(|e| e.to_string())?;
     Ok(Pair {
         init,
-        target,
+        _target: target,
         local,
         remote,
         _bufs: (a, b),
     })
 }
 
-/// Median seconds of one transfer of `batch` blocks of `block` bytes (scattered on the target).
+/// Seconds of one transfer of `batch` blocks of `block` bytes (scattered on the target),
+/// repeated until stable.
 fn time_transfer(
     p: &Pair,
     read: bool,
     block: u64,
     batch: u32,
     repeat: usize,
-) -> Result<f64, String> {
+) -> Result<Settled, String> {
     let n = u64::from(batch);
     let local: Vec<Descriptor> = (0..n)
         .map(|i| Descriptor {
@@ -119,8 +124,7 @@ fn time_transfer(
             len: block,
         })
         .collect();
-    let mut times = Vec::new();
-    for rep in 0..=repeat {
+    settle(repeat, || {
         let t = Instant::now();
         let id = if read {
             p.init.read(&local, "bench-target", &remote, None)
@@ -133,12 +137,8 @@ fn time_transfer(
             .wait(id, Duration::from_secs(120))
             .ok_or("transfer timed out")?;
         done.result.map_err(|e| e.to_string())?;
-        if rep > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    let _ = &p.target;
-    Ok(median(times))
+        Ok(t.elapsed().as_secs_f64())
+    })
 }
 
 struct Perftest {
@@ -285,14 +285,10 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             repeat: a.repeat,
         });
     }
-    // ucx_perftest comes from the system's UCX: measure kvferry against the same library unless
-    // the user chose one, or NIXL is measured too (then kvferry loads the newest UCX it finds,
-    // closest to the one bundled with NIXL).
-    if std::env::var_os("KVFERRY_UCX_LIB").is_none() && !a.nixl {
-        let sys = "/usr/lib/x86_64-linux-gnu/libucp.so.0";
-        if std::path::Path::new(sys).exists() {
-            std::env::set_var("KVFERRY_UCX_LIB", sys);
-        }
+    // UCX on loopback: shared memory and cma, as NIXL's agents use, over `lo` unless the user
+    // chose devices (the in-process pair would otherwise spread TCP lanes over every NIC).
+    if std::env::var_os("UCX_NET_DEVICES").is_none() {
+        std::env::set_var("UCX_NET_DEVICES", "lo");
     }
     let nixl = if a.nixl {
         match nixl_rows(a) {
@@ -306,9 +302,6 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
         Vec::new()
     };
     let perftest_ok = !a.no_limit && Command::new("ucx_perftest").arg("-h").output().is_ok();
-    if !a.no_limit && !perftest_ok {
-        eprintln!("net: ucx_perftest is not installed (package ucx-utils): rows have no limit");
-    }
     let mut rows = Vec::new();
     for tname in &a.transports {
         let (t, token) = match tname.as_str() {
@@ -318,12 +311,6 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             o => return Err(format!("unknown transport {o}")),
         };
         let pe = !a.ucx_no_peer_errors;
-        // The TCP backend is compared with UCX's own TCP transport.
-        let tls = if t == TransportKind::Tcp {
-            Some("tcp")
-        } else {
-            None
-        };
         let max = a.max_mib << 20;
         let biggest = a.block_kib.iter().max().copied().unwrap_or(4) << 10;
         let p = match pair(t, max.max(biggest), !a.ucx_no_peer_errors, token) {
@@ -333,8 +320,22 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
                 continue;
             }
         };
-        if let Some(lib) = p.init.ucx_library() {
-            eprintln!("net: kvferry's UCX transport uses {lib}");
+        // ucx_perftest is the system's UCX: it measures the same thing only when kvferry
+        // loaded that library too.
+        let lib = p.init.ucx_library().unwrap_or("").to_string();
+        let same_ucx = t == TransportKind::Ucx && perftest_ok && lib.starts_with(SYSTEM_UCX);
+        if t == TransportKind::Ucx {
+            eprintln!(
+                "net: kvferry's UCX transport uses {lib}; UCX_TLS={}, UCX_NET_DEVICES={}; limit: {}",
+                std::env::var("UCX_TLS").unwrap_or_else(|_| "(UCX's choice)".into()),
+                std::env::var("UCX_NET_DEVICES").unwrap_or_default(),
+                if same_ucx {
+                    "ucx_perftest on the same library"
+                } else {
+                    "one scattered memcpy of the same blocks (ucx_perftest is the system's UCX, \
+                     not this one; set KVFERRY_UCX_LIB to it to compare against it)"
+                }
+            );
         }
         let label = match (t, std::env::var("UCX_TLS")) {
             (TransportKind::Tcp, _) if token.is_some() => "kvferry-tcp-sealed".to_string(),
@@ -343,9 +344,9 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             (TransportKind::Ucx, Err(_)) => "ucx".to_string(),
         };
         // Latency: one 8-byte READ.
-        let secs = time_transfer(&p, true, 8, 1, a.repeat.max(20))?;
-        let lat_limit = if perftest_ok {
-            perftest("ucp_get", 8, 20000, tls, pe)
+        let lat = time_transfer(&p, true, 8, 1, a.repeat.max(20))?;
+        let lat_limit = if same_ucx {
+            perftest("ucp_get", 8, 20000, None, pe)
                 .map(|x| x.1)
                 .unwrap_or(0.0)
         } else {
@@ -355,38 +356,68 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
             path: format!("{label}:read-latency"),
             block_bytes: 8,
             batch: 1,
-            gbps: 8.0 / secs / 1e9,
+            gbps: 8.0 / lat.median / 1e9,
             limit_gbps: 0.0,
             extra: vec![
-                ("us", Value::Float(secs * 1e6)),
+                ("us", Value::Float(lat.median * 1e6)),
+                ("spread", Value::Float(lat.spread)),
+                ("runs", Value::Int(lat.runs as u64)),
                 ("limit_us", Value::Float(lat_limit)),
-                ("limit", Value::Text("ucx_perftest ucp_get p50".into())),
+                (
+                    "limit",
+                    Value::Text(if same_ucx {
+                        "ucx_perftest ucp_get p50".into()
+                    } else {
+                        "none".into()
+                    }),
+                ),
             ],
         });
         for &kib in &a.block_kib {
             let block = kib << 10;
             for &want in &a.batch {
                 let batch = want.min((max / block).max(1) as u32);
-                // The limit moves the batch's bytes as one message (up to 16 MiB): ucx_perftest
-                // reuses one buffer, so a block-sized message would measure the CPU cache, not
-                // the transport. About 128 MiB per measurement keeps slow transports bearable.
-                let size = (block * u64::from(batch)).min(16 << 20);
+                let bytes = block * u64::from(batch);
+                // ucx_perftest moves the batch's bytes as one message (up to 16 MiB): it reuses
+                // one buffer, so a block-sized message would measure the CPU cache.
+                let size = bytes.min(16 << 20);
                 let iters = ((128u64 << 20) / size).clamp(8, 1000);
-                let limits = if perftest_ok {
-                    (
-                        perftest("ucp_get", size, iters, tls, pe)
-                            .map(|x| x.0)
-                            .unwrap_or(0.0),
-                        perftest("ucp_put_bw", size, iters, tls, pe)
-                            .map(|x| x.0)
-                            .unwrap_or(0.0),
-                    )
-                } else {
-                    (0.0, 0.0)
+                let limit = |read: bool| -> (f64, String) {
+                    let reps = a.repeat.max(3);
+                    match t {
+                        TransportKind::Tcp => {
+                            // As many streams as the agent splits a transfer over.
+                            let streams = AgentConfig::new("x")
+                                .connections_per_peer
+                                .min(batch as usize);
+                            (
+                                crate::limits::tcp_streams_gbps(bytes as usize, streams, reps)
+                                    .unwrap_or(0.0),
+                                format!("loopback TCP x{streams}, same bytes"),
+                            )
+                        }
+                        _ if same_ucx => {
+                            let test = if read { "ucp_get" } else { "ucp_put_bw" };
+                            (
+                                perftest(test, size, iters, None, pe)
+                                    .map(|x| x.0)
+                                    .unwrap_or(0.0),
+                                format!("ucx_perftest {test}{}", if pe { " -e" } else { "" }),
+                            )
+                        }
+                        _ => (
+                            scattered_memcpy_gbps(block as usize, batch as usize, reps),
+                            "memcpy, same blocks (one copy)".into(),
+                        ),
+                    }
                 };
-                for (read, limit) in [(true, limits.0), (false, limits.1)] {
+                for read in [true, false] {
+                    let (limit, limit_name) = if a.no_limit {
+                        (0.0, "none".to_string())
+                    } else {
+                        limit(read)
+                    };
                     let secs = time_transfer(&p, read, block, batch, a.repeat)?;
-                    let bytes = block * u64::from(batch);
                     let op = if read { "read" } else { "write" };
                     if t == TransportKind::Ucx {
                         if let Some(n) = nixl
@@ -401,30 +432,24 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
                                 limit_gbps: limit,
                                 extra: vec![
                                     ("us", Value::Float(bytes as f64 / n.3 / 1e3)),
-                                    ("limit_us", Value::Float(0.0)),
-                                    ("limit", Value::Text("same as the kvferry row below".into())),
+                                    ("spread", Value::Float(0.0)),
+                                    ("runs", Value::Int(a.repeat as u64)),
+                                    ("limit", Value::Text(limit_name.clone())),
                                 ],
                             });
                         }
                     }
                     rows.push(Row {
-                        path: format!("{label}:{}", if read { "read" } else { "write" }),
+                        path: format!("{label}:{op}"),
                         block_bytes: block,
                         batch: u64::from(batch),
-                        gbps: bytes as f64 / secs / 1e9,
+                        gbps: bytes as f64 / secs.median / 1e9,
                         limit_gbps: limit,
                         extra: vec![
-                            ("us", Value::Float(secs * 1e6)),
-                            ("limit_us", Value::Float(0.0)),
-                            (
-                                "limit",
-                                Value::Text(format!(
-                                    "ucx_perftest {}{}{}",
-                                    if read { "ucp_get" } else { "ucp_put_bw" },
-                                    if pe { " -e" } else { "" },
-                                    tls.map(|t| format!(" UCX_TLS={t}")).unwrap_or_default()
-                                )),
-                            ),
+                            ("us", Value::Float(secs.median * 1e6)),
+                            ("spread", Value::Float(secs.spread)),
+                            ("runs", Value::Int(secs.runs as u64)),
+                            ("limit", Value::Text(limit_name)),
                         ],
                     });
                 }
@@ -433,3 +458,6 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
     }
     Ok(rows)
 }
+
+/// Where Debian's libucx0 puts libucp, the library `ucx_perftest` (ucx-utils) runs on.
+const SYSTEM_UCX: &str = "/usr/lib/x86_64-linux-gnu/libucp.so";

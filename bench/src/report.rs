@@ -48,6 +48,33 @@ impl Row {
         }
     }
 
+    /// A limit is physical (memcpy, fio, ucx_perftest, a torch copy) unless its name says it
+    /// is a peer's figure (`peer: ...`), which kvferry may beat.
+    fn physical_limit(&self) -> bool {
+        self.limit_gbps > 0.0
+            && !self
+                .extra
+                .iter()
+                .any(|(k, v)| *k == "limit" && matches!(v, Value::Text(t) if t.starts_with("peer")))
+    }
+
+    /// What a reader must know before trusting the row: above a physical limit by more than
+    /// 10 % is a measurement error (the limit was not measured on the same pattern), and a
+    /// timing whose repeats never settled is noisy.
+    pub fn check(&self) -> &'static str {
+        if self.physical_limit() && self.ratio() > 1.1 {
+            return "ABOVE LIMIT: measurement error";
+        }
+        let noisy = self.extra.iter().any(|(k, v)| {
+            *k == "spread" && matches!(v, Value::Float(x) if *x > crate::limits::NOISY)
+        });
+        if noisy {
+            "noisy"
+        } else {
+            "ok"
+        }
+    }
+
     pub fn to_json(&self) -> String {
         let mut s = format!(
             "{{\"path\":{},\"block_bytes\":{},\"batch\":{},\"gbps\":{},\"limit_gbps\":{},\"ratio\":{}",
@@ -61,6 +88,12 @@ impl Row {
         for (k, v) in &self.extra {
             let _ = write!(s, ",{}:{}", json_str(k), v.json());
         }
+        let _ = write!(
+            s,
+            ",\"check\":{},\"machine\":{}",
+            json_str(self.check()),
+            json_str(crate::limits::machine())
+        );
         s.push('}');
         s
     }
@@ -121,6 +154,7 @@ fn print_table(rows: &[Row], extra_keys: &[&str]) {
         "ratio".into(),
     ];
     header.extend(extra_keys.iter().map(|k| k.to_string()));
+    header.push("check".into());
     let mut cells: Vec<Vec<String>> = vec![header];
     for r in rows {
         let mut line = vec![
@@ -132,6 +166,7 @@ fn print_table(rows: &[Row], extra_keys: &[&str]) {
             format!("{:.3}", r.ratio()),
         ];
         line.extend(r.extra.iter().map(|(_, v)| v.table()));
+        line.push(r.check().into());
         cells.push(line);
     }
     print_cells(&cells);
@@ -183,9 +218,28 @@ mod tests {
             extra: vec![("plan_ms", Value::Float(1.5)), ("copies", Value::Int(3))],
         };
         let j = r.to_json();
+        let head = "{\"path\":\"plan:\\\"x\\\"\",\"block_bytes\":4096,\"batch\":8,\"gbps\":2.000000,\"limit_gbps\":4.000000,\"ratio\":0.500000,\"plan_ms\":1.500000,\"copies\":3,\"check\":\"ok\",\"machine\":";
+        assert!(j.starts_with(head), "{j}");
+    }
+
+    #[test]
+    fn a_row_above_a_physical_limit_is_an_error_and_above_a_peer_is_not() {
+        let row = |limit: &str, spread: f64| Row {
+            path: "x".into(),
+            block_bytes: 1,
+            batch: 1,
+            gbps: 2.0,
+            limit_gbps: 1.0,
+            extra: vec![
+                ("spread", Value::Float(spread)),
+                ("limit", Value::Text(limit.into())),
+            ],
+        };
         assert_eq!(
-            j,
-            "{\"path\":\"plan:\\\"x\\\"\",\"block_bytes\":4096,\"batch\":8,\"gbps\":2.000000,\"limit_gbps\":4.000000,\"ratio\":0.500000,\"plan_ms\":1.500000,\"copies\":3}"
+            row("memcpy x2", 0.0).check(),
+            "ABOVE LIMIT: measurement error"
         );
+        assert_eq!(row("peer: NIXL initiator", 0.0).check(), "ok");
+        assert_eq!(row("peer: NIXL initiator", 0.5).check(), "noisy");
     }
 }
