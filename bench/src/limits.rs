@@ -83,7 +83,7 @@ pub fn settle(min: usize, mut f: impl FnMut() -> Result<f64, String>) -> Result<
 }
 
 /// (median, (q3 - q1) / median) of a non-empty sample.
-fn spread(v: &[f64]) -> (f64, f64) {
+pub fn spread(v: &[f64]) -> (f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let q = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize];

@@ -1097,13 +1097,21 @@ impl Worker {
             }
         };
         let param = Self::param(&t.pending);
+        // Runs of operations share one region's key: looked up once per run, not hashed per op.
+        let mut last: Option<(&Arc<Vec<u8>>, ucp_rkey_h)> = None;
         for o in &s.ops {
-            let rk = match Self::rkey(lib, ep, &o.key) {
-                Ok(r) => r,
-                Err(e) => {
-                    t.error = Some(e);
-                    break;
-                }
+            let rk = match last {
+                Some((k, rk)) if Arc::ptr_eq(k, &o.key) => rk,
+                _ => match Self::rkey(lib, ep, &o.key) {
+                    Ok(r) => {
+                        last = Some((&o.key, r));
+                        r
+                    }
+                    Err(e) => {
+                        t.error = Some(e);
+                        break;
+                    }
+                },
             };
             let (what, read) = match s.op {
                 Op::Read => ("ucp_get_nbx", true),
