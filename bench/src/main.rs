@@ -1,7 +1,9 @@
 //! kvferry-bench: measures kvferry's paths next to the physical limit measured in the same run.
 
+mod child;
 mod gpu_cmd;
 mod limits;
+mod mooncake_cmd;
 mod net_cmd;
 mod nixl_cmd;
 mod plan_cmd;

@@ -41,7 +41,9 @@ pub struct NetArgs {
     nixl: bool,
     /// The far side: `kvferry` (two kvferry agents, against ucx_perftest) or `nixl` (a stock
     /// NIXL agent in another process, read and written by kvferry and by a second NIXL agent).
-    #[arg(long, default_value = "kvferry", value_parser = ["kvferry", "nixl"])]
+    /// `mooncake`: kvferry's TCP transport and Mooncake's Transfer Engine over TCP, each with
+    /// its initiator and target in separate processes (pip mooncake-transfer-engine-non-cuda).
+    #[arg(long, default_value = "kvferry", value_parser = ["kvferry", "nixl", "mooncake"])]
     peer: String,
 }
 
@@ -276,6 +278,15 @@ fn nixl_rows(a: &NetArgs) -> Result<Vec<(String, u64, u64, f64)>, String> {
 }
 
 pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
+    if a.peer == "mooncake" {
+        let blocks: Vec<u64> = a.block_kib.iter().map(|k| k << 10).collect();
+        return crate::mooncake_cmd::rows(&crate::mooncake_cmd::Sweep {
+            blocks: &blocks,
+            batches: &a.batch,
+            max_bytes: a.max_mib << 20,
+            repeat: a.repeat,
+        });
+    }
     if a.peer == "nixl" {
         let blocks: Vec<u64> = a.block_kib.iter().map(|k| k << 10).collect();
         return crate::nixl_cmd::rows(&crate::nixl_cmd::Sweep {

@@ -3,15 +3,14 @@
 //! kvferry agent (this process) and from a second stock NIXL agent (another process). The NIXL
 //! initiator's rate is the reference of each kvferry row (ratio = kvferry / NIXL).
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvferry::kvcore::{Descriptor, MemKind, Region};
 use kvferry::kvnet::{Agent, AgentConfig, TransportKind};
 
+use crate::child::LineProc;
 use crate::limits::spread;
 use crate::report::{Row, Value};
 
@@ -19,9 +18,7 @@ use crate::report::{Row, Value};
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kvnet/tests/nixl_agent.py");
 
 struct NixlProc {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    proc: LineProc,
     port: u16,
     base: u64,
 }
@@ -46,64 +43,20 @@ impl NixlProc {
         if std::env::var_os("UCX_NET_DEVICES").is_none() {
             cmd.env("UCX_NET_DEVICES", "lo");
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("python3: {e}"))?;
-        let stdin = child.stdin.take().ok_or("no stdin")?;
-        let out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                let answer = ["ok", "err", "ready"].iter().any(|p| l.starts_with(p));
-                if answer && tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = NixlProc {
-            child,
-            stdin,
-            lines,
-            port,
-            base: 0,
-        };
-        let ready = p.line()?;
-        p.base = ready
+        let mut proc = LineProc::spawn(cmd, "the NIXL agent")?;
+        let ready = proc.line()?;
+        let base = ready
             .split_whitespace()
             .nth(1)
             .and_then(|b| b.parse().ok())
             .ok_or_else(|| {
                 format!("NIXL agent did not start (is nixl-cu12 installed?): {ready}")
             })?;
-        Ok(p)
-    }
-
-    fn line(&mut self) -> Result<String, String> {
-        self.lines
-            .recv_timeout(Duration::from_secs(120))
-            .map_err(|_| "the NIXL agent stopped answering".to_string())
+        Ok(NixlProc { proc, port, base })
     }
 
     fn ok(&mut self, c: &str) -> Result<String, String> {
-        writeln!(self.stdin, "{c}").map_err(|e| e.to_string())?;
-        self.stdin.flush().map_err(|e| e.to_string())?;
-        let l = self.line()?;
-        l.strip_prefix("ok")
-            .map(|r| r.trim().to_string())
-            .ok_or_else(|| format!("NIXL agent: `{c}` -> {l}"))
-    }
-}
-
-impl Drop for NixlProc {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.ok(c)
     }
 }
 
@@ -234,7 +187,10 @@ pub fn rows(s: &Sweep) -> Result<Vec<Row>, String> {
                         ("us", Value::Float(ours_t * 1e6)),
                         ("spread", Value::Float(ours_spread)),
                         ("runs", Value::Int(runs)),
-                        ("limit", Value::Text("peer: NIXL initiator, same target".into())),
+                        (
+                            "limit",
+                            Value::Text("peer: NIXL initiator, same target".into()),
+                        ),
                     ],
                 });
             }

@@ -17,6 +17,9 @@ use crate::transport::{TransferDone, TransferId};
 pub const MAX_QUEUED_NOTIFICATIONS: usize = 65536;
 pub const MAX_QUEUED_NOTIFICATION_BYTES: usize = 64 << 20;
 
+/// How long `wait` looks for a completion before it sleeps.
+const SPIN: Duration = Duration::from_micros(100);
+
 #[derive(Default)]
 pub(crate) struct Inbox {
     done: Mutex<VecDeque<TransferDone>>,
@@ -39,7 +42,20 @@ impl Inbox {
 
     /// Waits for one transfer; others stay queued for `poll`.
     pub fn wait(&self, id: TransferId, timeout: Duration) -> Option<TransferDone> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // A short transfer ends within tens of microseconds, about what a sleeping thread takes
+        // to be woken: look again, yielding the core, for a short while before sleeping.
+        let spin_until = start + SPIN.min(timeout);
+        while Instant::now() < spin_until {
+            {
+                let mut done = self.done.lock();
+                if let Some(pos) = done.iter().position(|d| d.id == id) {
+                    return done.remove(pos);
+                }
+            }
+            std::thread::yield_now();
+        }
         let mut done = self.done.lock();
         loop {
             if let Some(pos) = done.iter().position(|d| d.id == id) {

@@ -51,12 +51,18 @@ impl Channel {
         }
     }
 
-    pub async fn send(&mut self, m: &Message) -> Result<(), NetError> {
+    /// A frame as it goes on the wire: encoded, then its seal.
+    fn framed(&mut self, m: &Message) -> Vec<u8> {
         let mut frame = m.encode();
         if let Some((send, _)) = &mut self.seals {
             let tag = send.tag(&frame);
             frame.extend_from_slice(&tag);
         }
+        frame
+    }
+
+    pub async fn send(&mut self, m: &Message) -> Result<(), NetError> {
+        let frame = self.framed(m);
         self.stream
             .write_all(&frame)
             .await
@@ -81,8 +87,12 @@ impl Channel {
         Ok(Message::decode_with_limit(&frame, MAX_CONTROL_PAYLOAD)?)
     }
 
-    /// Sends every slice in order (vectored writes), then their seal.
-    pub async fn send_bytes(&mut self, parts: &[&[u8]]) -> Result<(), NetError> {
+    /// A frame, then every slice in order, then their seal, in the same vectored writes: one
+    /// segment on the wire for a small transfer, so the peer wakes once for both.
+    pub async fn send_with_bytes(&mut self, m: &Message, parts: &[&[u8]]) -> Result<(), NetError> {
+        // The frame's seal comes first in the session's sequence, then the bytes' (as when
+        // they were sent apart).
+        let frame = Some(self.framed(m));
         let tag = self.seals.as_mut().map(|(send, _)| {
             let len = parts.iter().map(|p| p.len() as u64).sum();
             let mut t = send.next(len);
@@ -91,7 +101,11 @@ impl Channel {
             }
             t.finish()
         });
-        let mut bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut bufs: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 2);
+        if let Some(f) = &frame {
+            bufs.push(IoSlice::new(f));
+        }
+        bufs.extend(parts.iter().map(|p| IoSlice::new(p)));
         if let Some(tag) = &tag {
             bufs.push(IoSlice::new(tag));
         }

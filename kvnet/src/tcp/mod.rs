@@ -390,9 +390,12 @@ async fn conn_for(tcp: &Tcp, p: &Peer) -> Result<Conn, NetError> {
 /// Moves one transfer over up to `conns_per_peer` connections; Ok only if every part succeeded.
 /// The parts borrow the transfer's hold, which `t` keeps until its owner finishes it.
 async fn transfer(tcp: &Arc<Tcp>, t: &Transfer) -> Result<u64, NetError> {
-    let (p, id, op, local, remote) = (&t.peer, t.id, t.op, t.local(), &t.remote);
-    let total: u64 = local.iter().map(|r| r.len).sum();
-    let parts = tcp.ctx.conns_per_peer.min(local.len()).max(1);
+    let (p, id, op) = (&t.peer, t.id, t.op);
+    let total: u64 = t.local().iter().map(|r| r.len).sum();
+    let conns = tcp.ctx.conns_per_peer.max(1);
+    let (local, remote) = spread_over(t.local(), &t.remote, conns, total);
+    let (local, remote) = (&local[..], &remote[..]);
+    let parts = conns.min(local.len()).max(1);
     let share = total.div_ceil(parts as u64).max(1);
     // Contiguous runs of pairs of roughly `share` bytes each.
     let mut cuts = vec![0usize];
@@ -437,6 +440,44 @@ async fn transfer(tcp: &Arc<Tcp>, t: &Transfer) -> Result<u64, NetError> {
         notify(tcp, p, payload).await?;
     }
     Ok(total)
+}
+
+/// Pieces below this are not split further: a connection's per-part cost would outweigh it.
+const SPLIT_MIN: u64 = 64 << 10;
+
+/// The pairs of a transfer, with large ones cut into pieces when there are fewer pairs than
+/// connections (one 2 MiB block would otherwise ride one connection while the others idle).
+/// Each piece is a contiguous sub-range of its pair on both sides, so pieces stay disjoint and
+/// inside what was held and what the peer checks.
+fn spread_over(
+    local: &[kvcore::Resolved],
+    remote: &[Descriptor],
+    conns: usize,
+    total: u64,
+) -> (Vec<kvcore::Resolved>, Vec<Descriptor>) {
+    if local.len() >= conns || total < 2 * SPLIT_MIN {
+        return (local.to_vec(), remote.to_vec());
+    }
+    let piece = total.div_ceil(conns as u64).max(SPLIT_MIN);
+    let (mut l, mut r) = (Vec::new(), Vec::new());
+    for (a, b) in local.iter().zip(remote) {
+        let mut off = 0;
+        while off < a.len {
+            let len = piece.min(a.len - off);
+            l.push(kvcore::Resolved {
+                kind: a.kind,
+                addr: a.addr + off,
+                len,
+            });
+            r.push(Descriptor {
+                region: b.region,
+                offset: b.offset + off,
+                len,
+            });
+            off += len;
+        }
+    }
+    (l, r)
 }
 
 async fn part(
@@ -496,12 +537,13 @@ async fn part_on(
         if op == Op::Read { "read" } else { "write" },
         &peer,
         async {
-            c.ch.send(&notice).await?;
             if op == Op::Write {
                 // SAFETY: `local` is a slice of the `Transfer`'s hold, which `transfer` keeps
                 // until every part's task ended (it awaits them all, failed or not).
                 let slices: Vec<&[u8]> = local.iter().map(|r| unsafe { mem::bytes(r) }).collect();
-                c.ch.send_bytes(&slices).await?;
+                c.ch.send_with_bytes(&notice, &slices).await?;
+            } else {
+                c.ch.send(&notice).await?;
             }
             match c.ch.recv().await? {
                 Message::Completion(Completion {
@@ -916,7 +958,6 @@ async fn serve_transfer(
     step(limit, "serve transfer", peer, async {
         match (n.op, held) {
             (Op::Read, Ok(h)) => {
-                ch.send(&ok).await?;
                 // SAFETY: `h` is a live read hold on these descriptors, dropped at the end of
                 // this arm, after the last byte went out (or with the future, when the step
                 // times out: the slices go with it).
@@ -925,7 +966,7 @@ async fn serve_transfer(
                     .iter()
                     .map(|r| unsafe { mem::bytes(r) })
                     .collect();
-                ch.send_bytes(&slices).await?;
+                ch.send_with_bytes(&ok, &slices).await?;
             }
             (Op::Write, Ok(h)) => {
                 // SAFETY: `h` is a live write hold, used by this task alone; `dsts` is consumed
@@ -978,6 +1019,41 @@ async fn serve_transfer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_pair_is_cut_into_contiguous_pieces_that_cover_it_exactly() {
+        let host = kvcore::MemKind::Host;
+        let l = [kvcore::Resolved {
+            kind: host,
+            addr: 1 << 20,
+            len: (2 << 20) + 5,
+        }];
+        let r = [Descriptor {
+            region: kvcore::RegionId(3),
+            offset: 4096,
+            len: (2 << 20) + 5,
+        }];
+        let (pl, pr) = spread_over(&l, &r, 4, l[0].len);
+        assert_eq!(pl.len(), 4, "one piece per connection");
+        let (mut addr, mut off) = (l[0].addr, r[0].offset);
+        for (a, b) in pl.iter().zip(&pr) {
+            assert_eq!(
+                (a.addr, b.offset, a.len, b.region),
+                (addr, off, b.len, r[0].region)
+            );
+            addr += a.len;
+            off += b.len;
+        }
+        assert_eq!(addr, l[0].addr + l[0].len);
+        // Enough pairs for the connections, or too small to be worth it: left alone.
+        assert_eq!(spread_over(&l, &r, 1, l[0].len).0.len(), 1);
+        let small = [kvcore::Resolved {
+            kind: host,
+            addr: 0,
+            len: SPLIT_MIN,
+        }];
+        assert_eq!(spread_over(&small, &r[..], 4, SPLIT_MIN).0.len(), 1);
+    }
 
     #[test]
     #[cfg_attr(miri, ignore = "Miri has no TCP socket options")]
