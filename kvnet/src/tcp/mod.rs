@@ -407,6 +407,15 @@ async fn transfer(tcp: &Arc<Tcp>, t: &Transfer) -> Result<u64, NetError> {
         }
     }
     cuts.push(local.len());
+    if cuts.len() == 2 {
+        // One part: run here rather than in a task of its own, whose spawn would wake an idle
+        // worker for nothing. Its future is this task's, so it ends with the transfer's hold.
+        part(tcp, p, id, op, local.to_vec(), remote.to_vec()).await?;
+        if let Some(payload) = t.notification.clone() {
+            notify(tcp, p, payload).await?;
+        }
+        return Ok(total);
+    }
     let mut tasks = Vec::new();
     for w in cuts.windows(2) {
         if w[0] == w[1] {
