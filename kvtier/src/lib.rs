@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod index;
+mod lanes;
 pub mod memory;
 pub mod namespace;
 pub mod nvme;

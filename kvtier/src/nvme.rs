@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Sender, TryRecvError};
+
+use crate::lanes::{LaneRx, LaneTx};
 use io_uring::{opcode, types, IoUring};
 use kvcore::slot::SlotHeader;
 use kvcore::SlotError;
@@ -145,7 +147,8 @@ pub struct NvmeStore {
     slots: u64,
     direct: bool,
     backend: &'static str,
-    tx: Option<Sender<IoRequest>>,
+    /// Reads and writes in their own lanes (reads first).
+    tx: Option<LaneTx>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -229,7 +232,7 @@ impl NvmeStore {
         }
         let files = Arc::new(files);
         let qd = cfg.queue_depth.clamp(1, 4096);
-        let (tx, rx) = bounded::<IoRequest>(qd as usize * 4);
+        let (tx, rx) = crate::lanes::lanes(qd as usize * 4);
         let want_uring = matches!(cfg.io, IoMode::Auto | IoMode::Uring);
         let uring = if want_uring {
             match UringDriver::new(files.clone(), slot_bytes, nfiles, qd, pool) {
@@ -455,13 +458,13 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 }
 
 fn thread_worker(
-    rx: Receiver<IoRequest>,
+    rx: LaneRx,
     done: Sender<IoDone>,
     files: Arc<Vec<StoreFile>>,
     slot_bytes: u64,
     nfiles: u64,
 ) {
-    for req in rx {
+    while let Some(req) = rx.recv() {
         let (f, off) = locate(&files, req.slot, slot_bytes, nfiles);
         let result = match req.op {
             IoOp::Read => {
@@ -619,7 +622,7 @@ impl UringDriver {
         e.user_data(idx as u64)
     }
 
-    fn run(mut self, rx: Receiver<IoRequest>, done: Sender<IoDone>) {
+    fn run(mut self, rx: LaneRx, done: Sender<IoDone>) {
         let mut slab: Vec<Option<InFlight>> = (0..self.qd).map(|_| None).collect();
         let mut free: Vec<usize> = (0..self.qd as usize).rev().collect();
         let mut open = true;
@@ -629,8 +632,8 @@ impl UringDriver {
                 let in_flight = slab.len() - free.len();
                 let req = if in_flight == 0 && !pushed {
                     match rx.recv() {
-                        Ok(r) => r,
-                        Err(_) => {
+                        Some(r) => r,
+                        None => {
                             open = false;
                             break;
                         }
