@@ -289,6 +289,39 @@ struct State {
     /// Blocks marked `unwanted` (caller-owned eviction) and not yet discarded: room that is
     /// coming, so no more are marked than the free-slot target needs.
     unwanted: HashSet<BlockHash>,
+    /// What the driver decided under this lock and does after releasing it ([`Effect`]).
+    deferred: Vec<Effect>,
+}
+
+/// Work the driver does with the state lock released, so that lookups, saves and loads from
+/// vLLM's step never wait behind it: starting copies (a small host copy runs right there),
+/// checksumming a spill's payload for its slot header, and queueing NVMe I/O (which blocks
+/// while the store's queue is full). Everything that makes the work safe is settled under the
+/// lock before: the operation is registered in `ops`, its blocks pinned and its slots owned,
+/// so nothing can free or reuse them until its completion is handled, under the lock again.
+enum Effect {
+    Copy {
+        op: u64,
+        to_g1: bool,
+        pairs: Vec<crate::memory::CopyPair>,
+    },
+    Spill {
+        op: u64,
+        hash: BlockHash,
+        g2: u32,
+        g3: u64,
+        fingerprint: u64,
+        seq: u64,
+    },
+    Read {
+        req: IoRequest,
+    },
+}
+
+/// An effect that could not be started, handled under the lock again.
+enum Failed {
+    Copy { op: u64, to_g1: bool, why: String },
+    Io(IoDone),
 }
 
 struct Inner {
@@ -430,6 +463,7 @@ impl TierEngine {
             ),
             started: Instant::now(),
             unwanted: HashSet::new(),
+            deferred: Vec::new(),
         };
         // The default order keeps the fingerprint of files written before the order was a
         // choice; another order changes it, so recovery never reads blocks in the wrong order.
@@ -656,7 +690,20 @@ impl TierEngine {
 
     /// Waits for one request; other completions stay queued for `poll`.
     pub fn wait(&self, id: RequestId, timeout: Duration) -> Option<TierCompletion> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // A small request completes within tens of microseconds, about what waking a sleeping
+        // thread costs: look again, yielding the core, for a short while before sleeping.
+        let spin_until = start + Duration::from_micros(100).min(timeout);
+        while Instant::now() < spin_until {
+            {
+                let mut done = self.inner.done.lock();
+                if let Some(pos) = done.iter().position(|c| c.id == id) {
+                    return done.remove(pos);
+                }
+            }
+            std::thread::yield_now();
+        }
         let mut done = self.inner.done.lock();
         loop {
             if let Some(pos) = done.iter().position(|c| c.id == id) {
@@ -891,6 +938,7 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
                         on_io(inner, &mut st, d);
                         reap_doomed(inner, &mut st);
                         after_change(inner, &mut st);
+                        drop(run_deferred(inner, st));
                     }
                     // No store (or it is gone): a closed channel would wake us forever.
                     Err(_) => io_rx = crossbeam_channel::never(),
@@ -920,11 +968,114 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
         }
         reap_doomed(inner, &mut st);
         after_change(inner, &mut st);
+        let st = run_deferred(inner, st);
         if let Some(t) = shutdown_at {
             // Let in-flight copies and I/O finish: they point into memory about to be freed.
             if st.ops.is_empty() || t.elapsed() > Duration::from_secs(30) {
                 return;
             }
+        }
+    }
+}
+
+/// Does what the driver deferred ([`Effect`]) with the lock released, then handles what could
+/// not be started under it again (which may defer more); returns holding the lock.
+fn run_deferred<'a>(
+    inner: &'a Inner,
+    mut st: parking_lot::MutexGuard<'a, State>,
+) -> parking_lot::MutexGuard<'a, State> {
+    loop {
+        let effects = std::mem::take(&mut st.deferred);
+        if effects.is_empty() {
+            return st;
+        }
+        drop(st);
+        let failed: Vec<Failed> = effects
+            .into_iter()
+            .filter_map(|e| execute(inner, e))
+            .collect();
+        st = inner.state.lock();
+        if failed.is_empty() {
+            continue;
+        }
+        for f in failed {
+            match f {
+                Failed::Copy { op, to_g1, why } => {
+                    if let Some(Op::Offload { items } | Op::Onboard { items }) = st.ops.remove(&op)
+                    {
+                        fail_items(inner, &mut st, to_g1, items, &why);
+                    }
+                }
+                Failed::Io(d) => on_io(inner, &mut st, d),
+            }
+        }
+        reap_doomed(inner, &mut st);
+        after_change(inner, &mut st);
+    }
+}
+
+/// One deferred effect, without the state lock; what failed to start.
+fn execute(inner: &Inner, e: Effect) -> Option<Failed> {
+    match e {
+        Effect::Copy { op, to_g1, pairs } => {
+            submit_copy(inner, op, &pairs).err().map(|e| Failed::Copy {
+                op,
+                to_g1,
+                why: e.to_string(),
+            })
+        }
+        Effect::Spill {
+            op,
+            hash,
+            g2,
+            g3,
+            fingerprint,
+            seq,
+        } => {
+            let store = inner.store.as_ref()?;
+            let payload = inner.geometry.block_bytes() as usize;
+            let base = inner.pool.slot_ptr(g2);
+            // SAFETY: the slot is pinned for this spill (`spill`), so no operation writes it or
+            // frees it until the write's completion is handled; other readers (an onboard of the
+            // same block) read the payload only, which is read here too, and the header bytes
+            // written here are disjoint from it (the payload starts at HEADER_PAGE).
+            unsafe {
+                let body = std::slice::from_raw_parts(
+                    base.add(HEADER_PAGE as usize) as *const u8,
+                    payload,
+                );
+                let h = SlotHeader::new(hash, fingerprint, body, seq);
+                std::slice::from_raw_parts_mut(base, SLOT_HEADER_LEN).copy_from_slice(&h.encode());
+            }
+            let req = IoRequest {
+                op: IoOp::Write,
+                slot: g3,
+                buf: base as u64,
+                tag: op,
+            };
+            // SAFETY: the slot is pool memory, aligned, pinned in the index until the IoDone
+            // arrives.
+            unsafe { store.submit(req) }.err().map(|e| {
+                Failed::Io(IoDone {
+                    tag: op,
+                    op: IoOp::Write,
+                    slot: g3,
+                    result: Err(e),
+                })
+            })
+        }
+        Effect::Read { req } => {
+            let store = inner.store.as_ref()?;
+            // SAFETY: the slot was allocated for this read alone and stays its own until the
+            // IoDone is handled.
+            unsafe { store.submit(req) }.err().map(|e| {
+                Failed::Io(IoDone {
+                    tag: req.tag,
+                    op: IoOp::Read,
+                    slot: req.slot,
+                    result: Err(e),
+                })
+            })
         }
     }
 }
@@ -1197,11 +1348,7 @@ fn submit_batch(inner: &Inner, st: &mut State, to_g1: bool, g1: G1Id, items: Vec
             Op::Offload { items }
         },
     );
-    if let Err(e) = submit_copy(inner, op, &pairs) {
-        if let Some(Op::Offload { items } | Op::Onboard { items }) = st.ops.remove(&op) {
-            fail_items(inner, st, to_g1, items, &e.to_string());
-        }
-    }
+    st.deferred.push(Effect::Copy { op, to_g1, pairs });
 }
 
 fn fail_items(inner: &Inner, st: &mut State, to_g1: bool, items: Vec<Item>, msg: &str) {
@@ -1333,19 +1480,11 @@ fn g3_slot(inner: &Inner, st: &mut State) -> Option<u64> {
 }
 
 fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict: bool) {
-    let Some(store) = &inner.store else { return };
-    let payload = inner.geometry.block_bytes() as usize;
+    if inner.store.is_none() {
+        return;
+    }
     st.seq += 1;
-    // SAFETY: the block is resident and unreferenced (an eviction victim); pinning it below keeps
-    // every other operation off this slot until the write completes.
-    let bytes = unsafe { inner.pool.slot_mut(g2) };
-    let header = SlotHeader::new(
-        hash,
-        st.fingerprint,
-        &bytes[HEADER_PAGE as usize..HEADER_PAGE as usize + payload],
-        st.seq,
-    );
-    bytes[..SLOT_HEADER_LEN].copy_from_slice(&header.encode());
+    // Pinned until the write completes: no operation frees or reuses this slot meanwhile.
     st.index.pin(&hash);
     st.spills += 1;
     let op = new_op(
@@ -1357,25 +1496,14 @@ fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict
             evict,
         },
     );
-    let req = IoRequest {
-        op: IoOp::Write,
-        slot: g3,
-        buf: inner.pool.slot_ptr(g2) as u64,
-        tag: op,
-    };
-    // SAFETY: the slot is pool memory, aligned, pinned in the index until the IoDone arrives.
-    if let Err(e) = unsafe { store.submit(req) } {
-        on_io(
-            inner,
-            st,
-            IoDone {
-                tag: op,
-                op: IoOp::Write,
-                slot: g3,
-                result: Err(e),
-            },
-        );
-    }
+    st.deferred.push(Effect::Spill {
+        op,
+        hash,
+        g2,
+        g3,
+        fingerprint: st.fingerprint,
+        seq: st.seq,
+    });
 }
 
 fn start_flush(inner: &Inner, st: &mut State, reply: Sender<Result<usize, TierError>>) {
@@ -1627,27 +1755,14 @@ fn after_change(inner: &Inner, st: &mut State) {
                     continue;
                 };
                 let op = new_op(st, Op::Read { hash, g2: slot, g3 });
-                let req = IoRequest {
-                    op: IoOp::Read,
-                    slot: g3,
-                    buf: inner.pool.slot_ptr(slot) as u64,
-                    tag: op,
-                };
-                if let Some(store) = &inner.store {
-                    // SAFETY: the slot was just allocated and is only named by this op.
-                    if let Err(e) = unsafe { store.submit(req) } {
-                        on_io(
-                            inner,
-                            st,
-                            IoDone {
-                                tag: op,
-                                op: IoOp::Read,
-                                slot: g3,
-                                result: Err(e),
-                            },
-                        );
-                    }
-                }
+                st.deferred.push(Effect::Read {
+                    req: IoRequest {
+                        op: IoOp::Read,
+                        slot: g3,
+                        buf: inner.pool.slot_ptr(slot) as u64,
+                        tag: op,
+                    },
+                });
             }
         }
     }
