@@ -386,8 +386,14 @@ pub fn run(a: &NetArgs) -> Result<Vec<Row>, String> {
         });
         for &kib in &a.block_kib {
             let block = kib << 10;
+            let mut seen = Vec::new();
             for &want in &a.batch {
                 let batch = want.min((max / block).max(1) as u32);
+                // Batches the byte cap shrank to one already measured are measured once.
+                if seen.contains(&batch) {
+                    continue;
+                }
+                seen.push(batch);
                 let bytes = block * u64::from(batch);
                 // ucx_perftest moves the batch's bytes as one message (up to 16 MiB): it reuses
                 // one buffer, so a block-sized message would measure the CPU cache.

@@ -246,6 +246,7 @@ fn nvme_rows(a: &TierArgs, g: Geometry, batch: u32, fio: bool) -> Result<Vec<Row
                 slot_bytes * u64::from(batch),
                 qd,
                 direct,
+                backend.ends_with("+fixed"),
             )?
         } else {
             0.0
@@ -285,6 +286,7 @@ fn fio_gbps(
     size: u64,
     qd: u32,
     direct: bool,
+    fixed: bool,
 ) -> Result<f64, String> {
     let file = dir.join("kvferry-bench-fio.dat");
     let mut best: f64 = 0.0;
@@ -304,6 +306,17 @@ fn fio_gbps(
                 // As the store opened its files: where the file system refuses O_DIRECT both go
                 // through the page cache (the store says so, and the row's limit is named so).
                 if direct { "--direct=1" } else { "--direct=0" },
+                // Registered buffers and files, as the store's ring has when it says "+fixed".
+                if fixed {
+                    "--fixedbufs=1"
+                } else {
+                    "--fixedbufs=0"
+                },
+                if fixed {
+                    "--registerfiles=1"
+                } else {
+                    "--registerfiles=0"
+                },
                 "--numjobs=1",
                 // Small batches are passed over several times, so fio's first I/O does not
                 // dominate its figure (the store's batches are timed one after another too).
