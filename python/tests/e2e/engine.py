@@ -11,7 +11,9 @@ true (vLLM's hybrid KV cache manager on)}. Commands, one JSON object per line; e
 line starting with "@@ " (vLLM logs on stdout too):
 
     {"op": "generate", "prompts": [[token ids], ...], "max_tokens": N or [N, ...],
-     "kv_transfer_params": [dict | null, ...], "ignore_eos": [bool, ...]}      -> {"outputs": [{"token_ids", "kv_transfer_params"}]}
+     "kv_transfer_params": [dict | null, ...], "ignore_eos": [bool, ...], "logprobs": K}
+                        -> {"outputs": [{"token_ids", "kv_transfer_params", "top"}]}, "top":
+                           per token its K best candidates [token, logprob] (K given)
     {"op": "abort_queued", "prompts": [...], "kv_transfer_params": [...], "busy": [token ids],
      "busy_tokens": N}  -> adds a long plain request, then the others behind it (max_num_seqs 1
                            keeps them queued), aborts those, and runs the first to its end
@@ -88,7 +90,9 @@ def main():
             eos = cmd.get("ignore_eos") or [False] * len(params)
             sps = []
             for p, n, ie in zip(params, mts, eos):
-                sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=bool(ie))
+                sp = SamplingParams(
+                    temperature=0.0, max_tokens=n, ignore_eos=bool(ie), logprobs=cmd.get("logprobs")
+                )
                 if p is not None:
                     sp.extra_args = {"kv_transfer_params": p}
                 sps.append(sp)
@@ -105,6 +109,11 @@ def main():
                         {
                             "token_ids": list(o.outputs[0].token_ids),
                             "kv_transfer_params": o.kv_transfer_params,
+                            # Per token, the candidates vLLM ranked best (token, logprob).
+                            "top": [
+                                sorted(([k, x.logprob] for k, x in lp.items()), key=lambda t: -t[1])
+                                for lp in (o.outputs[0].logprobs or [])
+                            ],
                         }
                         for o in outs
                     ],

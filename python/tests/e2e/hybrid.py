@@ -192,7 +192,7 @@ def gdn_reference(model, name, ps, max_tokens):
     """Plain vLLM's outputs for the GDN model; a machine whose vLLM CPU build cannot run the
     model at all (its CPU kernels) skips the scenario, with vLLM's reason."""
     try:
-        return plain_outputs(model, name, ps, max_tokens, **GDN)
+        return plain_outputs(model, name, ps, max_tokens, logprobs=5, **GDN)
     except RuntimeError as e:
         log = os.path.join(tempfile.gettempdir(), f"kvferry-e2e-{name}.log")
         why = [ln for ln in open(log, errors="replace").read().splitlines() if "Error" in ln]
