@@ -83,6 +83,9 @@ pub struct OffloadConfig {
     /// A cap on NVMe writes when making room in DRAM (per TP rank: each rank writes its own
     /// heads), same rule for blocks not written.
     pub write_budget: Option<kvtier::WriteBudget>,
+    /// Each G3 read and write finishes within this or fails (its blocks are recomputed) and
+    /// takes G3 out of service; `None`: kvtier's default (`NvmeConfig::timeout`).
+    pub nvme_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -595,7 +598,11 @@ impl Core {
                 tc.write_budget = o.write_budget;
                 tc.gpu = gpu.as_ref().map(kvtier::cuda::Gpu::ordinal);
                 if let Some((dir, blocks)) = &o.nvme {
-                    tc.nvme = Some(NvmeConfig::new(dir.clone(), *blocks));
+                    let mut n = NvmeConfig::new(dir.clone(), *blocks);
+                    if let Some(t) = o.nvme_timeout {
+                        n.timeout = t;
+                    }
+                    tc.nvme = Some(n);
                     // The engine's cache layout is not part of it: tier blocks have kvferry's own
                     // order (in the fingerprint with the geometry), whatever G1's strides.
                     tc.namespace = Some(format!(

@@ -25,6 +25,7 @@ use crate::admission::{Admission, AdmissionCounters, Gate, Verdict, WriteBudget}
 use crate::copy::{CopyEngine, HostCopy};
 use crate::cuda::{CudaCopy, CudaCopyConfig, Gpu};
 use crate::error::{CopyError, TierError};
+use crate::health::G3Health;
 use crate::index::{BlockIndex, Entry, Tier};
 use crate::memory::{plan_pairs, MemoryRegistry};
 use crate::nvme::{IoDone, IoOp, IoRequest, NvmeConfig, NvmeStore, ScannedSlot, HEADER_PAGE};
@@ -171,6 +172,12 @@ pub struct TierStats {
     /// Blocks leaving G2 written to G3, rejected by admission, dropped over the write budget.
     pub admission: AdmissionCounters,
     pub eviction: String,
+    /// G3 is configured and in service (not taken out by errors or a stall).
+    pub nvme_in_service: bool,
+    /// Why G3 was taken out of service, once it was.
+    pub nvme_out_of_service: Option<String>,
+    /// G3 reads and writes that missed their deadline.
+    pub nvme_timeouts: u64,
 }
 
 enum Event {
@@ -291,6 +298,11 @@ struct State {
     unwanted: HashSet<BlockHash>,
     /// What the driver decided under this lock and does after releasing it ([`Effect`]).
     deferred: Vec<Effect>,
+    /// Deadlines of G3 operations, requests a full queue refused, whether G3 is in service.
+    g3: G3Health,
+    /// G3 operations past their deadline: failed to their callers, but the memory they name is
+    /// the kernel's until the store reports them done (then it is freed, or unpinned).
+    abandoned: HashMap<u64, Op>,
 }
 
 /// Work the driver does with the state lock released, so that lookups, saves and loads from
@@ -313,15 +325,20 @@ enum Effect {
         fingerprint: u64,
         seq: u64,
     },
-    Read {
-        req: IoRequest,
-    },
+    /// Queue a read (or a refused request again).
+    Io { req: IoRequest },
 }
 
 /// An effect that could not be started, handled under the lock again.
 enum Failed {
-    Copy { op: u64, to_g1: bool, why: String },
+    Copy {
+        op: u64,
+        to_g1: bool,
+        why: String,
+    },
     Io(IoDone),
+    /// The store's queue is full: kept, and queued again when an operation completes.
+    Busy(IoRequest),
 }
 
 struct Inner {
@@ -348,7 +365,7 @@ struct Inner {
 
 pub struct TierEngine {
     inner: Arc<Inner>,
-    driver: Option<JoinHandle<()>>,
+    driver: Option<JoinHandle<bool>>,
 }
 
 impl TierEngine {
@@ -464,6 +481,12 @@ impl TierEngine {
             started: Instant::now(),
             unwanted: HashSet::new(),
             deferred: Vec::new(),
+            g3: {
+                let d = NvmeConfig::new("", 1);
+                let n = cfg.nvme.as_ref().unwrap_or(&d);
+                G3Health::new(n.timeout, n.fail_limit)
+            },
+            abandoned: HashMap::new(),
         };
         // The default order keeps the fingerprint of files written before the order was a
         // choice; another order changes it, so recovery never reads blocks in the wrong order.
@@ -673,7 +696,10 @@ impl TierEngine {
                 if st.doomed.contains(h) || st.discarded.contains(h) {
                     None
                 } else {
-                    st.index.tier_of(h)
+                    // A G3 out of service serves nothing (its blocks go as their operations end).
+                    st.index
+                        .tier_of(h)
+                        .filter(|t| *t != Tier::Nvme || st.g3.in_service())
                 }
             })
             .collect();
@@ -820,6 +846,9 @@ impl TierEngine {
         s.admission = st.gate.counters;
         s.dram.blocks = st.index.g2_len() as u64;
         s.nvme.blocks = st.index.g3_len() as u64;
+        s.nvme_in_service = self.inner.store.is_some() && st.g3.in_service();
+        s.nvme_out_of_service = st.g3.out_of_service().map(str::to_string);
+        s.nvme_timeouts = st.g3.timeouts;
         s
     }
 
@@ -847,7 +876,17 @@ impl Drop for TierEngine {
     fn drop(&mut self) {
         let _ = self.inner.tx.send(Event::Shutdown);
         if let Some(d) = self.driver.take() {
-            let _ = d.join();
+            // The driver answers whether copies or I/O may still be in flight (a stalled disk,
+            // a copy that never ended): their memory is the pool's, which must then outlive
+            // them. It is leaked (with the store, whose threads may be blocked in the kernel),
+            // rather than freed under the kernel or a copy engine.
+            if d.join().unwrap_or(true) {
+                log::error!(
+                    "kvferry: tier engine shut down with I/O or copies still in flight; \
+                     leaking its DRAM pool and store rather than freeing memory they may touch"
+                );
+                std::mem::forget(self.inner.clone());
+            }
         }
     }
 }
@@ -926,7 +965,8 @@ fn recover(
     Ok(())
 }
 
-fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
+/// The driver thread; returns whether copies or I/O may still be in flight when it ends.
+fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) -> bool {
     let mut shutdown_at: Option<Instant> = None;
     loop {
         let ev = select! {
@@ -936,6 +976,9 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
                     Ok(d) => {
                         let mut st = inner.state.lock();
                         on_io(inner, &mut st, d);
+                        // Room in the store's queue: what it refused goes again.
+                        retry_refused(&mut st);
+                        check_deadlines(inner, &mut st);
                         reap_doomed(inner, &mut st);
                         after_change(inner, &mut st);
                         drop(run_deferred(inner, st));
@@ -964,15 +1007,20 @@ fn drive(inner: &Inner, rx: Receiver<Event>, mut io_rx: Receiver<IoDone>) {
                 st.shutting_down = true;
                 shutdown_at.get_or_insert_with(Instant::now);
             }
-            None => {}
+            None => retry_refused(&mut st),
         }
+        check_deadlines(inner, &mut st);
         reap_doomed(inner, &mut st);
         after_change(inner, &mut st);
         let st = run_deferred(inner, st);
         if let Some(t) = shutdown_at {
             // Let in-flight copies and I/O finish: they point into memory about to be freed.
-            if st.ops.is_empty() || t.elapsed() > Duration::from_secs(30) {
-                return;
+            // G3 operations end within their deadline (or are abandoned, still in flight).
+            if st.ops.is_empty() {
+                return !st.abandoned.is_empty();
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return true;
             }
         }
     }
@@ -1007,6 +1055,7 @@ fn run_deferred<'a>(
                     }
                 }
                 Failed::Io(d) => on_io(inner, &mut st, d),
+                Failed::Busy(req) => st.g3.defer(req),
             }
         }
         reap_doomed(inner, &mut st);
@@ -1053,31 +1102,185 @@ fn execute(inner: &Inner, e: Effect) -> Option<Failed> {
                 buf: base as u64,
                 tag: op,
             };
-            // SAFETY: the slot is pool memory, aligned, pinned in the index until the IoDone
-            // arrives.
-            unsafe { store.submit(req) }.err().map(|e| {
-                Failed::Io(IoDone {
-                    tag: op,
-                    op: IoOp::Write,
-                    slot: g3,
-                    result: Err(e),
-                })
-            })
+            queue_io(store, req)
         }
-        Effect::Read { req } => {
-            let store = inner.store.as_ref()?;
-            // SAFETY: the slot was allocated for this read alone and stays its own until the
-            // IoDone is handled.
-            unsafe { store.submit(req) }.err().map(|e| {
-                Failed::Io(IoDone {
-                    tag: req.tag,
-                    op: IoOp::Read,
+        Effect::Io { req } => queue_io(inner.store.as_ref()?, req),
+    }
+}
+
+/// Queues one G3 operation without waiting; a full queue gives it back to be kept.
+fn queue_io(store: &NvmeStore, req: IoRequest) -> Option<Failed> {
+    // SAFETY: `req.buf` is a slot of the pool, aligned, whose operation (registered in `ops`)
+    // owns it: a spill's slot is pinned, a read's was allocated for it alone; neither is freed
+    // or reused until its IoDone is handled (or, abandoned past its deadline, until the store
+    // reports it done all the same), and the pool outlives the store.
+    match unsafe { store.try_submit(req) } {
+        Ok(None) => None,
+        Ok(Some(req)) => Some(Failed::Busy(req)),
+        Err(e) => Some(Failed::Io(IoDone {
+            tag: req.tag,
+            op: req.op,
+            slot: req.slot,
+            result: Err(e),
+        })),
+    }
+}
+
+/// Requests the store's queue refused, queued again (reads first); at most a few at a time,
+/// since each completion frees one place.
+fn retry_refused(st: &mut State) {
+    for req in st.g3.retry(8) {
+        st.deferred.push(Effect::Io { req });
+    }
+}
+
+/// G3 operations past their deadline: one that never reached the disk fails as it would have;
+/// one the disk holds is failed to its callers and abandoned (its memory stays the kernel's).
+/// Either takes G3 out of service: a disk that stalls once will again.
+fn check_deadlines(inner: &Inner, st: &mut State) {
+    if inner.store.is_none() {
+        return;
+    }
+    let late = st.g3.expired(Instant::now());
+    if late.is_empty() {
+        return;
+    }
+    let after = st.g3.timeout();
+    let mut what = "";
+    for op in late {
+        let name = match st.ops.get(&op) {
+            Some(Op::Read { .. }) => "read",
+            Some(Op::Spill { .. }) => "write",
+            _ => continue,
+        };
+        what = name;
+        if let Some(req) = st.g3.unqueue(op) {
+            let result = Err(TierError::Timeout {
+                op: name,
+                slot: req.slot,
+                after,
+            });
+            on_io(
+                inner,
+                st,
+                IoDone {
+                    tag: op,
+                    op: req.op,
                     slot: req.slot,
-                    result: Err(e),
-                })
-            })
+                    result,
+                },
+            );
+        } else {
+            abandon(inner, st, op, after);
         }
     }
+    if !what.is_empty() {
+        take_g3_out(
+            inner,
+            st,
+            format!("a G3 {what} did not finish within {after:?}"),
+        );
+    }
+}
+
+/// Fails operation `op` (in the disk's hands past its deadline) to its callers and keeps what
+/// it names until the store reports it done ([`finish_abandoned`]).
+fn abandon(inner: &Inner, st: &mut State, op: u64, after: Duration) {
+    let Some(o) = st.ops.remove(&op) else { return };
+    st.stats.nvme.errors += 1;
+    match &o {
+        Op::Read { hash, g3, .. } => {
+            let hash = *hash;
+            let waiters = st.loading.remove(&hash).unwrap_or_default();
+            st.index.unpin(&hash);
+            drop_g3_copy(st, &hash);
+            for (req, _, _) in waiters {
+                let e = TierError::Timeout {
+                    op: "read",
+                    slot: *g3,
+                    after,
+                };
+                finish_block(inner, st, req, hash, Err(e));
+            }
+        }
+        Op::Spill { .. } => {
+            // Still in flight, but no longer room on its way, and no flush waits for it.
+            st.spills -= 1;
+            flush_op_done(st, op);
+        }
+        _ => {}
+    }
+    st.abandoned.insert(op, o);
+}
+
+/// The store reported an abandoned operation done: what it held is free now.
+fn finish_abandoned(inner: &Inner, st: &mut State, o: Op) {
+    match o {
+        // Its slot was never made visible: the read's result is not used.
+        Op::Read { g2, .. } => inner.pool.free(g2),
+        // The G2 copy stays (the block is loadable from there); the G3 slot is not reused.
+        Op::Spill { hash, .. } => {
+            st.index.unpin(&hash);
+            if !st.g3.in_service() {
+                drop_g3_copy(st, &hash);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Forgets block `hash`'s G3 copy, when no operation uses the block.
+fn drop_g3_copy(st: &mut State, hash: &BlockHash) {
+    if st
+        .index
+        .get(hash)
+        .is_some_and(|e| e.refs == 0 && e.g3.is_some())
+    {
+        st.index.set_g3(hash, None);
+        st.events.push(TierEvent::Removed {
+            hash: *hash,
+            tier: Tier::Nvme,
+        });
+    }
+}
+
+/// Takes G3 out of service (once, with a log line): refused requests fail (they never reached
+/// the disk), blocks only G3 holds are forgotten, and nothing new goes to G3. Operations the disk
+/// holds end as they end, or at their deadline.
+fn take_g3_out(inner: &Inner, st: &mut State, why: String) {
+    if !st.g3.take_out(why.clone()) {
+        return;
+    }
+    let dir = inner
+        .store_dir
+        .as_ref()
+        .map_or_else(String::new, |d| d.display().to_string());
+    log::error!(
+        "kvferry: G3 ({dir}) taken out of service: {why}; serving from DRAM and recompute until restart"
+    );
+    for req in st.g3.drain_backlog() {
+        let result = Err(TierError::OutOfService(why.clone()));
+        on_io(
+            inner,
+            st,
+            IoDone {
+                tag: req.tag,
+                op: req.op,
+                slot: req.slot,
+                result,
+            },
+        );
+    }
+    for (h, tier) in st.index.resident() {
+        if tier == Tier::Nvme {
+            drop_g3_copy(st, &h);
+        }
+    }
+}
+
+/// G3 is configured and in service.
+fn g3_up(inner: &Inner, st: &State) -> bool {
+    inner.store.is_some() && st.g3.in_service()
 }
 
 /// Drops an unpinned block from every tier; `false` (and nothing changed) when it is in use.
@@ -1219,7 +1422,7 @@ fn start_offload(
             finish_block(inner, st, id, hash, Ok(()));
             continue;
         }
-        if inner.cfg.caller_evicts && inner.store.is_some() {
+        if inner.cfg.caller_evicts && g3_up(inner, st) {
             // Every block must be able to reach G3: a DRAM tier full of blocks G3 has no room
             // for could evict nothing, and reads from G3 (which pass through DRAM) would stall.
             // A block being spilled already has its G3 slot (out of the free list).
@@ -1289,7 +1492,7 @@ fn start_onboard(
                     },
                 ));
             }
-            Some(e) if e.g3.is_some() && inner.store.is_some() => {
+            Some(e) if e.g3.is_some() && g3_up(inner, st) => {
                 st.stats.nvme.hits += 1;
                 st.index.pin(&hash);
                 st.index.touch(&hash, depth as u32);
@@ -1394,9 +1597,10 @@ fn g2_victim(inner: &Inner, st: &mut State) -> Option<BlockHash> {
     if !inner.cfg.caller_evicts {
         return st.index.g2_victim();
     }
-    let g3_room = inner.store.is_some() && !st.g3_free.is_empty();
+    let up = g3_up(inner, st);
+    let g3_room = up && !st.g3_free.is_empty();
     st.index
-        .g2_victim_where(&|e| !e.unwanted && (e.g3.is_some() || g3_room))
+        .g2_victim_where(&|e| !e.unwanted && ((up && e.g3.is_some()) || g3_room))
 }
 
 /// Makes room in G2 by letting `victim` go: dropped if G3 has it or will not take it, else
@@ -1411,10 +1615,11 @@ fn evict_g2(inner: &Inner, st: &mut State, victim: BlockHash, force: bool) -> bo
         return false;
     };
     let Some(slot) = e.g2 else { return false };
-    if e.g3.is_none() && inner.store.is_some() && force && write_to_g3(inner, st, victim, slot) {
+    let g3 = g3_up(inner, st);
+    if e.g3.is_none() && g3 && force && write_to_g3(inner, st, victim, slot) {
         return false;
     }
-    if e.g3.is_none() && inner.store.is_some() {
+    if e.g3.is_none() && g3 {
         if inner.cfg.caller_evicts && st.unwanted.len() as u32 >= inner.cfg.spill_free_slots {
             // Enough room is on its way already.
             return false;
@@ -1480,7 +1685,7 @@ fn g3_slot(inner: &Inner, st: &mut State) -> Option<u64> {
 }
 
 fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict: bool) {
-    if inner.store.is_none() {
+    if !g3_up(inner, st) {
         return;
     }
     st.seq += 1;
@@ -1496,6 +1701,7 @@ fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict
             evict,
         },
     );
+    st.g3.started(op, Instant::now());
     st.deferred.push(Effect::Spill {
         op,
         hash,
@@ -1509,6 +1715,10 @@ fn spill(inner: &Inner, st: &mut State, hash: BlockHash, g2: u32, g3: u64, evict
 fn start_flush(inner: &Inner, st: &mut State, reply: Sender<Result<usize, TierError>>) {
     if inner.store.is_none() {
         let _ = reply.send(Err(TierError::Config("no NVMe tier is configured".into())));
+        return;
+    }
+    if let Some(why) = st.g3.out_of_service() {
+        let _ = reply.send(Err(TierError::OutOfService(why.to_string())));
         return;
     }
     let before: HashSet<u64> = st.ops.keys().copied().collect();
@@ -1567,6 +1777,14 @@ fn on_copied(inner: &Inner, st: &mut State, op: u64, result: Result<u64, CopyErr
 }
 
 fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
+    if let Some(o) = st.abandoned.remove(&d.tag) {
+        finish_abandoned(inner, st, o);
+        return;
+    }
+    st.g3.finished(d.tag);
+    if let Some(why) = st.g3.record(&d.result) {
+        take_g3_out(inner, st, why);
+    }
     match st.ops.remove(&d.tag) {
         Some(Op::Spill {
             hash,
@@ -1575,8 +1793,11 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
             evict,
         }) => {
             st.spills -= 1;
-            let failed = d.result.is_err();
+            // A write that lands after G3 went out of service is not used: nothing reads G3.
+            let up = st.g3.in_service();
+            let failed = d.result.is_err() || !up;
             match d.result {
+                Ok(()) if !up => {}
                 Ok(()) => {
                     st.stats.nvme.bytes_in += inner.geometry.block_bytes();
                     st.index.set_g3(&hash, Some(g3));
@@ -1610,16 +1831,10 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
                     tier: Tier::Dram,
                 });
             }
-            for (_, ops, _) in st.flushes.iter_mut() {
-                ops.remove(&d.tag);
+            if !up {
+                drop_g3_copy(st, &hash);
             }
-            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.flushes)
-                .into_iter()
-                .partition(|(_, ops, _)| ops.is_empty());
-            st.flushes = rest;
-            for (reply, _, n) in ready {
-                let _ = reply.send(Ok(n));
-            }
+            flush_op_done(st, d.tag);
         }
         Some(Op::Read { hash, g2, g3 }) => {
             let waiters = st.loading.remove(&hash).unwrap_or_default();
@@ -1691,6 +1906,20 @@ fn on_io(inner: &Inner, st: &mut State, d: IoDone) {
     }
 }
 
+/// Spill `op` is over (written, failed or abandoned): flushes waiting for nothing else answer.
+fn flush_op_done(st: &mut State, op: u64) {
+    for (_, ops, _) in st.flushes.iter_mut() {
+        ops.remove(&op);
+    }
+    let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.flushes)
+        .into_iter()
+        .partition(|(_, ops, _)| ops.is_empty());
+    st.flushes = rest;
+    for (reply, _, n) in ready {
+        let _ = reply.send(Ok(n));
+    }
+}
+
 /// Serves blocks waiting for G2 slots and keeps free slots ahead of demand.
 fn after_change(inner: &Inner, st: &mut State) {
     let mut offloads = Vec::new();
@@ -1746,7 +1975,8 @@ fn after_change(inner: &Inner, st: &mut State) {
                 ))
             }
             Waiting::Read { hash } => {
-                let Some(g3) = st.index.get(&hash).and_then(|e| e.g3) else {
+                let g3 = st.index.get(&hash).and_then(|e| e.g3);
+                let Some(g3) = g3.filter(|_| g3_up(inner, st)) else {
                     inner.pool.free(slot);
                     st.index.unpin(&hash);
                     for (req, _, _) in st.loading.remove(&hash).unwrap_or_default() {
@@ -1755,7 +1985,8 @@ fn after_change(inner: &Inner, st: &mut State) {
                     continue;
                 };
                 let op = new_op(st, Op::Read { hash, g2: slot, g3 });
-                st.deferred.push(Effect::Read {
+                st.g3.started(op, Instant::now());
+                st.deferred.push(Effect::Io {
                     req: IoRequest {
                         op: IoOp::Read,
                         slot: g3,
@@ -1768,7 +1999,7 @@ fn after_change(inner: &Inner, st: &mut State) {
     }
     submit_grouped(inner, st, false, offloads);
     // Keep some slots free so offloads rarely wait for a spill.
-    if st.waiting.is_empty() && inner.store.is_some() {
+    if st.waiting.is_empty() && g3_up(inner, st) {
         while inner.pool.free_slots() + ((st.spills + st.unwanted.len()) as u32)
             < inner.cfg.spill_free_slots
         {

@@ -66,6 +66,15 @@ pub enum TierError {
     Config(String),
     #[error("tier engine is shut down")]
     Shutdown,
+    /// A G3 read or write past its deadline; G3 is out of service from then on.
+    #[error("G3 {op} of slot {slot} did not finish within {after:?}")]
+    Timeout {
+        op: &'static str,
+        slot: u64,
+        after: std::time::Duration,
+    },
+    #[error("G3 is out of service: {0}")]
+    OutOfService(String),
 }
 
 impl TierError {

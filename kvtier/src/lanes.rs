@@ -3,7 +3,7 @@
 //! bounded on its own, so a backlog of spills never holds a read back, nor blocks its
 //! submitter.
 
-use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::nvme::{IoOp, IoRequest};
 
@@ -45,6 +45,15 @@ impl LaneTx {
             IoOp::Write => &self.writes,
         };
         lane.send(req).map_err(|e| e.into_inner())
+    }
+
+    /// Queues a request in its lane if it has room, never waiting: a stalled disk must not
+    /// stall the tier engine's driver, which keeps what a full lane refuses and tries again.
+    pub fn try_send(&self, req: IoRequest) -> Result<(), TrySendError<IoRequest>> {
+        match req.op {
+            IoOp::Read => self.reads.try_send(req),
+            IoOp::Write => self.writes.try_send(req),
+        }
     }
 }
 
@@ -121,6 +130,22 @@ mod tests {
         // The write lane is full; a read still goes in at once, and comes out first.
         assert!(tx.send(req(IoOp::Read, 3)).is_ok());
         assert_eq!(rx.recv().map(|r| r.tag), Some(3));
+    }
+
+    #[test]
+    fn a_full_lane_refuses_without_waiting_and_the_other_still_takes() {
+        let (tx, rx) = lanes(1);
+        assert!(tx.try_send(req(IoOp::Write, 1)).is_ok());
+        match tx.try_send(req(IoOp::Write, 2)) {
+            Err(TrySendError::Full(r)) => assert_eq!(r.tag, 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(tx.try_send(req(IoOp::Read, 3)).is_ok());
+        drop(rx);
+        assert!(matches!(
+            tx.try_send(req(IoOp::Read, 4)),
+            Err(TrySendError::Disconnected(_))
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod cuda;
 pub mod engine;
 pub mod error;
+mod health;
 pub mod index;
 mod lanes;
 pub mod memory;

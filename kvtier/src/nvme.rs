@@ -46,6 +46,11 @@ pub struct NvmeConfig {
     pub direct: bool,
     /// Reserve the space up front (fallocate), so a full disk shows at start, not mid-transfer.
     pub preallocate: bool,
+    /// Every read and write finishes within this or fails (its block is recomputed) and takes
+    /// G3 out of service: a disk that stalls must not hold vLLM's requests.
+    pub timeout: std::time::Duration,
+    /// This many I/O errors in a row take G3 out of service (until restart).
+    pub fail_limit: u32,
 }
 
 impl NvmeConfig {
@@ -58,6 +63,8 @@ impl NvmeConfig {
             io: IoMode::Auto,
             direct: true,
             preallocate: true,
+            timeout: std::time::Duration::from_secs(5),
+            fail_limit: 3,
         }
     }
 }
@@ -316,6 +323,27 @@ impl NvmeStore {
             .ok_or(TierError::Shutdown)?
             .send(req)
             .map_err(|_| TierError::Shutdown)
+    }
+
+    /// Queues one whole-slot transfer if the queue has room: `Ok(None)` when queued,
+    /// `Ok(Some(req))` (the request back) when its lane is full. Never waits.
+    ///
+    /// # Safety
+    /// As [`NvmeStore::submit`]: from when it is queued (`Ok(None)`), `req.buf..req.buf +
+    /// slot_bytes` must be valid, 4 KiB aligned memory that nothing else touches until the
+    /// matching `IoDone` arrives.
+    pub unsafe fn try_submit(&self, req: IoRequest) -> Result<Option<IoRequest>, TierError> {
+        if req.slot >= self.slots {
+            return Err(TierError::Config(format!(
+                "slot {} out of range ({} slots)",
+                req.slot, self.slots
+            )));
+        }
+        match self.tx.as_ref().ok_or(TierError::Shutdown)?.try_send(req) {
+            Ok(()) => Ok(None),
+            Err(crossbeam_channel::TrySendError::Full(r)) => Ok(Some(r)),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(TierError::Shutdown),
+        }
     }
 
     /// Reads a slot's header page synchronously (used when recovering the index).

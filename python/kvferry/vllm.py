@@ -58,6 +58,10 @@ Extra config (all optional):
   MiB/s written to NVMe when making room in DRAM; writes over it are dropped, never queued. A
   block not written is asked to be dropped and the scheduler drops it once no load in flight
   needs it (the counters ``nvme_rejected`` and ``nvme_write_dropped`` say how many).
+  ``nvme_timeout_s`` (default 5): every NVMe read and write finishes within it or fails (those
+  blocks are recomputed). A disk that stalls past it once, or fails 3 I/Os in a row, is taken
+  out of service until restart (an error in the log, ``nvme_in_service`` 0, ``nvme_timeouts``);
+  the engine goes on from DRAM and recompute, and a stalled disk never holds vLLM's step.
 
 Both at once work (a decode engine that also offloads). Loads that fail are reported through
 ``get_block_ids_with_load_errors``. Ordinary events never fail a load: the scheduler owns
@@ -304,6 +308,7 @@ def _shared(
                 nvme_admission=_opt_str(extra, "nvme_admission"),
                 nvme_write_mib_s=_opt_float(extra, "nvme_write_mib_s"),
                 staged=staged(extra),
+                nvme_timeout_s=_opt_float(extra, "nvme_timeout_s"),
             )
             _ENGINES[engine_id] = n
         return n
@@ -317,6 +322,7 @@ _LEVELS = (
     "dram_used_tokens",
     "nvme_capacity_tokens",
     "nvme_used_tokens",
+    "nvme_in_service",
 )
 
 
@@ -366,6 +372,7 @@ class KVFerryPromMetrics(KVConnectorPromMetrics):
                 "blocks": f"blocks resident in {tier} now",
                 "capacity_tokens": f"tokens of KV {tier} holds when full",
                 "used_tokens": f"tokens of KV resident in {tier} now",
+                "in_service": f"1 while {tier} is in service, 0 once errors or a stall took it out",
             }[k.split("_", 1)[1]]
             g = self._gauge_cls(
                 name=f"vllm:kvferry_{k}",

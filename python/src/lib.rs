@@ -70,7 +70,7 @@ impl Connector {
         insecure = false,
         lease_s = 30.0, timeout_s = 10.0, tp_size = 1, tp_rank = 0, total_kv_heads = None,
         identity = String::new(), caller_evicts = false, eviction = None, nvme_admission = None,
-        nvme_write_mib_s = None, staged = false
+        nvme_write_mib_s = None, staged = false, nvme_timeout_s = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -96,6 +96,7 @@ impl Connector {
         nvme_admission: Option<String>,
         nvme_write_mib_s: Option<f64>,
         staged: bool,
+        nvme_timeout_s: Option<f64>,
     ) -> PyResult<Connector> {
         let eviction = match eviction {
             Some(e) => e.parse::<kvferry::kvtier::PolicyKind>().map_err(err)?,
@@ -125,6 +126,9 @@ impl Connector {
         let secs = |s: f64, what: &str| {
             Duration::try_from_secs_f64(s).map_err(|_| err(format!("{what} = {s} seconds")))
         };
+        let nvme_timeout = nvme_timeout_s
+            .map(|s| secs(s, "nvme_timeout_s"))
+            .transpose()?;
         let listen: SocketAddr = format!("{host}:{port}")
             .parse()
             .map_err(|e| err(format!("listen address {host}:{port}: {e}")))?;
@@ -138,6 +142,7 @@ impl Connector {
                 eviction,
                 admission,
                 write_budget,
+                nvme_timeout,
             }),
             pd: if pd {
                 Some(PdConfig {
@@ -461,6 +466,10 @@ impl Connector {
             d.set_item("nvme_write_dropped", s.admission.dropped)?;
             d.set_item("nvme_admitted_bytes", s.admission.bytes_admitted)?;
             d.set_item("nvme_recovered", s.recovered)?;
+            if s.nvme.capacity > 0 {
+                d.set_item("nvme_in_service", u64::from(s.nvme_in_service))?;
+            }
+            d.set_item("nvme_timeouts", s.nvme_timeouts)?;
         }
         Ok(d)
     }
